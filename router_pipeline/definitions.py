@@ -1,0 +1,21 @@
+"""The Dagster Definitions of router_pipeline (loaded by workspace.yaml and the CLI)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from router_pipeline.assets.data import DATA_ASSETS, DATA_GROUP
+from router_pipeline.paths import artifacts_dir
+from router_pipeline.resources import ParquetIOManager, default_roles
+
+data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
+                               description="Questions to SFT/DPO datasets.")
+
+defs = dg.Definitions(
+    assets=DATA_ASSETS,
+    jobs=[data_job],
+    resources={
+        "io_manager": ParquetIOManager(base_dir=str(artifacts_dir() / "assets")),
+        "llm": default_roles(),
+    },
+)

@@ -1,0 +1,157 @@
+"""A local HTTP server that speaks the Gemini REST API (generateContent).
+
+It is the test double for the ``gemini`` provider and a dry-run target:
+``python -m router_pipeline.fake_gemini --port 8555 --latency 0.2`` then
+``GEMINI_BASE_URL=http://127.0.0.1:8555 GEMINI_API_KEY=x``.
+
+It replies with usage metadata and can inject faults per request: HTTP 429 with
+Retry-After, 5xx, latency (for timeouts), blocked prompts and empty candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+_PATH = re.compile(r"^/(v1beta|v1|v1alpha)/models/([^/:]+):generateContent$")
+
+
+@dataclass
+class Fault:
+    status: int | None = None  # HTTP error status to answer with
+    retry_after: float | None = None
+    delay_s: float = 0.0  # extra latency (a client timeout below it sees a timeout)
+    blocked: bool = False  # promptFeedback.blockReason = SAFETY
+    empty: bool = False  # a candidate with no text
+
+
+@dataclass
+class RecordedCall:
+    model: str
+    prompt: str
+    system: str | None
+    config: dict
+    api_key: str | None
+
+
+def default_responder(model: str, prompt: str) -> str:
+    return f"{model} reply #{abs(hash(prompt)) % 1000}"
+
+
+@dataclass
+class FakeGemini:
+    """Start with ``with FakeGemini(...) as fake:``; ``fake.base_url`` is the address."""
+
+    responder: Callable[[str, str], str] = default_responder
+    latency_s: float = 0.0
+    faults: dict[str, deque] = field(default_factory=dict)  # prompt substring -> faults, used in order
+    calls: list[RecordedCall] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def add_faults(self, substring: str, *faults: Fault) -> None:
+        self.faults.setdefault(substring, deque()).extend(faults)
+
+    def _next_fault(self, prompt: str) -> Fault | None:
+        with self._lock:
+            for substring, queue in self.faults.items():
+                if substring in prompt and queue:
+                    return queue.popleft()
+        return None
+
+    def __enter__(self) -> "FakeGemini":
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                m = _PATH.match(self.path.split("?")[0])
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not m:
+                    return self._send(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
+                try:
+                    payload = json.loads(body or b"{}")
+                except json.JSONDecodeError:
+                    return self._send(400, {"error": {"code": 400, "message": "bad json", "status": "INVALID_ARGUMENT"}})
+                model = m.group(2)
+                prompt = "".join(
+                    p.get("text", "") for c in payload.get("contents", []) for p in c.get("parts", [])
+                )
+                sys_parts = (payload.get("systemInstruction") or {}).get("parts", [])
+                system = "".join(p.get("text", "") for p in sys_parts) or None
+                key = self.headers.get("x-goog-api-key")
+                with fake._lock:
+                    fake.calls.append(
+                        RecordedCall(model, prompt, system, payload.get("generationConfig", {}), key)
+                    )
+                fault = fake._next_fault(prompt) or Fault()
+                time.sleep(fake.latency_s + fault.delay_s)
+                if fault.status:
+                    headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                    status = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(fault.status, "ERROR")
+                    return self._send(
+                        fault.status, {"error": {"code": fault.status, "message": "injected", "status": status}}, headers
+                    )
+                tokens_in = len(prompt.split()) + len((system or "").split())
+                usage = {"promptTokenCount": tokens_in}
+                if fault.blocked:
+                    return self._send(200, {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage})
+                text = "" if fault.empty else fake.responder(model, prompt)
+                tokens_out = len(text.split())
+                usage.update(candidatesTokenCount=tokens_out, totalTokenCount=tokens_in + tokens_out)
+                candidate = {"content": {"role": "model", "parts": [{"text": text}] if text else []}, "finishReason": "STOP", "index": 0}
+                return self._send(200, {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model})
+
+            def _send(self, status, obj, headers=None):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8555)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every reply")
+    args = parser.parse_args()
+    with FakeGemini(latency_s=args.latency, port=args.port) as fake:
+        print(f"fake Gemini API on {fake.base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

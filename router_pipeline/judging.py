@@ -1,0 +1,172 @@
+"""Blind grading of answers: Correct / Incorrect / IDK.
+
+Each judge call sees one question, its reference answer and ONE answer, never the
+model name, the tier or the other answer; calls are issued in a seeded random
+order so that position reveals nothing either. Without an LLM judge, a
+deterministic SimpleQA-style grader decides.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from difflib import SequenceMatcher
+
+import pandas as pd
+
+from router_pipeline.llm import RoleSpec
+from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
+from router_pipeline.llm.types import BLOCKED, EMPTY, ERROR, OK
+from router_pipeline.policies import CORRECT, IDK, INCORRECT
+from router_pipeline.text import normalise
+
+RULES_JUDGE = "rules"
+JUDGE_PROMPT = """You grade one answer to a factual question against a reference answer.
+
+Grades:
+- CORRECT: the answer commits to what the reference says. Paraphrases, extra context,
+  small spelling slips in names, and numbers given to the reference's precision all
+  count, as long as nothing in the answer contradicts the reference.
+- INCORRECT: the answer commits to something else: another entity, date or number,
+  a contradiction, or several candidates at once.
+- NOT_ATTEMPTED: the answer declines, says it does not know, or commits to nothing
+  concrete.
+Grade only what the answer commits to, not how it is phrased.
+Reply with exactly one word: CORRECT, INCORRECT or NOT_ATTEMPTED.
+
+Question: {question}
+Reference answer: {gold}
+Answer to grade: {answer}
+Grade:"""
+_JUDGE_WORD = re.compile(r"\b(NOT_ATTEMPTED|NOT ATTEMPTED|INCORRECT|CORRECT)\b", re.IGNORECASE)
+_WORD_TO_LABEL = {"correct": CORRECT, "incorrect": INCORRECT, "not_attempted": IDK, "not attempted": IDK}
+JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "judge_input_tokens", "judge_output_tokens", "judge_cost_usd", "judge_cached"]
+
+_ABSTAIN = re.compile(
+    r"\b(i\s*(do not|don'?t|cannot|can'?t|am not sure|'m not sure|am unsure)\s*(know|say|answer|determine|recall|tell|be sure)?"
+    r"|not sure|unsure|no idea|unknown|no (reliable )?information|unable to (answer|determine|find|verify)"
+    r"|cannot (answer|determine|verify)|can'?t (answer|determine|verify)|not (enough|sufficient) information)\b",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMERIC_GOLD = re.compile(r"^(?:about |approximately |around |~)?(-?\d+(?:\.\d+)?)\s*(%|[a-z]{0,12})?\.?$")
+_MONTHS = re.compile(r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b", re.IGNORECASE)
+
+
+def judge_prompt(question: str, gold: str, answer: str) -> str:
+    return JUDGE_PROMPT.format(question=question, gold=gold, answer=answer)
+
+
+def parse_judge_output(text: str | None) -> str | None:
+    m = _JUDGE_WORD.search(text or "")
+    return _WORD_TO_LABEL[m.group(1).lower()] if m else None
+
+
+def grade_with_rules(answer: str | None, gold: str) -> tuple[str, str]:
+    """(label, reason) by normalised match, number precision, dates, fuzzy names and
+    abstention detection."""
+    if answer is None or not str(answer).strip():
+        return IDK, "no answer given"
+    a, g = normalise(answer), normalise(gold)
+    if not g:
+        raise ValueError("cannot grade without a reference answer")
+    contains_gold = re.search(rf"(?<!\w){re.escape(g)}(?!\w)", a) is not None
+    if _ABSTAIN.search(answer) and not contains_gold:
+        return IDK, "the answer declines or says it does not know"
+    numeric = _NUMERIC_GOLD.match(gold.strip().lower().replace(",", ""))
+    if numeric and not _MONTHS.search(gold):
+        target = numeric.group(1)
+        decimals = len(target.split(".")[1]) if "." in target else 0
+        found = _NUMBER.findall(answer.replace(",", ""))
+        if not found:
+            return INCORRECT, "the reference is a number and the answer gives none"
+        ok = round(float(found[0]), decimals) == round(float(target), decimals)
+        return (CORRECT, f"number matches to {decimals} decimals") if ok else (INCORRECT, f"number {found[0]} != {target}")
+    if contains_gold:
+        return CORRECT, "the answer contains the reference"
+    same_date = _same_date(answer, gold)
+    if same_date is not None:
+        return (CORRECT, "same date") if same_date else (INCORRECT, "a different date")
+    if len(g) >= 5 and _fuzzy_contains(a, g) >= 0.85:
+        return CORRECT, "matches the reference up to a small spelling slip"
+    return INCORRECT, "the answer does not match the reference"
+
+
+def _fuzzy_contains(answer: str, gold: str) -> float:
+    a_tokens, g_tokens = answer.split(), gold.split()
+    n = len(g_tokens)
+    best = 0.0
+    for i in range(max(1, len(a_tokens) - n + 1)):
+        window = " ".join(a_tokens[i : i + n])
+        best = max(best, SequenceMatcher(None, window, gold).ratio())
+    return best
+
+
+def _same_date(answer: str, gold: str) -> bool | None:
+    if not (_MONTHS.search(gold) and re.search(r"\b\d{3,4}\b", gold)):
+        return None
+    from dateutil import parser
+
+    try:
+        g = parser.parse(gold, fuzzy=True)
+        a = parser.parse(answer, fuzzy=True)
+    except (ValueError, OverflowError):
+        return None
+    if not re.search(r"\b\d{3,4}\b", answer):
+        return None
+    return (a.year, a.month, a.day) == (g.year, g.month, g.day)
+
+
+def judge_answers(
+    answers: pd.DataFrame,
+    questions: pd.DataFrame,
+    *,
+    judge: RoleSpec | None = None,
+    client=None,
+    cache=None,
+    seed: int = 0,
+    concurrency: int = 8,
+    retry: RetryPolicy = RetryPolicy(),
+    progress: bool = True,
+) -> tuple[pd.DataFrame, RunStats]:
+    """One judgment per answer row. ``questions`` needs qid, query, gold_answer and,
+    for recorded outcomes, <tier>_grade."""
+    by_qid = questions.set_index("qid")
+    rows: list[dict] = []
+    pending: list[tuple[int, str, str, str]] = []  # (row index, question, gold, answer)
+    for _, ans in answers.iterrows():
+        q = by_qid.loc[ans["qid"]]
+        row = {"qid": ans["qid"], "split": ans["split"], "tier": ans["tier"], "label": None, "judge": None,
+               "reason": None, "judge_input_tokens": 0, "judge_output_tokens": 0, "judge_cost_usd": 0.0, "judge_cached": False}
+        recorded_grade = q.get(f"{ans['tier']}_grade")
+        if isinstance(recorded_grade, str):
+            row.update(label=recorded_grade, judge="recorded", reason="grade recorded with the outcome")
+        elif ans["status"] == ERROR:
+            row.update(judge="skipped", reason=f"answer call failed: {ans['error']}")
+        elif ans["status"] in (BLOCKED, EMPTY) or not ans["answer"]:
+            row.update(label=IDK, judge=RULES_JUDGE, reason=f"no answer given ({ans['status']})")
+        elif judge is None:
+            label, reason = grade_with_rules(ans["answer"], q["gold_answer"])
+            row.update(label=label, judge=RULES_JUDGE, reason=reason)
+        else:
+            pending.append((len(rows), q["query"], q["gold_answer"], ans["answer"]))
+        rows.append(row)
+
+    stats = RunStats()
+    if pending:
+        random.Random(seed).shuffle(pending)  # blind to position as well as to the model
+        requests = [judge.request(judge_prompt(qq, gold, a)) for _, qq, gold, a in pending]
+        results, stats = complete_all(client, requests, cache, concurrency=concurrency, retry=retry,
+                                      desc=f"judging ({judge.model})", progress=progress)
+        for (i, _, gold, a), res in zip(pending, results):
+            row = rows[i]
+            row.update(judge_input_tokens=res.input_tokens, judge_output_tokens=res.output_tokens,
+                       judge_cost_usd=res.cost_usd, judge_cached=res.cached)
+            label = parse_judge_output(res.text) if res.status == OK else None
+            if label is not None:
+                row.update(label=label, judge=judge.model, reason=(res.text or "").strip()[:200])
+            else:  # the judge failed or said something unreadable: fall back, and say so
+                fallback, why = grade_with_rules(a, gold)
+                problem = res.error or res.status if res.status != OK else f"unreadable judge output {res.text!r:.60}"
+                row.update(label=fallback, judge=f"{RULES_JUDGE} (fallback)", reason=f"{why}; judge: {problem}")
+    return pd.DataFrame(rows, columns=JUDGMENT_COLUMNS), stats

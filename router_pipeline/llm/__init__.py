@@ -1,0 +1,59 @@
+"""One small LLM interface with two real implementations: ``gemini`` and ``local``.
+
+Roles (medium, large, judge, analyser) are configured independently with a RoleSpec;
+``make_client`` turns one into a client the runner can drive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router_pipeline.llm.pricing import price_for
+from router_pipeline.llm.types import LLMRequest, LLMResult
+
+PROVIDERS = ("gemini", "local")
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    provider: str
+    model: str
+    max_output_tokens: int = 64
+    temperature: float = 0.0
+    prompt_style: str = "direct"  # answerers only: "direct" or "few_shot"
+    input_price_per_mtok: float | None = None  # None: the price table (local models: free)
+    output_price_per_mtok: float | None = None
+
+    def __post_init__(self):
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {self.provider!r}; expected one of {PROVIDERS}")
+        if not self.model:
+            raise ValueError("a role needs a model name")
+
+    @property
+    def price(self) -> tuple[float, float]:
+        if self.input_price_per_mtok is None and self.output_price_per_mtok is None:
+            return price_for(self.model)
+        return (self.input_price_per_mtok or 0.0, self.output_price_per_mtok or 0.0)
+
+    def request(self, prompt: str, *, system: str | None = None, stop: tuple[str, ...] = ()) -> LLMRequest:
+        return LLMRequest(
+            prompt=prompt,
+            max_output_tokens=self.max_output_tokens,
+            temperature=self.temperature,
+            system=system,
+            stop=stop,
+        )
+
+
+def make_client(spec: RoleSpec, *, gemini_base_url: str | None = None, timeout_s: float = 120.0, batch_size: int = 8):
+    if spec.provider == "gemini":
+        from router_pipeline.llm.gemini import GeminiClient
+
+        return GeminiClient(spec.model, price=spec.price, base_url=gemini_base_url, timeout_s=timeout_s)
+    from router_pipeline.llm.local import LocalClient
+
+    return LocalClient(spec.model, price=spec.price, batch_size=batch_size)
+
+
+__all__ = ["LLMRequest", "LLMResult", "RoleSpec", "make_client", "PROVIDERS"]

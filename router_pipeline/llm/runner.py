@@ -1,0 +1,149 @@
+"""Run many LLM requests: persistent cache first, then bounded concurrency with
+retries and backoff, a progress bar, and one result per request, always.
+
+Two client shapes exist:
+- async clients (Gemini) expose ``async complete(request) -> LLMResult`` and raise
+  RetryableError on transient failures;
+- batch clients (local transformers) expose ``complete_batch(requests) -> list`` and
+  ``batch_size``; they run in-process, so there is nothing to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from router_pipeline.llm.cache import ResponseCache
+from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.types import ERROR, LLMRequest, LLMResult, RetryableError, cache_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_delay_s)
+        backoff = self.base_delay_s * 2 ** (attempt - 1)
+        return min(backoff, self.max_delay_s) * (0.5 + random.random() / 2)
+
+
+@dataclass
+class RunStats:
+    requests: int = 0
+    cache_hits: int = 0
+    calls: int = 0  # requests actually sent to the model (first attempts)
+    retries: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # paid in this run (cache hits cost nothing)
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def complete_all(
+    client,
+    requests: list[LLMRequest],
+    cache: ResponseCache | None,
+    *,
+    concurrency: int = 8,
+    retry: RetryPolicy = RetryPolicy(),
+    desc: str = "llm",
+    progress: bool = True,
+) -> tuple[list[LLMResult], RunStats]:
+    """Complete every request; results come back in request order."""
+    start = time.perf_counter()
+    stats = RunStats(requests=len(requests))
+    results: list[LLMResult | None] = [None] * len(requests)
+    keys = [cache_key(client.provider, client.model, r) for r in requests]
+    todo = []
+    for i, key in enumerate(keys):
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            results[i] = hit
+            stats.cache_hits += 1
+        else:
+            todo.append(i)
+
+    bar = tqdm(total=len(requests), initial=stats.cache_hits, desc=desc, disable=not progress, leave=False)
+
+    def settle(i: int, result: LLMResult) -> None:
+        result.cost_usd = cost_usd(result.input_tokens, result.output_tokens, client.price)
+        if cache is not None:
+            cache.put(keys[i], result)  # at once: an interrupted run keeps what it paid for
+        results[i] = result
+        stats.calls += 1
+        stats.retries += result.attempts - 1
+        stats.errors += result.status == ERROR
+        stats.input_tokens += result.input_tokens
+        stats.output_tokens += result.output_tokens
+        stats.cost_usd += result.cost_usd
+        bar.update(1)
+
+    try:
+        if hasattr(client, "complete_batch"):
+            size = max(1, int(getattr(client, "batch_size", 8)))
+            for lo in range(0, len(todo), size):
+                chunk = todo[lo : lo + size]
+                try:
+                    batch = client.complete_batch([requests[i] for i in chunk])
+                except Exception as exc:  # one bad batch never loses the others
+                    log.exception("batch of %d requests failed", len(chunk))
+                    batch = [LLMResult.failed(f"{type(exc).__name__}: {exc}") for _ in chunk]
+                for i, result in zip(chunk, batch):
+                    settle(i, result)
+        elif todo:
+            asyncio.run(_run_async(client, requests, todo, settle, concurrency, retry))
+    finally:
+        bar.close()
+    stats.wall_s = time.perf_counter() - start
+    return results, stats  # type: ignore[return-value]  # every slot is settled above
+
+
+async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPolicy) -> None:
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(i: int) -> None:
+        async with gate:
+            settle(i, await _with_retries(client, requests[i], retry))
+
+    try:
+        await asyncio.gather(*(one(i) for i in todo))
+    finally:
+        closer = getattr(client, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+async def _with_retries(client, request: LLMRequest, retry: RetryPolicy) -> LLMResult:
+    attempt = 0
+    while True:
+        attempt += 1
+        t0 = time.perf_counter()
+        try:
+            result = await client.complete(request)
+        except RetryableError as exc:
+            if attempt >= retry.max_attempts:
+                return LLMResult.failed(f"gave up after {attempt} attempts: {exc}", attempts=attempt)
+            wait = retry.delay(attempt, exc.retry_after)
+            log.info("transient failure (%s); retry %d in %.2fs", exc, attempt, wait)
+            await asyncio.sleep(wait)
+            continue
+        except Exception as exc:  # a permanent failure of this item only
+            return LLMResult.failed(f"{type(exc).__name__}: {exc}", attempts=attempt)
+        result.attempts = attempt
+        result.latency_ms = (time.perf_counter() - t0) * 1000
+        return result

@@ -1,0 +1,75 @@
+"""Plain data passed to and from every LLM provider."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+OK = "ok"  # the model produced text
+EMPTY = "empty"  # the call succeeded but the text is empty
+BLOCKED = "blocked"  # the provider refused (safety, recitation, ...)
+ERROR = "error"  # the call failed after all retries; never cached, retried next run
+STATUSES = (OK, EMPTY, BLOCKED, ERROR)
+CACHEABLE = (OK, EMPTY, BLOCKED)
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    prompt: str
+    max_output_tokens: int = 64
+    temperature: float = 0.0
+    system: str | None = None
+    stop: tuple[str, ...] = ()
+
+    def settings(self) -> dict:
+        return {
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "system": self.system,
+            "stop": list(self.stop),
+        }
+
+
+def cache_key(provider: str, model: str, request: LLMRequest) -> str:
+    """Key of the persistent cache: (provider, model, prompt, generation settings)."""
+    blob = json.dumps(
+        {"provider": provider, "model": model, "prompt": request.prompt, **request.settings()},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class LLMResult:
+    text: str | None
+    status: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+    attempts: int = 1
+    cached: bool = False
+    cost_usd: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, error: str, attempts: int = 1) -> "LLMResult":
+        return cls(text=None, status=ERROR, error=error, attempts=attempts)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, blob: str) -> "LLMResult":
+        return cls(**json.loads(blob))
+
+
+class RetryableError(Exception):
+    """A transient failure (429, 5xx, timeout): the runner backs off and tries again."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,201 @@
+"""Load and normalise questions from the configured source.
+
+Every source yields the same columns: qid, query, gold_answer, topic, answer_type,
+source_row, and (for recorded outcomes) medium_answer / large_answer /
+medium_grade / large_grade. Bad rows are rejected one by one with the row and the
+reason; the rest are kept.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from router_pipeline.paths import BUNDLED_SIMPLEQA
+from router_pipeline.policies import CORRECT, IDK, INCORRECT
+from router_pipeline.text import clean_query, query_hash, unit_interval
+
+SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes")
+OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
+DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
+TIERS = ("medium", "large")
+COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]
+OUTCOME_COLUMNS = [f"{t}_{k}" for t in TIERS for k in ("answer", "grade")]
+QUERY_ALIASES = ("query", "question", "problem", "prompt")
+GOLD_ALIASES = ("gold_answer", "answer", "target")
+
+
+class QuestionSourceError(ValueError):
+    """The source as a whole cannot be read (missing file, no usable column, no valid row)."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    row: int  # 1-based row number in the source (line number for JSONL)
+    reason: str
+
+
+def load_questions(
+    source: str = "bundled",
+    *,
+    path: str | None = None,
+    url: str = OPENAI_SIMPLEQA_URL,
+    hf_dataset: str = DEFAULT_HF_DATASET,
+    hf_split: str = "test",
+    sample_size: int = 0,
+    sample_seed: int = 0,
+    max_query_chars: int = 4000,
+) -> tuple[pd.DataFrame, list[Rejected]]:
+    raw, rejected = read_source(source, path=path, url=url, hf_dataset=hf_dataset, hf_split=hf_split)
+    frame, more = normalise_rows(raw, max_query_chars=max_query_chars, outcomes=source == "outcomes")
+    rejected += more
+    if frame.empty:
+        reasons = "; ".join(f"row {r.row}: {r.reason}" for r in rejected[:5])
+        raise QuestionSourceError(f"no valid question in source {source!r} ({reasons})")
+    return stable_sample(frame, sample_size, sample_seed), rejected
+
+
+def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAULT_HF_DATASET, hf_split="test"):
+    """The raw rows of a source as a DataFrame (plus rows that could not even be parsed)."""
+    if source not in SOURCES:
+        raise QuestionSourceError(f"unknown question source {source!r}; expected one of {SOURCES}")
+    if source == "bundled":
+        return pd.read_csv(path or BUNDLED_SIMPLEQA, dtype=str, keep_default_na=False), []
+    if source == "url":
+        return pd.read_csv(url, dtype=str, keep_default_na=False), []
+    if source == "hf":
+        from datasets import load_dataset
+
+        return load_dataset(hf_dataset, split=hf_split).to_pandas(), []
+    if not path:
+        raise QuestionSourceError(f"source {source!r} needs a path")
+    file = Path(path)
+    if not file.exists():
+        raise QuestionSourceError(f"{source} file not found: {file}")
+    if file.suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(file)
+    if file.suffix == ".parquet":
+        return pd.read_parquet(file), []
+    return pd.read_csv(file, dtype=str, keep_default_na=False), []
+
+
+def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
+    rows, rejected = [], []
+    with file.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rejected.append(Rejected(lineno, f"{file.name}: broken JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            if not isinstance(obj, dict):
+                rejected.append(Rejected(lineno, f"{file.name}: expected a JSON object, got {type(obj).__name__}"))
+                continue
+            rows.append({**obj, "__row": lineno})
+    return pd.DataFrame(rows), rejected
+
+
+def _pick(columns, aliases) -> str | None:
+    lowered = {str(c).lower(): c for c in columns}
+    return next((lowered[a] for a in aliases if a in lowered), None)
+
+
+def parse_grade(value) -> str | None:
+    """Correct / Incorrect / IDK from a recorded grade (labels or booleans); None if blank."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    if isinstance(value, bool):
+        return CORRECT if value else INCORRECT
+    text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    if text == "":
+        return None
+    table = {
+        "correct": CORRECT, "true": CORRECT, "1": CORRECT, "yes": CORRECT,
+        "incorrect": INCORRECT, "false": INCORRECT, "0": INCORRECT, "no": INCORRECT, "wrong": INCORRECT,
+        "idk": IDK, "not_attempted": IDK, "abstained": IDK, "i_dont_know": IDK,
+    }
+    if text not in table:
+        raise ValueError(f"unknown grade {value!r} (expected Correct/Incorrect/IDK or a boolean)")
+    return table[text]
+
+
+def _meta(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    try:
+        parsed = ast.literal_eval(value)  # OpenAI's CSV stores a Python dict literal
+    except (ValueError, SyntaxError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: bool = False):
+    qcol = _pick(raw.columns, QUERY_ALIASES)
+    if qcol is None:
+        raise QuestionSourceError(f"no query column (one of {QUERY_ALIASES}) in columns {list(raw.columns)}")
+    gcol = _pick(raw.columns, GOLD_ALIASES)
+    out, rejected, seen = [], [], {}
+    for pos, rec in enumerate(raw.to_dict("records")):
+        rowno = int(rec.get("__row", pos + 2))  # CSV: header is line 1
+        query = rec.get(qcol)
+        if not isinstance(query, str):
+            rejected.append(Rejected(rowno, f"query is {type(query).__name__}, not text"))
+            continue
+        query = clean_query(query)
+        if not query:
+            rejected.append(Rejected(rowno, "empty query"))
+            continue
+        if len(query) > max_query_chars:
+            rejected.append(Rejected(rowno, f"query is {len(query)} characters, over the {max_query_chars} limit"))
+            continue
+        gold = rec.get(gcol) if gcol else None
+        gold = clean_query(gold) if isinstance(gold, str) else (None if gold is None or pd.isna(gold) else str(gold))
+        meta = _meta(rec.get("metadata"))
+        row = {
+            "qid": query_hash(query),
+            "query": query,
+            "gold_answer": gold or None,
+            "topic": rec.get("topic") or meta.get("topic"),
+            "answer_type": rec.get("answer_type") or meta.get("answer_type"),
+            "source_row": rowno,
+        }
+        if outcomes:
+            try:
+                for tier in TIERS:
+                    answer = rec.get(f"{tier}_answer")
+                    row[f"{tier}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
+                    row[f"{tier}_grade"] = parse_grade(rec.get(f"{tier}_grade"))
+                    if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
+                        raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
+                    if row[f"{tier}_grade"] is None and not gold:
+                        raise ValueError(f"{tier}_answer needs a gold answer to be judged")
+            except ValueError as exc:
+                rejected.append(Rejected(rowno, str(exc)))
+                continue
+        elif not gold:
+            rejected.append(Rejected(rowno, "no gold answer"))
+            continue
+        if row["qid"] in seen:
+            rejected.append(Rejected(rowno, f"duplicate of row {seen[row['qid']]}"))
+            continue
+        seen[row["qid"]] = rowno
+        out.append(row)
+    columns = COLUMNS + (OUTCOME_COLUMNS if outcomes else [])
+    return pd.DataFrame(out, columns=columns), rejected
+
+
+def stable_sample(frame: pd.DataFrame, size: int, seed: int = 0) -> pd.DataFrame:
+    """The ``size`` questions with the smallest seeded hash: adding or removing other
+    rows changes the sample only where a new row ranks in."""
+    if not size or size >= len(frame):
+        return frame.reset_index(drop=True)
+    rank = frame["qid"].map(lambda q: unit_interval("sample", seed, q))
+    return frame.loc[rank.sort_values(kind="stable").index[:size]].sort_values("source_row").reset_index(drop=True)

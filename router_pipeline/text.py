@@ -1,0 +1,35 @@
+"""Text normalisation shared by the stages (query identity, grading, leak checks)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+_SPACES = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def clean_query(text: str) -> str:
+    """Unicode NFC, trimmed, internal whitespace collapsed: the stored form of a query."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def normalise(text: str) -> str:
+    """Case-, accent-, punctuation- and article-insensitive form for comparisons."""
+    text = unicodedata.normalize("NFKD", str(text))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = _PUNCT.sub(" ", text.replace("'", ""))
+    return _SPACES.sub(" ", _ARTICLES.sub(" ", text)).strip()
+
+
+def query_hash(query: str) -> str:
+    """Stable identity of a query: the same question, however spaced or cased, hashes alike."""
+    return hashlib.sha256(normalise(query).encode("utf-8")).hexdigest()[:16]
+
+
+def unit_interval(*parts: object) -> float:
+    """A deterministic number in [0, 1) from its parts (seeded, order-free splits/samples)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

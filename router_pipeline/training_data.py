@@ -1,0 +1,68 @@
+"""Training examples and the TRL datasets built from them.
+
+- training_examples: oracle labels (+ council labels later) joined with the query
+  analyses, one row per normalised query, with a ``source`` column.
+- sft_dataset: TRL prompt-completion rows.
+- dpo_dataset: TRL preference rows (prompt, chosen, rejected); every wrong policy
+  can serve as a rejected completion.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from router_pipeline.policies import POLICIES
+from router_pipeline.router_format import build_completion, build_prompt
+from router_pipeline.text import query_hash
+
+EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "weight"]
+
+
+def build_training_examples(
+    oracle_labels: pd.DataFrame,
+    analyses: pd.DataFrame,
+    extra: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """(examples, duplicates dropped). ``extra`` (e.g. council labels) needs qid,
+    query, policy, rationale, source, weight; oracle rows come first and win ties."""
+    by_qid = analyses.set_index("qid")["analysis"]
+    oracle = oracle_labels.assign(source="oracle", weight=1.0)
+    frames = [oracle] + ([extra] if extra is not None and not extra.empty else [])
+    rows = pd.concat(frames, ignore_index=True)
+    missing = ~rows["qid"].isin(by_qid.index)
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} labelled queries have no analysis (qids {list(rows.loc[missing, 'qid'])[:5]})")
+    rows["analysis"] = rows["qid"].map(by_qid)
+    rows["query_hash"] = rows["query"].map(query_hash)
+    before = len(rows)
+    rows = rows.drop_duplicates("query_hash", keep="first")
+    return rows[EXAMPLE_COLUMNS].reset_index(drop=True), before - len(rows)
+
+
+def build_sft_dataset(examples: pd.DataFrame, mode: str = "reasoning") -> pd.DataFrame:
+    return pd.DataFrame({
+        "qid": examples["qid"],
+        "prompt": examples["query"].map(build_prompt),
+        "completion": [build_completion(p, a, mode) for p, a in zip(examples["policy"], examples["analysis"])],
+        "policy": examples["policy"],
+        "weight": examples["weight"],
+    })
+
+
+def build_dpo_dataset(examples: pd.DataFrame, mode: str = "reasoning", rejected_per_example: int = 2) -> pd.DataFrame:
+    """One row per (example, wrong policy): the chosen completion carries the labelled
+    policy, the rejected one the same analysis with a wrong policy."""
+    if not 1 <= rejected_per_example <= len(POLICIES) - 1:
+        raise ValueError(f"rejected_per_example must be 1..{len(POLICIES) - 1}")
+    rows = []
+    for ex in examples.itertuples(index=False):
+        prompt = build_prompt(ex.query)
+        chosen = build_completion(ex.policy, ex.analysis, mode)
+        wrong = [p for p in POLICIES if p != ex.policy]
+        # Rotate the starting wrong policy so that with one rejection per example both kinds appear.
+        start = int(ex.query_hash, 16) % len(wrong)
+        for p in (wrong[start:] + wrong[:start])[:rejected_per_example]:
+            rows.append({"qid": ex.qid, "prompt": prompt, "chosen": chosen,
+                         "rejected": build_completion(p, ex.analysis, mode),
+                         "chosen_policy": ex.policy, "rejected_policy": p, "weight": ex.weight})
+    return pd.DataFrame(rows, columns=["qid", "prompt", "chosen", "rejected", "chosen_policy", "rejected_policy", "weight"])
