@@ -5,7 +5,6 @@ from __future__ import annotations
 import dagster as dg
 
 from router_pipeline.assets.data import DATA_ASSETS, DATA_GROUP
-from router_pipeline.paths import artifacts_dir
 from router_pipeline.resources import ParquetIOManager, default_roles
 
 data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
@@ -15,7 +14,7 @@ defs = dg.Definitions(
     assets=DATA_ASSETS,
     jobs=[data_job],
     resources={
-        "io_manager": ParquetIOManager(base_dir=str(artifacts_dir() / "assets")),
+        "io_manager": ParquetIOManager(),
         "llm": default_roles(),
     },
 )

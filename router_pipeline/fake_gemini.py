@@ -53,6 +53,7 @@ class FakeGemini:
     latency_s: float = 0.0
     faults: dict[str, deque] = field(default_factory=dict)  # prompt substring -> faults, used in order
     calls: list[RecordedCall] = field(default_factory=list)
+    max_in_flight: int = 0  # the most requests it was serving at once
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -68,6 +69,7 @@ class FakeGemini:
 
     def __enter__(self) -> "FakeGemini":
         self._lock = threading.Lock()
+        self._in_flight = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,7 +99,14 @@ class FakeGemini:
                         RecordedCall(model, prompt, system, payload.get("generationConfig", {}), key)
                     )
                 fault = fake._next_fault(prompt) or Fault()
-                time.sleep(fake.latency_s + fault.delay_s)
+                with fake._lock:
+                    fake._in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
+                try:
+                    time.sleep(fake.latency_s + fault.delay_s)
+                finally:
+                    with fake._lock:
+                        fake._in_flight -= 1
                 if fault.status:
                     headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                     status = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(fault.status, "ERROR")

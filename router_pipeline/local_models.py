@@ -23,9 +23,11 @@ _convert_lock = threading.Lock()
 
 
 def models_dir() -> Path:
+    """artifacts/models (override: ROUTER_PIPELINE_MODELS, e.g. to share conversions)."""
     from router_pipeline.paths import artifacts_dir
 
-    return artifacts_dir() / "models"
+    override = os.environ.get("ROUTER_PIPELINE_MODELS")
+    return Path(override) if override else artifacts_dir() / "models"
 
 
 def resolve_model(name: str, *, allow_hub: bool = False) -> str:

@@ -22,10 +22,11 @@ PROFILES = ("offline", "gemini")
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores each DataFrame asset as artifacts/<key>.parquet, readable without Dagster."""
 
-    base_dir: str
+    base_dir: Optional[str] = None  # None: artifacts/assets, resolved when used
 
     def _path(self, key: dg.AssetKey) -> Path:
-        return Path(self.base_dir).joinpath(*key.path).with_suffix(".parquet")
+        base = Path(self.base_dir) if self.base_dir else artifacts_dir() / "assets"
+        return base.joinpath(*key.path).with_suffix(".parquet")
 
     def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
         if not isinstance(obj, pd.DataFrame):

@@ -1,0 +1,93 @@
+import os
+import re
+
+import pandas as pd
+import pytest
+
+from router_pipeline.fake_gemini import FakeGemini
+from router_pipeline.questions import load_questions
+from router_pipeline.split import split_questions
+from router_pipeline.text import normalise
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_models_dir(tmp_path_factory):
+    """Converted models are shared by the whole session (ROUTER_PIPELINE_MODELS, when
+    set, lets CI reuse the conversion made by its materialisation)."""
+    if not os.environ.get("ROUTER_PIPELINE_MODELS"):
+        os.environ["ROUTER_PIPELINE_MODELS"] = str(tmp_path_factory.mktemp("models"))
+    return os.environ["ROUTER_PIPELINE_MODELS"]
+
+
+@pytest.fixture(autouse=True)
+def artifacts(tmp_path, monkeypatch):
+    path = tmp_path / "artifacts"
+    monkeypatch.setenv("ROUTER_PIPELINE_ARTIFACTS", str(path))
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_BASE_URL", raising=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_path(shared_models_dir):
+    from router_pipeline.local_models import GEMMA3_270M, resolve_model
+
+    return resolve_model(GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(gemma_path, tmp_path_factory):
+    """A 2-layer, 64-wide random Gemma 3 with the real Gemma tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gemma_path)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+                           sliding_window=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = tmp_path_factory.mktemp("tiny-gemma")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def sample_questions():
+    """24 real SimpleQA questions with their split."""
+    frame, _ = load_questions(sample_size=24, sample_seed=3)
+    train, test = split_questions(frame, 0.2, 42)
+    return pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+
+
+def oracle_responder(questions: pd.DataFrame):
+    """A fake Gemini that knows SimpleQA: medium is right on qids starting 0-7, large on
+    0-b, the rest abstain or guess; the judge compares the answer to the reference."""
+    gold = {q: (qid, g) for q, qid, g in zip(questions["query"], questions["qid"], questions["gold_answer"])}
+
+    def respond(model: str, prompt: str) -> str:
+        if "Answer to grade:" in prompt:
+            ref = re.search(r"Reference answer: (.*)\n", prompt).group(1)
+            ans = re.search(r"Answer to grade: (.*)\n", prompt).group(1)
+            if "don't know" in ans:
+                return "NOT_ATTEMPTED"
+            return "CORRECT" if normalise(ref) == normalise(ans) else "INCORRECT"
+        if "Analysis:" in prompt:
+            return "It asks for one precise, little-known fact. Nothing more."
+        query = prompt.rsplit("Question: ", 1)[1].rsplit("\nAnswer:", 1)[0]
+        qid, g = gold[query]
+        known = "01234567" if "flash" in model else "0123456789ab"
+        if qid[0] in known:
+            return g
+        return "I don't know" if qid[0] in "cd" else "Atlantis"
+
+    return respond
+
+
+@pytest.fixture
+def fake_gemini(sample_questions):
+    with FakeGemini(responder=oracle_responder(sample_questions)) as fake:
+        yield fake

@@ -1,0 +1,109 @@
+import json
+
+import pandas as pd
+import pytest
+
+from router_pipeline.policies import CORRECT, IDK, INCORRECT
+from router_pipeline.questions import QuestionSourceError, load_questions, parse_grade
+from router_pipeline.split import assign_split, ratio_tolerance, split_questions
+
+
+def test_bundled_simpleqa_loads_whole():
+    frame, rejected = load_questions(sample_size=0)
+    assert len(frame) + len(rejected) == 4326
+    assert len(frame) > 4300
+    assert frame["qid"].is_unique
+    assert frame["gold_answer"].notna().all()
+    assert set(frame["topic"].dropna()) >= {"Science and technology", "Art"}
+
+
+def test_sample_is_stable_when_rows_are_added(tmp_path):
+    full, _ = load_questions(sample_size=0)
+    small = full.iloc[:2000]
+    path_small, path_full = tmp_path / "small.jsonl", tmp_path / "full.jsonl"
+    for frame, path in ((small, path_small), (full, path_full)):
+        frame[["query", "gold_answer"]].to_json(path, orient="records", lines=True)
+    a, _ = load_questions("jsonl", path=str(path_small), sample_size=50)
+    b, _ = load_questions("jsonl", path=str(path_full), sample_size=50)
+    assert len(a) == 50 and len(b) == 50
+    # Every question of the larger sample that was already in the small source was sampled there too.
+    assert set(b["qid"]) & set(small["qid"]) <= set(a["qid"])
+
+
+def test_split_is_stable_and_disjoint():
+    frame, _ = load_questions(sample_size=0)
+    side_full = assign_split(frame)
+    train, test = split_questions(frame)
+    assert not set(train["qid"]) & set(test["qid"])
+    share = len(test) / len(frame)
+    assert abs(share - 0.2) <= ratio_tolerance(len(frame), 0.2)
+    # Removing rows and adding new ones never moves an existing question.
+    subset = frame.iloc[::3]
+    extra = pd.DataFrame({"qid": [f"new{i}" for i in range(500)]})
+    grown = pd.concat([subset[["qid"]], extra], ignore_index=True)
+    side_grown = assign_split(grown)
+    assert (side_grown.iloc[: len(subset)].values == side_full.iloc[::3].values).all()
+    # Another seed gives another split.
+    assert (assign_split(frame, seed=7) != side_full).any()
+
+
+def test_bad_jsonl_rows_are_named_and_the_rest_kept(tmp_path):
+    path = tmp_path / "custom.jsonl"
+    lines = [
+        json.dumps({"question": "What is the capital of Peru?", "answer": "Lima"}),
+        '{"question": "broken", ',
+        json.dumps({"question": "   ", "answer": "x"}),
+        json.dumps({"question": "Q" * 5000, "answer": "x"}),
+        json.dumps({"question": "Who wrote Hamlet?"}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"question": "what is the  capital of peru?", "answer": "Lima"}),
+        json.dumps({"question": 42, "answer": "x"}),
+        json.dumps({"question": "Who painted Guernica?", "answer": "Picasso"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    frame, rejected = load_questions("jsonl", path=str(path))
+    assert list(frame["query"]) == ["What is the capital of Peru?", "Who painted Guernica?"]
+    reasons = {r.row: r.reason for r in rejected}
+    assert "broken JSON" in reasons[2] and "custom.jsonl" in reasons[2]
+    assert reasons[3] == "empty query"
+    assert "5000 characters" in reasons[4]
+    assert reasons[5] == "no gold answer"
+    assert "JSON object" in reasons[6]
+    assert reasons[7] == "duplicate of row 1"
+    assert "not text" in reasons[8]
+
+
+def test_source_without_valid_rows_fails_clearly(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"question": "", "answer": "x"}) + "\n")
+    with pytest.raises(QuestionSourceError, match="no valid question.*row 1: empty query"):
+        load_questions("jsonl", path=str(path))
+    with pytest.raises(QuestionSourceError, match="not found"):
+        load_questions("jsonl", path=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(QuestionSourceError, match="unknown question source"):
+        load_questions("s3")
+
+
+def test_recorded_outcomes_table(tmp_path):
+    path = tmp_path / "outcomes.csv"
+    pd.DataFrame([
+        {"query": "Q1?", "answer": "A1", "medium_grade": "correct", "large_grade": "True"},
+        {"query": "Q2?", "answer": "A2", "medium_answer": "A2", "large_answer": "I don't know"},
+        {"query": "Q3?", "answer": "", "medium_grade": "not attempted", "large_grade": "false"},
+        {"query": "Q4?", "answer": "A4", "medium_grade": "perhaps", "large_grade": "Correct"},
+        {"query": "Q5?", "answer": "", "medium_answer": "A5", "large_grade": "Correct"},
+        {"query": "Q6?", "answer": "A6", "large_grade": "Correct"},
+    ]).to_csv(path, index=False)
+    frame, rejected = load_questions("outcomes", path=str(path))
+    assert list(frame["query"]) == ["Q1?", "Q2?", "Q3?"]
+    assert list(frame["medium_grade"]) == [CORRECT, None, IDK]
+    assert list(frame["large_grade"]) == [CORRECT, None, INCORRECT]
+    reasons = {r.row: r.reason for r in rejected}
+    assert "unknown grade 'perhaps'" in reasons[5]
+    assert "needs a gold answer" in reasons[6]
+    assert "neither medium_answer nor medium_grade" in reasons[7]
+
+
+@pytest.mark.parametrize("value,label", [(True, CORRECT), (False, INCORRECT), ("IDK", IDK), ("Not_Attempted", IDK), ("", None)])
+def test_parse_grade(value, label):
+    assert parse_grade(value) == label
