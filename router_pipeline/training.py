@@ -1,0 +1,260 @@
+"""Router training: LoRA SFT, then DPO from the SFT adapter, with TRL + PEFT.
+
+The same two functions run everywhere: in-process for the local compute and the
+tests, and inside the Modal functions of modal_app.py. On CUDA they train QLoRA
+(4-bit NF4, double quantisation, bf16/fp16 compute, paged 8-bit AdamW); on CPU,
+plain LoRA in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+META_FILE = "router_training.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base_model: str = "gemma3-270m"  # production: google/gemma-2b (allow_hub=True)
+    mode: str = "reasoning"  # the completion format the data was built with
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learning_rate: float = 2e-4
+    epochs: float = 3.0
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_length: int = 1024
+    seed: int = 42
+    max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
+    beta: float = 0.1  # DPO only
+    quantization: str = "auto"  # auto: 4-bit on CUDA, none on CPU | 4bit | none
+    save_steps: int = 50
+    allow_hub: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+
+DPO_DEFAULTS = {"learning_rate": 5e-5, "epochs": 1.0}
+
+
+def dpo_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{**DPO_DEFAULTS, **overrides})
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    stage: str
+    losses: list[tuple[int, float]]
+    final_loss: float | None
+    examples_seen: int
+    steps: int
+    wall_s: float
+    device: str
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    blob = frame.to_json(orient="records", force_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def device_info() -> tuple[str, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}", True
+    return "cpu", False
+
+
+def _use_4bit(cfg: TrainConfig, cuda: bool) -> bool:
+    if cfg.quantization == "4bit" and not cuda:
+        raise ValueError("quantization='4bit' needs a CUDA GPU (bitsandbytes); use 'auto' or 'none' on CPU")
+    return cuda and cfg.quantization in ("auto", "4bit")
+
+
+def load_base(cfg: TrainConfig):
+    """(model, tokenizer) for training: 4-bit NF4 on CUDA, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from router_pipeline.local_models import resolve_model
+
+    path = resolve_model(cfg.base_model, allow_hub=cfg.allow_hub)
+    _, cuda = device_info()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {}
+    if _use_4bit(cfg, cuda):
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs = dict(
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            dtype=compute, device_map={"": 0},
+        )
+    else:
+        kwargs = dict(dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if kwargs.get("quantization_config") is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return model, tokenizer
+
+
+def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dict:
+    import torch
+
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        optim="paged_adamw_8bit" if four_bit else "adamw_torch",
+        gradient_checkpointing=four_bit,
+        max_length=cfg.max_length,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _lora(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def _train(trainer, out: Path) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+
+
+def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: pd.DataFrame, t0: float,
+            device: str, extra: dict | None = None, parent: str | None = None) -> TrainResult:
+    adapter_dir = out / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(adapter_dir))
+    history = trainer.state.log_history
+    losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
+    result = TrainResult(
+        adapter_dir=str(adapter_dir), stage=stage, losses=losses,
+        final_loss=losses[-1][1] if losses else None,
+        examples_seen=int(trainer.state.global_step * cfg.batch_size * cfg.grad_accum),
+        steps=int(trainer.state.global_step), wall_s=time.perf_counter() - t0, device=device,
+        metrics=extra or {},
+    )
+    meta = {"stage": stage, "config": cfg.to_dict(), "data_hash": data_hash(frame), "rows": len(frame),
+            "mode": cfg.mode, "parent_adapter": parent, "result": {k: v for k, v in result.to_dict().items() if k != "losses"}}
+    (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return result
+
+
+def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path):
+    """The configured SFTTrainer (exposed so the completion-only masking can be tested)."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(cfg.seed)
+    device, cuda = device_info()
+    four_bit = _use_4bit(cfg, cuda)
+    model, tokenizer = load_base(cfg)
+    args = SFTConfig(completion_only_loss=True, packing=False, **_common_args(cfg, out, cuda, four_bit))
+    dataset = Dataset.from_pandas(rows[["prompt", "completion"]].reset_index(drop=True), preserve_index=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=_lora(cfg))
+    return trainer, tokenizer, device
+
+
+def train_sft(rows: pd.DataFrame, cfg: TrainConfig, out: str | Path) -> TrainResult:
+    """LoRA SFT on prompt-completion rows; loss on the completion only."""
+    out = Path(out)
+    if rows.empty:
+        raise ValueError("the SFT dataset is empty: nothing to train on")
+    t0 = time.perf_counter()
+    trainer, tokenizer, device = sft_trainer(rows, cfg, out)
+    _train(trainer, out)
+    return _finish(trainer, tokenizer, cfg, "sft", out, rows, t0, device)
+
+
+def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out: str | Path) -> TrainResult:
+    """DPO from the SFT adapter; TRL keeps a frozen copy of it as the reference."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    out = Path(out)
+    if rows.empty:
+        raise ValueError("the DPO dataset is empty: nothing to train on")
+    sft_adapter = Path(sft_adapter)
+    if not (sft_adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no SFT adapter at {sft_adapter}: materialise sft_adapter first")
+    t0 = time.perf_counter()
+    set_seed(cfg.seed)
+    device, cuda = device_info()
+    four_bit = _use_4bit(cfg, cuda)
+    base, tokenizer = load_base(cfg)
+    model = PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
+    args = DPOConfig(beta=cfg.beta, **_common_args(cfg, out, cuda, four_bit))
+    dataset = Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]].reset_index(drop=True), preserve_index=False)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    _train(trainer, out)
+    final = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="train_data")
+    metrics = {
+        "reward_accuracy": float(final.get("train_data_rewards/accuracies", float("nan"))),
+        "reward_margin": float(final.get("train_data_rewards/margins", float("nan"))),
+        "train_data_loss": float(final.get("train_data_loss", float("nan"))),
+    }
+    return _finish(trainer, tokenizer, cfg, "dpo", out, rows, t0, device, metrics, parent=str(sft_adapter))
+
+
+def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
+    return replace(cfg, **changes)
