@@ -62,6 +62,10 @@ def parse_judge_output(text: str | None) -> str | None:
     return _WORD_TO_LABEL[m.group(1).lower()] if m else None
 
 
+def is_abstention(answer: str | None) -> bool:
+    return not answer or not str(answer).strip() or _ABSTAIN.search(answer) is not None
+
+
 def grade_with_rules(answer: str | None, gold: str) -> tuple[str, str]:
     """(label, reason) by normalised match, number precision, dates, fuzzy names and
     abstention detection."""

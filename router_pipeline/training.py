@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -155,6 +155,7 @@ def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dic
         gradient_checkpointing=four_bit,
         max_length=cfg.max_length,
         dataloader_num_workers=0,
+        per_device_eval_batch_size=cfg.batch_size,
         disable_tqdm=False,
     )
 
@@ -247,14 +248,15 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     dataset = Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]].reset_index(drop=True), preserve_index=False)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
     _train(trainer, out)
-    final = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="train_data")
+    # Reward accuracy and margin of the trained adapter over its whole training set
+    # (the per-step training logs start at 0 because policy == reference at step 0).
+    trainer.evaluate(eval_dataset=dataset)
+    final = next(h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h)
     metrics = {
-        "reward_accuracy": float(final.get("train_data_rewards/accuracies", float("nan"))),
-        "reward_margin": float(final.get("train_data_rewards/margins", float("nan"))),
-        "train_data_loss": float(final.get("train_data_loss", float("nan"))),
+        "reward_accuracy": float(final["eval_rewards/accuracies"]),
+        "reward_margin": float(final["eval_rewards/margins"]),
+        "train_data_loss": float(final["eval_loss"]),
     }
     return _finish(trainer, tokenizer, cfg, "dpo", out, rows, t0, device, metrics, parent=str(sft_adapter))
 
 
-def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
-    return replace(cfg, **changes)

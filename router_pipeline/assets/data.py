@@ -212,9 +212,8 @@ def _secrets(questions_frame: pd.DataFrame, answers_frame: pd.DataFrame) -> dict
     """qid -> {"gold": ..., "medium_answer": ..., "large_answer": ...}, abstentions left out."""
     out = {q: {"gold": g} for q, g in zip(questions_frame["qid"], questions_frame["gold_answer"])}
     for row in answers_frame.itertuples(index=False):
-        if row.qid in out and row.status in ("ok", "recorded") and isinstance(row.answer, str):
-            if judging.grade_with_rules(row.answer, "x")[0] != "IDK":
-                out[row.qid][f"{row.tier}_answer"] = row.answer
+        if row.qid in out and row.status in ("ok", "recorded") and not judging.is_abstention(row.answer):
+            out[row.qid][f"{row.tier}_answer"] = row.answer
     return out
 
 

@@ -1,0 +1,99 @@
+"""Router training on a tiny random-weight Gemma 3 (real tokenizer): seconds, not hours."""
+
+import json
+
+import pandas as pd
+import torch
+
+from router_pipeline.policies import POLICIES
+from router_pipeline.training import META_FILE, TrainConfig, dpo_config, sft_trainer, train_dpo, train_sft
+from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset, build_training_examples
+
+QUERIES = [
+    "Who received the IEEE Frank Rosenblatt Award in 2010?",
+    "What is the capital of France?",
+    "In which year did the 3rd Ballyhooly fair close?",
+    "How many fouls did Inter commit in the 2010 final?",
+    "Who wrote Hamlet?",
+    "Which architect designed the Abasto market?",
+    "What is 2 + 2?",
+    "When was the Lego part gal56 first released?",
+]
+
+
+def _examples():
+    policies = [POLICIES[i % 3] for i in range(len(QUERIES))]
+    oracle = pd.DataFrame({"qid": [f"q{i}" for i in range(len(QUERIES))], "query": QUERIES,
+                           "medium_label": "Correct", "large_label": "Correct", "policy": policies, "rationale": "r"})
+    analyses = pd.DataFrame({"qid": oracle["qid"], "analysis": [f"It asks about item {i}." for i in range(len(QUERIES))]})
+    return build_training_examples(oracle, analyses)[0]
+
+
+def _tiny(tiny_model_dir, **kw):
+    base = dict(base_model=tiny_model_dir, batch_size=4, grad_accum=1, save_steps=1000)
+    return base | kw
+
+
+def test_sft_loss_is_on_the_completion_only(tiny_model_dir, tmp_path):
+    sft = build_sft_dataset(_examples())
+    trainer, tokenizer, _ = sft_trainer(sft, TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    checked = 0
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        text = tokenizer.decode(ids[labels != -100])
+        row = sft[sft["completion"].map(lambda c: c in text)]
+        assert len(row) == 1, text  # the supervised span is exactly one completion (+ EOS)
+        prompt_len = len(tokenizer(row["prompt"].iloc[0])["input_ids"])
+        real = ids != tokenizer.pad_token_id
+        first_real = int(real.nonzero()[0])
+        assert (labels[first_real : first_real + prompt_len] == -100).all()  # every prompt token masked
+        assert (labels[first_real + prompt_len :][real[first_real + prompt_len :]] != -100).all()
+        checked += 1
+    assert checked == 4
+
+
+def _preference(adapter_dir, base_dir, dpo_rows):
+    """Mean log-prob margin chosen - rejected under an adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+
+    def logp(prompt, completion):
+        p = tok(prompt, return_tensors="pt")["input_ids"]
+        full = tok(prompt + completion, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(full).logits[0, :-1]
+        targets = full[0, 1:]
+        lp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+        return float(lp[p.shape[1] - 1 :].sum())
+
+    return sum(logp(r.prompt, r.chosen) - logp(r.prompt, r.rejected) for r in dpo_rows.itertuples()) / len(dpo_rows)
+
+
+def test_sft_then_dpo_prefers_chosen_more(tiny_model_dir, tmp_path):
+    examples = _examples()
+    sft_rows, dpo_rows = build_sft_dataset(examples), build_dpo_dataset(examples)
+    sft = train_sft(sft_rows, TrainConfig(**_tiny(tiny_model_dir, epochs=4, learning_rate=1e-3)), tmp_path / "sft")
+    assert sft.steps == 8 and len(sft.losses) == 8 and sft.device == "cpu"
+    assert sft.losses[-1][1] < sft.losses[0][1]  # it learns the format
+    meta = json.loads((tmp_path / "sft" / "adapter" / META_FILE).read_text())
+    assert meta["config"]["lora_r"] == 16 and meta["rows"] == len(sft_rows) and len(meta["data_hash"]) == 16
+    dpo = train_dpo(dpo_rows, sft.adapter_dir, dpo_config(**_tiny(tiny_model_dir, epochs=3, learning_rate=5e-3)),
+                    tmp_path / "dpo")
+    assert dpo.metrics["reward_accuracy"] > 0.5 and dpo.metrics["reward_margin"] > 0
+    before = _preference(sft.adapter_dir, tiny_model_dir, dpo_rows)
+    after = _preference(dpo.adapter_dir, tiny_model_dir, dpo_rows)
+    assert after > before
+    assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_training_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
+    rows = build_sft_dataset(_examples())
+    first = train_sft(rows, TrainConfig(**_tiny(tiny_model_dir, max_steps=2, save_steps=1)), tmp_path)
+    assert first.steps == 2
+    # A longer run in the same folder continues from checkpoint-2 instead of starting over.
+    # A much larger learning rate would change the step-2 loss had it started over.
+    second = train_sft(rows, TrainConfig(**_tiny(tiny_model_dir, max_steps=3, save_steps=1, learning_rate=0.05)), tmp_path)
+    assert second.steps == 3 and second.losses[:2] == first.losses and len(second.losses) == 3
