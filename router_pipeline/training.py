@@ -160,6 +160,16 @@ def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dic
     )
 
 
+def _prepare(cfg: TrainConfig, out: Path):
+    """Seed, device, base model and the trainer arguments both stages share."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    device, cuda = device_info()
+    model, tokenizer = load_base(cfg)
+    return model, tokenizer, device, _common_args(cfg, out, cuda, _use_4bit(cfg, cuda))
+
+
 def _lora(cfg: TrainConfig):
     from peft import LoraConfig
 
@@ -200,14 +210,10 @@ def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: 
 def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path):
     """The configured SFTTrainer (exposed so the completion-only masking can be tested)."""
     from datasets import Dataset
-    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    set_seed(cfg.seed)
-    device, cuda = device_info()
-    four_bit = _use_4bit(cfg, cuda)
-    model, tokenizer = load_base(cfg)
-    args = SFTConfig(completion_only_loss=True, packing=False, **_common_args(cfg, out, cuda, four_bit))
+    model, tokenizer, device, common = _prepare(cfg, out)
+    args = SFTConfig(completion_only_loss=True, packing=False, **common)
     dataset = Dataset.from_pandas(rows[["prompt", "completion"]].reset_index(drop=True), preserve_index=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=_lora(cfg))
@@ -229,7 +235,6 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     """DPO from the SFT adapter; TRL keeps a frozen copy of it as the reference."""
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
     out = Path(out)
@@ -239,12 +244,9 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     if not (sft_adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"no SFT adapter at {sft_adapter}: materialise sft_adapter first")
     t0 = time.perf_counter()
-    set_seed(cfg.seed)
-    device, cuda = device_info()
-    four_bit = _use_4bit(cfg, cuda)
-    base, tokenizer = load_base(cfg)
+    base, tokenizer, device, common = _prepare(cfg, out)
     model = PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
-    args = DPOConfig(beta=cfg.beta, **_common_args(cfg, out, cuda, four_bit))
+    args = DPOConfig(beta=cfg.beta, **common)
     dataset = Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]].reset_index(drop=True), preserve_index=False)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
     _train(trainer, out)

@@ -82,8 +82,8 @@ def split_questions(config: SplitConfig, questions: pd.DataFrame):
                               metadata={"empty": empty})
 
 
-class AnswersConfig(dg.Config):
-    progress: bool = True
+class ProgressConfig(dg.Config):
+    progress: bool = True  # tqdm bars in the compute logs
 
 
 def _stats_table(stats: dict) -> dg.TableMetadataValue:
@@ -91,7 +91,7 @@ def _stats_table(stats: dict) -> dg.TableMetadataValue:
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"}, check_specs=[dg.AssetCheckSpec("no_failed_calls", asset="answers")])
-def answers(context: dg.AssetExecutionContext, config: AnswersConfig, llm: LLMRoles,
+def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMRoles,
             train_questions: pd.DataFrame, test_questions: pd.DataFrame):
     """Medium and large answers to every question of both splits (test answers are only
     used to score routing). Cached: a re-run makes no new model call."""
@@ -176,13 +176,9 @@ def oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame, test_q
     yield dg.AssetCheckResult(check_name="oracle_train_only", passed=bool(leaked == 0), metadata={"test_rows": int(leaked)})
 
 
-class AnalysisConfig(dg.Config):
-    progress: bool = True
-
-
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
           check_specs=[dg.AssetCheckSpec("analyses_leak_free", asset="query_analyses", blocking=True)])
-def query_analyses(context: dg.AssetExecutionContext, config: AnalysisConfig, llm: LLMRoles,
+def query_analyses(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMRoles,
                    train_questions: pd.DataFrame, answers: pd.DataFrame):
     """One sentence per train query from the query alone: the router's reasoning.
     Answers are read only to verify that no analysis reveals one."""

@@ -16,18 +16,17 @@ def table(frame: pd.DataFrame) -> dg.TableMetadataValue:
     for name, dtype in frame.dtypes.items():
         kind = "int" if pd.api.types.is_integer_dtype(dtype) else "float" if pd.api.types.is_float_dtype(dtype) else "string"
         columns.append(dg.TableColumn(name, kind))
-    records = []
-    for rec in frame.to_dict("records"):
-        clean = {}
-        for k, v in rec.items():
-            if v is None or (isinstance(v, float) and pd.isna(v)):
-                clean[k] = None
-            elif isinstance(v, (bool,)) or hasattr(v, "item"):
-                clean[k] = v.item() if hasattr(v, "item") else v
-            else:
-                clean[k] = v if isinstance(v, (int, float)) else str(v)
-        records.append(dg.TableRecord(clean))
+    records = [dg.TableRecord({k: _plain(v) for k, v in rec.items()}) for rec in frame.to_dict("records")]
     return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
+
+
+def _plain(value):
+    """A JSON-friendly scalar: numpy scalars unwrapped, NaN as None, the rest as text."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    return value if isinstance(value, (bool, int, float)) else str(value)
 
 
 def distribution(series: pd.Series, categories) -> dg.TableMetadataValue:
