@@ -5,14 +5,17 @@ from __future__ import annotations
 import dagster as dg
 
 from router_pipeline.assets.data import DATA_ASSETS, DATA_GROUP
+from router_pipeline.assets.training import TRAINING_ASSETS, TRAINING_GROUP
 from router_pipeline.resources import ParquetIOManager, default_roles
 
 data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
                                description="Questions to SFT/DPO datasets.")
+training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups(TRAINING_GROUP),
+                                   description="SFT then DPO of the router on the configured compute.")
 
 defs = dg.Definitions(
-    assets=DATA_ASSETS,
-    jobs=[data_job],
+    assets=DATA_ASSETS + TRAINING_ASSETS,
+    jobs=[data_job, training_job],
     resources={
         "io_manager": ParquetIOManager(),
         "llm": default_roles(),

@@ -207,7 +207,7 @@ def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: 
     return result
 
 
-def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path):
+def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path, callbacks: list | None = None):
     """The configured SFTTrainer (exposed so the completion-only masking can be tested)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -216,22 +216,23 @@ def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path):
     args = SFTConfig(completion_only_loss=True, packing=False, **common)
     dataset = Dataset.from_pandas(rows[["prompt", "completion"]].reset_index(drop=True), preserve_index=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=_lora(cfg))
+                         peft_config=_lora(cfg), callbacks=callbacks)
     return trainer, tokenizer, device
 
 
-def train_sft(rows: pd.DataFrame, cfg: TrainConfig, out: str | Path) -> TrainResult:
+def train_sft(rows: pd.DataFrame, cfg: TrainConfig, out: str | Path, callbacks: list | None = None) -> TrainResult:
     """LoRA SFT on prompt-completion rows; loss on the completion only."""
     out = Path(out)
     if rows.empty:
         raise ValueError("the SFT dataset is empty: nothing to train on")
     t0 = time.perf_counter()
-    trainer, tokenizer, device = sft_trainer(rows, cfg, out)
+    trainer, tokenizer, device = sft_trainer(rows, cfg, out, callbacks)
     _train(trainer, out)
     return _finish(trainer, tokenizer, cfg, "sft", out, rows, t0, device)
 
 
-def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out: str | Path) -> TrainResult:
+def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out: str | Path,
+              callbacks: list | None = None) -> TrainResult:
     """DPO from the SFT adapter; TRL keeps a frozen copy of it as the reference."""
     from datasets import Dataset
     from peft import PeftModel
@@ -248,7 +249,8 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     model = PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
     args = DPOConfig(beta=cfg.beta, **common)
     dataset = Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]].reset_index(drop=True), preserve_index=False)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
     _train(trainer, out)
     # Reward accuracy and margin of the trained adapter over its whole training set
     # (the per-step training logs start at 0 because policy == reference at step 0).

@@ -11,8 +11,11 @@ DATA_KEYS = ["questions", "train_questions", "test_questions", "answers", "judgm
              "query_analyses", "training_examples", "sft_dataset", "dpo_dataset"]
 
 
+DATA = dg.AssetSelection.groups("data")  # training has its own tests (test_training_assets_and_modal)
+
+
 def _assets():
-    return [a for a in defs.assets]
+    return list(defs.assets)
 
 
 def _meta(result, key):
@@ -34,7 +37,7 @@ def test_gemini_profile_end_to_end_against_fake_server(fake_gemini):
 
     frame, _ = load_questions(sample_size=24, sample_seed=3)
     result = dg.materialize(
-        _assets(), instance=instance,
+        _assets(), instance=instance, selection=DATA,
         resources={"io_manager": ParquetIOManager(), "llm": llm},
         run_config={"ops": {"questions": {"config": {"sample_size": 24, "sample_seed": 3}}}},
     )
@@ -79,7 +82,7 @@ def test_offline_default_with_the_real_gemma_270m(gemma_path):
     judge and analyser. A small sample keeps it to seconds once the model is converted."""
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        _assets(), instance=instance,
+        _assets(), instance=instance, selection=DATA,
         resources={"io_manager": ParquetIOManager(), "llm": offline_roles()},
         run_config={"ops": {"questions": {"config": {"sample_size": 10}},
                             "answers": {"config": {"progress": False}}}},

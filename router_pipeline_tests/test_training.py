@@ -75,12 +75,12 @@ def _preference(adapter_dir, base_dir, dpo_rows):
 def test_sft_then_dpo_prefers_chosen_more(tiny_model_dir, tmp_path):
     examples = _examples()
     sft_rows, dpo_rows = build_sft_dataset(examples), build_dpo_dataset(examples)
-    sft = train_sft(sft_rows, TrainConfig(**_tiny(tiny_model_dir, epochs=4, learning_rate=1e-3)), tmp_path / "sft")
-    assert sft.steps == 8 and len(sft.losses) == 8 and sft.device == "cpu"
+    sft = train_sft(sft_rows, TrainConfig(**_tiny(tiny_model_dir, epochs=2, learning_rate=2e-3)), tmp_path / "sft")
+    assert sft.steps == 4 and len(sft.losses) == 4 and sft.device == "cpu"
     assert sft.losses[-1][1] < sft.losses[0][1]  # it learns the format
     meta = json.loads((tmp_path / "sft" / "adapter" / META_FILE).read_text())
     assert meta["config"]["lora_r"] == 16 and meta["rows"] == len(sft_rows) and len(meta["data_hash"]) == 16
-    dpo = train_dpo(dpo_rows, sft.adapter_dir, dpo_config(**_tiny(tiny_model_dir, epochs=3, learning_rate=5e-3)),
+    dpo = train_dpo(dpo_rows, sft.adapter_dir, dpo_config(**_tiny(tiny_model_dir, epochs=2, learning_rate=5e-3)),
                     tmp_path / "dpo")
     assert dpo.metrics["reward_accuracy"] > 0.5 and dpo.metrics["reward_margin"] > 0
     before = _preference(sft.adapter_dir, tiny_model_dir, dpo_rows)

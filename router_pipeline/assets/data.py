@@ -21,7 +21,7 @@ class QuestionsConfig(dg.Config):
     url: str = questions.OPENAI_SIMPLEQA_URL
     hf_dataset: str = questions.DEFAULT_HF_DATASET
     hf_split: str = "test"
-    sample_size: int = 60  # 0 = every question
+    sample_size: int = 24  # 0 = every question; small so the offline run (training included) takes minutes
     sample_seed: int = 0
     max_query_chars: int = 4000
 
@@ -227,7 +227,7 @@ def training_examples(oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame)
 
 class DatasetConfig(dg.Config):
     mode: str = "reasoning"  # reasoning | fast (decision first)
-    rejected_per_example: int = 2
+    rejected_per_example: int = 1  # up to 2: every wrong policy as its own pair
 
 
 def _parse_failures(frame: pd.DataFrame, completion_col: str, policy_col: str, mode: str) -> list:
