@@ -9,31 +9,34 @@ import pandas as pd
 from router_pipeline import compute
 from router_pipeline.paths import artifacts_dir
 from router_pipeline.plots import loss_curve, markdown_image
-from router_pipeline.training import TrainConfig, TrainResult
+from router_pipeline.training import DPO_DEFAULTS, TrainConfig, TrainResult
 
 TRAINING_GROUP = "training"
 A100_USD_PER_HOUR = 2.10  # Modal's list price for an A100 40GB; override in config
+_D = TrainConfig()  # the one source of training defaults
 
 
 class SFTTrainingConfig(dg.Config):
+    """Dagster-side mirror of TrainConfig; every default comes from TrainConfig."""
+
     compute: str = "local"  # local | modal
-    base_model: str = "gemma3-270m"  # production: google/gemma-2b (set allow_hub)
-    allow_hub: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    learning_rate: float = 2e-4
-    epochs: float = 3.0
-    batch_size: int = 4
-    grad_accum: int = 4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_length: int = 1024
-    seed: int = 42
-    max_steps: int = -1
-    quantization: str = "auto"  # auto (4-bit on CUDA) | 4bit | none
-    save_steps: int = 50
+    base_model: str = _D.base_model  # production: google/gemma-2b (set allow_hub)
+    allow_hub: bool = _D.allow_hub
+    lora_r: int = _D.lora_r
+    lora_alpha: int = _D.lora_alpha
+    lora_dropout: float = _D.lora_dropout
+    target_modules: list[str] = list(_D.target_modules)
+    learning_rate: float = _D.learning_rate
+    epochs: float = _D.epochs
+    batch_size: int = _D.batch_size
+    grad_accum: int = _D.grad_accum
+    lr_scheduler: str = _D.lr_scheduler
+    warmup_ratio: float = _D.warmup_ratio
+    max_length: int = _D.max_length
+    seed: int = _D.seed
+    max_steps: int = _D.max_steps
+    quantization: str = _D.quantization  # auto (4-bit on CUDA) | 4bit | none
+    save_steps: int = _D.save_steps
     gpu_usd_per_hour: float = A100_USD_PER_HOUR
 
     def train_config(self, mode: str) -> TrainConfig:
@@ -42,9 +45,9 @@ class SFTTrainingConfig(dg.Config):
 
 
 class DPOTrainingConfig(SFTTrainingConfig):
-    learning_rate: float = 5e-5
-    epochs: float = 1.0
-    beta: float = 0.1
+    learning_rate: float = DPO_DEFAULTS["learning_rate"]
+    epochs: float = DPO_DEFAULTS["epochs"]
+    beta: float = _D.beta
 
     def train_config(self, mode: str) -> TrainConfig:
         return TrainConfig.from_dict({**super().train_config(mode).to_dict(), "beta": self.beta})
