@@ -9,7 +9,7 @@ import os
 
 import modal
 
-from router_pipeline.compute import APP_NAME, remote_job
+from router_pipeline.compute import APP_NAME, remote_job, remote_route
 
 VOLUME_ROOT = "/vol"  # adapters Volume: training runs, checkpoints and adapters
 DATASETS_ROOT = "/datasets"  # datasets Volume: the rows each run trained on
@@ -73,6 +73,7 @@ def train_dpo(records: list[dict], config: dict, run_name: str, sft_adapter_tar:
 
 @app.function(image=image, gpu="T4", timeout=3600, volumes={VOLUME_ROOT: volume, DATASETS_ROOT: datasets_volume},
               secrets=secrets)
-def evaluate_router(records: list[dict], config: dict) -> dict:
-    """Slot for the test-set evaluation on a T4 (the evaluation issue fills it)."""
-    raise NotImplementedError("router evaluation on Modal arrives with the evaluation stage")
+def evaluate_router(adapter_tar: bytes, queries: list[str], router_config: dict) -> dict:
+    """Route the test (and calibration) queries with the adapter; scoring happens in
+    the Dagster process from the decisions returned."""
+    return remote_route(adapter_tar, queries, router_config, _runs_root())

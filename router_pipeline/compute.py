@@ -141,3 +141,32 @@ def launch_modal(stage: str, rows: pd.DataFrame, cfg: TrainConfig, dest: Path,
     result = TrainResult(**reply["result"])
     result.adapter_dir = str(dest)
     return result, float(reply["gpu_seconds"])
+
+
+# -- routing (the evaluation's model work) -------------------------------------
+def route_queries(adapter_dir: str | Path, queries: list[str], router_config: dict,
+                  progress: bool = False) -> list[dict]:
+    """Route every query with the adapter; plain dicts (RouteDecision.to_dict())."""
+    from router_pipeline.routing import Router, RouterConfig
+
+    router = Router(adapter_dir, config=RouterConfig(**router_config))
+    return [d.to_dict() for d in router.route_batch(queries, progress=progress)]
+
+
+def remote_route(adapter_tar: bytes, queries: list[str], router_config: dict, root: str) -> dict:
+    """The body of the Modal evaluate_router function: unpack the adapter, route."""
+    t0 = time.perf_counter()
+    name = hashlib.sha256(adapter_tar).hexdigest()[:12]
+    adapter = unpack_dir(adapter_tar, Path(root) / f"eval-{name}" / "adapter")
+    return {"decisions": route_queries(adapter, queries, router_config), "gpu_seconds": time.perf_counter() - t0}
+
+
+def launch_modal_route(adapter_dir: Path, queries: list[str], router_config: dict) -> tuple[list[dict], float]:
+    """Route on the deployed T4 function; returns (decisions, GPU seconds)."""
+    import modal
+
+    require_modal_credentials()
+    fn = modal.Function.from_name(APP_NAME, "evaluate_router")
+    with modal.enable_output():
+        reply = fn.remote(pack_dir(adapter_dir), queries, router_config)
+    return reply["decisions"], float(reply["gpu_seconds"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from router_pipeline.assets.data import DATA_ASSETS, DATA_GROUP
+from router_pipeline.assets.evaluation import EVALUATION_ASSETS, EVALUATION_GROUP
 from router_pipeline.assets.training import TRAINING_ASSETS, TRAINING_GROUP
 from router_pipeline.resources import ParquetIOManager, default_roles
 
@@ -12,10 +13,12 @@ data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DA
                                description="Questions to SFT/DPO datasets.")
 training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups(TRAINING_GROUP),
                                    description="SFT then DPO of the router on the configured compute.")
+evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.groups(EVALUATION_GROUP),
+                                     description="Evaluate the trained router on the test split; release it if its checks pass.")
 
 defs = dg.Definitions(
-    assets=DATA_ASSETS + TRAINING_ASSETS,
-    jobs=[data_job, training_job],
+    assets=DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS,
+    jobs=[data_job, training_job, evaluation_job],
     resources={
         "io_manager": ParquetIOManager(),
         "llm": default_roles(),

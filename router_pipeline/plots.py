@@ -29,3 +29,24 @@ def markdown_image(path: Path, alt: str) -> str:
     """Inline the PNG so the UI shows it wherever the metadata is viewed."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{data})"
+
+
+def cost_quality_curves(curves: dict, points: dict, path: Path, title: str = "Cost-quality on the test split") -> Path:
+    """Accuracy against the share of calls sent to the large model.
+
+    ``curves``: name -> (shares, accuracies); ``points``: name -> (share, accuracy)
+    for single routings (always-medium, always-large, the router's own decisions)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if name.startswith("random") else "-")
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], s=45, zorder=5, label=name, marker="s")
+    ax.set(title=title, xlabel="share of calls to the large model", ylabel="accuracy (share correct)", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,175 @@
+"""`router-pipeline route` and `router-pipeline answer`.
+
+route:  query -> router decision -> policy mapper -> which model, and why.
+answer: the same, then the chosen model answers (cached; spend goes to the budget).
+Queries come as arguments, or one per line on stdin with ``-``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from router_pipeline.policies import POLICIES
+
+EXIT_USAGE = 2
+
+
+def default_router_dir() -> Path | None:
+    """artifacts/router (the released router), else the last DPO adapter."""
+    from router_pipeline.assets.evaluation import release_dir
+    from router_pipeline.assets.training import adapter_dir
+
+    for path in (release_dir(), adapter_dir("dpo")):
+        if (path / "adapter_config.json").exists():
+            return path
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="router-pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("route", "decide which model should answer"), ("answer", "route, then answer with the chosen model")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("queries", nargs="+", help="queries, or - to read one per line from stdin")
+        s.add_argument("--adapter", help="router adapter dir (default: artifacts/router, else artifacts/adapters/dpo)")
+        s.add_argument("--base-model", help="route with a bare base model (no adapter): latency checks only")
+        s.add_argument("--mode", choices=("fast", "reasoning"), help="default: the mode the adapter was trained in")
+        s.add_argument("--reasoning", action="store_true", help="fast mode: also generate the reasoning")
+        s.add_argument("--fallback", default="Complex_Query", choices=list(POLICIES) + ["raise"],
+                       help="policy used when the router output does not parse")
+        group = s.add_mutually_exclusive_group()
+        group.add_argument("--mapper", help="policy mapper config (YAML or JSON)")
+        group.add_argument("--preset", choices=("cost_first", "quality_first", "balanced"), default=None,
+                           help="mapper strategy preset (default: balanced)")
+        s.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
+        s.add_argument("--log", help="append one JSON line per decision to this file")
+    return p
+
+
+def _queries(args) -> list[str]:
+    if args.queries == ["-"]:
+        return [line.strip() for line in sys.stdin if line.strip()]
+    return args.queries
+
+
+def _profile_models(roles) -> dict[str, str]:
+    return {"medium": roles.medium.model, "large": roles.large.model}
+
+
+def _mapper(args, roles):
+    """The mapper from --mapper or --preset; aliases medium/large default to the profile's models."""
+    from router_pipeline.mapper import PolicyMapper, load_spec
+
+    if args.mapper:
+        spec, base_dir = load_spec(args.mapper), Path(args.mapper).parent
+    else:
+        spec, base_dir = {"preset": args.preset or "balanced"}, None
+    spec["models"] = {**_profile_models(roles), **(spec.get("models") or {})}
+    return PolicyMapper.from_dict(spec, base_dir=base_dir)
+
+
+def _role_spec(mapping, roles):
+    """The RoleSpec that answers for a mapping target: the profile's medium/large roles,
+    else a local model or a Gemini model by name."""
+    from router_pipeline.llm import RoleSpec
+
+    if mapping.target in ("medium", "large"):
+        return roles.spec(mapping.target)
+    provider = "gemini" if mapping.model.startswith("gemini") else "local"
+    return RoleSpec(provider=provider, model=mapping.model)
+
+
+def _answer(query: str, spec, roles):
+    from router_pipeline.answering import STOP, answer_prompt
+    from router_pipeline.llm import make_client
+    from router_pipeline.llm.runner import complete_all
+
+    client = make_client(spec, gemini_base_url=roles.gemini_base_url, timeout_s=roles.timeout_s)
+    cache = roles.cache()
+    try:
+        [result], _ = complete_all(client, [spec.request(answer_prompt(query, spec.prompt_style), stop=STOP)], cache,
+                                   retry=roles.retry(), progress=False)
+    finally:
+        cache.close()
+    return result
+
+
+def run(args) -> int:
+    from router_pipeline import decision_log
+    from router_pipeline.mapper import ABSTAIN_ANSWER
+    from router_pipeline.resources import default_roles
+    from router_pipeline.routing import Router, RouterConfig
+
+    queries = _queries(args)
+    if not queries:
+        print("error: no query given", file=sys.stderr)
+        return EXIT_USAGE
+    roles = default_roles()
+    mapper = _mapper(args, roles)
+    adapter = args.adapter or (None if args.base_model else default_router_dir())
+    if adapter is None and not args.base_model:
+        print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
+              file=sys.stderr)
+        return EXIT_USAGE
+    router = Router(adapter, base_model=args.base_model, config=RouterConfig(mode=args.mode, fallback=args.fallback))
+    decisions = router.route_batch(queries, with_reasoning=args.reasoning)
+    status = 0
+    for d in decisions:
+        mapping = mapper.map(d)
+        out = {"query": d.query, "policy": d.policy, "probabilities": d.probabilities, "parse_ok": d.parse_ok,
+               "parse_error": d.parse_error, "fallback_used": d.fallback_used, "model": mapping.model,
+               "target": mapping.target, "rule": mapping.rule, "why": mapping.reason, "reasoning": d.reasoning,
+               "route_latency_ms": round(d.latency_ms, 2)}
+        cost, latency = 0.0, d.latency_ms
+        if args.command == "answer":
+            t0 = time.perf_counter()
+            if mapping.abstain:
+                out.update(answer=ABSTAIN_ANSWER, answer_status="abstained")
+            else:
+                result = _answer(d.query, _role_spec(mapping, roles), roles)
+                cost = result.cost_usd if not result.cached else 0.0
+                out.update(answer=result.text, answer_status=result.status, answer_error=result.error,
+                           input_tokens=result.input_tokens, output_tokens=result.output_tokens, cached=result.cached)
+                mapper.record_spend(cost)
+                status = status or (1 if result.status == "error" else 0)
+            latency += (time.perf_counter() - t0) * 1000
+            out["cost_usd"] = cost
+        if args.log:
+            decision_log.append(args.log, decision_log.decision_record(d, mapping, latency_ms=latency, cost_usd=cost))
+        print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
+    return status
+
+
+def _human(out: dict) -> str:
+    probs = ", ".join(f"{k} {v:.2f}" for k, v in out["probabilities"].items()) or "n/a"
+    lines = [f"query:     {out['query']}",
+             f"policy:    {out['policy']}" + ("" if out["parse_ok"] else f"  (fallback: {out['parse_error']})"),
+             f"p:         {probs}",
+             f"model:     {out['model'] or out['target']}  [rule {out['rule']}: {out['why']}]"]
+    if out["reasoning"]:
+        lines.append(f"reasoning: {out['reasoning']}")
+    if "answer" in out:
+        lines.append(f"answer:    {out['answer']}" + (f"  ({out.get('answer_error')})" if out.get("answer_error") else ""))
+        lines.append(f"cost:      ${out['cost_usd']:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from router_pipeline.mapper import MapperConfigError
+    from router_pipeline.routing import RouterOutputError
+
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (MapperConfigError, RouterOutputError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""The policy mapper: a router decision -> the model that answers.
+
+Ordered rules, first match wins; every mapping names the rule that fired. Rule
+kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
+
+- ``privacy``        the query matches a PII pattern (e-mail, phone, card, IBAN, SSN)
+- ``keyword``        the query contains one of ``keywords`` (case-insensitive, whole words)
+- ``long_query``     the query has at least ``min_chars`` characters
+- ``math``           the query looks like arithmetic / maths (operators, equations, LaTeX, maths words)
+- ``budget``         the persisted spend of the period has reached ``limit_usd``
+- ``low_confidence`` the router's probability for its policy is below ``below``
+                     (``target: escalate`` calls the escalation callback instead)
+- ``policy``         ``map`` from policy to target (Ambiguous_Query may map to
+                     ``abstain``: answer "I don't know" without a model call)
+
+Nothing matched (e.g. a policy missing from the map) -> ``fallback``. Presets
+``cost_first``, ``quality_first`` and ``balanced`` are complete rule lists; a
+YAML/JSON file can start from a preset and override its parts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
+
+ABSTAIN = "abstain"
+ESCALATE = "escalate"
+ABSTAIN_ANSWER = "I don't know."
+KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "policy")
+PERIODS = ("total", "day", "month")
+
+PII_PATTERNS: dict[str, str] = {
+    "email": r"[\w.+-]+@[\w-]+\.[\w.-]+",
+    "phone": r"(?<!\w)\+?\d[\d ()-]{7,}\d(?!\w)",
+    "card": r"\b(?:\d[ -]?){13,16}\b",
+    "iban": r"\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b",
+    "ssn": r"\b\d{3}-\d{2}-\d{4}\b",
+}
+MATH = re.compile(
+    r"(\d\s*[-+*/^=<>]\s*\d)|(\\(frac|int|sum|sqrt))|\b(solve|integral|derivative|equation|prove|"
+    r"factori[sz]e|probability|matrix|eigen\w*)\b", re.IGNORECASE)
+
+
+class MapperConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    target: str
+    name: str = ""
+    keywords: tuple[str, ...] = ()
+    min_chars: int = 0
+    limit_usd: float = 0.0
+    below: float = 0.0
+    map: dict = field(default_factory=dict)
+    patterns: tuple[str, ...] = ()  # privacy: pattern names from PII_PATTERNS (default all)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class Mapping:
+    model: str | None  # concrete model id; None when abstaining or escalating
+    target: str  # alias, "abstain" or "escalate"
+    rule: str  # which rule fired ("fallback" when none did)
+    policy: str
+    reason: str
+
+    @property
+    def abstain(self) -> bool:
+        return self.target == ABSTAIN
+
+    @property
+    def escalate(self) -> bool:
+        return self.target == ESCALATE
+
+
+class BudgetLedger:
+    """Spend per period in a small JSON file, updated under an exclusive file lock so
+    that concurrent processes (CLI calls, workers) add up correctly."""
+
+    def __init__(self, path: str | Path, period: str = "month"):
+        if period not in PERIODS:
+            raise MapperConfigError(f"budget period must be one of {PERIODS}, got {period!r}")
+        self.path, self.period = Path(path), period
+
+    def _key(self, now: dt.datetime | None = None) -> str:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return {"total": "total", "day": now.strftime("%Y-%m-%d"), "month": now.strftime("%Y-%m")}[self.period]
+
+    def _locked(self, update: Callable[[dict], None] | None) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            text = fh.read()
+            try:
+                data = json.loads(text) if text.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise MapperConfigError(f"budget ledger {self.path} is not valid JSON ({exc}); fix or delete it") from None
+            if update is not None:
+                update(data)
+                fh.seek(0)
+                fh.truncate()
+                fh.write(json.dumps(data, indent=2, sort_keys=True))
+                fh.flush()
+                os.fsync(fh.fileno())
+            return data
+
+    def spent(self) -> float:
+        return float(self._locked(None).get(self._key(), 0.0))
+
+    def add(self, usd: float) -> float:
+        if usd < 0:
+            raise ValueError(f"spend must be >= 0, got {usd}")
+        key = self._key()
+
+        def bump(data: dict) -> None:
+            data[key] = round(float(data.get(key, 0.0)) + usd, 10)
+
+        return float(self._locked(bump)[key])
+
+
+def _medium_large_models() -> dict[str, str]:
+    return {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro", "local": "gemma3-270m"}
+
+
+PRESETS: dict[str, dict] = {
+    # Spend as little as possible: escalate only confident Complex decisions; decline
+    # what both models are likely to get wrong.
+    "cost_first": {"fallback": "medium", "rules": [
+        {"kind": "privacy", "target": "local"},
+        {"kind": "low_confidence", "below": 0.7, "target": "medium"},
+        {"kind": "policy", "map": {STANDARD: "medium", COMPLEX: "large", AMBIGUOUS: ABSTAIN}},
+    ]},
+    # Answer as well as possible: doubt and hard-looking queries go to the large model.
+    "quality_first": {"fallback": "large", "rules": [
+        {"kind": "privacy", "target": "local"},
+        {"kind": "math", "target": "large"},
+        {"kind": "long_query", "min_chars": 2000, "target": "large"},
+        {"kind": "low_confidence", "below": 0.6, "target": "large"},
+        {"kind": "policy", "map": {STANDARD: "medium", COMPLEX: "large", AMBIGUOUS: "large"}},
+    ]},
+    "balanced": {"fallback": "large", "rules": [
+        {"kind": "privacy", "target": "local"},
+        {"kind": "low_confidence", "below": 0.5, "target": "large"},
+        {"kind": "policy", "map": {STANDARD: "medium", COMPLEX: "large", AMBIGUOUS: "medium"}},
+    ]},
+}
+DEFAULT_PRESET = "balanced"
+
+
+class PolicyMapper:
+    def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
+                 ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None):
+        self.models = dict(models or _medium_large_models())
+        self.rules, self.fallback, self.ledger, self.escalation = list(rules), fallback, ledger, escalation
+        self._validate()
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str = DEFAULT_PRESET, **kwargs) -> "PolicyMapper":
+        return cls.from_dict({"preset": name}, **kwargs)
+
+    @classmethod
+    def from_dict(cls, spec: dict, *, escalation=None, base_dir: Path | None = None) -> "PolicyMapper":
+        if not isinstance(spec, dict):
+            raise MapperConfigError(f"mapper config must be a mapping, got {type(spec).__name__}")
+        unknown = set(spec) - {"preset", "models", "fallback", "rules", "ambiguous", "budget"}
+        if unknown:
+            raise MapperConfigError(f"unknown mapper config keys {sorted(unknown)}")
+        base = {}
+        if "preset" in spec:
+            if spec["preset"] not in PRESETS:
+                raise MapperConfigError(f"unknown preset {spec['preset']!r}; expected one of {sorted(PRESETS)}")
+            base = PRESETS[spec["preset"]]
+        models = {**_medium_large_models(), **(spec.get("models") or {})}
+        raw_rules = spec.get("rules", base.get("rules", []))
+        rules = [_rule(r, i) for i, r in enumerate(raw_rules)]
+        if "ambiguous" in spec:  # shorthand: what Ambiguous_Query does in every policy rule
+            rules = [Rule(**{**r.__dict__, "map": {**r.map, AMBIGUOUS: spec["ambiguous"]}}) if r.kind == "policy" else r
+                     for r in rules]
+        ledger = None
+        if spec.get("budget"):
+            b = spec["budget"]
+            path = Path(b.get("ledger", "budget_ledger.json"))
+            if not path.is_absolute():
+                path = (base_dir or _default_ledger_dir()) / path
+            ledger = BudgetLedger(path, b.get("period", "month"))
+        return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> "PolicyMapper":
+        path = Path(path)
+        try:
+            return cls.from_dict(load_spec(path), base_dir=kwargs.pop("base_dir", path.parent), **kwargs)
+        except MapperConfigError as exc:
+            raise MapperConfigError(f"{path}: {exc}") from None
+
+    def _validate(self) -> None:
+        targets = {self.fallback} | {r.target for r in self.rules if r.kind != "policy"}
+        targets |= {t for r in self.rules if r.kind == "policy" for t in r.map.values()}
+        for t in targets:
+            if t not in self.models and t not in (ABSTAIN, ESCALATE):
+                raise MapperConfigError(f"target {t!r} is neither a model alias {sorted(self.models)} nor {ABSTAIN!r}/{ESCALATE!r}")
+        if ESCALATE in targets and self.escalation is None:
+            raise MapperConfigError("a rule escalates but no escalation callback was given")
+        if self.fallback == ESCALATE:
+            raise MapperConfigError("the fallback must be a model alias or 'abstain'")
+        if any(r.kind == "budget" for r in self.rules) and self.ledger is None:
+            raise MapperConfigError("a budget rule needs a 'budget' section (ledger file, period)")
+
+    # -- mapping ------------------------------------------------------------
+    def map(self, decision) -> Mapping:
+        """``decision`` is a RouteDecision (or anything with query, policy, confidence)."""
+        for rule in self.rules:
+            reason = self._match(rule, decision)
+            if reason is None:
+                continue
+            target = rule.map.get(decision.policy) if rule.kind == "policy" else rule.target
+            if target is None:
+                continue
+            return Mapping(self.models.get(target), target, rule.label, decision.policy, reason)
+        return Mapping(self.models.get(self.fallback), self.fallback, "fallback", decision.policy,
+                       f"no rule matched policy {decision.policy!r}")
+
+    def _match(self, rule: Rule, d) -> str | None:
+        q = d.query
+        if rule.kind == "privacy":
+            names = rule.patterns or tuple(PII_PATTERNS)
+            hits = [n for n in names if re.search(PII_PATTERNS[n], q)]
+            return f"query contains {', '.join(hits)}: kept on a local model" if hits else None
+        if rule.kind == "keyword":
+            hits = [k for k in rule.keywords if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", q, re.IGNORECASE)]
+            return f"keyword {hits[0]!r}" if hits else None
+        if rule.kind == "long_query":
+            return f"{len(q)} characters >= {rule.min_chars}" if len(q) >= rule.min_chars else None
+        if rule.kind == "math":
+            m = MATH.search(q)
+            return f"looks like maths ({m.group(0)!r})" if m else None
+        if rule.kind == "budget":
+            spent = self.ledger.spent()
+            return f"spent ${spent:.4f} of ${rule.limit_usd:.2f} this {self.ledger.period}" if spent >= rule.limit_usd else None
+        if rule.kind == "low_confidence":
+            conf = d.confidence
+            if conf is None:
+                return f"no confidence (router output unparsed: {getattr(d, 'parse_error', None)})"
+            return f"confidence {conf:.2f} < {rule.below:.2f}" if conf < rule.below else None
+        return f"policy {d.policy}" if d.policy in rule.map else None
+
+    def record_spend(self, usd: float) -> float | None:
+        """Add a call's cost to the persisted budget (no-op without a budget)."""
+        return self.ledger.add(usd) if self.ledger is not None else None
+
+    def describe(self) -> dict:
+        return {"models": self.models, "fallback": self.fallback,
+                "rules": [{"name": r.label, "kind": r.kind, "target": r.target or r.map} for r in self.rules],
+                "budget": {"ledger": str(self.ledger.path), "period": self.ledger.period} if self.ledger else None}
+
+
+def load_spec(path: str | Path) -> dict:
+    """A mapper config file (YAML, or JSON by its .json suffix) as a dict."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise MapperConfigError(f"cannot read mapper config {path}: {exc}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise MapperConfigError(f"mapper config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise MapperConfigError(f"mapper config {path} must be a mapping, got {type(spec).__name__}")
+    return spec
+
+
+def _default_ledger_dir() -> Path:
+    from router_pipeline.paths import artifacts_dir
+
+    return artifacts_dir()
+
+
+def _rule(raw, index: int) -> Rule:
+    where = f"rule {index + 1}"
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise MapperConfigError(f"{where}: a rule is a mapping with a 'kind' ({', '.join(KINDS)})")
+    kind = raw["kind"]
+    if kind not in KINDS:
+        raise MapperConfigError(f"{where}: unknown kind {kind!r}; expected one of {KINDS}")
+    fields = dict(raw)
+    if kind == "policy":
+        bad = set(fields.get("map", {})) - set(POLICIES)
+        if not fields.get("map") or bad:
+            raise MapperConfigError(f"{where}: a policy rule needs 'map' from {POLICIES} to targets (bad keys {sorted(bad)})")
+        fields.setdefault("target", "")
+    elif "target" not in fields:
+        raise MapperConfigError(f"{where} ({kind}): 'target' is required")
+    required = {"keyword": "keywords", "long_query": "min_chars", "budget": "limit_usd", "low_confidence": "below"}
+    if kind in required and required[kind] not in fields:
+        raise MapperConfigError(f"{where} ({kind}): {required[kind]!r} is required")
+    if kind == "privacy":
+        unknown = set(fields.get("patterns", ())) - set(PII_PATTERNS)
+        if unknown:
+            raise MapperConfigError(f"{where}: unknown PII patterns {sorted(unknown)}; known {sorted(PII_PATTERNS)}")
+    for key in ("keywords", "patterns"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    try:
+        return Rule(**fields)
+    except TypeError as exc:
+        raise MapperConfigError(f"{where} ({kind}): {exc}") from None

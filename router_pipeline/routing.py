@@ -1,0 +1,260 @@
+"""The router at inference time: base model + adapter -> a decision per query.
+
+Routing confidence (DESIGN.md): the softmax over the three policies' first tokens
+at the point where the decision is made, so every decision carries a distribution.
+
+- ``fast`` mode (completion ``[DECISION] <policy> [REASONING] ...``): one forward
+  pass over ``prompt + [DECISION]`` gives the distribution; the reasoning can be
+  generated afterwards when asked for.
+- ``reasoning`` mode (``[REASONING] ... [DECISION] <policy>``): the router
+  generates, the parser reads the decision from the generated span only, and one
+  forward pass at the generated ``[DECISION]`` marker gives the distribution.
+
+An output the parser rejects never becomes a policy silently: the decision says
+``parse_ok=False`` with the reason, and the configured fallback decides (or, with
+``fallback="raise"``, the call fails).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from router_pipeline.policies import COMPLEX, POLICIES
+from router_pipeline.router_format import DECISION, MODES, REASONING, build_prompt, parse_completion
+
+RAISE = "raise"
+
+
+class RouterOutputError(ValueError):
+    """The router produced no usable decision and the fallback is ``raise``."""
+
+
+@dataclass
+class RouteDecision:
+    query: str
+    policy: str  # the policy acted on (the fallback's when parse_ok is False)
+    probabilities: dict[str, float]  # softmax over the policies' first tokens; {} when unparsed
+    parse_ok: bool
+    mode: str
+    reasoning: str = ""
+    parse_error: str | None = None
+    fallback_used: bool = False
+    policy_mass: float | None = None  # share of the full-vocabulary mass on the three policy tokens
+    generated: str = ""
+    latency_ms: float = 0.0
+
+    @property
+    def confidence(self) -> float | None:
+        return self.probabilities.get(self.policy) if self.probabilities else None
+
+    @property
+    def p_large(self) -> float:
+        """Score for thresholds: the probability that the query needs the strong model
+        (Complex_Query); a fallback decision counts as certain."""
+        if self.probabilities:
+            return self.probabilities[COMPLEX]
+        return 1.0 if self.policy == COMPLEX else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    mode: str | None = None  # None: the mode recorded with the adapter
+    fallback: str = COMPLEX  # a policy, or "raise"
+    max_new_tokens: int = 96  # reasoning mode, and fast mode's optional reasoning
+    batch_size: int = 16
+    min_policy_mass: float = 0.0  # fast mode: below this the model is not deciding -> fallback
+    allow_hub: bool = False
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"unknown router mode {self.mode!r}; expected one of {MODES}")
+        if self.fallback != RAISE and self.fallback not in POLICIES:
+            raise ValueError(f"fallback must be a policy {POLICIES} or {RAISE!r}, got {self.fallback!r}")
+
+
+def adapter_meta(adapter_dir: str | Path) -> dict:
+    from router_pipeline.training import META_FILE
+
+    path = Path(adapter_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {adapter_dir} is not an adapter trained by router_pipeline")
+    return json.loads(path.read_text())
+
+
+class Router:
+    """Load once, route many. ``adapter_dir=None`` routes with the bare base model
+    (useful for latency figures; its decisions are not meaningful)."""
+
+    def __init__(self, adapter_dir: str | Path | None = None, *, base_model: str | None = None,
+                 config: RouterConfig = RouterConfig()):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from router_pipeline.local_models import resolve_model
+
+        meta = adapter_meta(adapter_dir) if adapter_dir is not None else {}
+        base_model = base_model or meta.get("config", {}).get("base_model")
+        if base_model is None:
+            raise ValueError("Router needs an adapter_dir (which records its base model) or a base_model")
+        self.mode = config.mode or meta.get("mode", "reasoning")
+        self.config = config
+        self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
+        self.base_model = base_model
+        self.calibration = _read_calibration(adapter_dir)
+        path = resolve_model(base_model, allow_hub=config.allow_hub or meta.get("config", {}).get("allow_hub", False))
+        cuda = torch.cuda.is_available()
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        self.device = "cuda" if cuda else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(self.adapter_dir or path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        self.model = model.eval()
+        self._policy_tokens = self._first_policy_tokens()
+
+    # -- the decision point -------------------------------------------------
+    def _first_policy_tokens(self) -> list[int]:
+        """The first token of each policy name where it follows [DECISION], read from
+        how the tokenizer splits a real completion (not from the bare names)."""
+        probe = build_prompt("probe") + DECISION
+        ids = [self.tokenizer(f"{probe} {p}", add_special_tokens=False)["input_ids"] for p in POLICIES]
+        common = 0
+        while all(len(x) > common for x in ids) and len({x[common] for x in ids}) == 1:
+            common += 1
+        first = [x[common] for x in ids]
+        if len(set(first)) != len(POLICIES):
+            raise ValueError(f"the policy names do not start with distinct tokens for this tokenizer: {first}")
+        return first
+
+    def _distribution(self, contexts: list[str]) -> list[tuple[dict[str, float], float]]:
+        """(softmax over the policies' first tokens, their share of the full mass) after each context."""
+        import torch
+
+        enc = self.tokenizer(contexts, return_tensors="pt", padding=True).to(self.device)
+        # Left padding: positions must start at each row's first real token.
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = self.model(**enc, position_ids=positions).logits[:, -1, :].float()
+        full = torch.softmax(logits, dim=-1)[:, self._policy_tokens]
+        picked = torch.softmax(logits[:, self._policy_tokens], dim=-1)
+        return [({p: float(v) for p, v in zip(POLICIES, row)}, float(mass))
+                for row, mass in zip(picked.tolist(), full.sum(-1).tolist())]
+
+    def _generate(self, contexts: list[str]) -> list[str]:
+        """Greedy continuation of each context; only the new tokens are decoded."""
+        import torch
+
+        enc = self.tokenizer(contexts, return_tensors="pt", padding=True).to(self.device)
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    # -- routing ------------------------------------------------------------
+    def route(self, query: str, *, with_reasoning: bool = False) -> RouteDecision:
+        return self.route_batch([query], with_reasoning=with_reasoning)[0]
+
+    def route_batch(self, queries: list[str], *, with_reasoning: bool = False, progress: bool = False) -> list[RouteDecision]:
+        from tqdm.auto import tqdm
+
+        out: list[RouteDecision] = []
+        size = max(1, self.config.batch_size)
+        for lo in tqdm(range(0, len(queries), size), desc="routing", disable=not progress, leave=False):
+            chunk = queries[lo:lo + size]
+            t0 = time.perf_counter()
+            prompts = [build_prompt(q) for q in chunk]
+            decided = self._fast(chunk, prompts, with_reasoning) if self.mode == "fast" else self._reasoning(chunk, prompts)
+            per_query = (time.perf_counter() - t0) * 1000 / len(chunk)
+            for d in decided:
+                d.latency_ms = per_query
+                out.append(self._apply_fallback(d))
+        return out
+
+    def _fast(self, queries, prompts, with_reasoning) -> list[RouteDecision]:
+        dists = self._distribution([p + DECISION for p in prompts])
+        decisions = []
+        for q, (probs, mass) in zip(queries, dists):
+            policy = max(probs, key=probs.get)
+            if mass < self.config.min_policy_mass:
+                decisions.append(RouteDecision(q, policy, {}, False, "fast", policy_mass=mass, parse_error=(
+                    f"only {mass:.1%} of the next-token mass is on a policy name (min {self.config.min_policy_mass:.0%})")))
+            else:
+                decisions.append(RouteDecision(q, policy, probs, True, "fast", policy_mass=mass))
+        if with_reasoning:
+            heads = [f"{p}{DECISION} {d.policy} {REASONING}" for p, d in zip(prompts, decisions)]
+            for d, text in zip(decisions, self._generate(heads)):
+                d.generated = f"{DECISION} {d.policy} {REASONING}{text}"
+                d.reasoning = parse_completion(d.generated, "fast").reasoning
+        return decisions
+
+    def _reasoning(self, queries, prompts) -> list[RouteDecision]:
+        generated = self._generate(prompts)
+        parsed = [parse_completion(g, "reasoning") for g in generated]
+        ok = [i for i, p in enumerate(parsed) if p.ok]
+        # The distribution at the generated [DECISION] marker (the decision point).
+        contexts = [prompts[i] + generated[i].split(DECISION, 1)[0] + DECISION for i in ok]
+        dists = dict(zip(ok, self._distribution(contexts))) if contexts else {}
+        decisions = []
+        for i, (q, p, g) in enumerate(zip(queries, parsed, generated)):
+            probs, mass = dists.get(i, ({}, None))
+            decisions.append(RouteDecision(q, p.policy or "", probs, p.ok, "reasoning", reasoning=p.reasoning,
+                                           parse_error=p.error, policy_mass=mass, generated=g))
+        return decisions
+
+    def _apply_fallback(self, d: RouteDecision) -> RouteDecision:
+        if d.parse_ok:
+            return d
+        if self.config.fallback == RAISE:
+            raise RouterOutputError(f"router output for {d.query[:80]!r} is unusable: {d.parse_error}")
+        d.policy, d.probabilities, d.fallback_used = self.config.fallback, {}, True
+        return d
+
+    def describe(self) -> dict:
+        return {"adapter_dir": self.adapter_dir, "base_model": self.base_model, "mode": self.mode,
+                "device": self.device, "fallback": self.config.fallback, "calibration": self.calibration}
+
+
+CALIBRATION_FILE = "router_calibration.json"
+
+
+def _read_calibration(adapter_dir) -> dict:
+    if adapter_dir is None:
+        return {}
+    path = Path(adapter_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_calibration(adapter_dir: str | Path, calibration: dict) -> Path:
+    path = Path(adapter_dir) / CALIBRATION_FILE
+    path.write_text(json.dumps(calibration, indent=2))
+    return path
+
+
+def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = None):
+    """One row per decision, with a column per policy probability (NaN when unparsed)."""
+    import pandas as pd
+
+    rows = []
+    for i, d in enumerate(decisions):
+        row = {k: v for k, v in d.to_dict().items() if k != "probabilities"}
+        row.update({f"p_{p}": d.probabilities.get(p) for p in POLICIES})
+        row["p_large"] = d.p_large
+        if qids is not None:
+            row["qid"] = qids[i]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+__all__ = ["Router", "RouterConfig", "RouteDecision", "RouterOutputError", "decisions_frame"]

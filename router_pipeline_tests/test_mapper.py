@@ -1,0 +1,164 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from router_pipeline.mapper import ABSTAIN, BudgetLedger, MapperConfigError, PolicyMapper
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
+from router_pipeline.routing import RouteDecision
+
+
+def decision(query="Who wrote Hamlet?", policy=STANDARD, confidence=0.9, parse_ok=True):
+    others = [p for p in (STANDARD, COMPLEX, AMBIGUOUS) if p != policy]
+    probs = {policy: confidence, others[0]: (1 - confidence) / 2, others[1]: (1 - confidence) / 2} if parse_ok else {}
+    return RouteDecision(query, policy, probs, parse_ok, "fast", parse_error=None if parse_ok else "no [DECISION]")
+
+
+def mapper(rules, **kw):
+    return PolicyMapper.from_dict({"rules": rules, "fallback": "large", **kw})
+
+
+POLICY = {"kind": "policy", "map": {STANDARD: "medium", COMPLEX: "large", AMBIGUOUS: "medium"}}
+
+
+def test_policy_map_and_fallback():
+    m = mapper([{"kind": "policy", "map": {STANDARD: "medium", COMPLEX: "large"}}])
+    assert m.map(decision(policy=STANDARD)).target == "medium"
+    got = m.map(decision(policy=COMPLEX))
+    assert (got.target, got.model, got.rule) == ("large", "gemini-2.5-pro", "policy")
+    missing = m.map(decision(policy=AMBIGUOUS))  # not in the map -> fallback
+    assert (missing.target, missing.rule) == ("large", "fallback")
+
+
+@pytest.mark.parametrize("query, hit", [
+    ("Email me at jane.doe@example.org please", "email"),
+    ("My card is 4111 1111 1111 1111", "card"),
+    ("Call +44 20 7946 0958 tomorrow", "phone"),
+    ("SSN 123-45-6789", "ssn"),
+    ("Pay to DE89370400440532013000", "iban"),
+])
+def test_privacy_forces_local_model(query, hit):
+    m = mapper([{"kind": "privacy", "target": "local"}, POLICY])
+    got = m.map(decision(query))
+    assert got.target == "local" and got.model == "gemma3-270m" and got.rule == "privacy" and hit in got.reason
+
+
+def test_privacy_ignores_plain_queries_and_years():
+    m = mapper([{"kind": "privacy", "target": "local"}, POLICY])
+    assert m.map(decision("In which year, 1987 or 1988, did the Berlin Wall speech happen?")).rule == "policy"
+
+
+def test_keyword_override_whole_words_case_insensitive():
+    m = mapper([{"kind": "keyword", "name": "legal", "keywords": ["contract", "lawsuit"], "target": "large"}, POLICY])
+    assert m.map(decision("Review this CONTRACT clause")).rule == "legal"
+    assert m.map(decision("Who was the contractor on the bridge?")).rule == "policy"
+
+
+def test_long_query_and_math_heuristics():
+    m = mapper([{"kind": "long_query", "min_chars": 50, "target": "large"}, {"kind": "math", "target": "large"}, POLICY])
+    assert m.map(decision("x" * 50)).rule == "long_query"
+    assert m.map(decision("What is 17 * 23?")).rule == "math"
+    assert m.map(decision("Solve the equation for x")).rule == "math"
+    assert m.map(decision(r"Compute \frac{1}{2}")).rule == "math"
+    assert m.map(decision("Who painted the Mona Lisa?")).rule == "policy"
+
+
+def test_low_confidence_escalates_to_model_or_callback():
+    m = mapper([{"kind": "low_confidence", "below": 0.6, "target": "large"}, POLICY])
+    assert m.map(decision(confidence=0.5)).rule == "low_confidence"
+    assert m.map(decision(confidence=0.7)).rule == "policy"
+    unparsed = m.map(decision(parse_ok=False))  # no confidence at all counts as low
+    assert unparsed.rule == "low_confidence" and "unparsed" in unparsed.reason
+
+    calls = []
+    council = PolicyMapper.from_dict({"rules": [{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY]},
+                                     escalation=lambda q, d: calls.append(q) or "council answer")
+    got = council.map(decision(confidence=0.4))
+    assert got.escalate and got.model is None
+    assert council.escalation(got.policy, None) == "council answer"
+
+
+def test_escalation_without_callback_is_a_config_error():
+    with pytest.raises(MapperConfigError, match="escalation callback"):
+        mapper([{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY])
+
+
+def test_first_match_wins_in_order():
+    rules = [{"kind": "privacy", "target": "local"}, {"kind": "math", "target": "large"}, POLICY]
+    query = "mail 2 + 2 to bob@example.com"
+    assert mapper(rules).map(decision(query)).rule == "privacy"
+    assert mapper([rules[1], rules[0], POLICY]).map(decision(query)).rule == "math"
+
+
+@pytest.mark.parametrize("choice, target", [("medium", "medium"), ("large", "large"), ("abstain", ABSTAIN)])
+def test_ambiguous_choice(choice, target):
+    m = PolicyMapper.from_dict({"preset": "balanced", "ambiguous": choice})
+    got = m.map(decision(policy=AMBIGUOUS))
+    assert got.target == target and got.abstain == (choice == "abstain")
+
+
+def test_presets_differ_where_they_should():
+    low = decision(policy=COMPLEX, confidence=0.55)
+    assert PolicyMapper.preset("cost_first").map(low).target == "medium"  # not sure enough to pay for large
+    assert PolicyMapper.preset("quality_first").map(low).target == "large"
+    assert PolicyMapper.preset("balanced").map(low).target == "large"
+    amb = decision(policy=AMBIGUOUS)
+    assert [PolicyMapper.preset(p).map(amb).target for p in ("cost_first", "quality_first", "balanced")] == \
+        [ABSTAIN, "large", "medium"]
+
+
+def test_budget_rule_switches_when_spent(tmp_path):
+    spec = {"budget": {"ledger": "spend.json", "period": "total"},
+            "rules": [{"kind": "budget", "limit_usd": 0.01, "target": "medium"}, POLICY]}
+    m = PolicyMapper.from_dict(spec, base_dir=tmp_path)
+    assert m.map(decision(policy=COMPLEX)).target == "large"
+    m.record_spend(0.004)
+    m.record_spend(0.006)
+    got = m.map(decision(policy=COMPLEX))
+    assert (got.target, got.rule) == ("medium", "budget") and "$0.0100" in got.reason
+
+
+def test_budget_spend_persists_across_processes(tmp_path):
+    ledger = tmp_path / "ledger.json"
+    script = textwrap.dedent(f"""
+        from router_pipeline.mapper import BudgetLedger
+        BudgetLedger({str(ledger)!r}, "month").add(0.25)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+    assert BudgetLedger(ledger, "month").spent() == pytest.approx(1.0)
+    data = json.loads(ledger.read_text())
+    assert list(data.values()) == [1.0] and len(next(iter(data))) == 7  # keyed by YYYY-MM
+
+
+def test_yaml_file_with_preset_override(tmp_path):
+    path = tmp_path / "mapper.yaml"
+    path.write_text(textwrap.dedent("""
+        preset: quality_first
+        models: {medium: my-flash, large: my-pro}
+        ambiguous: abstain
+    """))
+    m = PolicyMapper.from_file(path)
+    assert m.map(decision(policy=STANDARD)).model == "my-flash"
+    assert m.map(decision(policy=AMBIGUOUS)).abstain
+    assert m.map(decision("What is 3 + 4?")).rule == "math"  # from the preset's rules
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rules: [{kind: teleport, target: large}]", "unknown kind 'teleport'"),
+    ("rules: [{kind: keyword, target: large}]", "'keywords' is required"),
+    ("rules: [{kind: policy, map: {Easy_Query: medium}}]", "bad keys ['Easy_Query']"),
+    ("rules: [{kind: math, target: huge}]", "target 'huge'"),
+    ("rules: [{kind: budget, limit_usd: 1, target: medium}]", "needs a 'budget' section"),
+    ("preset: cheapest", "unknown preset"),
+    ("rules: [unclosed", "not valid YAML"),
+    ("- just\n- a list", "must be a mapping"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MapperConfigError, match="bad.yaml") as err:
+        PolicyMapper.from_file(path)
+    assert message in str(err.value)
