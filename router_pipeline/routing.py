@@ -145,7 +145,8 @@ class Router:
         # Left padding: positions must start at each row's first real token.
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = self.model(**enc, position_ids=positions).logits[:, -1, :].float()
+            # logits_to_keep=1: the LM head (262k-token vocabulary for Gemma) runs on the last position only.
+            logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
         full = torch.softmax(logits, dim=-1)[:, self._policy_tokens]
         picked = torch.softmax(logits[:, self._policy_tokens], dim=-1)
         return [({p: float(v) for p, v in zip(POLICIES, row)}, float(mass))

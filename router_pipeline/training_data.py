@@ -15,6 +15,7 @@ from router_pipeline.policies import POLICIES
 from router_pipeline.router_format import build_completion, build_prompt
 from router_pipeline.text import query_hash
 
+PRECEDENCE = ("oracle", "extra")
 EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "weight"]
 
 
@@ -22,12 +23,18 @@ def build_training_examples(
     oracle_labels: pd.DataFrame,
     analyses: pd.DataFrame,
     extra: pd.DataFrame | None = None,
+    precedence: str = "oracle",
 ) -> tuple[pd.DataFrame, int]:
     """(examples, duplicates dropped). ``extra`` (e.g. council labels) needs qid,
-    query, policy, rationale, source, weight; oracle rows come first and win ties."""
+    query, policy, rationale, source, weight; on the same normalised query the
+    ``precedence`` source ("oracle" or "extra") wins."""
+    if precedence not in PRECEDENCE:
+        raise ValueError(f"precedence must be one of {PRECEDENCE}, got {precedence!r}")
     by_qid = analyses.set_index("qid")["analysis"]
     oracle = oracle_labels.assign(source="oracle", weight=1.0)
     frames = [oracle] + ([extra] if extra is not None and not extra.empty else [])
+    if precedence == "extra":
+        frames.reverse()
     rows = pd.concat(frames, ignore_index=True)
     missing = ~rows["qid"].isin(by_qid.index)
     if missing.any():
@@ -37,6 +44,18 @@ def build_training_examples(
     before = len(rows)
     rows = rows.drop_duplicates("query_hash", keep="first")
     return rows[EXAMPLE_COLUMNS].reset_index(drop=True), before - len(rows)
+
+
+def label_conflicts(oracle_labels: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """Queries labelled by both sources with different policies."""
+    if extra is None or extra.empty or oracle_labels.empty:
+        return pd.DataFrame(columns=["query", "oracle_policy", "extra_policy"])
+    a = oracle_labels.assign(query_hash=oracle_labels["query"].map(query_hash))[["query_hash", "query", "policy"]]
+    b = extra.assign(query_hash=extra["query"].map(query_hash))[["query_hash", "policy"]]
+    both = a.merge(b, on="query_hash", suffixes=("_oracle", "_extra"))
+    both = both[both["policy_oracle"] != both["policy_extra"]]
+    return both.rename(columns={"policy_oracle": "oracle_policy", "policy_extra": "extra_policy"})[
+        ["query", "oracle_policy", "extra_policy"]].reset_index(drop=True)
 
 
 def build_sft_dataset(examples: pd.DataFrame, mode: str = "reasoning") -> pd.DataFrame:

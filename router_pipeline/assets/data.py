@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from router_pipeline import analysis, answering, judging, oracle, questions, split, training_data
+from router_pipeline.assets.council import council_labels
 from router_pipeline.assets.metadata import distribution, preview, table
 from router_pipeline.policies import LABELS, POLICIES
 from router_pipeline.resources import LLMRoles
@@ -179,12 +180,13 @@ def oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame, test_q
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
           check_specs=[dg.AssetCheckSpec("analyses_leak_free", asset="query_analyses", blocking=True)])
 def query_analyses(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMRoles,
-                   train_questions: pd.DataFrame, answers: pd.DataFrame):
-    """One sentence per train query from the query alone: the router's reasoning.
-    Answers are read only to verify that no analysis reveals one."""
+                   train_questions: pd.DataFrame, answers: pd.DataFrame, council_labels: pd.DataFrame):
+    """One sentence per train (and council) query from the query alone: the router's
+    reasoning. Answers are read only to verify that no analysis reveals one."""
+    queries = pd.concat([train_questions[["qid", "query"]], council_labels[["qid", "query"]]], ignore_index=True)
     cache = llm.cache()
     try:
-        frame, stats = analysis.analyse_queries(train_questions, analyser=llm.spec("analyser"), client=llm.client("analyser"),
+        frame, stats = analysis.analyse_queries(queries, analyser=llm.spec("analyser"), client=llm.client("analyser"),
                                                 cache=cache, concurrency=llm.concurrency, retry=llm.retry(),
                                                 progress=config.progress)
     finally:
@@ -213,16 +215,32 @@ def _secrets(questions_frame: pd.DataFrame, answers_frame: pd.DataFrame) -> dict
     return out
 
 
+class ExamplesConfig(dg.Config):
+    precedence: str = "oracle"  # which label wins when oracle and council label the same query: oracle | council
+
+
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
-def training_examples(oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-    """Oracle labels joined with analyses, deduplicated by normalised query, with `source`."""
-    frame, dropped = training_data.build_training_examples(oracle_labels, query_analyses)
-    return dg.Output(frame, metadata={
+def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame,
+                      council_labels: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    """Oracle and council labels joined with analyses, deduplicated by normalised query,
+    with `source` and `weight`."""
+    if config.precedence not in ("oracle", "council"):
+        raise dg.Failure(f"precedence must be 'oracle' or 'council', got {config.precedence!r}")
+    extra = council_labels[["qid", "query", "policy", "rationale", "source", "weight"]]
+    frame, dropped = training_data.build_training_examples(
+        oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra")
+    conflicts = training_data.label_conflicts(oracle_labels, extra)
+    meta = {
         "rows": len(frame),
         "duplicates_dropped": dropped,
+        "oracle_council_conflicts": len(conflicts),
+        "precedence": config.precedence,
         "by_source": table(frame["source"].value_counts().rename_axis("source").reset_index()),
         "policy_distribution": distribution(frame["policy"], POLICIES),
-    })
+    }
+    if not conflicts.empty:
+        meta["conflicts"] = table(conflicts.head(100))
+    return dg.Output(frame, metadata=meta)
 
 
 class DatasetConfig(dg.Config):
@@ -294,5 +312,5 @@ def dpo_dataset(config: DatasetConfig, training_examples: pd.DataFrame):
                   "bad_rejected": len(bad_rejected), "bad_prompts": len(bad_prompts)})
 
 
-DATA_ASSETS = [questions_, split_questions, answers, judgments, oracle_labels, query_analyses,
+DATA_ASSETS = [questions_, split_questions, answers, judgments, oracle_labels, council_labels, query_analyses,
                training_examples, sft_dataset, dpo_dataset]

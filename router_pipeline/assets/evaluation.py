@@ -42,22 +42,23 @@ class EvaluationConfig(dg.Config):
     target_pgr: float = 0.9  # ... or else to the cheapest threshold recovering this much of the gap
     regression_tolerance: float = 0.05  # allowed drop in correct / policy_accuracy vs the last evaluation
     batch_size: int = 16
+    max_new_tokens: int = 96  # reasoning mode: room for the analysis and the decision
     gpu_usd_per_hour: float = T4_USD_PER_HOUR
     progress: bool = True
 
 
 def _route(config: EvaluationConfig, adapter, queries: list[str]) -> tuple[list[dict], Optional[float]]:
     router_config = RouterConfig(mode=config.mode, fallback=config.fallback, batch_size=config.batch_size,
-                                 min_policy_mass=config.min_policy_mass).__dict__
+                                 max_new_tokens=config.max_new_tokens, min_policy_mass=config.min_policy_mass).__dict__
     if config.compute == "modal":
         return compute.launch_modal_route(adapter, queries, router_config)
     return compute.route_queries(adapter, queries, router_config, progress=config.progress), None
 
 
 def _previous(context, key: dg.AssetKey) -> dict:
-    """The headline figures of the last successful evaluation before this run."""
+    """The headline figures of the last evaluation before this run."""
     event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.run_id == context.run_id:
+    if event is None:
         return {}
     meta = event.asset_materialization.metadata
     return {m: meta[m].value for m in REGRESSION_METRICS if m in meta}
@@ -87,6 +88,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
     adapter = adapter_dir(config.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise dg.Failure(f"no {config.adapter} adapter at {adapter}: materialise the training assets first")
+    previous = _previous(context, context.asset_key)  # read before this run's own materialisation lands
     test = evaluation.outcome_table(test_questions, answers, judgments)
     train = evaluation.outcome_table(train_questions, answers, judgments)
     if test.empty:
@@ -147,7 +149,6 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         yield dg.AssetCheckResult(check_name="beats_random", passed=bool(apgr > rand),
                                   metadata={"apgr": float(apgr), "random_apgr": float(rand), "accuracy_gap": float(gap)})
 
-    previous = _previous(context, context.asset_key)
     drops = {m: previous[m] - meta[m] for m in previous
              if previous[m] is not None and meta[m] is not None and previous[m] - meta[m] > config.regression_tolerance}
     yield dg.AssetCheckResult(check_name="no_regression", passed=not drops, metadata={

@@ -1,0 +1,124 @@
+"""router_evaluation and released_router through Dagster, and routing on Modal up to
+the SDK boundary."""
+
+import json
+import re
+
+import dagster as dg
+import modal
+import pandas as pd
+import pytest
+
+from router_pipeline import compute
+from router_pipeline.definitions import defs
+from router_pipeline.policies import COMPLEX, STANDARD
+from router_pipeline.resources import ParquetIOManager, offline_roles
+from router_pipeline.routing import RouteDecision
+from router_pipeline_tests.test_training_assets_and_modal import FakeRemote
+
+TRAIN = [f"Train question number {i} about an obscure topic?" for i in range(8)]
+TEST = [f"Held-out question {i} about a little-known person?" for i in range(8)]
+
+
+def _write(io, key, frame):
+    path = io._path(dg.AssetKey(key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path)
+
+
+@pytest.fixture
+def graded(artifacts):
+    """Upstream assets on disk: on even questions only the large model is right (the
+    oracle says Complex), on odd ones both are (Standard)."""
+    io = ParquetIOManager()
+    rows = [(f"tr{i}", q, "train") for i, q in enumerate(TRAIN)] + [(f"te{i}", q, "test") for i, q in enumerate(TEST)]
+    questions = pd.DataFrame(rows, columns=["qid", "query", "split"]).assign(gold_answer="x")
+    _write(io, "train_questions", questions[questions["split"] == "train"])
+    _write(io, "test_questions", questions[questions["split"] == "test"])
+    answers, judgments = [], []
+    for qid, _, split in rows:
+        even = int(qid[2:]) % 2 == 0
+        for tier, label, cost in (("medium", "IDK" if even else "Correct", 0.001), ("large", "Correct", 0.01)):
+            answers.append({"qid": qid, "split": split, "tier": tier, "cost_usd": cost})
+            judgments.append({"qid": qid, "split": split, "tier": tier, "label": label})
+    _write(io, "answers", pd.DataFrame(answers))
+    _write(io, "judgments", pd.DataFrame(judgments))
+    _write(io, "training_examples", pd.DataFrame({"query": TRAIN, "policy": [COMPLEX, STANDARD] * 4}))
+    adapter = artifacts / "adapters" / "dpo"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    return io
+
+
+def _router(good: bool):
+    """Stands in for the model work only (the Router has its own tests): a router that
+    escalates exactly the even questions, or exactly the odd ones."""
+
+    def route_queries(adapter_dir, queries, router_config, progress=False):
+        out = []
+        for q in queries:
+            complex_ = (int(re.search(r"\d+", q).group()) % 2 == 0) == good
+            p = 0.9 if complex_ else 0.1
+            out.append(RouteDecision(q, COMPLEX if complex_ else STANDARD,
+                                     {STANDARD: 1 - p, COMPLEX: p, "Ambiguous_Query": 0.0}, True, "fast").to_dict())
+        return out
+
+    return route_queries
+
+
+def _materialise(io, instance):
+    return dg.materialize(list(defs.assets), selection=["router_evaluation", "released_router"], instance=instance,
+                          resources={"io_manager": io, "llm": offline_roles()}, raise_on_error=False,
+                          run_config={"ops": {"router_evaluation": {"config": {"progress": False}}}})
+
+
+def test_evaluation_metadata_release_and_regression_gate(graded, artifacts, monkeypatch):
+    instance = dg.DagsterInstance.ephemeral()
+    monkeypatch.setattr(compute, "route_queries", _router(good=True))
+    first = _materialise(graded, instance)
+    assert first.success
+    meta = {m.asset_key.to_user_string(): m.materialization.metadata for m in first.get_asset_materialization_events()}
+    ev = meta["router_evaluation"]
+    assert ev["policy_accuracy"].value == 1.0 and ev["correct"].value == 1.0 and ev["parse_failures"].value == 0
+    assert ev["apgr"].value > ev["random_apgr"].value and ev["large_share"].value == 0.5
+    assert ev["savings_vs_large"].value == pytest.approx(1 - (4 * 0.01 + 4 * 0.001) / 0.08)
+    summary = {r.data["router"]: r.data for r in ev["summary"].value.records}
+    assert {"router", "always-medium", "always-large", "oracle", "knn (MiniLM)", "logistic (MiniLM)"} <= set(summary)
+    assert summary["always-medium"]["correct"] == 0.5 and summary["oracle"]["apgr"] == pytest.approx(0.75)
+    assert "data:image/png;base64," in ev["cost_quality_curve"].value
+    assert (artifacts / "plots" / "cost_quality.png").stat().st_size > 1000
+    calibration = json.loads((artifacts / "adapters" / "dpo" / "router_calibration.json").read_text())
+    assert calibration["threshold"] == 0.9 and calibration["achieved_share"] == 0.5  # from the train split
+    checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
+    assert checks == {"beats_random": True, "no_regression": True}
+    released = json.loads((artifacts / "router" / "evaluation.json").read_text())
+    assert released["policy_accuracy"] == 1.0
+
+    # A worse retrain: both blocking checks fail and the released router stays as it was.
+    monkeypatch.setattr(compute, "route_queries", _router(good=False))
+    second = _materialise(graded, instance)
+    checks = {c.check_name: c.passed for c in second.get_asset_check_evaluations()}
+    assert checks == {"beats_random": False, "no_regression": False}
+    assert not [m for m in second.get_asset_materialization_events() if m.asset_key.to_user_string() == "released_router"]
+    assert json.loads((artifacts / "router" / "evaluation.json").read_text()) == released
+
+
+def test_modal_evaluation_routes_on_the_t4_function(tiny_model_dir, tmp_path, monkeypatch):
+    from router_pipeline.training import TrainConfig, train_sft
+    from router_pipeline.training_data import build_sft_dataset
+    from router_pipeline_tests.test_training import _examples
+
+    adapter = train_sft(build_sft_dataset(_examples(), "fast"),
+                        TrainConfig(base_model=tiny_model_dir, mode="fast", batch_size=4, grad_accum=1, max_steps=1),
+                        tmp_path / "sft").adapter_dir
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    monkeypatch.setenv("ROUTER_MODAL_RUNS_ROOT", str(tmp_path / "volume"))
+    monkeypatch.setattr(modal.Function, "from_name", FakeRemote)
+    FakeRemote.calls = []
+    decisions, gpu_s = compute.launch_modal_route(adapter, ["Who wrote Hamlet?", "What is 2 + 2?"], {"batch_size": 2})
+    (app_name, fn_name, (tar, queries, config)), = FakeRemote.calls
+    assert (app_name, fn_name) == ("router-pipeline", "evaluate_router") and tar[:2] == b"\x1f\x8b"
+    assert queries == ["Who wrote Hamlet?", "What is 2 + 2?"] and config == {"batch_size": 2}
+    assert [d["mode"] for d in decisions] == ["fast", "fast"] and gpu_s > 0
+    assert all(sum(d["probabilities"].values()) == pytest.approx(1) for d in decisions)
