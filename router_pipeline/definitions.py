@@ -7,6 +7,7 @@ import dagster as dg
 from router_pipeline.assets.data import DATA_ASSETS, DATA_GROUP
 from router_pipeline.assets.evaluation import EVALUATION_ASSETS, EVALUATION_GROUP
 from router_pipeline.assets.training import TRAINING_ASSETS, TRAINING_GROUP
+from router_pipeline.automation import council_refresh_job, council_sensor, retraining_job, weekly_retraining
 from router_pipeline.resources import ParquetIOManager, default_roles
 
 data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
@@ -18,7 +19,9 @@ evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelecti
 
 defs = dg.Definitions(
     assets=DATA_ASSETS + TRAINING_ASSETS + EVALUATION_ASSETS,
-    jobs=[data_job, training_job, evaluation_job],
+    jobs=[data_job, training_job, evaluation_job, council_refresh_job, retraining_job],
+    schedules=[weekly_retraining],
+    sensors=[council_sensor],
     resources={
         "io_manager": ParquetIOManager(),
         "llm": default_roles(),

@@ -1,0 +1,86 @@
+"""What keeps the router current: the council-folder sensor, the retraining job and its
+weekly schedule.
+
+- ``council_sensor`` (shipped RUNNING): every 60 s it fingerprints the session files
+  under the council folder; when one is new, changed or removed it requests one run
+  of ``council_refresh_job`` (council_labels and what depends on it, up to the SFT/DPO
+  datasets). The cursor holds the fingerprints, so unchanged files are never
+  reprocessed. Running by default because it is cheap: no answering model is
+  called, only the analyser for new council queries.
+- ``retraining_job`` + ``weekly_retraining`` (shipped STOPPED): the whole graph,
+  questions to released_router, Mondays 03:00 UTC. Stopped by default because a full
+  retrain spends Gemini and Modal GPU money and needs their credentials: an operator
+  turns it on (UI toggle or ``dagster schedule start weekly_retraining``). Run config
+  comes from ROUTER_RETRAIN_SAMPLE_SIZE (default 0 = every question),
+  ROUTER_RETRAIN_COMPUTE (modal | local, default modal) and ROUTER_RETRAIN_CRON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import dagster as dg
+
+from router_pipeline.council import council_files
+from router_pipeline.paths import council_dir
+
+DATASETS = ["sft_dataset", "dpo_dataset"]
+COUNCIL_REFRESH = dg.AssetSelection.assets("council_labels").downstream() & \
+    dg.AssetSelection.assets(*DATASETS).upstream()
+
+council_refresh_job = dg.define_asset_job(
+    "council_refresh_job", selection=COUNCIL_REFRESH,
+    description="Re-read the council folder and rebuild the labels, analyses, examples and datasets.")
+retraining_job = dg.define_asset_job(
+    "retraining_job", selection=dg.AssetSelection.all(),
+    description="The whole graph: questions, answers, labels, datasets, SFT, DPO, evaluation, release.")
+
+
+def fingerprints(folder) -> dict[str, str]:
+    """Relative path -> sha256 of the content, for every session file."""
+    out = {}
+    for path in council_files(folder):
+        out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
+@dg.sensor(job=council_refresh_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="New or changed llm-council session files -> refresh council labels and datasets.")
+def council_sensor(context: dg.SensorEvaluationContext):
+    folder = council_dir()
+    if not folder.is_dir():
+        return dg.SkipReason(f"council folder {folder} does not exist")
+    current = fingerprints(folder)
+    before = json.loads(context.cursor) if context.cursor else {}
+    added = sorted(set(current) - set(before))
+    changed = sorted(k for k in set(current) & set(before) if current[k] != before[k])
+    removed = sorted(set(before) - set(current))
+    if not (added or changed or removed):
+        return dg.SkipReason(f"no new or changed session files in {folder} ({len(current)} known)")
+    state = json.dumps(current, sort_keys=True)
+    context.update_cursor(state)
+    return dg.RunRequest(
+        run_key=hashlib.sha256(state.encode()).hexdigest()[:16],
+        tags={"council/added": str(len(added)), "council/changed": str(len(changed)), "council/removed": str(len(removed))},
+    )
+
+
+def retraining_run_config() -> dict:
+    sample = int(os.environ.get("ROUTER_RETRAIN_SAMPLE_SIZE", "0"))
+    compute = os.environ.get("ROUTER_RETRAIN_COMPUTE", "modal")
+    if compute not in ("local", "modal"):
+        raise ValueError(f"ROUTER_RETRAIN_COMPUTE must be local or modal, got {compute!r}")
+    ops = {"questions": {"config": {"sample_size": sample}}}
+    for op in ("sft_adapter", "dpo_adapter", "router_evaluation"):
+        ops[op] = {"config": {"compute": compute}}
+    return {"ops": ops}
+
+
+@dg.schedule(job=retraining_job, cron_schedule=os.environ.get("ROUTER_RETRAIN_CRON", "0 3 * * 1"),
+             execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Weekly full retrain (stopped by default: it spends Gemini and GPU money).")
+def weekly_retraining(context: dg.ScheduleEvaluationContext):
+    return dg.RunRequest(run_key=None, run_config=retraining_run_config(),
+                         tags={"retrain/scheduled_for": context.scheduled_execution_time.isoformat()})
