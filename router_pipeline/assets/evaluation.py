@@ -108,7 +108,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
          if row["router"] in POINTS},
         artifacts_dir() / "plots" / "cost_quality.png")
     router = report.summary.iloc[0]
-    parse_failures = int((~decisions["parse_ok"]).sum())
+    parse_failures = int((~decisions["parse_ok"].iloc[:len(test)]).sum())  # test split; the train split is for calibration
     meta = {
         "test_questions": len(test),
         "test_questions_ungraded": len(test_questions) - len(test),
@@ -122,6 +122,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         "savings_vs_large": _plain(router["savings_vs_large"]),
         "large_share": _plain(router["large_share"]),
         "parse_failures": parse_failures,
+        "parse_failures_train": int((~decisions["parse_ok"].iloc[len(test):]).sum()),
         "summary": table(report.summary.round(4)),
         "confusion_matrix": table(report.confusion),
         "cost_quality_curve": dg.MetadataValue.md(markdown_image(plot, "cost-quality curves")),
