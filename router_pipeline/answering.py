@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from router_pipeline.llm import RoleSpec
+from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
 
 ANSWER_INSTRUCTION = (
@@ -31,7 +32,7 @@ PROMPT_STYLES = ("direct", "few_shot")
 STOP = ("\n",)
 ANSWER_COLUMNS = [
     "qid", "split", "tier", "provider", "model", "answer", "status", "error", "input_tokens",
-    "output_tokens", "cost_usd", "cached", "attempts", "latency_ms",
+    "output_tokens", "cost_usd", "cost_known", "cached", "attempts", "latency_ms",
 ]
 
 
@@ -62,7 +63,7 @@ def generate_answers(
         recorded = _recorded_mask(questions, tier)
         todo = questions[~recorded]
         for _, q in questions[recorded].iterrows():
-            rows.append(_row(q, tier, "recorded", spec.model if spec else None, q.get(f"{tier}_answer"), "recorded"))
+            rows.append(_recorded_row(q, tier, spec))
         if todo.empty:
             stats[tier] = RunStats()
             continue
@@ -84,6 +85,23 @@ def _recorded_mask(questions: pd.DataFrame, tier: str) -> pd.Series:
     return questions[cols].notna().any(axis=1)
 
 
+def _recorded_row(q, tier: str, spec: RoleSpec | None) -> dict:
+    """A recorded outcome: its cost is the recorded USD, else its recorded tokens at the
+    role's price, else unknown (0, and counted by the caller as ``cost_unknown``)."""
+    row = _row(q, tier, "recorded", spec.model if spec else None, q.get(f"{tier}_answer"), "recorded")
+    tokens = [q.get(f"{tier}_input_tokens"), q.get(f"{tier}_output_tokens")]
+    tokens = [0 if t is None or pd.isna(t) else int(t) for t in tokens]
+    recorded_cost = q.get(f"{tier}_cost_usd")
+    has_cost = recorded_cost is not None and not pd.isna(recorded_cost)
+    row["input_tokens"], row["output_tokens"] = tokens
+    if has_cost:
+        row["cost_usd"] = float(recorded_cost)
+    elif any(tokens) and spec is not None:
+        row["cost_usd"] = cost_usd(tokens[0], tokens[1], spec.price)
+    row["cost_known"] = has_cost or (any(tokens) and spec is not None)
+    return row
+
+
 def _row(q, tier, provider, model, answer, status, res=None) -> dict:
     return {
         "qid": q["qid"],
@@ -97,6 +115,7 @@ def _row(q, tier, provider, model, answer, status, res=None) -> dict:
         "input_tokens": res.input_tokens if res else 0,
         "output_tokens": res.output_tokens if res else 0,
         "cost_usd": res.cost_usd if res else 0.0,
+        "cost_known": res is not None,
         "cached": res.cached if res else False,
         "attempts": res.attempts if res else 0,
         "latency_ms": res.latency_ms if res else 0.0,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from router_pipeline.policies import POLICIES
+from router_pipeline.router_format import MODES
 
 EXIT_USAGE = 2
 
@@ -38,14 +39,15 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("queries", nargs="+", help="queries, or - to read one per line from stdin")
         s.add_argument("--adapter", help="router adapter dir (default: artifacts/router, else artifacts/adapters/dpo)")
         s.add_argument("--base-model", help="route with a bare base model (no adapter): latency checks only")
-        s.add_argument("--mode", choices=("fast", "reasoning"), help="default: the mode the adapter was trained in")
-        s.add_argument("--reasoning", action="store_true", help="fast mode: also generate the reasoning")
+        s.add_argument("--mode", choices=MODES, help="default: the mode the adapter was trained in")
+        s.add_argument("--reasoning", action="store_true", help="explained mode: also generate the reasoning")
         s.add_argument("--fallback", default="Complex_Query", choices=list(POLICIES) + ["raise"],
                        help="policy used when the router output does not parse")
         group = s.add_mutually_exclusive_group()
         group.add_argument("--mapper", help="policy mapper config (YAML or JSON)")
         group.add_argument("--preset", choices=("cost_first", "quality_first", "balanced"), default=None,
-                           help="mapper strategy preset (default: balanced)")
+                           help="mapper strategy preset (default: the calibrated threshold the evaluation scored, "
+                                "else balanced)")
         s.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
         s.add_argument("--log", help="append one JSON line per decision to this file")
     return p
@@ -61,14 +63,21 @@ def _profile_models(roles) -> dict[str, str]:
     return {"medium": roles.medium.model, "large": roles.large.model}
 
 
-def _mapper(args, roles):
-    """The mapper from --mapper or --preset; aliases medium/large default to the profile's models."""
-    from router_pipeline.mapper import PolicyMapper, load_spec
+def _mapper(args, roles, router):
+    """The mapper from --mapper or --preset; by default, the mapping the evaluation scored
+    (the calibrated threshold) when the router carries one. Aliases medium/large default
+    to the profile's models."""
+    from router_pipeline.mapper import DEFAULT_PRESET, PolicyMapper, evaluated_spec, load_spec
 
+    base_dir = None
     if args.mapper:
         spec, base_dir = load_spec(args.mapper), Path(args.mapper).parent
+    elif args.preset:
+        spec = {"preset": args.preset}
+    elif router.calibration:
+        spec = evaluated_spec(router.calibration)
     else:
-        spec, base_dir = {"preset": args.preset or "balanced"}, None
+        spec = {"preset": DEFAULT_PRESET}
     spec["models"] = {**_profile_models(roles), **(spec.get("models") or {})}
     return PolicyMapper.from_dict(spec, base_dir=base_dir)
 
@@ -110,13 +119,13 @@ def run(args) -> int:
         print("error: no query given", file=sys.stderr)
         return EXIT_USAGE
     roles = default_roles()
-    mapper = _mapper(args, roles)
     adapter = args.adapter or (None if args.base_model else default_router_dir())
     if adapter is None and not args.base_model:
         print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
     router = Router(adapter, base_model=args.base_model, config=RouterConfig(mode=args.mode, fallback=args.fallback))
+    mapper = _mapper(args, roles, router)
     decisions = router.route_batch(queries, with_reasoning=args.reasoning)
     status = 0
     for d in decisions:

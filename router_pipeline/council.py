@@ -25,7 +25,7 @@ What is recomputed rather than trusted:
 A session becomes a label when its winner's model has a tier (``model_tiers``):
 medium -> Standard_Query, large -> Complex_Query. A tie for first place
 (deadlock) or an agreement below ``min_agreement`` is dropped or becomes
-Ambiguous_Query, as configured. The label's weight is its agreement.
+Ambiguous_Query, as configured; the agreement is kept with the label as provenance.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from router_pipeline.text import clean_query, query_hash
 
 TIER_POLICY = {"medium": STANDARD, "large": COMPLEX}
 LOW_AGREEMENT = ("drop", "ambiguous")
-LABEL_COLUMNS = ["qid", "query", "query_hash", "policy", "weight", "agreement", "winner", "winner_borda",
+LABEL_COLUMNS = ["qid", "query", "query_hash", "policy", "agreement", "winner", "winner_borda",
                  "reviewers", "rationale", "source", "file", "session"]
 DEFAULT_TIERS = {
     "gemini-2.5-flash": "medium", "gemini-2.5-flash-lite": "medium", "gemini-2.0-flash": "medium",
@@ -298,7 +298,7 @@ def to_labels(sessions: list[Session], rules: CouncilRules, rejected: list) -> p
             rationale = f"Council winner {s.winner} ({tier} tier), agreement {s.agreement:.2f}."
         h = query_hash(s.query)
         rows.append({"qid": f"council-{h}", "query": s.query, "query_hash": h, "policy": policy,
-                     "weight": round(float(s.agreement), 4), "agreement": float(s.agreement), "winner": s.winner,
+                     "agreement": float(s.agreement), "winner": s.winner,
                      "winner_borda": s.winner_borda, "reviewers": s.reviewers, "rationale": rationale,
                      "source": "council", "file": s.file, "session": s.session})
     frame = pd.DataFrame(rows, columns=LABEL_COLUMNS)

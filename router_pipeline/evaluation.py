@@ -229,13 +229,14 @@ class Report:
     random_apgr: float
 
 
-def evaluate(test: pd.DataFrame, test_decisions: pd.DataFrame, train: pd.DataFrame, train_decisions: pd.DataFrame,
-             baseline_labels: pd.DataFrame | None = None, *, ambiguous: str = "medium", random_seeds: int = 20,
-             target_share: float | None = None, target_pgr: float | None = 0.9, knn_k: int = 5,
-             seed: int = 0) -> Report:
-    """``test``/``train``: outcome tables; ``*_decisions``: decisions_frame rows aligned on qid;
-    ``baseline_labels``: (query, policy) the embedding baselines learn from (the router's
-    own training labels)."""
+def evaluate(test: pd.DataFrame, test_decisions: pd.DataFrame, validation: pd.DataFrame,
+             validation_decisions: pd.DataFrame, baseline_labels: pd.DataFrame | None = None, *,
+             ambiguous: str = "medium", random_seeds: int = 20, target_share: float | None = None,
+             target_pgr: float | None = 0.9, knn_k: int = 5, seed: int = 0) -> Report:
+    """``test``/``validation``: outcome tables (the validation slice is held out from the
+    router's training rows; the threshold is calibrated there, never on training or test
+    rows); ``*_decisions``: decisions_frame rows aligned on qid; ``baseline_labels``:
+    (query, policy) the embedding baselines learn from (the router's training rows)."""
     dec = test_decisions.set_index("qid").loc[test["qid"]].reset_index()
     oracle = oracle_policies(test)
     tiers = policy_tiers(dec["policy"], ambiguous)
@@ -251,17 +252,22 @@ def evaluate(test: pd.DataFrame, test_decisions: pd.DataFrame, train: pd.DataFra
         rows.append(row)
 
     add("router", tiers, dec["p_large"], list(dec["policy"]))
-    train_dec = train_decisions.set_index("qid").loc[train["qid"]].reset_index()
-    calibration = calibrate(train, train_dec["p_large"], target_share=target_share,
-                            target_pgr=None if target_share is not None else target_pgr)
+    if validation.empty:
+        calibration = {"method": "none", "threshold": 0.5, "n": 0,
+                       "note": "no graded validation row: threshold left at 0.5, not calibrated"}
+    else:
+        val_dec = validation_decisions.set_index("qid").loc[validation["qid"]].reset_index()
+        calibration = calibrate(validation, val_dec["p_large"], target_share=target_share,
+                                target_pgr=None if target_share is not None else target_pgr)
     add("router @ calibrated threshold", route_with_threshold(dec["p_large"], calibration["threshold"]))
     add("always-medium", np.full(len(test), "medium"))
     add("always-large", np.full(len(test), "large"))
     add("oracle", policy_tiers(oracle, ambiguous), oracle_scores(test), oracle)
     randoms = random_curves(test, random_seeds, seed)
     rng = np.random.default_rng(seed)
-    add(f"random (mean of {random_seeds})", rng.choice(["medium", "large"], len(test)))
-    rows[-1].update(curve_stats(randoms))
+    draws = [summarise(test, rng.choice(["medium", "large"], len(test)), "") for _ in range(random_seeds)]
+    rows.append({**{k: float(np.mean([d[k] for d in draws])) for k in draws[0] if k != "router"},
+                 "router": f"random (mean of {random_seeds})", **curve_stats(randoms)})
     curves["random (mean)"] = _mean_curve(randoms)
     if baseline_labels is not None and len(baseline_labels):
         from router_pipeline.baselines import BASELINES, embed, fit_predict

@@ -38,8 +38,7 @@ Question: {question}
 Reference answer: {gold}
 Answer to grade: {answer}
 Grade:"""
-_JUDGE_WORD = re.compile(r"\b(NOT_ATTEMPTED|NOT ATTEMPTED|INCORRECT|CORRECT)\b", re.IGNORECASE)
-_WORD_TO_LABEL = {"correct": CORRECT, "incorrect": INCORRECT, "not_attempted": IDK, "not attempted": IDK}
+VERDICTS = {"CORRECT": CORRECT, "INCORRECT": INCORRECT, "NOT_ATTEMPTED": IDK}
 JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "judge_input_tokens", "judge_output_tokens", "judge_cost_usd", "judge_cached"]
 
 _ABSTAIN = re.compile(
@@ -58,8 +57,11 @@ def judge_prompt(question: str, gold: str, answer: str) -> str:
 
 
 def parse_judge_output(text: str | None) -> str | None:
-    m = _JUDGE_WORD.search(text or "")
-    return _WORD_TO_LABEL[m.group(1).lower()] if m else None
+    """The label of a verdict that is exactly one of VERDICTS (case and a final period
+    aside), else None: "Not correct." or "not correct; INCORRECT" are unreadable, never
+    read as a keyword found somewhere in the text."""
+    word = (text or "").strip().rstrip(".").strip().upper()
+    return VERDICTS.get(word)
 
 
 def is_abstention(answer: str | None) -> bool:
@@ -159,7 +161,7 @@ def judge_answers(
     stats = RunStats()
     if pending:
         random.Random(seed).shuffle(pending)  # blind to position as well as to the model
-        requests = [judge.request(judge_prompt(qq, gold, a)) for _, qq, gold, a in pending]
+        requests = [judge.request(judge_prompt(qq, gold, a), choices=tuple(VERDICTS)) for _, qq, gold, a in pending]
         results, stats = complete_all(client, requests, cache, concurrency=concurrency, retry=retry,
                                       desc=f"judging ({judge.model})", progress=progress)
         for (i, _, gold, a), res in zip(pending, results):
@@ -169,8 +171,7 @@ def judge_answers(
             label = parse_judge_output(res.text) if res.status == OK else None
             if label is not None:
                 row.update(label=label, judge=judge.model, reason=(res.text or "").strip()[:200])
-            else:  # the judge failed or said something unreadable: fall back, and say so
-                fallback, why = grade_with_rules(a, gold)
-                problem = res.error or res.status if res.status != OK else f"unreadable judge output {res.text!r:.60}"
-                row.update(label=fallback, judge=f"{RULES_JUDGE} (fallback)", reason=f"{why}; judge: {problem}")
+            else:  # an error row, never a guess: no label, so this question gets no oracle label
+                problem = res.error or res.status if res.status != OK else f"unreadable judge verdict {res.text!r:.60}"
+                row.update(label=None, judge=judge.model, reason=f"judge: {problem}")
     return pd.DataFrame(rows, columns=JUDGMENT_COLUMNS), stats

@@ -10,6 +10,8 @@ kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
 - ``budget``         the persisted spend of the period has reached ``limit_usd``
 - ``low_confidence`` the router's probability for its policy is below ``below``
                      (``target: escalate`` calls the escalation callback instead)
+- ``threshold``      the router's P(Complex_Query) is at least ``at_least`` (the
+                     calibrated threshold the evaluation scored)
 - ``policy``         ``map`` from policy to target (Ambiguous_Query may map to
                      ``abstain``: answer "I don't know" without a model call)
 
@@ -34,7 +36,7 @@ from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
 ABSTAIN = "abstain"
 ESCALATE = "escalate"
 ABSTAIN_ANSWER = "I don't know."
-KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "policy")
+KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy")
 PERIODS = ("total", "day", "month")
 
 PII_PATTERNS: dict[str, str] = {
@@ -62,6 +64,7 @@ class Rule:
     min_chars: int = 0
     limit_usd: float = 0.0
     below: float = 0.0
+    at_least: float = 0.0
     map: dict = field(default_factory=dict)
     patterns: tuple[str, ...] = ()  # privacy: pattern names from PII_PATTERNS (default all)
 
@@ -162,6 +165,17 @@ PRESETS: dict[str, dict] = {
 DEFAULT_PRESET = "balanced"
 
 
+def evaluated_spec(calibration: dict) -> dict:
+    """The mapping the evaluation scored as "router @ calibrated threshold": the large
+    model when P(Complex_Query) reaches the threshold, the medium model otherwise
+    (threshold None: nothing escalates). Serving applies exactly this by default."""
+    threshold = calibration.get("threshold")
+    rules = [] if threshold is None else [
+        {"kind": "threshold", "name": "calibrated_threshold", "at_least": float(threshold), "target": "large"}]
+    rules.append({"kind": "policy", "name": "below_threshold", "map": {p: "medium" for p in POLICIES}})
+    return {"fallback": "medium", "rules": rules}
+
+
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
                  ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None):
@@ -253,6 +267,9 @@ class PolicyMapper:
         if rule.kind == "budget":
             spent = self.ledger.spent()
             return f"spent ${spent:.4f} of ${rule.limit_usd:.2f} this {self.ledger.period}" if spent >= rule.limit_usd else None
+        if rule.kind == "threshold":
+            p = d.p_large
+            return f"P(Complex_Query) {p:.3f} >= {rule.at_least:.3f}" if p >= rule.at_least else None
         if rule.kind == "low_confidence":
             conf = d.confidence
             if conf is None:
@@ -308,7 +325,8 @@ def _rule(raw, index: int) -> Rule:
         fields.setdefault("target", "")
     elif "target" not in fields:
         raise MapperConfigError(f"{where} ({kind}): 'target' is required")
-    required = {"keyword": "keywords", "long_query": "min_chars", "budget": "limit_usd", "low_confidence": "below"}
+    required = {"keyword": "keywords", "long_query": "min_chars", "budget": "limit_usd", "low_confidence": "below",
+                "threshold": "at_least"}
     if kind in required and required[kind] not in fields:
         raise MapperConfigError(f"{where} ({kind}): {required[kind]!r} is required")
     if kind == "privacy":

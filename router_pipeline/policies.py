@@ -14,9 +14,9 @@ AMBIGUOUS = "Ambiguous_Query"
 POLICIES: tuple[str, ...] = (STANDARD, COMPLEX, AMBIGUOUS)
 
 POLICY_DESCRIPTIONS: dict[str, str] = {
-    STANDARD: "A well-known or simple factual request that the cheaper model answers reliably.",
-    COMPLEX: "An obscure, multi-step or precision-sensitive request that needs the stronger model.",
-    AMBIGUOUS: "A request that both models are likely to get wrong or to decline; answering confidently is risky.",
+    STANDARD: "the cheaper model answers it well",
+    COMPLEX: "only the stronger model is likely to answer it well",
+    AMBIGUOUS: "both models are likely to fail or decline",
 }
 
 # The sentence that follows the analysis in a router completion, one per policy.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
 TIERS = ("medium", "large")
 COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]
 OUTCOME_COLUMNS = [f"{t}_{k}" for t in TIERS for k in ("answer", "grade")]
+# Optional per tier: what the recorded call cost, as USD or as tokens (priced by the role).
+USAGE_FIELDS = ("cost_usd", "input_tokens", "output_tokens")
+USAGE_COLUMNS = [f"{t}_{k}" for t in TIERS for k in USAGE_FIELDS]
 QUERY_ALIASES = ("query", "question", "problem", "prompt")
 GOLD_ALIASES = ("gold_answer", "answer", "target")
 
@@ -125,6 +129,21 @@ def parse_grade(value) -> str | None:
     return table[text]
 
 
+def _amount(value, name: str) -> float | None:
+    """A recorded cost or token count: a finite number >= 0, or None when blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is {value!r}, not a number") from None
+    if math.isnan(number) and not isinstance(value, str):
+        return None  # a blank cell read as NaN
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} is {value!r}: expected a finite number >= 0")
+    return number
+
+
 def _meta(value) -> dict:
     if isinstance(value, dict):
         return value
@@ -177,6 +196,8 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: 
                         raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
                     if row[f"{tier}_grade"] is None and not gold:
                         raise ValueError(f"{tier}_answer needs a gold answer to be judged")
+                    for field in USAGE_FIELDS:
+                        row[f"{tier}_{field}"] = _amount(rec.get(f"{tier}_{field}"), f"{tier}_{field}")
             except ValueError as exc:
                 rejected.append(Rejected(rowno, str(exc)))
                 continue
@@ -188,7 +209,7 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: 
             continue
         seen[row["qid"]] = rowno
         out.append(row)
-    columns = COLUMNS + (OUTCOME_COLUMNS if outcomes else [])
+    columns = COLUMNS + (OUTCOME_COLUMNS + USAGE_COLUMNS if outcomes else [])
     return pd.DataFrame(out, columns=columns), rejected
 
 

@@ -3,10 +3,14 @@
 Training data, local inference, Modal and evaluation all import this module; no
 other module spells the prompt or the markers.
 
-Two completion modes:
-- ``reasoning``: ``[REASONING] <analysis> <policy sentence> [DECISION] <Policy>``
-- ``fast``: ``[DECISION] <Policy> [REASONING] <analysis> <policy sentence>``, so the
-  policy distribution is read from a single forward pass at the decision point.
+Completion modes:
+- ``fast`` (default): ``[DECISION] <Policy>``. The decision is the first thing the
+  completion says, so one forward pass over ``prompt + [DECISION]`` gives the
+  distribution over the policies, and training needs logits at two positions only.
+- ``explained``: ``[DECISION] <Policy> [REASONING] <analysis> <policy sentence>``: decided
+  as fast, and the router can also write why (costs training time on CPU).
+- ``reasoning``: ``[REASONING] <analysis> <policy sentence> [DECISION] <Policy>``: the
+  chain first; the router must generate before it decides.
 """
 
 from __future__ import annotations
@@ -19,53 +23,74 @@ from router_pipeline.policies import POLICIES, POLICY_DESCRIPTIONS, POLICY_SENTE
 
 REASONING = "[REASONING]"
 DECISION = "[DECISION]"
-MODES = ("reasoning", "fast")
+MODES = ("fast", "explained", "reasoning")
+DEFAULT_MODE = "fast"
+DECISION_FIRST = ("fast", "explained")  # modes whose decision is read from one forward pass
 
-INSTRUCTION = (
-    "You route user requests to language models. Read the conversation, think about "
-    "what answering it takes, and pick exactly one route from the list."
-)
+# The router sees at most this many characters of a query: the head (where the subject
+# is set) and the tail (where the question is asked). Long passages cost CPU training
+# time at every step and add little to the decision.
+ROUTER_QUERY_HEAD = 900
+ROUTER_QUERY_TAIL = 300
+ELLIPSIS = " [...] "
+
+INSTRUCTION = "Pick the route for the conversation."
+# A query must not carry a marker of the completion format into the prompt.
+_MARKERS = re.compile(r"\[(DECISION|REASONING)\]", re.IGNORECASE)
 
 
 def routes_xml(policies: tuple[str, ...] = POLICIES) -> str:
     lines = ["<routes>"]
     for name in policies:
-        lines.append(f'  <route name="{name}">{escape(POLICY_DESCRIPTIONS[name])}</route>')
+        lines.append(f'<route name="{name}">{escape(POLICY_DESCRIPTIONS[name])}</route>')
     lines.append("</routes>")
     return "\n".join(lines)
+
+
+def router_query(query: str) -> str:
+    """The query as the router sees it: trimmed, markers neutralised, long ones cut to
+    head + tail. Training and serving both go through here."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("router prompt needs a non-empty query string")
+    text = _MARKERS.sub(lambda m: f"({m.group(1)})", query.strip())
+    if len(text) > ROUTER_QUERY_HEAD + ROUTER_QUERY_TAIL + len(ELLIPSIS):
+        text = text[:ROUTER_QUERY_HEAD] + ELLIPSIS + text[-ROUTER_QUERY_TAIL:]
+    return text
 
 
 def build_prompt(query: str) -> str:
     """The router prompt for one query. The query is XML-escaped so that it cannot
     close the conversation block or pose as a route."""
-    if not isinstance(query, str) or not query.strip():
-        raise ValueError("router prompt needs a non-empty query string")
-    return (
-        f"{INSTRUCTION}\n\n{routes_xml()}\n\n"
-        f"<conversation>\n{escape(query.strip())}\n</conversation>\n\n"
-    )
+    return f"{INSTRUCTION}\n{routes_xml()}\n<conversation>\n{escape(router_query(query))}\n</conversation>\n"
 
 
 _CONVERSATION = re.compile(r"<conversation>\n(.*)\n</conversation>", re.DOTALL)
 
 
 def query_from_prompt(prompt: str) -> str:
-    """Inverse of build_prompt: the (unescaped) query inside the conversation block."""
+    """Inverse of build_prompt: the query as the router saw it (``router_query``)."""
     found = _CONVERSATION.findall(prompt)
     if len(found) != 1:
         raise ValueError("prompt does not hold exactly one <conversation> block")
     return unescape(found[0])
 
 
-def build_completion(policy: str, analysis: str, mode: str = "reasoning") -> str:
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown completion mode {mode!r}; expected one of {MODES}")
+    return mode
+
+
+def build_completion(policy: str, analysis: str, mode: str = DEFAULT_MODE) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    reasoning = f"{analysis.strip()} {POLICY_SENTENCES[policy]}".strip()
-    if mode == "reasoning":
-        return f"{REASONING} {reasoning} {DECISION} {policy}"
+    check_mode(mode)
     if mode == "fast":
+        return f"{DECISION} {policy}"
+    reasoning = f"{analysis.strip()} {POLICY_SENTENCES[policy]}".strip()
+    if mode == "explained":
         return f"{DECISION} {policy} {REASONING} {reasoning}"
-    raise ValueError(f"unknown completion mode {mode!r}; expected one of {MODES}")
+    return f"{REASONING} {reasoning} {DECISION} {policy}"
 
 
 @dataclass(frozen=True)
@@ -79,17 +104,17 @@ class ParsedRoute:
         return self.policy is not None
 
 
-_POLICY_AFTER_DECISION = re.compile(r"\s*([A-Za-z_]+)")
+_WORD_AFTER_DECISION = re.compile(r"\s*([^\s\[]*)")
 
 
-def parse_completion(generated: str, mode: str = "reasoning") -> ParsedRoute:
+def parse_completion(generated: str, mode: str = DEFAULT_MODE) -> ParsedRoute:
     """Read the policy from the generated span only (never from the prompt).
 
-    Only the three policy names are accepted, right after the first [DECISION]
-    marker; anything else is a parse failure with a reason, never a guess.
+    Only an exact policy name right after the first [DECISION] marker is accepted
+    (``Standard_Query123`` is not one); anything else is a parse failure with a
+    reason, never a guess.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown completion mode {mode!r}; expected one of {MODES}")
+    check_mode(mode)
     text = generated or ""
     reasoning = ""
     if REASONING in text:
@@ -97,10 +122,7 @@ def parse_completion(generated: str, mode: str = "reasoning") -> ParsedRoute:
         reasoning = after.split(DECISION, 1)[0].strip()
     if DECISION not in text:
         return ParsedRoute(None, reasoning, f"no {DECISION} marker in the output")
-    decisions = []
-    for chunk in text.split(DECISION)[1:]:
-        m = _POLICY_AFTER_DECISION.match(chunk)
-        decisions.append(m.group(1) if m else "")
+    decisions = [_WORD_AFTER_DECISION.match(chunk).group(1) for chunk in text.split(DECISION)[1:]]
     first = decisions[0]
     if first not in POLICIES:
         return ParsedRoute(None, reasoning, f"{DECISION} is followed by {first!r}, not a policy name")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from router_pipeline.text import unit_interval
 
-TRAIN, TEST = "train", "test"
+TRAIN, TEST, VALIDATION = "train", "test", "validation"
 
 
 def assign_split(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42) -> pd.Series:
@@ -27,6 +27,14 @@ def split_questions(questions: pd.DataFrame, test_fraction: float = 0.2, seed: i
     train = questions[side == TRAIN].reset_index(drop=True)
     test = questions[side == TEST].reset_index(drop=True)
     return train, test
+
+
+def validation_mask(qids: pd.Series, fraction: float, seed: int = 42) -> pd.Series:
+    """True for the training rows held out as the validation slice (threshold
+    calibration): a seeded hash of the qid, so a row's side never depends on the others."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+    return qids.map(lambda q: unit_interval("validation", seed, q) < fraction)
 
 
 def ratio_tolerance(n: int, test_fraction: float) -> float:

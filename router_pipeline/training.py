@@ -8,6 +8,7 @@ plain LoRA in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,20 +25,22 @@ META_FILE = "router_training.json"
 @dataclass(frozen=True)
 class TrainConfig:
     base_model: str = "gemma3-270m"  # production: google/gemma-2b (allow_hub=True)
-    mode: str = "reasoning"  # the completion format the data was built with
+    mode: str = "fast"  # the completion format the data was built with
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Every linear layer of the blocks, as QLoRA does: on CPU it costs little more than attention only.
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     learning_rate: float = 2e-4
     epochs: float = 3.0
-    batch_size: int = 4
-    grad_accum: int = 4
+    batch_size: int = 8
+    grad_accum: int = 2
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
-    max_length: int = 1024
+    max_length: int = 512  # router_format cuts long queries, so prompts stay well below this
     seed: int = 42
     max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
+    max_rows: int = 0  # > 0: train on a seeded sample of this many rows (a CPU time budget)
     beta: float = 0.1  # DPO only
     quantization: str = "auto"  # auto: 4-bit on CUDA, none on CPU | 4bit | none
     save_steps: int = 50
@@ -57,6 +60,7 @@ class TrainConfig:
 
 
 DPO_DEFAULTS = {"learning_rate": 5e-5, "epochs": 1.0}
+REWARD_SAMPLE = 64  # DPO pairs scored after training for reward accuracy / margin
 
 
 def dpo_config(**overrides) -> TrainConfig:
@@ -128,10 +132,18 @@ def load_base(cfg: TrainConfig):
     return model, tokenizer
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units on this CPU (AMX / AVX512-BF16): autocast is faster there."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
 def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dict:
     import torch
 
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
     return dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -177,6 +189,25 @@ def _lora(cfg: TrainConfig):
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def supervised_positions_only():
+    """Project through the LM head only where a label is supervised, on every device.
+
+    TRL's fused LM head scores only the supervised positions on Triton devices and
+    every position elsewhere (to keep tile shapes fixed for compilers such as Neuron).
+    On CPU that makes the 262k-token vocabulary projection of Gemma cost as much as the
+    rest of the model at every prompt position; the loss needs two positions in fast
+    mode. The loss is the same either way (tested)."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def _train(trainer, out: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -184,7 +215,19 @@ def _train(trainer, out: Path) -> None:
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last:
         log.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    with supervised_positions_only():
+        trainer.train(resume_from_checkpoint=last)
+
+
+def sample_rows(rows: pd.DataFrame, cfg: TrainConfig, stage: str) -> pd.DataFrame:
+    """At most ``cfg.max_rows`` rows, chosen by a seeded hash of each prompt (stable
+    when rows are added), in their original order."""
+    if cfg.max_rows <= 0 or cfg.max_rows >= len(rows):
+        return rows
+    from router_pipeline.text import unit_interval
+
+    rank = rows["prompt"].map(lambda p: unit_interval(stage, cfg.seed, p))
+    return rows.loc[sorted(rank.sort_values(kind="stable").index[:cfg.max_rows])]
 
 
 def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: pd.DataFrame, t0: float,
@@ -226,6 +269,7 @@ def train_sft(rows: pd.DataFrame, cfg: TrainConfig, out: str | Path, callbacks: 
     if rows.empty:
         raise ValueError("the SFT dataset is empty: nothing to train on")
     t0 = time.perf_counter()
+    rows = sample_rows(rows, cfg, "sft")
     trainer, tokenizer, device = sft_trainer(rows, cfg, out, callbacks)
     _train(trainer, out)
     return _finish(trainer, tokenizer, cfg, "sft", out, rows, t0, device)
@@ -245,6 +289,7 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     if not (sft_adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"no SFT adapter at {sft_adapter}: materialise sft_adapter first")
     t0 = time.perf_counter()
+    rows = sample_rows(rows, cfg, "dpo")
     base, tokenizer, device, common = _prepare(cfg, out)
     model = PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
     args = DPOConfig(beta=cfg.beta, **common)
@@ -252,13 +297,17 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
     _train(trainer, out)
-    # Reward accuracy and margin of the trained adapter over its whole training set
-    # (the per-step training logs start at 0 because policy == reference at step 0).
-    trainer.evaluate(eval_dataset=dataset)
+    # Reward accuracy and margin of the trained adapter on a bounded sample of its
+    # training pairs (the per-step logs are taken before each update, and a pass over
+    # every pair would cost as much as training did).
+    sample = dataset.shuffle(seed=cfg.seed).select(range(min(REWARD_SAMPLE, len(dataset))))
+    with supervised_positions_only():
+        trainer.evaluate(eval_dataset=sample)
     final = next(h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h)
     metrics = {
         "reward_accuracy": float(final["eval_rewards/accuracies"]),
         "reward_margin": float(final["eval_rewards/margins"]),
+        "reward_sample_pairs": len(sample),
         "train_data_loss": float(final["eval_loss"]),
     }
     return _finish(trainer, tokenizer, cfg, "dpo", out, rows, t0, device, metrics, parent=str(sft_adapter))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import pandas as pd
 
 from router_pipeline.policies import POLICIES
-from router_pipeline.router_format import build_completion, build_prompt
+from router_pipeline.router_format import DEFAULT_MODE, build_completion, build_prompt
+from router_pipeline.split import TRAIN, VALIDATION, validation_mask
 from router_pipeline.text import query_hash
 
 PRECEDENCE = ("oracle", "extra")
-EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "weight"]
+EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "split"]
 
 
 def build_training_examples(
@@ -24,14 +25,17 @@ def build_training_examples(
     analyses: pd.DataFrame,
     extra: pd.DataFrame | None = None,
     precedence: str = "oracle",
+    validation_fraction: float = 0.0,
+    seed: int = 42,
 ) -> tuple[pd.DataFrame, int]:
     """(examples, duplicates dropped). ``extra`` (e.g. council labels) needs qid,
-    query, policy, rationale, source, weight; on the same normalised query the
-    ``precedence`` source ("oracle" or "extra") wins."""
+    query, policy, rationale, source; on the same normalised query the
+    ``precedence`` source ("oracle" or "extra") wins. ``split`` is ``train``, or
+    ``validation`` for the seeded slice held out from training (calibration)."""
     if precedence not in PRECEDENCE:
         raise ValueError(f"precedence must be one of {PRECEDENCE}, got {precedence!r}")
     by_qid = analyses.set_index("qid")["analysis"]
-    oracle = oracle_labels.assign(source="oracle", weight=1.0)
+    oracle = oracle_labels.assign(source="oracle")
     frames = [oracle] + ([extra] if extra is not None and not extra.empty else [])
     if precedence == "extra":
         frames.reverse()
@@ -43,6 +47,7 @@ def build_training_examples(
     rows["query_hash"] = rows["query"].map(query_hash)
     before = len(rows)
     rows = rows.drop_duplicates("query_hash", keep="first")
+    rows["split"] = validation_mask(rows["qid"], validation_fraction, seed).map({True: VALIDATION, False: TRAIN})
     return rows[EXAMPLE_COLUMNS].reset_index(drop=True), before - len(rows)
 
 
@@ -58,23 +63,29 @@ def label_conflicts(oracle_labels: pd.DataFrame, extra: pd.DataFrame) -> pd.Data
         ["query", "oracle_policy", "extra_policy"]].reset_index(drop=True)
 
 
-def build_sft_dataset(examples: pd.DataFrame, mode: str = "reasoning") -> pd.DataFrame:
+def training_rows(examples: pd.DataFrame) -> pd.DataFrame:
+    """The examples training may see: the validation slice is held out."""
+    return examples[examples["split"] != VALIDATION] if "split" in examples else examples
+
+
+def build_sft_dataset(examples: pd.DataFrame, mode: str = DEFAULT_MODE) -> pd.DataFrame:
+    examples = training_rows(examples)
     return pd.DataFrame({
         "qid": examples["qid"],
         "prompt": examples["query"].map(build_prompt),
         "completion": [build_completion(p, a, mode) for p, a in zip(examples["policy"], examples["analysis"])],
         "policy": examples["policy"],
-        "weight": examples["weight"],
-    })
+        "mode": mode,
+    }).reset_index(drop=True)
 
 
-def build_dpo_dataset(examples: pd.DataFrame, mode: str = "reasoning", rejected_per_example: int = 2) -> pd.DataFrame:
+def build_dpo_dataset(examples: pd.DataFrame, mode: str = DEFAULT_MODE, rejected_per_example: int = 2) -> pd.DataFrame:
     """One row per (example, wrong policy): the chosen completion carries the labelled
     policy, the rejected one the same analysis with a wrong policy."""
     if not 1 <= rejected_per_example <= len(POLICIES) - 1:
         raise ValueError(f"rejected_per_example must be 1..{len(POLICIES) - 1}")
     rows = []
-    for ex in examples.itertuples(index=False):
+    for ex in training_rows(examples).itertuples(index=False):
         prompt = build_prompt(ex.query)
         chosen = build_completion(ex.policy, ex.analysis, mode)
         wrong = [p for p in POLICIES if p != ex.policy]
@@ -83,5 +94,5 @@ def build_dpo_dataset(examples: pd.DataFrame, mode: str = "reasoning", rejected_
         for p in (wrong[start:] + wrong[:start])[:rejected_per_example]:
             rows.append({"qid": ex.qid, "prompt": prompt, "chosen": chosen,
                          "rejected": build_completion(p, ex.analysis, mode),
-                         "chosen_policy": ex.policy, "rejected_policy": p, "weight": ex.weight})
-    return pd.DataFrame(rows, columns=["qid", "prompt", "chosen", "rejected", "chosen_policy", "rejected_policy", "weight"])
+                         "chosen_policy": ex.policy, "rejected_policy": p, "mode": mode})
+    return pd.DataFrame(rows, columns=["qid", "prompt", "chosen", "rejected", "chosen_policy", "rejected_policy", "mode"])

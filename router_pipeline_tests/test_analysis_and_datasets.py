@@ -60,7 +60,7 @@ def test_training_examples_deduplicate_by_normalised_query():
 
 def test_sft_and_dpo_datasets_round_trip():
     examples, _ = _examples()
-    for mode in ("reasoning", "fast"):
+    for mode in ("reasoning", "explained", "fast"):
         sft = build_sft_dataset(examples, mode)
         assert list(sft.columns[:3]) == ["qid", "prompt", "completion"]
         assert [parse_completion(c, mode).policy for c in sft["completion"]] == list(examples["policy"])
@@ -76,3 +76,16 @@ def test_sft_and_dpo_datasets_round_trip():
             assert set(group["rejected_policy"]) == set(POLICIES) - set(group["chosen_policy"])
     one = build_dpo_dataset(examples, "reasoning", rejected_per_example=1)
     assert len(one) == len(examples)
+
+
+def test_the_validation_slice_never_reaches_training():
+    oracle = pd.DataFrame({"qid": [f"q{i}" for i in range(200)], "query": [f"Question number {i}?" for i in range(200)],
+                           "policy": STANDARD, "rationale": "r"})
+    analyses = pd.DataFrame({"qid": oracle["qid"], "analysis": "It asks for a number."})
+    examples, _ = build_training_examples(oracle, analyses, validation_fraction=0.1, seed=7)
+    held_out = set(examples.loc[examples["split"] == "validation", "qid"])
+    assert 8 <= len(held_out) <= 35  # a seeded hash, about 10%
+    assert held_out.isdisjoint(build_sft_dataset(examples)["qid"]) and held_out.isdisjoint(build_dpo_dataset(examples)["qid"])
+    assert len(build_sft_dataset(examples)) == 200 - len(held_out)
+    again, _ = build_training_examples(oracle.iloc[::-1], analyses, validation_fraction=0.1, seed=7)
+    assert set(again.loc[again["split"] == "validation", "qid"]) == held_out  # independent of row order

@@ -63,6 +63,9 @@ def test_judge_is_blind_one_answer_per_call(fake_gemini, sample_questions, tmp_p
     assert stats.calls == len(judge_calls) > 0
     for call in judge_calls:
         assert call.prompt.count("Answer to grade:") == 1
+        # The verdict is constrained to the three words by Gemini's enum output.
+        assert call.config["responseMimeType"] == "text/x.enum"
+        assert call.config["responseSchema"]["enum"] == ["CORRECT", "INCORRECT", "NOT_ATTEMPTED"]
         lowered = call.prompt.lower()
         assert not re.search(r"gemini|flash|\bpro\b|medium|large|tier", lowered), call.prompt
     # Calls are not issued in answer order (medium/large of one question adjacent).
@@ -76,13 +79,15 @@ def test_judge_is_blind_one_answer_per_call(fake_gemini, sample_questions, tmp_p
         assert row.label == expected, row
 
 
-def test_unreadable_judge_output_falls_back_to_rules(fake_gemini, sample_questions, tmp_path):
+@pytest.mark.parametrize("verdict", ["Well, it depends.", "Not correct.", "The answer is not correct; INCORRECT"])
+def test_an_unreadable_verdict_is_an_error_row_not_a_guess(fake_gemini, sample_questions, tmp_path, verdict):
     frame, _ = answer(fake_gemini, sample_questions.head(3), ResponseCache(tmp_path / "c.sqlite"))
-    fake_gemini.responder = lambda model, prompt: "Well, it depends."
+    fake_gemini.responder = lambda model, prompt: verdict
     client = make_client(JUDGE, gemini_base_url=fake_gemini.base_url)
     judged, _ = judge_answers(frame, sample_questions, judge=JUDGE, client=client, retry=RETRY, progress=False)
-    assert (judged["judge"] == "rules (fallback)").all()
-    assert judged["reason"].str.contains("unreadable judge output").all()
+    assert judged["label"].isna().all() and judged["reason"].str.contains("unreadable judge verdict").all()
+    labels, excluded = build_oracle_labels(judged, sample_questions[sample_questions["split"] == "train"])
+    assert labels.empty  # no question gets a label from a verdict nobody could read
 
 
 def test_recorded_grades_skip_models(sample_questions):
@@ -116,8 +121,9 @@ def test_rules_grader(answer, gold, label):
     assert grade_with_rules(answer, gold)[0] == label
 
 
-@pytest.mark.parametrize("text,label", [("CORRECT", CORRECT), ("incorrect.", INCORRECT),
-                                        ("Grade: NOT_ATTEMPTED", IDK), ("maybe", None), (None, None)])
+@pytest.mark.parametrize("text,label", [("CORRECT", CORRECT), ("incorrect.", INCORRECT), (" NOT_ATTEMPTED\n", IDK),
+                                        ("Grade: NOT_ATTEMPTED", None), ("Not correct.", None),
+                                        ("The answer is not correct; INCORRECT", None), ("maybe", None), (None, None)])
 def test_parse_judge_output(text, label):
     assert parse_judge_output(text) == label
 
@@ -135,3 +141,15 @@ def test_answer_prompt_styles():
     assert few.count("Question:") == 8 and "I don't know" in few
     with pytest.raises(ValueError, match="prompt style"):
         answer_prompt("Q?", "chain")
+
+
+def test_recorded_costs_are_used_or_priced_from_tokens(sample_questions):
+    q = sample_questions.head(2).assign(
+        medium_grade=[CORRECT, IDK], large_grade=[INCORRECT, CORRECT], medium_answer=None, large_answer=None,
+        medium_cost_usd=[0.002, None], large_input_tokens=[1_000_000, None], large_output_tokens=[100_000, None])
+    frame, _ = generate_answers(q, ROLES, {}, None, progress=False)
+    by = {(r.qid, r.tier): r for r in frame.itertuples()}
+    first, second = q["qid"]
+    assert by[(first, "medium")].cost_usd == 0.002 and by[(first, "medium")].cost_known
+    assert by[(first, "large")].cost_usd == pytest.approx(1.25 + 1.0)  # 1M in x $1.25 + 100k out x $10 per Mtok
+    assert not by[(second, "medium")].cost_known and by[(second, "medium")].cost_usd == 0.0

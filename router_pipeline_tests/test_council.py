@@ -47,7 +47,7 @@ def test_clear_win_by_the_large_model_is_complex_with_dict_shape(tmp_path):
     result = council.read_folder(tmp_path)
     (row,) = result.labels.to_dict("records")
     assert row["policy"] == COMPLEX and row["winner"] == PRO and row["source"] == "council"
-    assert row["agreement"] == 1.0 and row["weight"] == 1.0  # OTHER's self-vote does not count
+    assert row["agreement"] == 1.0  # OTHER's self-vote does not count
     assert row["reviewers"] == 3 and row["file"] == "a.json" and row["query_hash"] == query_hash(row["query"])
     assert row["qid"] == f"council-{row['query_hash']}"
 

@@ -18,6 +18,7 @@ from router_pipeline_tests.test_training_assets_and_modal import FakeRemote
 
 TRAIN = [f"Train question number {i} about an obscure topic?" for i in range(8)]
 TEST = [f"Held-out question {i} about a little-known person?" for i in range(8)]
+VALIDATION = {"tr6", "tr7"}  # held out from training: the threshold is calibrated there
 
 
 def _write(io, key, frame):
@@ -43,24 +44,36 @@ def graded(artifacts):
             judgments.append({"qid": qid, "split": split, "tier": tier, "label": label})
     _write(io, "answers", pd.DataFrame(answers))
     _write(io, "judgments", pd.DataFrame(judgments))
-    _write(io, "training_examples", pd.DataFrame({"query": TRAIN, "policy": [COMPLEX, STANDARD] * 4}))
+    qids = [f"tr{i}" for i in range(8)]
+    _write(io, "training_examples", pd.DataFrame({
+        "qid": qids, "query": TRAIN, "policy": [COMPLEX, STANDARD] * 4,
+        "split": ["validation" if q in VALIDATION else "train" for q in qids]}))
     adapter = artifacts / "adapters" / "dpo"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     return io
 
 
-def _router(good: bool):
-    """Stands in for the model work only (the Router has its own tests): a router that
-    escalates exactly the even questions, or exactly the odd ones."""
+def _router(kind: str, seen: list | None = None):
+    """Stands in for the model work only (the Router has its own tests). ``good``
+    escalates exactly the even questions, ``bad`` exactly the odd ones, ``mediocre``
+    gets questions 0 and 1 wrong, ``unparseable`` fails to decide on them."""
 
     def route_queries(adapter_dir, queries, router_config, progress=False):
+        if seen is not None:
+            seen.extend(queries)
         out = []
         for q in queries:
-            complex_ = (int(re.search(r"\d+", q).group()) % 2 == 0) == good
+            i = int(re.search(r"\d+", q).group())
+            complex_ = (i % 2 == 0) == (kind != "bad")
+            if kind == "mediocre" and i in (0, 1) and q.startswith("Held-out"):
+                complex_ = not complex_
             p = 0.9 if complex_ else 0.1
-            out.append(RouteDecision(q, COMPLEX if complex_ else STANDARD,
-                                     {STANDARD: 1 - p, COMPLEX: p, "Ambiguous_Query": 0.0}, True, "fast").to_dict())
+            d = RouteDecision(q, COMPLEX if complex_ else STANDARD, {STANDARD: 1 - p, COMPLEX: p, "Ambiguous_Query": 0.0},
+                              True, "fast")
+            if kind == "unparseable" and i in (0, 1) and q.startswith("Held-out"):
+                d = RouteDecision(q, COMPLEX, {}, False, "reasoning", parse_error="no [DECISION] marker", fallback_used=True)
+            out.append(d.to_dict())
         return out
 
     return route_queries
@@ -72,11 +85,21 @@ def _materialise(io, instance):
                           run_config={"ops": {"router_evaluation": {"config": {"progress": False}}}})
 
 
-def test_evaluation_metadata_release_and_regression_gate(graded, artifacts, monkeypatch):
-    instance = dg.DagsterInstance.ephemeral()
-    monkeypatch.setattr(compute, "route_queries", _router(good=True))
-    first = _materialise(graded, instance)
+def _checks(result) -> dict:
+    return {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+
+
+def _released(result) -> bool:
+    return any(m.asset_key.to_user_string() == "released_router" for m in result.get_asset_materialization_events())
+
+
+def test_evaluation_metadata_calibration_and_release(graded, artifacts, monkeypatch):
+    seen = []
+    monkeypatch.setattr(compute, "route_queries", _router("good", seen))
+    first = _materialise(graded, dg.DagsterInstance.ephemeral())
     assert first.success
+    # The router saw the test split and the validation slice, never a training row.
+    assert set(seen) == set(TEST) | {TRAIN[6], TRAIN[7]}
     meta = {m.asset_key.to_user_string(): m.materialization.metadata for m in first.get_asset_materialization_events()}
     ev = meta["router_evaluation"]
     assert ev["policy_accuracy"].value == 1.0 and ev["correct"].value == 1.0 and ev["parse_failures"].value == 0
@@ -85,21 +108,40 @@ def test_evaluation_metadata_release_and_regression_gate(graded, artifacts, monk
     summary = {r.data["router"]: r.data for r in ev["summary"].value.records}
     assert {"router", "always-medium", "always-large", "oracle", "knn (MiniLM)", "logistic (MiniLM)"} <= set(summary)
     assert summary["always-medium"]["correct"] == 0.5 and summary["oracle"]["apgr"] == pytest.approx(0.75)
+    random_row = summary["random (mean of 20)"]
+    assert 0.5 < random_row["correct"] < 1 and 0.3 < random_row["large_share"] < 0.7
     assert "data:image/png;base64," in ev["cost_quality_curve"].value
     assert (artifacts / "plots" / "cost_quality.png").stat().st_size > 1000
-    calibration = json.loads((artifacts / "adapters" / "dpo" / "router_calibration.json").read_text())
-    assert calibration["threshold"] == 0.9 and calibration["achieved_share"] == 0.5  # from the train split
-    checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
-    assert checks == {"beats_random": True, "no_regression": True}
+    calibration = json.loads((artifacts / "router" / "router_calibration.json").read_text())
+    assert calibration["threshold"] == 0.9 and calibration["split"] == "validation" and calibration["n"] == 2
+    assert calibration["mapping"]["rules"][0] == {"kind": "threshold", "name": "calibrated_threshold",
+                                                  "at_least": 0.9, "target": "large"}
+    assert _checks(first) == {"beats_random": True, "no_regression": True, "parse_failures_within_limit": True}
     released = json.loads((artifacts / "router" / "evaluation.json").read_text())
-    assert released["policy_accuracy"] == 1.0
+    assert released["policy_accuracy"] == 1.0 and released["served_correct"] == 1.0 and released["threshold"] == 0.9
+    assert (artifacts / "router" / "adapter_config.json").exists()
 
-    # A worse retrain: both blocking checks fail and the released router stays as it was.
-    monkeypatch.setattr(compute, "route_queries", _router(good=False))
-    second = _materialise(graded, instance)
-    checks = {c.check_name: c.passed for c in second.get_asset_check_evaluations()}
-    assert checks == {"beats_random": False, "no_regression": False}
-    assert not [m for m in second.get_asset_materialization_events() if m.asset_key.to_user_string() == "released_router"]
+
+def test_release_gate_compares_with_the_released_router(graded, artifacts, monkeypatch):
+    instance = dg.DagsterInstance.ephemeral()
+    monkeypatch.setattr(compute, "route_queries", _router("good"))
+    assert _released(_materialise(graded, instance))
+    released = json.loads((artifacts / "router" / "evaluation.json").read_text())
+
+    # A worse retrain: it loses to random and regresses; the released router stays.
+    monkeypatch.setattr(compute, "route_queries", _router("bad"))
+    bad = _materialise(graded, instance)
+    assert _checks(bad) == {"beats_random": False, "no_regression": False, "parse_failures_within_limit": True}
+    assert not _released(bad)
+    # Better than the last (failed) evaluation but worse than the released router: refused.
+    monkeypatch.setattr(compute, "route_queries", _router("mediocre"))
+    mediocre = _materialise(graded, instance)
+    checks = _checks(mediocre)
+    assert checks["beats_random"] and not checks["no_regression"] and not _released(mediocre)
+    # Good routing, but 2 of 8 test decisions unparsed (25% > 5%): refused.
+    monkeypatch.setattr(compute, "route_queries", _router("unparseable"))
+    unparseable = _materialise(graded, instance)
+    assert not _checks(unparseable)["parse_failures_within_limit"] and not _released(unparseable)
     assert json.loads((artifacts / "router" / "evaluation.json").read_text()) == released
 
 

@@ -107,3 +107,19 @@ def test_recorded_outcomes_table(tmp_path):
 @pytest.mark.parametrize("value,label", [(True, CORRECT), (False, INCORRECT), ("IDK", IDK), ("Not_Attempted", IDK), ("", None)])
 def test_parse_grade(value, label):
     assert parse_grade(value) == label
+
+
+def test_recorded_outcomes_carry_their_cost(tmp_path):
+    path = tmp_path / "outcomes.csv"
+    pd.DataFrame([
+        {"query": "Q1?", "medium_grade": "Correct", "large_grade": "Correct", "medium_cost_usd": "0.001",
+         "large_input_tokens": 100, "large_output_tokens": 20},
+        {"query": "Q2?", "medium_grade": "Correct", "large_grade": "Correct", "medium_cost_usd": "-1"},
+        {"query": "Q3?", "medium_grade": "Correct", "large_grade": "Correct", "large_output_tokens": "many"},
+    ]).to_csv(path, index=False)
+    frame, rejected = load_questions("outcomes", path=str(path))
+    assert list(frame["query"]) == ["Q1?"]
+    row = frame.iloc[0]
+    assert row["medium_cost_usd"] == 0.001 and row["large_input_tokens"] == 100 and pd.isna(row["large_cost_usd"])
+    reasons = {r.row: r.reason for r in rejected}
+    assert "medium_cost_usd is '-1'" in reasons[3] and "large_output_tokens is 'many', not a number" in reasons[4]

@@ -73,10 +73,13 @@ def test_batch_routing_matches_one_by_one(fast_router):
             assert b.probabilities[p] == pytest.approx(one.probabilities[p], abs=1e-4)
 
 
-def test_fast_router_can_add_its_reasoning(fast_router):
-    d = fast_router.route("Who won the 1931 Tour de Flandres?", with_reasoning=True)
-    assert d.generated.startswith("[DECISION] Complex_Query [REASONING]")
-    assert d.reasoning and "[DECISION]" not in d.reasoning
+def test_only_an_explained_router_adds_its_reasoning(fast_router, tiny_model_dir):
+    with pytest.raises(ValueError, match="fast mode .decision only. and cannot explain"):
+        fast_router.route("Who won the 1931 Tour de Flandres?", with_reasoning=True)
+    explained = Router(base_model=tiny_model_dir, config=RouterConfig(mode="explained", max_new_tokens=6))
+    d = explained.route("Who won the 1931 Tour de Flandres?", with_reasoning=True)
+    assert d.parse_ok and d.generated.startswith(f"[DECISION] {d.policy} [REASONING]")
+    assert "[DECISION]" not in d.reasoning
 
 
 def test_untrained_router_output_goes_to_the_fallback_never_to_the_query(tiny_model_dir):
@@ -121,6 +124,30 @@ def test_cli_route_json_and_decision_log(fast_adapter, tmp_path, capsys):
     assert set(lines[0]) >= {"timestamp", "query_hash", "policy", "probabilities", "model", "rule", "reasoning",
                              "latency_ms", "cost_usd"}
     assert "ann@example.com" not in log.read_text()  # queries are logged by hash only
+
+
+def test_cli_applies_the_calibrated_threshold_by_default(fast_adapter, tmp_path, capsys):
+    """Evaluated = served: with the released calibration and no --mapper/--preset, the CLI
+    routes exactly as the evaluation's "router @ calibrated threshold" row scored."""
+    import shutil
+
+    from router_pipeline.cli import main
+    from router_pipeline.mapper import evaluated_spec
+    from router_pipeline.routing import CALIBRATION_FILE
+
+    query = "Who painted the ceiling of the Palau de la Musica? Mail ann@example.com"
+    p_large = Router(fast_adapter).route(query).p_large
+    released = tmp_path / "router"
+    shutil.copytree(fast_adapter, released)
+    for threshold, target, rule in ((p_large - 0.05, "large", "calibrated_threshold"),
+                                    (p_large + 0.05, "medium", "below_threshold")):
+        calibration = {"threshold": threshold}
+        (released / CALIBRATION_FILE).write_text(json.dumps({**calibration, "mapping": evaluated_spec(calibration)}))
+        assert main(["route", query, "--adapter", str(released), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["target"], out["rule"]) == (target, rule)  # no privacy rule: the evaluation scored none
+    assert main(["route", query, "--adapter", str(released), "--preset", "balanced", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "privacy"  # a preset is still an explicit choice
 
 
 def test_cli_answer_through_gemini_records_spend(fast_adapter, fake_gemini, sample_questions, tmp_path, monkeypatch, capsys):

@@ -3,10 +3,13 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from router_pipeline.policies import POLICIES
-from router_pipeline.training import META_FILE, TrainConfig, dpo_config, sft_trainer, train_dpo, train_sft
+from router_pipeline.training import (
+    META_FILE, TrainConfig, dpo_config, sample_rows, sft_trainer, supervised_positions_only, train_dpo, train_sft,
+)
 from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset, build_training_examples
 
 QUERIES = [
@@ -35,7 +38,7 @@ def _tiny(tiny_model_dir, **kw):
 
 
 def test_sft_loss_is_on_the_completion_only(tiny_model_dir, tmp_path):
-    sft = build_sft_dataset(_examples())
+    sft = build_sft_dataset(_examples(), "explained")  # distinct completions: each is found in its row
     trainer, tokenizer, _ = sft_trainer(sft, TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     checked = 0
@@ -50,6 +53,33 @@ def test_sft_loss_is_on_the_completion_only(tiny_model_dir, tmp_path):
         assert (labels[first_real + prompt_len :][real[first_real + prompt_len :]] != -100).all()
         checked += 1
     assert checked == 4
+
+
+def test_logits_at_supervised_positions_only_give_the_full_loss(tiny_model_dir, tmp_path):
+    """The CPU speed-up (LM head on supervised positions only) must not change the loss:
+    compare with a plain full-logits cross-entropy of the same batch."""
+    trainer, _, _ = sft_trainer(build_sft_dataset(_examples()), TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=-100)
+        with supervised_positions_only():
+            compact = trainer.compute_loss(model, dict(batch))
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < supervised < batch["labels"].numel() / 4  # fast mode: a few positions out of each sequence
+    assert float(compact) == pytest.approx(float(full), rel=1e-4)
+
+
+def test_max_rows_trains_on_a_stable_seeded_sample():
+    rows = build_sft_dataset(_examples())
+    cfg = TrainConfig(max_rows=5)
+    picked = sample_rows(rows, cfg, "sft")
+    assert len(picked) == 5 and list(picked.index) == sorted(picked.index)
+    more = pd.concat([rows, rows.assign(prompt=rows["prompt"] + " extra")], ignore_index=True)
+    assert set(sample_rows(more, cfg, "sft")["prompt"]) & set(picked["prompt"])  # mostly the same rows
+    assert len(sample_rows(rows, TrainConfig(), "sft")) == len(rows)
 
 
 def _preference(adapter_dir, base_dir, dpo_rows):

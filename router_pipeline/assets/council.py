@@ -36,7 +36,7 @@ class CouncilConfig(dg.Config):
                                          description="No council label is for a query of the test split.")])
 def council_labels(context: dg.AssetExecutionContext, config: CouncilConfig, test_questions: pd.DataFrame):
     """Every session file in the council folder, recomputed (Borda, agreement) and turned
-    into (query, policy, weight, provenance); bad files are listed, never fatal."""
+    into (query, policy, agreement, provenance); bad files are listed, never fatal."""
     folder = config.folder or str(council_dir())
     result = council.read_folder(folder, config.rules())
     labels, in_test = council.drop_test_queries(result.labels, test_questions)

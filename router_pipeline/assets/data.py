@@ -11,7 +11,7 @@ from router_pipeline.assets.council import council_labels
 from router_pipeline.assets.metadata import distribution, preview, table
 from router_pipeline.policies import LABELS, POLICIES
 from router_pipeline.resources import LLMRoles
-from router_pipeline.router_format import MODES, parse_completion, query_from_prompt
+from router_pipeline.router_format import DEFAULT_MODE, MODES, parse_completion, query_from_prompt, router_query
 
 DATA_GROUP = "data"
 
@@ -114,6 +114,7 @@ def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMR
         "cache_hits": sum(s.cache_hits for s in stats.values()),
         "retries": sum(s.retries for s in stats.values()),
         "errors": len(errors),
+        "recorded_without_cost": int((~frame["cost_known"]).sum()),
         "input_tokens": int(frame["input_tokens"].sum()),
         "output_tokens": int(frame["output_tokens"].sum()),
         "cost_usd_total": round(float(frame["cost_usd"].sum()), 6),
@@ -217,18 +218,21 @@ def _secrets(questions_frame: pd.DataFrame, answers_frame: pd.DataFrame) -> dict
 
 class ExamplesConfig(dg.Config):
     precedence: str = "oracle"  # which label wins when oracle and council label the same query: oracle | council
+    validation_fraction: float = 0.1  # held out from training; router_evaluation calibrates its threshold on it
+    seed: int = 42
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
 def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame,
                       council_labels: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """Oracle and council labels joined with analyses, deduplicated by normalised query,
-    with `source` and `weight`."""
+    with `source`, and a seeded validation slice held out from training (calibration)."""
     if config.precedence not in ("oracle", "council"):
         raise dg.Failure(f"precedence must be 'oracle' or 'council', got {config.precedence!r}")
-    extra = council_labels[["qid", "query", "policy", "rationale", "source", "weight"]]
+    extra = council_labels[["qid", "query", "policy", "rationale", "source"]]
     frame, dropped = training_data.build_training_examples(
-        oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra")
+        oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra",
+        validation_fraction=config.validation_fraction, seed=config.seed)
     conflicts = training_data.label_conflicts(oracle_labels, extra)
     meta = {
         "rows": len(frame),
@@ -236,6 +240,7 @@ def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query
         "oracle_council_conflicts": len(conflicts),
         "precedence": config.precedence,
         "by_source": table(frame["source"].value_counts().rename_axis("source").reset_index()),
+        "by_split": table(frame["split"].value_counts().rename_axis("split").reset_index()),
         "policy_distribution": distribution(frame["policy"], POLICIES),
     }
     if not conflicts.empty:
@@ -244,7 +249,7 @@ def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query
 
 
 class DatasetConfig(dg.Config):
-    mode: str = "reasoning"  # reasoning | fast (decision first)
+    mode: str = DEFAULT_MODE  # fast (decision only) | explained (decision, then why) | reasoning (why, then decision)
     rejected_per_example: int = 1  # up to 2: every wrong policy as its own pair
 
 
@@ -262,7 +267,7 @@ def _prompt_failures(frame: pd.DataFrame, examples: pd.DataFrame) -> list:
     bad = []
     for i, (qid, prompt) in enumerate(zip(frame["qid"], frame["prompt"])):
         try:
-            ok = query_from_prompt(prompt) == query[qid]
+            ok = query_from_prompt(prompt) == router_query(query[qid])
         except ValueError:
             ok = False
         if not ok:

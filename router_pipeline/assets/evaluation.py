@@ -1,14 +1,15 @@
 """Evaluation assets: score the DPO router on the test split, then release it.
 
-``router_evaluation`` routes the test split (and the train split, for threshold
-calibration) on the configured compute, then replays the graded answers (no new
-model calls). Its blocking checks guard ``released_router``: a retrain that loses
-to the random router or to the previous evaluation never replaces the router the
-CLI serves.
+``router_evaluation`` routes the test split (and the validation slice held out from
+training, for threshold calibration) on the configured compute, then replays the
+graded answers (no new model calls). Its blocking checks guard ``released_router``:
+a retrain that loses to the random router, regresses against the released router,
+or fails to decide more than 5% of the time never replaces the router the CLI serves.
 """
 
 import json
 import math
+import shutil
 from typing import Optional
 
 import dagster as dg
@@ -20,11 +21,18 @@ from router_pipeline.assets.training import adapter_dir, dpo_adapter
 from router_pipeline.paths import artifacts_dir
 from router_pipeline.plots import cost_quality_curves, markdown_image
 from router_pipeline.policies import COMPLEX
-from router_pipeline.routing import RouteDecision, RouterConfig, decisions_frame, write_calibration
+from router_pipeline.mapper import evaluated_spec
+from router_pipeline.routing import CALIBRATION_FILE, RouteDecision, RouterConfig, decisions_frame
+from router_pipeline.split import VALIDATION
 
 EVALUATION_GROUP = "evaluation"
 T4_USD_PER_HOUR = 0.59  # Modal's list price for a T4; override in config
-REGRESSION_METRICS = ("correct", "policy_accuracy")
+REGRESSION_METRICS = ("served_correct", "policy_accuracy")
+MAX_PARSE_FAILURE_RATE = 0.05  # a router that fails to decide more often than this is never released
+EVALUATION_FILE = "evaluation.json"
+SUMMARY_FILE = "summary.csv"  # one row per router / baseline, as in the metadata table
+RELEASE_DIR = "router"
+CALIBRATED = "router @ calibrated threshold"
 POINTS = {"router": "router (its decisions)", "router @ calibrated threshold": "router @ calibrated threshold",
           "always-medium": "always-medium", "always-large": "always-large"}
 
@@ -40,7 +48,7 @@ class EvaluationConfig(dg.Config):
     knn_k: int = 5
     target_share: Optional[float] = None  # calibrate to this share of large calls ...
     target_pgr: float = 0.9  # ... or else to the cheapest threshold recovering this much of the gap
-    regression_tolerance: float = 0.05  # allowed drop in correct / policy_accuracy vs the last evaluation
+    regression_tolerance: float = 0.05  # allowed drop in served accuracy / policy accuracy vs the released router
     batch_size: int = 16
     max_new_tokens: int = 96  # reasoning mode: room for the analysis and the decision
     gpu_usd_per_hour: float = T4_USD_PER_HOUR
@@ -55,13 +63,25 @@ def _route(config: EvaluationConfig, adapter, queries: list[str]) -> tuple[list[
     return compute.route_queries(adapter, queries, router_config, progress=config.progress), None
 
 
-def _previous(context, key: dg.AssetKey) -> dict:
-    """The headline figures of the last evaluation before this run."""
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None:
+def evaluation_dir(adapter: str):
+    """What router_evaluation writes about an adapter: its calibration and headline figures."""
+    return artifacts_dir() / "evaluation" / adapter
+
+
+def release_dir():
+    return artifacts_dir() / RELEASE_DIR
+
+
+def released_figures() -> dict:
+    """The headline figures of the router released now ({} when none is)."""
+    path = release_dir() / EVALUATION_FILE
+    if not path.exists():
         return {}
-    meta = event.asset_materialization.metadata
-    return {m: meta[m].value for m in REGRESSION_METRICS if m in meta}
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise dg.Failure(f"{path} of the released router is unreadable ({exc}); restore it or delete the release") from None
+    return figures if isinstance(figures, dict) else {}
 
 
 def _plain(value):
@@ -74,7 +94,10 @@ def _plain(value):
         dg.AssetCheckSpec("beats_random", asset="router_evaluation", blocking=True,
                           description="The router's APGR exceeds the mean APGR of random routers on the same data."),
         dg.AssetCheckSpec("no_regression", asset="router_evaluation", blocking=True,
-                          description="Accuracy and policy accuracy are not worse than the previous evaluation's beyond the tolerance."),
+                          description="Served accuracy and policy accuracy are not worse than the released router's "
+                                      "beyond the tolerance."),
+        dg.AssetCheckSpec("parse_failures_within_limit", asset="router_evaluation", blocking=True,
+                          description=f"At most {MAX_PARSE_FAILURE_RATE:.0%} of the test decisions are parse failures."),
     ],
 )
 def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, train_questions: pd.DataFrame,
@@ -82,53 +105,72 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
                       training_examples: pd.DataFrame):
     """The router on the held-out test split: policy accuracy, SimpleQA metrics of the
     routed answers, cost, and the cost-quality curve (APGR, CPT) against random,
-    always-medium, always-large, oracle and MiniLM k-NN/logistic baselines."""
+    always-medium, always-large, oracle and MiniLM k-NN/logistic baselines. The
+    threshold is calibrated on the validation slice held out from training."""
     if config.compute not in compute.COMPUTES:
         raise dg.Failure(f"compute must be one of {compute.COMPUTES}, got {config.compute!r}")
     adapter = adapter_dir(config.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise dg.Failure(f"no {config.adapter} adapter at {adapter}: materialise the training assets first")
-    previous = _previous(context, context.asset_key)  # read before this run's own materialisation lands
     test = evaluation.outcome_table(test_questions, answers, judgments)
-    train = evaluation.outcome_table(train_questions, answers, judgments)
     if test.empty:
         raise dg.Failure("no test question has both grades: nothing to evaluate (check answers/judgments)")
-    queries = list(test["query"]) + list(train["query"])
-    context.log.info(f"routing {len(test)} test + {len(train)} train queries on {config.compute}")
+    held_out = set(training_examples.loc[training_examples["split"] == VALIDATION, "qid"])
+    validation = evaluation.outcome_table(train_questions[train_questions["qid"].isin(held_out)], answers, judgments)
+    queries = list(test["query"]) + list(validation["query"])
+    context.log.info(f"routing {len(test)} test + {len(validation)} validation queries on {config.compute}")
     records, gpu_seconds = _route(config, adapter, queries)
-    decisions = decisions_frame([RouteDecision(**r) for r in records], list(test["qid"]) + list(train["qid"]))
-    report = evaluation.evaluate(test, decisions.iloc[:len(test)], train, decisions.iloc[len(test):],
-                                 training_examples[["query", "policy"]], ambiguous=config.ambiguous,
+    decisions = decisions_frame([RouteDecision(**r) for r in records], list(test["qid"]) + list(validation["qid"]))
+    trained_on = training_examples[training_examples["split"] != VALIDATION]
+    report = evaluation.evaluate(test, decisions.iloc[:len(test)], validation, decisions.iloc[len(test):],
+                                 trained_on[["query", "policy"]], ambiguous=config.ambiguous,
                                  random_seeds=config.random_seeds, target_share=config.target_share,
                                  target_pgr=config.target_pgr, knn_k=config.knn_k)
-    write_calibration(adapter, {**report.calibration, "p_large": "P(Complex_Query)", "split": "train"})
     plot = cost_quality_curves(
         {name: (c.share, c.accuracy) for name, c in report.curves.items()},
         {POINTS[row["router"]]: (row["large_share"], row["correct"]) for row in report.summary.to_dict("records")
          if row["router"] in POINTS},
         artifacts_dir() / "plots" / "cost_quality.png")
-    router = report.summary.iloc[0]
-    parse_failures = int((~decisions["parse_ok"].iloc[:len(test)]).sum())  # test split; the train split is for calibration
-    meta = {
+    rows = report.summary.set_index("router")
+    router, served = rows.loc["router"], rows.loc[CALIBRATED]
+    parse_failures = int((~decisions["parse_ok"].iloc[:len(test)]).sum())
+    parse_rate = parse_failures / len(test)
+    figures = {
+        "adapter": config.adapter,
+        "mode": records[0]["mode"] if records else None,
         "test_questions": len(test),
-        "test_questions_ungraded": len(test_questions) - len(test),
+        "validation_questions": len(validation),
+        "threshold": report.calibration.get("threshold"),
+        "served_correct": _plain(served["correct"]),
+        "served_large_share": _plain(served["large_share"]),
+        "served_savings_vs_large": _plain(served["savings_vs_large"]),
         "correct": _plain(router["correct"]),
         "policy_accuracy": _plain(router["policy_accuracy"]),
         "apgr": _plain(router["apgr"]),
         "random_apgr": _plain(report.random_apgr),
         "cpt50": _plain(router["cpt50"]),
         "cpt80": _plain(router["cpt80"]),
+        "parse_failure_rate": round(parse_rate, 4),
+    }
+    out = evaluation_dir(config.adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CALIBRATION_FILE).write_text(json.dumps(
+        {**report.calibration, "score": "P(Complex_Query)", "split": "validation",
+         "mapping": evaluated_spec(report.calibration)}, indent=2))
+    (out / EVALUATION_FILE).write_text(json.dumps(figures, indent=2))
+    report.summary.to_csv(out / SUMMARY_FILE, index=False)
+    meta = {
+        **{k: v for k, v in figures.items() if v is not None},
+        "test_questions_ungraded": len(test_questions) - len(test),
         "cost_usd": _plain(router["cost_usd"]),
         "savings_vs_large": _plain(router["savings_vs_large"]),
         "large_share": _plain(router["large_share"]),
         "parse_failures": parse_failures,
-        "parse_failures_train": int((~decisions["parse_ok"].iloc[len(test):]).sum()),
         "summary": table(report.summary.round(4)),
         "confusion_matrix": table(report.confusion),
         "cost_quality_curve": dg.MetadataValue.md(markdown_image(plot, "cost-quality curves")),
         "cost_quality_png": dg.MetadataValue.path(str(plot)),
         "calibration": dg.MetadataValue.json(report.calibration),
-        "mode": records[0]["mode"] if records else None,
         "compute": config.compute,
         "mean_latency_ms": _plain(decisions["latency_ms"].mean()),
     }
@@ -150,20 +192,19 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         yield dg.AssetCheckResult(check_name="beats_random", passed=bool(apgr > rand),
                                   metadata={"apgr": float(apgr), "random_apgr": float(rand), "accuracy_gap": float(gap)})
 
-    drops = {m: previous[m] - meta[m] for m in previous
-             if previous[m] is not None and meta[m] is not None and previous[m] - meta[m] > config.regression_tolerance}
+    released = released_figures()
+    drops = {m: released[m] - figures[m] for m in REGRESSION_METRICS
+             if released.get(m) is not None and figures[m] is not None
+             and released[m] - figures[m] > config.regression_tolerance}
     yield dg.AssetCheckResult(check_name="no_regression", passed=not drops, metadata={
-        "previous": dg.MetadataValue.json(previous or {"note": "no previous evaluation"}),
-        "current": dg.MetadataValue.json({m: meta[m] for m in REGRESSION_METRICS}),
+        "released": dg.MetadataValue.json({m: released.get(m) for m in REGRESSION_METRICS} if released
+                                          else {"note": "no released router yet"}),
+        "current": dg.MetadataValue.json({m: figures[m] for m in REGRESSION_METRICS}),
         "tolerance": config.regression_tolerance,
         "regressions": dg.MetadataValue.json(drops)})
-
-
-RELEASE_DIR = "router"
-
-
-def release_dir():
-    return artifacts_dir() / RELEASE_DIR
+    yield dg.AssetCheckResult(check_name="parse_failures_within_limit", passed=parse_rate <= MAX_PARSE_FAILURE_RATE,
+                              metadata={"parse_failures": parse_failures, "rate": round(parse_rate, 4),
+                                        "limit": MAX_PARSE_FAILURE_RATE})
 
 
 class ReleaseConfig(dg.Config):
@@ -172,17 +213,21 @@ class ReleaseConfig(dg.Config):
 
 @dg.asset(group_name=EVALUATION_GROUP, deps=[router_evaluation])
 def released_router(context: dg.AssetExecutionContext, config: ReleaseConfig) -> dg.MaterializeResult:
-    """The evaluated adapter copied to artifacts/router/, what `router-pipeline route`
-    serves by default. Runs only when router_evaluation's blocking checks pass."""
-    src = adapter_dir(config.adapter)
-    dest = compute.install_adapter(src, release_dir())
-    event = context.instance.get_latest_materialization_event(router_evaluation.key)
-    figures = {}
-    if event is not None:
-        md = event.asset_materialization.metadata
-        figures = {k: md[k].value for k in ("correct", "policy_accuracy", "apgr", "random_apgr", "cpt50", "cpt80") if k in md}
-    (dest / "evaluation.json").write_text(json.dumps(figures, indent=2))
-    return dg.MaterializeResult(metadata={"router_dir": dg.MetadataValue.path(str(dest)), "from": str(src), **figures})
+    """The evaluated adapter, its calibration and figures, copied to artifacts/router/:
+    what `router-pipeline route` serves by default. Runs only when router_evaluation's
+    blocking checks pass."""
+    src, evaluated = adapter_dir(config.adapter), evaluation_dir(config.adapter)
+    if not (evaluated / EVALUATION_FILE).exists():
+        raise dg.Failure(f"no evaluation of the {config.adapter} adapter at {evaluated}: materialise router_evaluation first")
+    staging = artifacts_dir() / "release-staging"
+    compute.install_adapter(src, staging)
+    for name in (CALIBRATION_FILE, EVALUATION_FILE):
+        shutil.copy2(evaluated / name, staging / name)
+    dest = compute.install_adapter(staging, release_dir())
+    shutil.rmtree(staging, ignore_errors=True)
+    figures = json.loads((dest / EVALUATION_FILE).read_text())
+    return dg.MaterializeResult(metadata={"router_dir": dg.MetadataValue.path(str(dest)), "from": str(src),
+                                          **{k: v for k, v in figures.items() if v is not None}})
 
 
 EVALUATION_ASSETS = [router_evaluation, released_router]

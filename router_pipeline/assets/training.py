@@ -35,6 +35,7 @@ class SFTTrainingConfig(dg.Config):
     max_length: int = _D.max_length
     seed: int = _D.seed
     max_steps: int = _D.max_steps
+    max_rows: int = _D.max_rows  # > 0: a seeded sample of this many rows (a CPU time budget)
     quantization: str = _D.quantization  # auto (4-bit on CUDA) | 4bit | none
     save_steps: int = _D.save_steps
     gpu_usd_per_hour: float = A100_USD_PER_HOUR
@@ -58,10 +59,8 @@ def adapter_dir(stage: str) -> Path:
 
 
 def _mode(frame: pd.DataFrame) -> str:
-    from router_pipeline.router_format import DECISION
-
-    column = "completion" if "completion" in frame.columns else "chosen"
-    return "fast" if frame[column].iloc[0].startswith(DECISION) else "reasoning"
+    """The completion format the dataset was built in (its ``mode`` column)."""
+    return str(frame["mode"].iloc[0])
 
 
 def _train(context, stage: str, config: SFTTrainingConfig, rows: pd.DataFrame, parent: Optional[Path] = None):

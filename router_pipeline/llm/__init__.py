@@ -36,13 +36,15 @@ class RoleSpec:
             return price_for(self.model)
         return (self.input_price_per_mtok or 0.0, self.output_price_per_mtok or 0.0)
 
-    def request(self, prompt: str, *, system: str | None = None, stop: tuple[str, ...] = ()) -> LLMRequest:
+    def request(self, prompt: str, *, system: str | None = None, stop: tuple[str, ...] = (),
+                choices: tuple[str, ...] = ()) -> LLMRequest:
         return LLMRequest(
             prompt=prompt,
             max_output_tokens=self.max_output_tokens,
             temperature=self.temperature,
             system=system,
             stop=stop,
+            choices=choices,
         )
 
 

@@ -67,6 +67,9 @@ class GeminiClient:
             max_output_tokens=request.max_output_tokens,
             system_instruction=request.system,
             stop_sequences=list(request.stop) or None,
+            # A closed set of replies: Gemini's enum output makes anything else impossible.
+            response_mime_type="text/x.enum" if request.choices else None,
+            response_schema={"type": "STRING", "enum": list(request.choices)} if request.choices else None,
         )
         try:
             response = await self._client.aio.models.generate_content(

@@ -21,14 +21,18 @@ class LLMRequest:
     temperature: float = 0.0
     system: str | None = None
     stop: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # the reply must be exactly one of these (constrained where the API can)
 
     def settings(self) -> dict:
-        return {
+        settings = {
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "system": self.system,
             "stop": list(self.stop),
         }
+        if self.choices:  # only then, so that existing cache keys stay valid
+            settings["choices"] = list(self.choices)
+        return settings
 
 
 def cache_key(provider: str, model: str, request: LLMRequest) -> str:
