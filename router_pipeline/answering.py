@@ -11,6 +11,7 @@ import pandas as pd
 from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
+from router_pipeline.text import clean_query
 
 ANSWER_INSTRUCTION = (
     "Answer the question with a short factual answer: a name, number, date or phrase, "
@@ -40,7 +41,8 @@ def answer_prompt(query: str, style: str = "direct") -> str:
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
     shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in FEW_SHOT) if style == "few_shot" else ""
-    return f"{ANSWER_INSTRUCTION}\n\n{shots}Question: {query}\nAnswer:"
+    # One line: a query cannot add its own "Answer: ..." / "Question: ..." turns to the prompt.
+    return f"{ANSWER_INSTRUCTION}\n\n{shots}Question: {clean_query(query)}\nAnswer:"
 
 
 def generate_answers(

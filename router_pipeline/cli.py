@@ -15,6 +15,7 @@ from pathlib import Path
 
 from router_pipeline.policies import POLICIES
 from router_pipeline.router_format import MODES
+from router_pipeline.text import MAX_QUERY_CHARS
 
 EXIT_USAGE = 2
 
@@ -50,13 +51,29 @@ def _parser() -> argparse.ArgumentParser:
                                 "else balanced)")
         s.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
         s.add_argument("--log", help="append one JSON line per decision to this file")
+        s.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS,
+                       help="longer queries are refused, as the pipeline's loaders refuse them")
     return p
 
 
-def _queries(args) -> list[str]:
+def _queries(args) -> tuple[list[str], list[str]]:
+    """(valid queries, one error line per bad one). Stdin is read as bytes, so a line
+    that is not UTF-8 text is reported by number instead of breaking the output."""
+    from router_pipeline.text import check_query
+
     if args.queries == ["-"]:
-        return [line.strip() for line in sys.stdin if line.strip()]
-    return args.queries
+        raw = [(f"stdin line {i}", line) for i, line in enumerate(sys.stdin.buffer.read().splitlines(), 1) if line.strip()]
+    else:
+        raw = [(f"query {i}", q.encode("utf-8", "surrogatepass")) for i, q in enumerate(args.queries, 1)]
+    good, errors = [], []
+    for where, blob in raw:
+        try:
+            good.append(check_query(blob.decode("utf-8"), args.max_query_chars))
+        except UnicodeDecodeError:
+            errors.append(f"{where}: not UTF-8 text")
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+    return good, errors
 
 
 def _profile_models(roles) -> dict[str, str]:
@@ -67,19 +84,22 @@ def _mapper(args, roles, router):
     """The mapper from --mapper or --preset; by default, the mapping the evaluation scored
     (the calibrated threshold) when the router carries one. Aliases medium/large default
     to the profile's models."""
-    from router_pipeline.mapper import DEFAULT_PRESET, PolicyMapper, evaluated_spec, load_spec
+    from router_pipeline.mapper import DEFAULT_PRESET, MapperConfigError, PolicyMapper, evaluated_spec, load_spec
 
     base_dir = None
     if args.mapper:
         spec, base_dir = load_spec(args.mapper), Path(args.mapper).parent
+        try:
+            return PolicyMapper.from_dict(spec, base_dir=base_dir, default_models=_profile_models(roles))
+        except MapperConfigError as exc:
+            raise MapperConfigError(f"{args.mapper}: {exc}") from None
     elif args.preset:
         spec = {"preset": args.preset}
     elif router.calibration:
         spec = evaluated_spec(router.calibration)
     else:
         spec = {"preset": DEFAULT_PRESET}
-    spec["models"] = {**_profile_models(roles), **(spec.get("models") or {})}
-    return PolicyMapper.from_dict(spec, base_dir=base_dir)
+    return PolicyMapper.from_dict(spec, base_dir=base_dir, default_models=_profile_models(roles))
 
 
 def _role_spec(mapping, roles):
@@ -114,9 +134,14 @@ def run(args) -> int:
     from router_pipeline.resources import default_roles
     from router_pipeline.routing import Router, RouterConfig
 
-    queries = _queries(args)
+    queries, bad = _queries(args)
+    for line in bad:
+        print(f"error: {line}", file=sys.stderr)
     if not queries:
-        print("error: no query given", file=sys.stderr)
+        print("error: no valid query given", file=sys.stderr)
+        return EXIT_USAGE
+    if args.log and Path(args.log).is_dir():
+        print(f"error: --log {args.log} is a directory; give a file to append decisions to", file=sys.stderr)
         return EXIT_USAGE
     roles = default_roles()
     adapter = args.adapter or (None if args.base_model else default_router_dir())
@@ -127,7 +152,7 @@ def run(args) -> int:
     router = Router(adapter, base_model=args.base_model, config=RouterConfig(mode=args.mode, fallback=args.fallback))
     mapper = _mapper(args, roles, router)
     decisions = router.route_batch(queries, with_reasoning=args.reasoning)
-    status = 0
+    status = 1 if bad else 0
     for d in decisions:
         mapping = mapper.map(d)
         out = {"query": d.query, "policy": d.policy, "probabilities": d.probabilities, "parse_ok": d.parse_ok,
@@ -175,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except (MapperConfigError, RouterOutputError, FileNotFoundError, ValueError) as exc:
+    except (MapperConfigError, RouterOutputError, ValueError, OSError) as exc:
+        # User errors (bad files, configs, ledgers, paths) end in one line, never a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

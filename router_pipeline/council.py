@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
-from router_pipeline.text import clean_query, query_hash
+from router_pipeline.text import check_query, query_hash
 
 TIER_POLICY = {"medium": STANDARD, "large": COMPLEX}
 LOW_AGREEMENT = ("drop", "ambiguous")
@@ -107,13 +107,18 @@ def read_folder(folder: str | Path, rules: CouncilRules = CouncilRules()) -> Cou
         result.files += 1
         name = str(path.relative_to(folder))
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the JSON
         except (OSError, UnicodeDecodeError) as exc:
             result.rejected.append({"file": name, "session": "", "reason": f"unreadable: {exc}"})
             continue
         reader = _jsonl_sessions if path.suffix == ".jsonl" else _json_sessions
-        for item in reader(text, name, rules, result):
-            sessions.append(item)
+        found = []
+        try:
+            found.extend(reader(text, name, rules, result))
+        except Exception as exc:  # one odd file never costs the others their labels
+            result.rejected.append({"file": name, "session": "",
+                                    "reason": f"unreadable session file ({type(exc).__name__}: {exc})"})
+        sessions.extend(found)
     result.labels = to_labels(sessions, rules, result.rejected)
     return result
 
@@ -128,7 +133,7 @@ def _jsonl_sessions(text: str, name: str, rules: CouncilRules, result: CouncilRe
             continue
         where = f"line {n}"
         try:
-            row = json.loads(line)
+            row = _loads(line)
             if not isinstance(row, dict):
                 raise SessionError("a line must be a JSON object")
             missing = [k for k in ("query", "best_model", "borda_score") if row.get(k) in (None, "")]
@@ -151,9 +156,9 @@ def _jsonl_sessions(text: str, name: str, rules: CouncilRules, result: CouncilRe
 
 def _json_sessions(text: str, name: str, rules: CouncilRules, result: CouncilResult):
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        result.rejected.append({"file": name, "session": "", "reason": f"malformed JSON: {exc}"})
+        data = _loads(text)
+    except (json.JSONDecodeError, SessionError) as exc:
+        result.rejected.append({"file": name, "session": "", "reason": _reason(exc)})
         return
     items = data if isinstance(data, list) else [data]
     for i, item in enumerate(items):
@@ -162,6 +167,10 @@ def _json_sessions(text: str, name: str, rules: CouncilRules, result: CouncilRes
             session = parse_session(item, name, where, rules, result.disagreements)
         except SessionError as exc:
             result.rejected.append({"file": name, "session": where, "reason": _reason(exc)})
+            continue
+        except Exception as exc:  # a malformed session costs that session only
+            result.rejected.append({"file": name, "session": where,
+                                    "reason": f"malformed session ({type(exc).__name__}: {exc})"})
             continue
         yield session
 
@@ -188,15 +197,18 @@ def parse_session(item, name: str, where: str, rules: CouncilRules, disagreement
     rankings = [(r.get("model"), _ranking(r, labels)) for r in stage2 if isinstance(r, dict)]
     used = _borda(rankings, rules.exclude_self_votes)
     if not used:
-        raise SessionError("no reviewer gave a usable ranking (all abstained)")
+        if not any(r for _, r in rankings):
+            raise SessionError("every reviewer abstained (no parsed ranking)")
+        raise SessionError("no reviewer ranked at least two answers")
     _compare_stored(meta.get("aggregate_rankings"), _borda(rankings, False), name, where, disagreements)
     ordered = sorted(used.items(), key=lambda kv: (-kv[1], kv[0]))
     winner, top = ordered[0]
     deadlock = len(ordered) > 1 and abs(ordered[1][1] - top) < EPS
-    orders = [o for o in ((_without(r, m) if rules.exclude_self_votes else r) for m, r in rankings) if o]
-    agreement = sum(o[0] == winner for o in orders) / len(orders)
+    votes = [_agrees(m, r, winner, rules.exclude_self_votes) for m, r in rankings]
+    votes = [v for v in votes if v is not None]
+    agreement = sum(votes) / len(votes) if votes else 0.0
     return Session(query, name, where, winner=winner, winner_borda=top, agreement=agreement, deadlock=deadlock,
-                   reviewers=len(orders), borda=used)
+                   reviewers=len(votes), borda=used)
 
 
 def _ranking(review: dict, labels: dict) -> list[str]:
@@ -212,16 +224,35 @@ def _without(ranking: list[str], reviewer) -> list[str]:
     return [m for m in ranking if m != reviewer]
 
 
+def _ballot(reviewer, ranking: list[str], exclude_self: bool) -> dict[str, float]:
+    """One reviewer's normalised Borda points. Without self-votes its own answer is taken
+    out and the rest re-normalised; a reviewer then left with a single other answer (a
+    two-model council) gives it 1 when it ranked it above its own answer, else 0: a model
+    that prefers another's answer to its own is the strongest evidence there is."""
+    order = _without(ranking, reviewer) if exclude_self else ranking
+    if exclude_self and len(order) == 1 and len(ranking) == 2:
+        return {order[0]: 1.0 if ranking[0] == order[0] else 0.0}
+    n = len(order)
+    if n < 2:
+        return {}  # one response ranked alone says nothing
+    return {model: (n - 1 - k) / (n - 1) for k, model in enumerate(order)}
+
+
+def _agrees(reviewer, ranking: list[str], winner: str, exclude_self: bool) -> bool | None:
+    """Whether a reviewer's ballot puts the winner first; None when the ballot cannot
+    speak about the winner (it abstained, or, without self-votes, it is the winner's own)."""
+    if not ranking or (exclude_self and reviewer == winner):
+        return None
+    ballot = _ballot(reviewer, ranking, exclude_self)
+    return ballot[winner] == 1.0 if winner in ballot else None
+
+
 def _borda(rankings, exclude_self: bool) -> dict[str, float]:
-    """Normalised Borda per model: mean of (N-1-k)/(N-1) over the reviewers that ranked it."""
+    """Normalised Borda per model: mean of its ballot points over the reviewers that ranked it."""
     scores: dict[str, list[float]] = {}
     for reviewer, ranking in rankings:
-        order = _without(ranking, reviewer) if exclude_self else ranking
-        n = len(order)
-        if n < 2:
-            continue  # one response ranked alone says nothing
-        for k, model in enumerate(order):
-            scores.setdefault(model, []).append((n - 1 - k) / (n - 1))
+        for model, points in _ballot(reviewer, ranking, exclude_self).items():
+            scores.setdefault(model, []).append(points)
     return {m: sum(v) / len(v) for m, v in scores.items()}
 
 
@@ -229,7 +260,7 @@ def _compare_stored(stored, recomputed: dict, name: str, where: str, out: list) 
     if not isinstance(stored, list):
         return
     for entry in stored:
-        if not isinstance(entry, dict) or "model" not in entry or "borda_score" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or "borda_score" not in entry:
             continue
         mine = recomputed.get(entry["model"])
         try:
@@ -250,15 +281,22 @@ def _model_of(value):
 
 
 def _query(value, max_chars: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise SessionError("missing or empty query")
-    query = clean_query(value)
-    if len(query) > max_chars:
-        raise SessionError(f"query is {len(query)} characters (max {max_chars})")
-    return query
+    try:
+        return check_query(value, max_chars)
+    except ValueError as exc:
+        raise SessionError(str(exc)) from None
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SessionError("JSON nested too deeply") from None
 
 
 def _unit(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise SessionError(f"{name} is a boolean ({value}), not a number")
     try:
         v = float(value)
     except (TypeError, ValueError):

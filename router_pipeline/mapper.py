@@ -22,22 +22,19 @@ YAML/JSON file can start from a preset and override its parts.
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from router_pipeline.ledger import BudgetLedger, LedgerError
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
 
 ABSTAIN = "abstain"
 ESCALATE = "escalate"
 ABSTAIN_ANSWER = "I don't know."
 KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy")
-PERIODS = ("total", "day", "month")
 
 PII_PATTERNS: dict[str, str] = {
     "email": r"[\w.+-]+@[\w-]+\.[\w.-]+",
@@ -88,52 +85,6 @@ class Mapping:
     @property
     def escalate(self) -> bool:
         return self.target == ESCALATE
-
-
-class BudgetLedger:
-    """Spend per period in a small JSON file, updated under an exclusive file lock so
-    that concurrent processes (CLI calls, workers) add up correctly."""
-
-    def __init__(self, path: str | Path, period: str = "month"):
-        if period not in PERIODS:
-            raise MapperConfigError(f"budget period must be one of {PERIODS}, got {period!r}")
-        self.path, self.period = Path(path), period
-
-    def _key(self, now: dt.datetime | None = None) -> str:
-        now = now or dt.datetime.now(dt.timezone.utc)
-        return {"total": "total", "day": now.strftime("%Y-%m-%d"), "month": now.strftime("%Y-%m")}[self.period]
-
-    def _locked(self, update: Callable[[dict], None] | None) -> dict:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.seek(0)
-            text = fh.read()
-            try:
-                data = json.loads(text) if text.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise MapperConfigError(f"budget ledger {self.path} is not valid JSON ({exc}); fix or delete it") from None
-            if update is not None:
-                update(data)
-                fh.seek(0)
-                fh.truncate()
-                fh.write(json.dumps(data, indent=2, sort_keys=True))
-                fh.flush()
-                os.fsync(fh.fileno())
-            return data
-
-    def spent(self) -> float:
-        return float(self._locked(None).get(self._key(), 0.0))
-
-    def add(self, usd: float) -> float:
-        if usd < 0:
-            raise ValueError(f"spend must be >= 0, got {usd}")
-        key = self._key()
-
-        def bump(data: dict) -> None:
-            data[key] = round(float(data.get(key, 0.0)) + usd, 10)
-
-        return float(self._locked(bump)[key])
 
 
 def _medium_large_models() -> dict[str, str]:
@@ -189,7 +140,9 @@ class PolicyMapper:
         return cls.from_dict({"preset": name}, **kwargs)
 
     @classmethod
-    def from_dict(cls, spec: dict, *, escalation=None, base_dir: Path | None = None) -> "PolicyMapper":
+    def from_dict(cls, spec: dict, *, escalation=None, base_dir: Path | None = None,
+                  default_models: dict[str, str] | None = None) -> "PolicyMapper":
+        """``default_models`` (e.g. the profile's medium/large) fill aliases the spec leaves out."""
         if not isinstance(spec, dict):
             raise MapperConfigError(f"mapper config must be a mapping, got {type(spec).__name__}")
         unknown = set(spec) - {"preset", "models", "fallback", "rules", "ambiguous", "budget"}
@@ -200,8 +153,13 @@ class PolicyMapper:
             if spec["preset"] not in PRESETS:
                 raise MapperConfigError(f"unknown preset {spec['preset']!r}; expected one of {sorted(PRESETS)}")
             base = PRESETS[spec["preset"]]
-        models = {**_medium_large_models(), **(spec.get("models") or {})}
+        models = spec.get("models") or {}
+        if not isinstance(models, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in models.items()):
+            raise MapperConfigError(f"'models' must map aliases to model ids (e.g. medium: gemini-2.5-flash), got {models!r}")
+        models = {**_medium_large_models(), **(default_models or {}), **models}
         raw_rules = spec.get("rules", base.get("rules", []))
+        if not isinstance(raw_rules, list):
+            raise MapperConfigError(f"'rules' must be a list of rules, got {type(raw_rules).__name__}")
         rules = [_rule(r, i) for i, r in enumerate(raw_rules)]
         if "ambiguous" in spec:  # shorthand: what Ambiguous_Query does in every policy rule
             rules = [Rule(**{**r.__dict__, "map": {**r.map, AMBIGUOUS: spec["ambiguous"]}}) if r.kind == "policy" else r
@@ -209,10 +167,15 @@ class PolicyMapper:
         ledger = None
         if spec.get("budget"):
             b = spec["budget"]
+            if not isinstance(b, dict) or not isinstance(b.get("ledger", ""), str):
+                raise MapperConfigError(f"'budget' must be a mapping like {{ledger: budget.json, period: month}}, got {b!r}")
             path = Path(b.get("ledger", "budget_ledger.json"))
             if not path.is_absolute():
                 path = (base_dir or _default_ledger_dir()) / path
-            ledger = BudgetLedger(path, b.get("period", "month"))
+            try:
+                ledger = BudgetLedger(path, b.get("period", "month"))
+            except LedgerError as exc:
+                raise MapperConfigError(str(exc)) from None
         return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation)
 
     @classmethod

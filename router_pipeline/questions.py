@@ -9,6 +9,8 @@ reason; the rest are kept.
 from __future__ import annotations
 
 import ast
+import codecs
+import csv
 import json
 import math
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import pandas as pd
 
 from router_pipeline.paths import BUNDLED_SIMPLEQA
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
-from router_pipeline.text import clean_query, query_hash, unit_interval
+from router_pipeline.text import check_query, clean_query, query_hash, unit_interval
 
 SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes")
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
@@ -31,6 +33,9 @@ USAGE_FIELDS = ("cost_usd", "input_tokens", "output_tokens")
 USAGE_COLUMNS = [f"{t}_{k}" for t in TIERS for k in USAGE_FIELDS]
 QUERY_ALIASES = ("query", "question", "problem", "prompt")
 GOLD_ALIASES = ("gold_answer", "answer", "target")
+
+
+MAX_METADATA_CHARS = 10_000  # a longer metadata cell is ignored rather than parsed
 
 
 class QuestionSourceError(ValueError):
@@ -80,29 +85,114 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
     file = Path(path)
     if not file.exists():
         raise QuestionSourceError(f"{source} file not found: {file}")
+    if file.is_dir():
+        raise QuestionSourceError(f"{source} path {file} is a directory, not a file")
     if file.suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(file)
     if file.suffix == ".parquet":
-        return pd.read_parquet(file), []
-    return pd.read_csv(file, dtype=str, keep_default_na=False), []
+        try:
+            return pd.read_parquet(file), []
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise QuestionSourceError(f"{file} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    return _read_csv(file)
+
+
+def _physical_lines(file: Path) -> list[tuple[int, str | None]]:
+    """(line number, text) for every line of a text file; None for a line that is not
+    UTF-8, so that one bad byte costs one line. A UTF-8 BOM is dropped; UTF-16 (by its
+    BOM) is decoded whole."""
+    blob = file.read_bytes()
+    if blob.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return list(enumerate(blob.decode("utf-16").splitlines(), 1))
+        except UnicodeDecodeError as exc:
+            raise QuestionSourceError(f"{file} starts as UTF-16 but is not valid UTF-16 ({exc.reason})") from None
+    blob = blob.removeprefix(codecs.BOM_UTF8)
+    lines = []
+    for lineno, raw in enumerate(blob.split(b"\n"), 1):
+        try:
+            lines.append((lineno, raw.decode("utf-8").removesuffix("\r")))
+        except UnicodeDecodeError:
+            lines.append((lineno, None))
+    if lines and lines[-1][1] == "":
+        lines.pop()
+    return lines
+
+
+def _not_utf8(file: Path, lineno: int) -> Rejected:
+    return Rejected(lineno, f"{file.name}: line {lineno} is not UTF-8 text")
 
 
 def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
     rows, rejected = [], []
-    with file.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rejected.append(Rejected(lineno, f"{file.name}: broken JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            if not isinstance(obj, dict):
-                rejected.append(Rejected(lineno, f"{file.name}: expected a JSON object, got {type(obj).__name__}"))
-                continue
-            rows.append({**obj, "__row": lineno})
+    for lineno, line in _physical_lines(file):
+        if line is None:
+            rejected.append(_not_utf8(file, lineno))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rejected.append(Rejected(lineno, f"{file.name}: broken JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except RecursionError:
+            rejected.append(Rejected(lineno, f"{file.name}: JSON nested too deeply"))
+            continue
+        if not isinstance(obj, dict):
+            rejected.append(Rejected(lineno, f"{file.name}: expected a JSON object, got {type(obj).__name__}"))
+            continue
+        rows.append({**obj, "__row": lineno})
     return pd.DataFrame(rows), rejected
+
+
+def _read_csv(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
+    """CSV read record by record: a ragged row, or one whose unbalanced quote would
+    swallow the lines after it, is rejected alone and reading goes on at the next line.
+    A quoted field may span lines only when none of the lines it would swallow is a
+    complete row on its own."""
+    lines = _physical_lines(file)
+    rejected = [_not_utf8(file, n) for n, text in lines if text is None]
+    lines = [(n, text) for n, text in lines if text is not None and text.strip()]
+    if not lines:
+        raise QuestionSourceError(f"{file} is empty: expected a header line and rows")
+
+    def record(i: int, limit: int | None = None) -> tuple[list[str], int]:
+        end = len(lines) if limit is None else min(len(lines), i + limit)
+        reader = csv.reader(lines[j][1] for j in range(i, end))
+        return next(reader), reader.line_num
+
+    def swallows_a_row(i: int, used: int) -> bool:
+        for j in range(i + 1, i + used):
+            try:
+                if len(record(j, limit=1)[0]) == len(header):
+                    return True
+            except (csv.Error, StopIteration):
+                continue
+        return False
+
+    try:
+        header, used = record(0)
+    except csv.Error as exc:
+        raise QuestionSourceError(f"{file}: unreadable CSV header ({exc})") from None
+    rows, i = [], used
+    while i < len(lines):
+        lineno = lines[i][0]
+        try:
+            fields, used = record(i)
+        except csv.Error as exc:
+            rejected.append(Rejected(lineno, f"{file.name}: unreadable CSV row ({exc})"))
+            i += 1
+            continue
+        if len(fields) != len(header) or (used > 1 and swallows_a_row(i, used)):
+            what = ("an unbalanced quote" if used > 1 else
+                    f"{len(fields)} fields where the header has {len(header)}")
+            rejected.append(Rejected(lineno, f"{file.name}: row has {what}"))
+            i += 1
+            continue
+        rows.append({**dict(zip(header, fields)), "__row": lineno})
+        i += used
+    return pd.DataFrame(rows, columns=header + ["__row"]), rejected
 
 
 def _pick(columns, aliases) -> str | None:
@@ -120,13 +210,19 @@ def parse_grade(value) -> str | None:
     if text == "":
         return None
     table = {
-        "correct": CORRECT, "true": CORRECT, "1": CORRECT, "yes": CORRECT,
-        "incorrect": INCORRECT, "false": INCORRECT, "0": INCORRECT, "no": INCORRECT, "wrong": INCORRECT,
+        "correct": CORRECT, "true": CORRECT, "1": CORRECT, "1.0": CORRECT, "yes": CORRECT,
+        "incorrect": INCORRECT, "false": INCORRECT, "0": INCORRECT, "0.0": INCORRECT, "no": INCORRECT,
+        "wrong": INCORRECT,
         "idk": IDK, "not_attempted": IDK, "abstained": IDK, "i_dont_know": IDK,
     }
     if text not in table:
         raise ValueError(f"unknown grade {value!r} (expected Correct/Incorrect/IDK or a boolean)")
     return table[text]
+
+
+def _blank(value) -> bool:
+    """A missing cell: None, or NaN as pandas reads an empty one."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _amount(value, name: str) -> float | None:
@@ -147,11 +243,11 @@ def _amount(value, name: str) -> float | None:
 def _meta(value) -> dict:
     if isinstance(value, dict):
         return value
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_METADATA_CHARS:
         return {}
     try:
         parsed = ast.literal_eval(value)  # OpenAI's CSV stores a Python dict literal
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
@@ -164,53 +260,73 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: 
     out, rejected, seen = [], [], {}
     for pos, rec in enumerate(raw.to_dict("records")):
         rowno = int(rec.get("__row", pos + 2))  # CSV: header is line 1
-        query = rec.get(qcol)
-        if not isinstance(query, str):
-            rejected.append(Rejected(rowno, f"query is {type(query).__name__}, not text"))
+        try:
+            row = _normalise_row(rec, qcol, gcol, max_query_chars, outcomes)
+        except ValueError as exc:
+            rejected.append(Rejected(rowno, str(exc)))
             continue
-        query = clean_query(query)
-        if not query:
-            rejected.append(Rejected(rowno, "empty query"))
-            continue
-        if len(query) > max_query_chars:
-            rejected.append(Rejected(rowno, f"query is {len(query)} characters, over the {max_query_chars} limit"))
-            continue
-        gold = rec.get(gcol) if gcol else None
-        gold = clean_query(gold) if isinstance(gold, str) else (None if gold is None or pd.isna(gold) else str(gold))
-        meta = _meta(rec.get("metadata"))
-        row = {
-            "qid": query_hash(query),
-            "query": query,
-            "gold_answer": gold or None,
-            "topic": rec.get("topic") or meta.get("topic"),
-            "answer_type": rec.get("answer_type") or meta.get("answer_type"),
-            "source_row": rowno,
-        }
-        if outcomes:
-            try:
-                for tier in TIERS:
-                    answer = rec.get(f"{tier}_answer")
-                    row[f"{tier}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
-                    row[f"{tier}_grade"] = parse_grade(rec.get(f"{tier}_grade"))
-                    if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
-                        raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
-                    if row[f"{tier}_grade"] is None and not gold:
-                        raise ValueError(f"{tier}_answer needs a gold answer to be judged")
-                    for field in USAGE_FIELDS:
-                        row[f"{tier}_{field}"] = _amount(rec.get(f"{tier}_{field}"), f"{tier}_{field}")
-            except ValueError as exc:
-                rejected.append(Rejected(rowno, str(exc)))
-                continue
-        elif not gold:
-            rejected.append(Rejected(rowno, "no gold answer"))
+        except Exception as exc:  # one odd row never fails the source: it gets its own verdict
+            rejected.append(Rejected(rowno, f"unreadable row ({type(exc).__name__}: {exc})"))
             continue
         if row["qid"] in seen:
             rejected.append(Rejected(rowno, f"duplicate of row {seen[row['qid']]}"))
             continue
         seen[row["qid"]] = rowno
-        out.append(row)
+        out.append({**row, "source_row": rowno})
     columns = COLUMNS + (OUTCOME_COLUMNS + USAGE_COLUMNS if outcomes else [])
     return pd.DataFrame(out, columns=columns), rejected
+
+
+def _text(value, name: str) -> str | None:
+    """A text cell (numbers are written as text), None when blank; ValueError otherwise."""
+    if _blank(value):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} holds characters that are not valid Unicode") from None
+    return clean_query(value) or None
+
+
+def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int, outcomes: bool) -> dict:
+    raw_query = rec.get(qcol)
+    query = check_query(None if _blank(raw_query) else raw_query, max_query_chars)
+    gold = _text(rec.get(gcol), "answer") if gcol else None
+    meta = _meta(rec.get("metadata"))
+    row = {
+        "qid": query_hash(query),
+        "query": query,
+        "gold_answer": gold,
+        # Labels only: anything that is not text is dropped, so one row cannot change a column's type.
+        "topic": _label(rec.get("topic")) or _label(meta.get("topic")),
+        "answer_type": _label(rec.get("answer_type")) or _label(meta.get("answer_type")),
+    }
+    if not outcomes:
+        if not gold:
+            raise ValueError("no gold answer")
+        return row
+    for tier in TIERS:
+        answer = rec.get(f"{tier}_answer")
+        row[f"{tier}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
+        row[f"{tier}_grade"] = parse_grade(rec.get(f"{tier}_grade"))
+        if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
+            raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
+        if row[f"{tier}_grade"] is None and not gold:
+            raise ValueError(f"{tier}_answer needs a gold answer to be judged")
+        for field in USAGE_FIELDS:
+            row[f"{tier}_{field}"] = _amount(rec.get(f"{tier}_{field}"), f"{tier}_{field}")
+    return row
+
+
+def _label(value) -> str | None:
+    try:
+        return _text(value, "label")
+    except ValueError:
+        return None
 
 
 def stable_sample(frame: pd.DataFrame, size: int, seed: int = 0) -> pd.DataFrame:

@@ -85,9 +85,15 @@ def adapter_meta(adapter_dir: str | Path) -> dict:
     from router_pipeline.training import META_FILE
 
     path = Path(adapter_dir) / META_FILE
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {adapter_dir} is not an adapter trained by router_pipeline")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): retrain or restore the adapter") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ValueError(f"{path} must hold an object with the training 'config'; found {type(meta).__name__}")
+    return meta
 
 
 class Router:
@@ -246,7 +252,15 @@ def _read_calibration(adapter_dir) -> dict:
     if adapter_dir is None:
         return {}
     path = Path(adapter_dir) / CALIBRATION_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        calibration = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): re-run router_evaluation and released_router") from None
+    if not isinstance(calibration, dict):
+        raise ValueError(f"{path} must hold an object with the calibrated 'threshold'")
+    return calibration
 
 
 def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = None):

@@ -16,6 +16,30 @@ def clean_query(text: str) -> str:
     return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()
 
 
+# Control characters other than tab/newline/CR mean binary data, not a question.
+_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_QUERY_CHARS = 4000  # the loaders' and the CLI's default limit
+
+
+def check_query(value, max_chars: int = MAX_QUERY_CHARS) -> str:
+    """The stored form of a query (clean_query), or ValueError saying what is wrong with it:
+    not text, undecodable (lone surrogates), binary, empty, or over ``max_chars``."""
+    if not isinstance(value, str):
+        raise ValueError("missing query" if value is None else f"query is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("query holds characters that are not valid Unicode (lone surrogates)") from None
+    if _BINARY.search(value):
+        raise ValueError("query holds control characters: binary data, not text")
+    query = clean_query(value)
+    if not query:
+        raise ValueError("empty query")
+    if len(query) > max_chars:
+        raise ValueError(f"query is {len(query)} characters, over the {max_chars} limit")
+    return query
+
+
 def normalise(text: str) -> str:
     """Case-, accent-, punctuation- and article-insensitive form for comparisons."""
     text = unicodedata.normalize("NFKD", str(text))

@@ -58,7 +58,8 @@ def test_string_shape_and_medium_winner_is_standard(tmp_path):
     (row,) = council.read_folder(tmp_path).labels.to_dict("records")
     # Without self-votes: FLASH's reviewer ranks [PRO, OTHER], PRO's [FLASH, OTHER], OTHER's [FLASH, PRO].
     assert row["winner"] == FLASH and row["policy"] == STANDARD
-    assert row["agreement"] == pytest.approx(2 / 3)
+    # FLASH's own ballot cannot vote for FLASH, so it is not counted against it: both others agree.
+    assert row["agreement"] == 1.0 and row["reviewers"] == 2
     assert row["winner_borda"] == pytest.approx(1.0)  # FLASH first in both ballots that include it
 
 
@@ -99,7 +100,7 @@ def test_single_model_council_and_abstaining_reviewers(tmp_path):
     result = council.read_folder(tmp_path)
     reasons = {r["file"]: r["reason"] for r in result.rejected}
     assert "single-model council" in reasons["solo.json"]
-    assert "all abstained" in reasons["all_abstain.json"]
+    assert "every reviewer abstained" in reasons["all_abstain.json"]
     (row,) = result.labels.to_dict("records")
     assert row["query"] == "Some abstain?" and row["reviewers"] == 1 and row["policy"] == COMPLEX
 
@@ -217,3 +218,80 @@ def test_council_labels_join_training_examples_with_precedence_and_conflicts(tmp
     run("council")
     examples = pd.read_parquet(io._path(dg.AssetKey("training_examples")))
     assert dict(zip(examples["query"], examples["policy"]))["Who designed the Abasto market?"] == COMPLEX
+
+
+def test_a_two_model_council_yields_a_label(tmp_path):
+    # FLASH ranks PRO's answer above its own; PRO ranks itself first (a self-vote, left out).
+    write(tmp_path, "two.json", session("Who signed the 1897 canal contract?", [[PRO, FLASH], [PRO, FLASH]],
+                                        models=(FLASH, PRO)))
+    (row,) = council.read_folder(tmp_path).labels.to_dict("records")
+    assert row["winner"] == PRO and row["policy"] == COMPLEX and row["agreement"] == 1.0 and row["reviewers"] == 1
+    # Each model prefers its own answer: no evidence either way, a deadlock.
+    write(tmp_path, "two.json", session("Who signed it?", [[FLASH, PRO], [PRO, FLASH]], models=(FLASH, PRO)))
+    (row,) = council.read_folder(tmp_path).labels.to_dict("records")
+    assert row["policy"] == AMBIGUOUS and "deadlock" in row["rationale"]
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("list_model.json", None, None),
+    ("deep.json", "[" * 100_000, "nested too deeply"),
+    ("bool.jsonl", json.dumps({"query": "Q?", "best_model": PRO, "borda_score": True}), "is a boolean"),
+    ("surrogate.jsonl", '{"query": "\\ud800?", "best_model": "x", "borda_score": 0.9}', "not valid Unicode"),
+])
+def test_one_malformed_file_never_costs_the_others(tmp_path, name, content, reason):
+    good = session("Who designed the Abasto market?", [[PRO, FLASH, OTHER], [OTHER, PRO, FLASH], [PRO, OTHER, FLASH]],
+                   reviewers=[FLASH, OTHER, "judge"])
+    write(tmp_path, "good.json", good)
+    if content is None:  # an aggregate_rankings entry whose model is a list (unhashable)
+        content = json.dumps({**good, "query": "Another question?", "metadata": {
+            **good["metadata"], "aggregate_rankings": [{"model": [PRO], "borda_score": 0.5}]}})
+    write(tmp_path, name, content)
+    result = council.read_folder(tmp_path)
+    assert "Who designed the Abasto market?" in set(result.labels["query"])
+    if reason:
+        assert any(r["file"] == name and reason in r["reason"] for r in result.rejected), result.rejected
+    else:
+        assert "Another question?" in set(result.labels["query"])
+
+
+def test_a_bom_prefixed_file_is_read(tmp_path):
+    good = session("Who designed the Abasto market?", [[PRO, FLASH, OTHER], [OTHER, PRO, FLASH], [PRO, OTHER, FLASH]],
+                   reviewers=[FLASH, OTHER, "judge"])
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode())
+    assert len(council.read_folder(tmp_path).labels) == 1
+
+
+def test_fuzzed_session_files_never_fail_the_folder(tmp_path):
+    """Property: whatever a session file holds, read_folder returns, and the valid file's label survives."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = session("Who designed the Abasto market?", [[PRO, FLASH, OTHER], [OTHER, PRO, FLASH], [PRO, OTHER, FLASH]],
+                   reviewers=[FLASH, OTHER, "judge"])
+    leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8)
+    value = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                         max_leaves=10)
+
+    def mutate(draw_path, new):
+        obj = json.loads(json.dumps(good))
+        node = obj
+        for key in draw_path[:-1]:
+            node = node[key]
+        node[draw_path[-1]] = new
+        return obj
+
+    paths = st.sampled_from([["query"], ["stage2_results"], ["stage2_results", 0], ["stage2_results", 0, "parsed_ranking"],
+                             ["stage2_results", 1, "model"], ["metadata"], ["metadata", "label_to_model"],
+                             ["metadata", "label_to_model", "Response A"], ["metadata", "aggregate_rankings"]])
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(path=paths, new=value)
+    def check(path, new):
+        folder = tmp_path / "fuzz"
+        write(folder, "good.json", good)
+        write(folder, "bad.json", json.dumps(mutate(path, new)))
+        result = council.read_folder(folder)
+        assert "Who designed the Abasto market?" in set(result.labels["query"])
+        assert all(r["reason"] for r in result.rejected)
+
+    check()

@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from router_pipeline.mapper import ABSTAIN, BudgetLedger, MapperConfigError, PolicyMapper
+from router_pipeline.ledger import BudgetLedger
+from router_pipeline.mapper import ABSTAIN, MapperConfigError, PolicyMapper
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 from router_pipeline.routing import RouteDecision
 
@@ -123,7 +124,7 @@ def test_budget_rule_switches_when_spent(tmp_path):
 def test_budget_spend_persists_across_processes(tmp_path):
     ledger = tmp_path / "ledger.json"
     script = textwrap.dedent(f"""
-        from router_pipeline.mapper import BudgetLedger
+        from router_pipeline.ledger import BudgetLedger
         BudgetLedger({str(ledger)!r}, "month").add(0.25)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]

@@ -171,3 +171,52 @@ def test_cli_without_a_router_says_what_to_do(capsys):
 
     assert main(["route", "Who wrote Hamlet?"]) == 2
     assert "materialise released_router" in capsys.readouterr().err
+
+
+# -- hostile input at the CLI: one clear line, never a traceback --------------------------
+def _cli(capsys, *argv, stdin: bytes | None = None, monkeypatch=None):
+    import io
+
+    from router_pipeline.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_reports_a_broken_adapter_record(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "router_training.json").write_text("[]")
+    rc, _, err = _cli(capsys, "route", "Who wrote Hamlet?", "--adapter", str(adapter))
+    assert rc == 1 and err.count("\n") == 1 and "must hold an object" in err and "Traceback" not in err
+
+
+def test_cli_reports_bad_mapper_log_and_ledger(tiny_model_dir, tmp_path, capsys):
+    mapper = tmp_path / "mapper.yaml"
+    mapper.write_text("models: [a, b]\n")
+    rc, _, err = _cli(capsys, "route", "Who?", "--base-model", tiny_model_dir, "--mapper", str(mapper))
+    assert rc == 1 and str(mapper) in err and "'models' must map aliases" in err
+    rc, _, err = _cli(capsys, "route", "Who?", "--base-model", tiny_model_dir, "--log", str(tmp_path))
+    assert rc == 2 and "is a directory" in err
+    (tmp_path / "spend.json").write_text("[]")
+    mapper.write_text("budget: {ledger: spend.json, period: total}\n"
+                      "rules: [{kind: budget, limit_usd: 1, target: medium}]\n")
+    rc, _, err = _cli(capsys, "route", "Who?", "--base-model", tiny_model_dir, "--mapper", str(mapper))
+    assert rc == 1 and "spend.json must hold an object" in err and "Traceback" not in err
+
+
+def test_cli_refuses_bad_queries_one_by_one(tiny_model_dir, capsys, monkeypatch):
+    stdin = b"Who wrote Hamlet?\n" + b"x" * 1_000_000 + b"\n\xff\xfe\x00garbage\nWhat is 2 + 2?\n"
+    rc, out, err = _cli(capsys, "route", "-", "--base-model", tiny_model_dir, "--json", stdin=stdin,
+                        monkeypatch=monkeypatch)
+    assert rc == 1  # some queries were refused
+    lines = out.splitlines()
+    assert [json.loads(line)["query"] for line in lines] == ["Who wrote Hamlet?", "What is 2 + 2?"]
+    out.encode("utf-8")  # valid UTF-8 throughout
+    assert "stdin line 2: query is 1000000 characters, over the 4000 limit" in err
+    assert "stdin line 3: not UTF-8 text" in err
+    rc, out, err = _cli(capsys, "route", "bad \x00 bytes", "--base-model", tiny_model_dir)
+    assert rc == 2 and "control characters" in err and out == ""

@@ -1,0 +1,69 @@
+"""The budget ledger is money state: it survives a killed writer and fails closed."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from router_pipeline.ledger import BudgetLedger, LedgerError
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"", "is empty"),
+    (b"  \n", "is empty"),
+    (b"[]", "found list"),
+    (b"7.5", "found float"),
+    (b'{"total": "abc"}', "invalid amounts"),
+    (b'{"total": NaN}', "invalid amounts"),
+    (b'{"total": -3.0}', "invalid amounts"),
+    (b'{"total": true}', "invalid amounts"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'{"total": 5.13', "not valid JSON"),
+])
+def test_a_corrupt_ledger_stops_spending_and_is_left_alone(tmp_path, content, problem):
+    path = tmp_path / "budget.json"
+    path.write_bytes(content)
+    ledger = BudgetLedger(path, "total")
+    with pytest.raises(LedgerError, match=problem) as err:
+        ledger.spent()
+    assert str(path) in str(err.value)
+    with pytest.raises(LedgerError, match=problem):
+        ledger.add(0.5)
+    assert path.read_bytes() == content  # never reset or rewritten
+
+
+@pytest.mark.parametrize("amount", [float("nan"), float("inf"), -0.01, True, "1"])
+def test_invalid_spend_is_refused(tmp_path, amount):
+    ledger = BudgetLedger(tmp_path / "budget.json", "total")
+    ledger.add(1.0)
+    with pytest.raises(LedgerError, match="finite number >= 0"):
+        ledger.add(amount)
+    assert ledger.spent() == 1.0
+
+
+def test_a_writer_killed_mid_update_never_loses_the_previous_total(tmp_path):
+    path = tmp_path / "budget.json"
+    writer = textwrap.dedent(f"""
+        from router_pipeline.ledger import BudgetLedger
+        ledger = BudgetLedger({str(path)!r}, "total")
+        while True:
+            ledger.add(0.01)
+    """)
+    last = 0.0
+    for kill in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2 + 0.05 * kill)  # land the kill at a different point of the write each time
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        total = BudgetLedger(path, "total").spent()  # readable after every kill
+        assert total >= last
+        last = total
+    assert last > 0.05
+    assert json.loads(path.read_text())["total"] == pytest.approx(last)
