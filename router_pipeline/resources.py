@@ -67,7 +67,7 @@ class LLMRoles(dg.ConfigurableResource):
     judge: Optional[ModelRole] = None
     analyser: Optional[ModelRole] = None
     gemini_base_url: Optional[str] = None  # None: GEMINI_BASE_URL or Google's endpoint
-    timeout_s: float = 120.0
+    timeout_s: Optional[float] = None  # None: 300 s for Pro models (thinking), 120 s otherwise
     concurrency: int = 16
     max_attempts: int = 6
     backoff_base_s: float = 1.0

@@ -55,6 +55,65 @@ def test_timeouts_are_retried_then_reported():
     assert slow.status == "error" and "gave up after 3 attempts" in slow.error
     assert late.status == "ok" and late.attempts == 2
     assert stats.errors == 1
+    # Each retry after a timeout may pay twice (the server finished the first try): counted.
+    assert stats.possibly_billed_retries == 3  # slow: 2 retries, late: 1
+    assert stats.retries == 3
+
+
+def test_429_and_5xx_retries_are_not_counted_as_possibly_billed():
+    with FakeGemini() as fake:
+        fake.add_faults("q1", Fault(status=429, retry_after=0.01), Fault(status=503))
+        _, stats = run(fake, [FLASH.request("q1")])
+    assert stats.retries == 2 and stats.possibly_billed_retries == 0
+
+
+def test_pro_models_get_a_longer_default_timeout():
+    from router_pipeline.llm.gemini import default_timeout_s
+
+    assert default_timeout_s("gemini-2.5-pro") > default_timeout_s("gemini-2.5-flash") >= 60
+
+
+def test_two_runs_never_pay_twice_for_the_same_prompt(tmp_path):
+    """Two concurrent runs over the same prompts (each with its own cache connection, as two
+    Dagster runs have): the in-flight claims make every prompt paid once."""
+    import threading
+
+    prompts = [FLASH.request(f"Question number {i}?") for i in range(12)]
+    out = {}
+    with FakeGemini(latency_s=0.3) as fake:
+        def one_run(name):
+            cache = ResponseCache(tmp_path / "shared.sqlite")
+            try:
+                out[name] = run(fake, prompts, cache=cache, concurrency=4)
+            finally:
+                cache.close()
+
+        threads = [threading.Thread(target=one_run, args=(n,)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(fake.calls) == len(prompts)  # each prompt paid once
+    assert all(r.status == "ok" for results, _ in out.values() for r in results)
+    assert [r.text for r in out["a"][0]] == [r.text for r in out["b"][0]]
+    assert out["a"][1].calls + out["b"][1].calls == len(prompts)
+    assert out["a"][1].waited_for_other_runs + out["b"][1].waited_for_other_runs > 0
+
+
+def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    assert cache.claim("k", f"{socket.gethostname()}:{dead.pid}:x")
+    assert cache.claim("k", "elsewhere:1:y")  # the first owner's process is gone: taken over
+    assert not cache.claim("k", f"{socket.gethostname()}:{os.getpid()}:z")  # a live claim elsewhere holds
+    cache.release("k", "elsewhere:1:y")
+    assert cache.claim("k", f"{socket.gethostname()}:{os.getpid()}:z")
 
 
 def test_blocked_empty_and_failed_items_never_lose_the_rest(tmp_path):

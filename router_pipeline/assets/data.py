@@ -113,6 +113,8 @@ def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMR
         "model_calls": calls,
         "cache_hits": sum(s.cache_hits for s in stats.values()),
         "retries": sum(s.retries for s in stats.values()),
+        "possibly_billed_retries": sum(s.possibly_billed_retries for s in stats.values()),
+        "waited_for_other_runs": sum(s.waited_for_other_runs for s in stats.values()),
         "errors": len(errors),
         "recorded_without_cost": int((~frame["cost_known"]).sum()),
         "input_tokens": int(frame["input_tokens"].sum()),

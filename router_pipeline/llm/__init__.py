@@ -48,7 +48,9 @@ class RoleSpec:
         )
 
 
-def make_client(spec: RoleSpec, *, gemini_base_url: str | None = None, timeout_s: float = 120.0, batch_size: int = 8):
+def make_client(spec: RoleSpec, *, gemini_base_url: str | None = None, timeout_s: float | None = None,
+                batch_size: int = 8):
+    """A client for a role; ``timeout_s`` None: a default that fits the model (Pro is slow)."""
     if spec.provider == "gemini":
         from router_pipeline.llm.gemini import GeminiClient
 

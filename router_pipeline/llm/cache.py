@@ -1,9 +1,19 @@
-"""Persistent response cache (SQLite), so a re-run or a resumed run never pays twice."""
+"""Persistent response cache (SQLite), so a re-run or a resumed run never pays twice.
+
+It also holds the in-flight claims: a run claims a prompt's key before paying for it,
+so that two runs (two Dagster runs, a run and the CLI) never pay for the same prompt at
+the same time; the second waits for the first one's result. A claim whose process is
+gone (same host, dead pid) or that is older than CLAIM_TTL_S is stale and taken over.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import threading
+import time
+import uuid
 from pathlib import Path
 
 from router_pipeline.llm.types import CACHEABLE, LLMResult
@@ -20,6 +30,7 @@ class ResponseCache:
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, result TEXT NOT NULL, "
             "created TEXT DEFAULT CURRENT_TIMESTAMP)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS inflight (key TEXT PRIMARY KEY, owner TEXT NOT NULL, since REAL)")
         self._db.commit()
 
     def get(self, key: str) -> LLMResult | None:
@@ -42,9 +53,53 @@ class ResponseCache:
             )
             self._db.commit()
 
+    def claim(self, key: str, owner: str) -> bool:
+        """Take the right to pay for ``key``; False while another live run holds it."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the check and the insert are one step across processes
+            try:
+                row = self._db.execute("SELECT owner, since FROM inflight WHERE key = ?", (key,)).fetchone()
+                if row is not None and row[0] != owner and not _stale(*row):
+                    self._db.rollback()
+                    return False
+                self._db.execute("INSERT OR REPLACE INTO inflight (key, owner, since) VALUES (?, ?, ?)",
+                                 (key, owner, time.time()))
+                self._db.commit()
+                return True
+            except BaseException:
+                self._db.rollback()
+                raise
+
+    def release(self, key: str, owner: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM inflight WHERE key = ? AND owner = ?", (key, owner))
+            self._db.commit()
+
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()
+
+
+CLAIM_TTL_S = 3600.0
+
+
+def new_owner() -> str:
+    """An in-flight claim owner: this host, this process, this run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _stale(owner: str, since: float | None) -> bool:
+    host, pid, _ = (owner.split(":") + ["", "", ""])[:3]
+    if since is None or time.time() - since > CLAIM_TTL_S:
+        return True
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True  # the claiming process died (killed mid-run): take over
+        except PermissionError:
+            return False
+    return False

@@ -16,6 +16,12 @@ class MissingCredentials(RuntimeError):
     pass
 
 
+def default_timeout_s(model: str) -> float:
+    """Pro models think before they answer and take minutes on hard prompts; a timeout
+    shorter than that makes the runner retry, and pay for, a call that was still running."""
+    return 300.0 if "pro" in model.lower() else 120.0
+
+
 def api_key_from_env() -> str:
     for var in API_KEY_VARS:
         if os.environ.get(var):
@@ -45,7 +51,7 @@ class GeminiClient:
         *,
         price: tuple[float, float],
         base_url: str | None = None,
-        timeout_s: float = 120.0,
+        timeout_s: float | None = None,
     ):
         from google import genai
         from google.genai import types
@@ -56,7 +62,8 @@ class GeminiClient:
         base_url = base_url or os.environ.get("GEMINI_BASE_URL") or None
         self._client = genai.Client(
             api_key=api_key_from_env(),
-            http_options=types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000)),
+            http_options=types.HttpOptions(base_url=base_url,
+                                           timeout=int((timeout_s or default_timeout_s(model)) * 1000)),
         )
 
     async def complete(self, request: LLMRequest) -> LLMResult:
@@ -80,10 +87,10 @@ class GeminiClient:
                 raise RetryableError(f"HTTP {exc.code} {exc.status}", _retry_after(exc)) from exc
             raise
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+            raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed=True) from exc
         except Exception as exc:
             if "Timeout" in type(exc).__name__ or "Connect" in type(exc).__name__:
-                raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+                raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed="Timeout" in type(exc).__name__) from exc
             raise
         return self._to_result(response)
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from router_pipeline.llm.cache import ResponseCache
+from router_pipeline.llm.cache import ResponseCache, new_owner
 from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.types import ERROR, LLMRequest, LLMResult, RetryableError, cache_key
 
@@ -44,6 +44,8 @@ class RunStats:
     cache_hits: int = 0
     calls: int = 0  # requests actually sent to the model (first attempts)
     retries: int = 0
+    possibly_billed_retries: int = 0  # retries after a timeout: the provider may have billed the first try
+    waited_for_other_runs: int = 0  # results another run was already paying for, taken from the cache
     errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -87,6 +89,7 @@ def complete_all(
         results[i] = result
         stats.calls += 1
         stats.retries += result.attempts - 1
+        stats.possibly_billed_retries += int(result.meta.get("possibly_billed_retries", 0))
         stats.errors += result.status == ERROR
         stats.input_tokens += result.input_tokens
         stats.output_tokens += result.output_tokens
@@ -106,19 +109,44 @@ def complete_all(
                 for i, result in zip(chunk, batch):
                     settle(i, result)
         elif todo:
-            asyncio.run(_run_async(client, requests, todo, settle, concurrency, retry))
+            def taken_from_other_run(i: int, result: LLMResult) -> None:
+                results[i] = result
+                stats.cache_hits += 1
+                stats.waited_for_other_runs += 1
+                bar.update(1)
+
+            asyncio.run(_run_async(client, requests, todo, settle, concurrency, retry,
+                                   cache, keys, taken_from_other_run))
     finally:
         bar.close()
     stats.wall_s = time.perf_counter() - start
     return results, stats  # type: ignore[return-value]  # every slot is settled above
 
 
-async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPolicy) -> None:
+CLAIM_POLL_S = 0.5
+
+
+async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPolicy,
+                     cache: ResponseCache | None = None, keys=None, taken=None) -> None:
     gate = asyncio.Semaphore(max(1, concurrency))
+    owner = new_owner()
 
     async def one(i: int) -> None:
         async with gate:
-            settle(i, await _with_retries(client, requests[i], retry))
+            if cache is None:
+                settle(i, await _with_retries(client, requests[i], retry))
+                return
+            # Never pay for a prompt another run is paying for right now: wait for its result.
+            while not cache.claim(keys[i], owner):
+                await asyncio.sleep(CLAIM_POLL_S)
+            try:
+                hit = cache.get(keys[i])  # it may have landed while we waited
+                if hit is not None:
+                    taken(i, hit)
+                else:
+                    settle(i, await _with_retries(client, requests[i], retry))
+            finally:
+                cache.release(keys[i], owner)
 
     try:
         await asyncio.gather(*(one(i) for i in todo))
@@ -129,7 +157,7 @@ async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPo
 
 
 async def _with_retries(client, request: LLMRequest, retry: RetryPolicy) -> LLMResult:
-    attempt = 0
+    attempt, maybe_billed = 0, 0
     while True:
         attempt += 1
         t0 = time.perf_counter()
@@ -137,7 +165,10 @@ async def _with_retries(client, request: LLMRequest, retry: RetryPolicy) -> LLMR
             result = await client.complete(request)
         except RetryableError as exc:
             if attempt >= retry.max_attempts:
-                return LLMResult.failed(f"gave up after {attempt} attempts: {exc}", attempts=attempt)
+                failed = LLMResult.failed(f"gave up after {attempt} attempts: {exc}", attempts=attempt)
+                failed.meta["possibly_billed_retries"] = maybe_billed
+                return failed
+            maybe_billed += exc.maybe_billed
             wait = retry.delay(attempt, exc.retry_after)
             log.info("transient failure (%s); retry %d in %.2fs", exc, attempt, wait)
             await asyncio.sleep(wait)
@@ -146,4 +177,5 @@ async def _with_retries(client, request: LLMRequest, retry: RetryPolicy) -> LLMR
             return LLMResult.failed(f"{type(exc).__name__}: {exc}", attempts=attempt)
         result.attempts = attempt
         result.latency_ms = (time.perf_counter() - t0) * 1000
+        result.meta["possibly_billed_retries"] = maybe_billed
         return result

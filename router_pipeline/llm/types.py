@@ -74,6 +74,9 @@ class LLMResult:
 class RetryableError(Exception):
     """A transient failure (429, 5xx, timeout): the runner backs off and tries again."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, maybe_billed: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        # A timeout or a dropped connection: the provider may have finished (and billed)
+        # the call we are about to send again.
+        self.maybe_billed = maybe_billed
