@@ -160,6 +160,7 @@ def judgments(context: dg.AssetExecutionContext, config: JudgeConfig, llm: LLMRo
         "judges": table(frame["judge"].value_counts().rename_axis("judge").reset_index()),
         "judge_calls": stats.calls,
         "judge_cache_hits": stats.cache_hits,
+        "judge_possibly_billed_retries": stats.possibly_billed_retries,
         "judge_cost_usd_this_run": round(stats.cost_usd, 6),
     })
 
