@@ -208,6 +208,27 @@ def supervised_positions_only():
         trl_utils._use_triton = original
 
 
+def _release_freed_memory_callback():
+    """glibc keeps the heap that variable-shape batches free, so a CPU run's RSS grows
+    step after step (measured: 15 GB after 75 steps of 16 MMLU prompts; 2.2 GB when
+    trimmed after every step). Hand it back to the OS after each step; a no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    from transformers import TrainerCallback
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+    class ReleaseFreedMemory(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trim(0)
+
+    return ReleaseFreedMemory()
+
+
 def _train(trainer, out: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -215,6 +236,9 @@ def _train(trainer, out: Path) -> None:
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last:
         log.info("resuming from %s", last)
+    release = _release_freed_memory_callback()
+    if release is not None:
+        trainer.add_callback(release)
     with supervised_positions_only():
         trainer.train(resume_from_checkpoint=last)
 
