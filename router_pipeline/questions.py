@@ -149,27 +149,18 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
 def _read_csv(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
     """CSV read record by record: a ragged row, or one whose unbalanced quote would
     swallow the lines after it, is rejected alone and reading goes on at the next line.
-    A quoted field may span lines only when none of the lines it would swallow is a
-    complete row on its own."""
+    A quoted field may span lines (MMLU questions do). Limitation: an unbalanced quote
+    whose swallowed lines happen to add up to the header's field count reads as one
+    (odd) row, and the lines it swallowed are lost with it."""
     lines = _physical_lines(file)
     rejected = [_not_utf8(file, n) for n, text in lines if text is None]
     lines = [(n, text) for n, text in lines if text is not None and text.strip()]
     if not lines:
         raise QuestionSourceError(f"{file} is empty: expected a header line and rows")
 
-    def record(i: int, limit: int | None = None) -> tuple[list[str], int]:
-        end = len(lines) if limit is None else min(len(lines), i + limit)
-        reader = csv.reader(lines[j][1] for j in range(i, end))
+    def record(i: int) -> tuple[list[str], int]:
+        reader = csv.reader(lines[j][1] + "\n" for j in range(i, len(lines)))
         return next(reader), reader.line_num
-
-    def swallows_a_row(i: int, used: int) -> bool:
-        for j in range(i + 1, i + used):
-            try:
-                if len(record(j, limit=1)[0]) == len(header):
-                    return True
-            except (csv.Error, StopIteration):
-                continue
-        return False
 
     try:
         header, used = record(0)
@@ -184,7 +175,7 @@ def _read_csv(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
             rejected.append(Rejected(lineno, f"{file.name}: unreadable CSV row ({exc})"))
             i += 1
             continue
-        if len(fields) != len(header) or (used > 1 and swallows_a_row(i, used)):
+        if len(fields) != len(header):
             what = ("an unbalanced quote" if used > 1 else
                     f"{len(fields)} fields where the header has {len(header)}")
             rejected.append(Rejected(lineno, f"{file.name}: row has {what}"))

@@ -112,7 +112,10 @@ def test_valid_jsonl_rows_survive_any_junk(tmp_path_factory, junk, where):
     frame.to_parquet(path.with_suffix(".parquet"))
 
 
-csv_junk = st.text(alphabet=string.printable.replace("\n", "").replace("\r", "") + '"é', max_size=50)
+# Junk may hold quotes, but does not open a quoted field: an unbalanced opening quote can
+# swallow the next lines when they add up to the header's width (see questions._read_csv).
+csv_junk = st.text(alphabet=string.printable.replace("\n", "").replace("\r", "") + '"é', max_size=50).filter(
+    lambda t: not t.lstrip().startswith('"') and ',"' not in t)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -124,3 +127,29 @@ def test_valid_csv_rows_survive_any_junk(tmp_path_factory, junk):
     frame, rejected = load_questions("jsonl", path=str(path))
     assert {r["query"] for r in VALID} <= set(frame["query"])
     assert all(r.reason for r in rejected)
+
+
+def test_quoted_fields_may_span_lines(tmp_path):
+    """MMLU questions carry their choices on their own lines, some with commas."""
+    path = tmp_path / "outcomes.csv"
+    pd.DataFrame([
+        {"query": "Which weakens the argument, if true?\nA. one, two\nB. 4\nAnswer:", "medium_grade": "Correct",
+         "large_grade": "Correct"},
+        {"query": 'She said "hi".\nA. x\nAnswer:', "medium_grade": "Incorrect", "large_grade": "Correct"},
+    ]).to_csv(path, index=False)
+    frame, rejected = load_questions("outcomes", path=str(path))
+    assert not rejected and len(frame) == 2
+    assert frame["query"].iloc[0].startswith("Which weakens the argument, if true? A. one, two")
+
+
+def test_the_shared_mmlu_outcomes_load_whole():
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
+    if not shared.exists():
+        pytest.skip("the shared development data is not beside this checkout")
+    frame, rejected = load_questions("outcomes", path=str(shared))
+    assert len(frame) + len(rejected) == 5235
+    # Only the long professional_law rows and repeated questions are refused.
+    assert all("over the 4000 limit" in r.reason or "duplicate of row" in r.reason for r in rejected)
+    assert sum("over the 4000 limit" in r.reason for r in rejected) == 5
