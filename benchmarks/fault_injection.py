@@ -7,8 +7,8 @@ than the client's timeout, or a blocked prompt. The worker is SIGKILLed after a 
 and after two thirds of the prompts are settled, and started again each time. Prints
 
     rows lost N              prompts with no settled result after the last run (target 0)
-    duplicate paid calls N   successful calls for a prompt whose result was already
-                             cached when the call arrived (target 0)
+    duplicate paid calls N   calls that arrived for a prompt whose result was already
+                             cached (target 0)
 
 plus the possibly-billed retries (a retry after a timeout: the server did finish the
 first try), the kills and the wall time.
@@ -82,13 +82,15 @@ def main(argv=None) -> int:
     paid, duplicates = Counter(), []
     reader = {}
 
-    def responder(model: str, prompt: str) -> str:
-        # A successful (billed) call: was this prompt's result already cached when it came in?
-        db = reader.setdefault("db", None) or sqlite3.connect(cache_path, timeout=30, check_same_thread=False)
+    def arrived(model: str, prompt: str) -> None:
+        # Was this prompt's result already cached when the call came in? Then it is paid twice.
+        db = reader.get("db") or sqlite3.connect(cache_path, timeout=30, check_same_thread=False)
         reader["db"] = db
         if db.execute("SELECT 1 FROM sqlite_master WHERE name='responses'").fetchone() and \
                 db.execute("SELECT 1 FROM responses WHERE key = ?", (keys[prompt],)).fetchone():
             duplicates.append(prompt)
+
+    def responder(model: str, prompt: str) -> str:
         paid[prompt] += 1
         return f"{2 * texts.index(prompt)}"
 
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     faulty = [t for i, t in enumerate(texts) if (i * 7919) % 100 < args.fault_rate * 100]
     t0 = time.perf_counter()
     kills = []
-    with FakeGemini(responder=responder, latency_s=0.02) as fake:
+    with FakeGemini(responder=responder, latency_s=0.02, on_request=arrived) as fake:
         for i, t in enumerate(faulty):
             fake.add_faults(t, kinds[i % len(kinds)])
         env = {**os.environ, "GEMINI_BASE_URL": fake.base_url, "GEMINI_API_KEY": "fault-injection-not-secret"}

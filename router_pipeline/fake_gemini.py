@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -41,6 +42,13 @@ class RecordedCall:
     api_key: str | None
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client went away mid-request (timed out, or killed): not a server fault
+        super().handle_error(request, client_address)
+
+
 def default_responder(model: str, prompt: str) -> str:
     return f"{model} reply #{abs(hash(prompt)) % 1000}"
 
@@ -54,6 +62,7 @@ class FakeGemini:
     faults: dict[str, deque] = field(default_factory=dict)  # prompt substring -> faults, used in order
     calls: list[RecordedCall] = field(default_factory=list)
     max_in_flight: int = 0  # the most requests it was serving at once
+    on_request: Callable[[str, str], None] | None = None  # (model, prompt) as each request arrives
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -98,6 +107,8 @@ class FakeGemini:
                     fake.calls.append(
                         RecordedCall(model, prompt, system, payload.get("generationConfig", {}), key)
                     )
+                if fake.on_request is not None:
+                    fake.on_request(model, prompt)
                 fault = fake._next_fault(prompt) or Fault()
                 with fake._lock:
                     fake._in_flight += 1
@@ -130,10 +141,13 @@ class FakeGemini:
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (timed out, or was killed): nothing to answer
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _Server((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
