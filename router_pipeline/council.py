@@ -1,4 +1,4 @@
-"""llm-council sessions -> extra routing labels (DESIGN.md, "llm-council sessions").
+"""llm-council sessions -> extra routing labels (README: "llm-council sessions").
 
 Two file formats under the council folder:
 - ``*.jsonl``: llm-council's routing-label export, one object per line with

@@ -1,6 +1,6 @@
 """The router at inference time: base model + adapter -> a decision per query.
 
-Routing confidence (DESIGN.md): the softmax over the three policies' first tokens
+Routing confidence: the softmax over the three policies' first tokens
 at the point where the decision is made, so every decision carries a distribution.
 
 - ``fast`` mode (completion ``[DECISION] <policy>``), the default: one forward pass
