@@ -80,7 +80,7 @@ def test_two_runs_never_pay_twice_for_the_same_prompt(tmp_path):
 
     prompts = [FLASH.request(f"Question number {i}?") for i in range(12)]
     out = {}
-    with FakeGemini(latency_s=0.3) as fake:
+    with FakeGemini(latency_s=0.5) as fake:  # long enough that the two runs overlap even on a loaded machine
         def one_run(name):
             cache = ResponseCache(tmp_path / "shared.sqlite")
             try:
