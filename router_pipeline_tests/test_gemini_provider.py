@@ -157,3 +157,13 @@ def test_cache_key_covers_model_and_settings(tmp_path):
         client = make_client(hotter, gemini_base_url=fake.base_url)
         _, stats = complete_all(client, [hotter.request("same")], cache, progress=False)
     assert stats.calls == 1 and stats.cache_hits == 0
+
+
+def test_many_processes_can_open_a_new_cache_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"from router_pipeline.llm.cache import ResponseCache; ResponseCache({str(tmp_path / 'new.sqlite')!r}).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors

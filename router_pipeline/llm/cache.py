@@ -25,13 +25,23 @@ class ResponseCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, result TEXT NOT NULL, "
-            "created TEXT DEFAULT CURRENT_TIMESTAMP)"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS inflight (key TEXT PRIMARY KEY, owner TEXT NOT NULL, since REAL)")
-        self._db.commit()
+        # Two runs opening a new cache at once: switching to WAL takes a lock that the
+        # busy timeout does not wait for, so wait here.
+        for attempt in range(300):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, result TEXT NOT NULL, "
+                    "created TEXT DEFAULT CURRENT_TIMESTAMP)"
+                )
+                self._db.execute("CREATE TABLE IF NOT EXISTS inflight (key TEXT PRIMARY KEY, owner TEXT NOT NULL, since REAL)")
+                self._db.commit()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 299:
+                    raise
+                self._db.rollback()
+                time.sleep(0.1)
 
     def get(self, key: str) -> LLMResult | None:
         with self._lock:
