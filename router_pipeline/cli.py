@@ -86,11 +86,11 @@ def _mapper(args, roles, router):
     to the profile's models."""
     from router_pipeline.mapper import DEFAULT_PRESET, MapperConfigError, PolicyMapper, evaluated_spec, load_spec
 
-    base_dir = None
     if args.mapper:
-        spec, base_dir = load_spec(args.mapper), Path(args.mapper).parent
-        try:
-            return PolicyMapper.from_dict(spec, base_dir=base_dir, default_models=_profile_models(roles))
+        spec = load_spec(args.mapper)
+        try:  # a budget ledger path is relative to the mapper file
+            return PolicyMapper.from_dict(spec, base_dir=Path(args.mapper).parent,
+                                          default_models=_profile_models(roles))
         except MapperConfigError as exc:
             raise MapperConfigError(f"{args.mapper}: {exc}") from None
     elif args.preset:
@@ -99,7 +99,7 @@ def _mapper(args, roles, router):
         spec = evaluated_spec(router.calibration)
     else:
         spec = {"preset": DEFAULT_PRESET}
-    return PolicyMapper.from_dict(spec, base_dir=base_dir, default_models=_profile_models(roles))
+    return PolicyMapper.from_dict(spec, default_models=_profile_models(roles))
 
 
 def _role_spec(mapping, roles):

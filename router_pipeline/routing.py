@@ -87,13 +87,21 @@ def adapter_meta(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {adapter_dir} is not an adapter trained by router_pipeline")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): retrain or restore the adapter") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
-        raise ValueError(f"{path} must hold an object with the training 'config'; found {type(meta).__name__}")
+    meta = _json_object(path, "the training 'config'", "retrain or restore the adapter")
+    if not isinstance(meta.get("config", {}), dict):
+        raise ValueError(f"{path} must hold an object with the training 'config'")
     return meta
+
+
+def _json_object(path: Path, holds: str, fix: str) -> dict:
+    """A JSON object from a file the pipeline wrote, or ValueError saying what is wrong."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold an object with {holds}; found {type(value).__name__}")
+    return value
 
 
 class Router:
@@ -254,13 +262,7 @@ def _read_calibration(adapter_dir) -> dict:
     path = Path(adapter_dir) / CALIBRATION_FILE
     if not path.exists():
         return {}
-    try:
-        calibration = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): re-run router_evaluation and released_router") from None
-    if not isinstance(calibration, dict):
-        raise ValueError(f"{path} must hold an object with the calibrated 'threshold'")
-    return calibration
+    return _json_object(path, "the calibrated 'threshold'", "re-run router_evaluation and released_router")
 
 
 def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = None):
