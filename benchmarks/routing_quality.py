@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("outcomes", nargs="?", default=str(DEFAULT_OUTCOMES), help="outcomes file (CSV/JSONL/Parquet)")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmarks" / "routing_quality"))
     p.add_argument("--sft-rows", type=int, default=1200, help="SFT examples (a seeded sample of the training rows)")
-    p.add_argument("--dpo-rows", type=int, default=320, help="DPO pairs (a seeded sample)")
+    p.add_argument("--dpo-rows", type=int, default=128, help="DPO pairs (a seeded sample)")
     p.add_argument("--epochs", type=float, default=1.0)
     args = p.parse_args(argv)
     if not Path(args.outcomes).exists():
