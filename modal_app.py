@@ -5,15 +5,14 @@ deployed functions by name (router_pipeline.compute.launch_modal). Importing thi
 module needs no Modal credentials.
 """
 
-import os
-
 import modal
 
+from router_pipeline import settings
 from router_pipeline.compute import APP_NAME, remote_job, remote_route
 
 VOLUME_ROOT = "/vol"  # adapters Volume: training runs, checkpoints and adapters
 DATASETS_ROOT = "/datasets"  # datasets Volume: the rows each run trained on
-HF_SECRET = os.environ.get("ROUTER_MODAL_HF_SECRET", "huggingface")  # a Modal Secret holding HF_TOKEN
+HF_SECRET = settings.load().modal_hf_secret  # a Modal Secret holding HF_TOKEN
 
 app = modal.App(APP_NAME)
 
@@ -46,11 +45,11 @@ TRAIN_KW = dict(image=image, gpu="A100", timeout=6 * 3600, retries=retries,
 
 
 def _runs_root() -> str:
-    return os.environ.get("ROUTER_MODAL_RUNS_ROOT", f"{VOLUME_ROOT}/runs")
+    return settings.load().modal_runs_root
 
 
 def _datasets_root() -> str:
-    return os.environ.get("ROUTER_MODAL_DATASETS_ROOT", DATASETS_ROOT)
+    return settings.load().modal_datasets_root
 
 
 def _commit() -> None:
@@ -60,14 +59,12 @@ def _commit() -> None:
 
 
 @app.function(**TRAIN_KW)
-def train_sft(records: list[dict], config: dict, run_name: str, sft_adapter_tar: bytes | None = None) -> dict:
+def train_sft(records: list[dict], config: dict, run_name: str) -> dict:
     return remote_job("sft", records, config, run_name, _runs_root(), None, _commit, _datasets_root())
 
 
 @app.function(**TRAIN_KW)
-def train_dpo(records: list[dict], config: dict, run_name: str, sft_adapter_tar: bytes | None = None) -> dict:
-    if sft_adapter_tar is None:
-        raise ValueError("train_dpo needs the SFT adapter")
+def train_dpo(records: list[dict], config: dict, run_name: str, sft_adapter_tar: bytes) -> dict:
     return remote_job("dpo", records, config, run_name, _runs_root(), sft_adapter_tar, _commit, _datasets_root())
 
 

@@ -17,7 +17,7 @@ from router_pipeline.fake_gemini import FakeGemini
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.questions import load_questions
-from router_pipeline.resources import LLMRoles
+from router_pipeline.llm.roles import Roles
 
 
 def run(questions, fake, concurrency, cache):
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--concurrency", type=int, default=LLMRoles.model_fields["concurrency"].default)
+    parser.add_argument("--concurrency", type=int, default=Roles.__dataclass_fields__["concurrency"].default)
     args = parser.parse_args()
     os.environ.setdefault("GEMINI_API_KEY", "benchmark-key")
     questions, _ = load_questions(sample_size=args.questions)

@@ -21,7 +21,7 @@ import numpy as np
 
 
 def measure(mode: str, batch: int, n: int, adapter: str | None, max_new_tokens: int) -> dict:
-    from router_pipeline.cli import default_router_dir
+    from router_pipeline.serve.cli import default_router_dir
     from router_pipeline.local_models import GEMMA3_270M
     from router_pipeline.questions import load_questions
     from router_pipeline.routing import Router, RouterConfig

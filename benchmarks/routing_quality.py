@@ -31,10 +31,10 @@ DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_
 def _materialise(keys, run_config, done):
     import dagster as dg
 
-    from router_pipeline.definitions import defs
+    from router_pipeline.definitions import build_defs
 
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in keys})
-    done.put(job.execute_in_process(run_config={"ops": run_config}, raise_on_error=False).success)
+    job = build_defs().resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in keys})
+    done.put(job.execute_in_process(run_config=run_config, raise_on_error=False).success)
 
 
 def run_stage(name, keys, run_config, stages, must_succeed=True):
@@ -96,27 +96,30 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from router_pipeline.assets.evaluation import SUMMARY_FILE, evaluation_dir
-    from router_pipeline.assets.training import adapter_dir
+    from router_pipeline.artifacts import SUMMARY_FILE, Artifacts
     from router_pipeline.routing import adapter_meta
+
+    layout = Artifacts(out / "artifacts")
 
     data_keys = ["questions", "train_questions", "test_questions", "answers", "judgments", "oracle_labels",
                  "council_labels", "query_analyses", "training_examples", "sft_dataset", "dpo_dataset"]
     stages: dict = {}
     t_all = time.perf_counter()
-    run_stage("data", data_keys, {"questions": {"config": {"source": "outcomes", "path": args.outcomes, "sample_size": 0}},
-                                  "answers": {"config": {"progress": False}}}, stages)
+    quiet = {"compute": {"config": {"progress": False}}}
+    run_stage("data", data_keys, {"ops": {"questions": {"config": {"source": "outcomes", "path": args.outcomes,
+                                                                   "sample_size": 0}}}, "resources": quiet}, stages)
     train_cfg = {"epochs": args.epochs, "save_steps": 10_000}
-    run_stage("sft", ["sft_adapter"], {"sft_adapter": {"config": {**train_cfg, "max_rows": args.sft_rows}}}, stages)
-    run_stage("dpo", ["dpo_adapter"], {"dpo_adapter": {"config": {**train_cfg, "max_rows": args.dpo_rows}}}, stages)
+    run_stage("sft", ["sft_adapter"], {"ops": {"sft_adapter": {"config": {**train_cfg, "max_rows": args.sft_rows}}}}, stages)
+    run_stage("dpo", ["dpo_adapter"], {"ops": {"dpo_adapter": {"config": {**train_cfg, "max_rows": args.dpo_rows}}}}, stages)
     summaries = {}
     for adapter in ("sft", "dpo"):
         run_stage(f"evaluate_{adapter}", ["router_evaluation"],
-                  {"router_evaluation": {"config": {"adapter": adapter, "progress": False}}}, stages, must_succeed=False)
-        summaries[adapter] = pd.read_csv(evaluation_dir(adapter) / SUMMARY_FILE).set_index("router")
+                  {"ops": {"router_evaluation": {"config": {"adapter": adapter}}}, "resources": quiet}, stages,
+                  must_succeed=False)
+        summaries[adapter] = pd.read_csv(layout.evaluation(adapter) / SUMMARY_FILE).set_index("router")
         shutil.copy2(out / "artifacts" / "plots" / "cost_quality.png", out / f"cost_quality_{adapter}.png")
     for stage in ("sft", "dpo"):
-        meta = adapter_meta(adapter_dir(stage))
+        meta = adapter_meta(layout.adapter(stage))
         stages[stage].update(rows=meta["rows"], steps=meta["result"]["steps"],
                              examples_seen=meta["result"]["examples_seen"], device=meta["result"]["device"],
                              **{k: round(v, 3) for k, v in meta["result"]["metrics"].items()})
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
         frame.loc[calibrated, col] = float(dpo.loc["router", col])
     frame.loc[frame["router"] == "router (SFT)", "large_share"] = float(sft.loc[served, "large_share"])
     frame.loc[frame["router"] == "router (SFT+DPO)", "large_share"] = float(dpo.loc[served, "large_share"])
-    lat = latency(adapter_dir("dpo"), list(pd.read_parquet(out / "artifacts" / "assets" / "test_questions.parquet")["query"][:32]))
+    lat = latency(layout.adapter("dpo"), list(pd.read_parquet(out / "artifacts" / "assets" / "test_questions.parquet")["query"][:32]))
     report = {"outcomes": args.outcomes, "table": frame.round(4).to_dict("records"), "stages": stages,
               "latency_batch1": lat, "total_wall_s": round(time.perf_counter() - t_all, 1),
               "train_plus_dpo_wall_s": round(stages["sft"]["wall_s"] + stages["dpo"]["wall_s"], 1)}

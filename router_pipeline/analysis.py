@@ -125,3 +125,15 @@ def scrub_leaks(analyses: pd.DataFrame, secrets_by_qid: dict[str, dict[str, str 
             out.at[i, "analyser"] = f"{RULES_ANALYSER} (replaced: revealed {', '.join(leaks)})"
             replaced += 1
     return out, replaced
+
+
+def answer_secrets(questions: pd.DataFrame, answers: pd.DataFrame) -> dict[str, dict]:
+    """qid -> {"gold": ..., "medium_answer": ..., "large_answer": ...}: what no analysis may
+    reveal. Abstentions are left out (an "I don't know" reveals nothing)."""
+    from router_pipeline.judging import is_abstention
+
+    out = {q: {"gold": g} for q, g in zip(questions["qid"], questions["gold_answer"])}
+    for row in answers.itertuples(index=False):
+        if row.qid in out and row.status in ("ok", "recorded") and not is_abstention(row.answer):
+            out[row.qid][f"{row.tier}_answer"] = row.answer
+    return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 import time
@@ -18,11 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from router_pipeline import settings
+from router_pipeline.artifacts import STAGES
 from router_pipeline.training import TrainConfig, TrainResult, data_hash, train_dpo, train_sft
 
 APP_NAME = "router-pipeline"
-COMPUTES = ("local", "modal")
-STAGES = ("sft", "dpo")
 COLUMNS = {"sft": ["prompt", "completion"], "dpo": ["prompt", "chosen", "rejected"]}
 
 
@@ -33,7 +32,7 @@ def run_name(stage: str, rows: pd.DataFrame, cfg: TrainConfig, parent: str | Non
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _train(stage, rows, cfg, workdir, sft_adapter=None, callbacks=None) -> TrainResult:
+def train_stage(stage, rows, cfg, workdir, sft_adapter=None, callbacks=None) -> TrainResult:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if stage == "sft":
@@ -54,7 +53,7 @@ def install_adapter(src: Path, dest: Path) -> Path:
 def run_local(stage: str, rows: pd.DataFrame, cfg: TrainConfig, root: Path, dest: Path,
               sft_adapter: Path | None = None) -> TrainResult:
     workdir = root / run_name(stage, rows, cfg, _adapter_id(sft_adapter))
-    result = _train(stage, rows, cfg, workdir, sft_adapter)
+    result = train_stage(stage, rows, cfg, workdir, sft_adapter)
     install_adapter(Path(result.adapter_dir), dest)
     result.adapter_dir = str(dest)
     return result
@@ -101,7 +100,7 @@ def remote_job(stage: str, records: list[dict], config: dict, name: str, root: s
         rows.to_parquet(Path(dataset_root) / f"{name}.parquet", index=False)
     workdir = Path(root) / name
     sft_dir = unpack_dir(sft_adapter_tar, workdir / "parent_adapter") if sft_adapter_tar else None
-    result = _train(stage, rows, TrainConfig.from_dict(config), workdir, sft_dir,
+    result = train_stage(stage, rows, TrainConfig.from_dict(config), workdir, sft_dir,
                     [CommitOnSave()])
     if commit is not None:
         commit()
@@ -114,8 +113,7 @@ class ModalCredentialsMissing(RuntimeError):
 
 
 def require_modal_credentials() -> None:
-    has_env = os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET")
-    if not has_env and not (Path.home() / ".modal.toml").exists():
+    if not settings.modal_credentials_present():
         raise ModalCredentialsMissing(
             "compute='modal' needs MODAL_TOKEN_ID and MODAL_TOKEN_SECRET in the environment (or `modal token new`)"
         )
@@ -131,9 +129,9 @@ def launch_modal(stage: str, rows: pd.DataFrame, cfg: TrainConfig, dest: Path,
     fn = modal.Function.from_name(APP_NAME, f"train_{stage}")
     name = run_name(stage, rows, cfg, _adapter_id(sft_adapter))
     records = rows[COLUMNS[stage]].to_dict("records")
-    parent = pack_dir(sft_adapter) if sft_adapter is not None else None
+    parent = (pack_dir(sft_adapter),) if sft_adapter is not None else ()  # train_dpo only
     with modal.enable_output():  # the container's logs stream into this process (Dagster's compute logs)
-        reply = fn.remote(records, cfg.to_dict(), name, parent)
+        reply = fn.remote(records, cfg.to_dict(), name, *parent)
     tmp = dest.with_name(dest.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
     install_adapter(unpack_dir(reply["adapter_tar"], tmp), dest)

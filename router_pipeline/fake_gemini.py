@@ -60,6 +60,7 @@ class FakeGemini:
     responder: Callable[[str, str], str] = default_responder
     latency_s: float = 0.0
     faults: dict[str, deque] = field(default_factory=dict)  # prompt substring -> faults, used in order
+    model_faults: dict[str, deque] = field(default_factory=dict)  # model -> faults, used in order
     calls: list[RecordedCall] = field(default_factory=list)
     max_in_flight: int = 0  # the most requests it was serving at once
     on_request: Callable[[str, str], None] | None = None  # (model, prompt) as each request arrives
@@ -69,8 +70,14 @@ class FakeGemini:
     def add_faults(self, substring: str, *faults: Fault) -> None:
         self.faults.setdefault(substring, deque()).extend(faults)
 
-    def _next_fault(self, prompt: str) -> Fault | None:
+    def add_model_faults(self, model: str, *faults: Fault) -> None:
+        """Faults for every request to ``model``, whatever its prompt (e.g. a model that is rate limited)."""
+        self.model_faults.setdefault(model, deque()).extend(faults)
+
+    def _next_fault(self, prompt: str, model: str = "") -> Fault | None:
         with self._lock:
+            if self.model_faults.get(model):
+                return self.model_faults[model].popleft()
             for substring, queue in self.faults.items():
                 if substring in prompt and queue:
                     return queue.popleft()
@@ -109,7 +116,7 @@ class FakeGemini:
                     )
                 if fake.on_request is not None:
                     fake.on_request(model, prompt)
-                fault = fake._next_fault(prompt) or Fault()
+                fault = fake._next_fault(prompt, model) or Fault()
                 with fake._lock:
                     fake._in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from pathlib import Path
+
+from router_pipeline import settings
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,8 @@ _convert_lock = threading.Lock()
 
 
 def models_dir() -> Path:
-    """artifacts/models (override: ROUTER_PIPELINE_MODELS, e.g. to share conversions)."""
-    from router_pipeline.paths import artifacts_dir
-
-    override = os.environ.get("ROUTER_PIPELINE_MODELS")
-    return Path(override) if override else artifacts_dir() / "models"
+    """artifacts/models (settings: ROUTER_PIPELINE_MODELS, e.g. to share conversions)."""
+    return settings.load().models_dir
 
 
 def resolve_model(name: str, *, allow_hub: bool = False) -> str:
@@ -36,7 +34,7 @@ def resolve_model(name: str, *, allow_hub: bool = False) -> str:
         return str(_convert_embedded(name))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if allow_hub or os.environ.get("ROUTER_PIPELINE_ALLOW_HUB") == "1":
+    if allow_hub or settings.load().allow_hub:
         return name
     raise ValueError(
         f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "

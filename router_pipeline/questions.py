@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from router_pipeline.paths import BUNDLED_SIMPLEQA
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
 from router_pipeline.text import check_query, clean_query, query_hash, unit_interval
+
+# Package data, so an installed wheel has it too.
+BUNDLED_SIMPLEQA = Path(__file__).resolve().parent / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
 
 SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes")
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"

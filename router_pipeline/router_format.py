@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 from xml.sax.saxutils import escape, unescape
 
 from router_pipeline.policies import POLICIES, POLICY_DESCRIPTIONS, POLICY_SENTENCES
 
 REASONING = "[REASONING]"
 DECISION = "[DECISION]"
-MODES = ("fast", "explained", "reasoning")
+Mode = Literal["fast", "explained", "reasoning"]
+MODES = get_args(Mode)
 DEFAULT_MODE = "fast"
 DECISION_FIRST = ("fast", "explained")  # modes whose decision is read from one forward pass
 
@@ -58,10 +60,42 @@ def router_query(query: str) -> str:
     return text
 
 
+# Every prompt starts with this; it ends at a newline, so that it tokenizes the same
+# alone as inside a prompt (a server computes it once: Router's prefix cache).
+PROMPT_PREFIX = f"{INSTRUCTION}\n{routes_xml()}\n<conversation>\n"
+
+
+def prompt_suffix(query: str) -> str:
+    """What follows PROMPT_PREFIX for this query. The query is XML-escaped so that it
+    cannot close the conversation block or pose as a route."""
+    return f"{escape(router_query(query))}\n</conversation>\n"
+
+
 def build_prompt(query: str) -> str:
-    """The router prompt for one query. The query is XML-escaped so that it cannot
-    close the conversation block or pose as a route."""
-    return f"{INSTRUCTION}\n{routes_xml()}\n<conversation>\n{escape(router_query(query))}\n</conversation>\n"
+    """The router prompt for one query."""
+    return PROMPT_PREFIX + prompt_suffix(query)
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A chat conversation as one router query: every user and assistant turn, in order,
+    so that a follow-up ("and in 1997?") is routed with what it refers to. A single user
+    turn is its text unchanged (the form the router was trained on). System messages
+    are left out: they are the application's fixed instructions, the same for every
+    request, and would fill the head of the router's window."""
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise ValueError(f"message {i}: expected an object with role system, developer, user, assistant or tool")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if m["role"] in ("user", "assistant") and isinstance(content, str) and content.strip():
+            turns.append((m["role"], content.strip()))
+    if not turns:
+        raise ValueError("the conversation has no user or assistant text to route on")
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n".join(f"{role}: {text}" for role, text in turns)
 
 
 _CONVERSATION = re.compile(r"<conversation>\n(.*)\n</conversation>", re.DOTALL)

@@ -23,9 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from router_pipeline.artifacts import CALIBRATION_FILE, TRAINING_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.router_format import (
-    DECISION, DECISION_FIRST, DEFAULT_MODE, MODES, REASONING, build_prompt, parse_completion,
+    DECISION, DECISION_FIRST, DEFAULT_MODE, MODES, PROMPT_PREFIX, REASONING, build_prompt, parse_completion,
+    prompt_suffix,
 )
 
 RAISE = "raise"
@@ -73,6 +75,9 @@ class RouterConfig:
     batch_size: int = 16
     min_policy_mass: float = 0.0  # fast mode: below this the model is not deciding -> fallback
     allow_hub: bool = False
+    # Decision-first modes: run the fixed prompt prefix once and reuse its KV cache for
+    # every query (a server's setting; a one-shot CLI call gains nothing from it).
+    prefix_cache: bool = False
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -82,9 +87,7 @@ class RouterConfig:
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:
-    from router_pipeline.training import META_FILE
-
-    path = Path(adapter_dir) / META_FILE
+    path = Path(adapter_dir) / TRAINING_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {adapter_dir} is not an adapter trained by router_pipeline")
     meta = _json_object(path, "the training 'config'", "retrain or restore the adapter")
@@ -140,6 +143,7 @@ class Router:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         self.model = model.eval()
         self._policy_tokens = self._first_policy_tokens()
+        self._prefix = self._prefix_state() if config.prefix_cache and self.mode in DECISION_FIRST else None
 
     # -- the decision point -------------------------------------------------
     def _first_policy_tokens(self) -> list[int]:
@@ -165,6 +169,50 @@ class Router:
         with torch.no_grad():
             # logits_to_keep=1: the LM head (262k-token vocabulary for Gemma) runs on the last position only.
             logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
+        return self._policy_softmax(logits)
+
+    def _prefix_state(self):
+        """(length, KV cache) of PROMPT_PREFIX, computed once."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = self.tokenizer(PROMPT_PREFIX, return_tensors="pt")["input_ids"].to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model.model(input_ids=ids, cache=cache, use_cache=True)
+        return ids.shape[1], cache
+
+    def _distribution_from_prefix(self, suffixes: list[str]) -> list[tuple[dict[str, float], float]]:
+        """As _distribution over PROMPT_PREFIX + suffix, computing only the suffixes: the
+        prefix's KV cache is copied to the batch, suffixes are right-padded, and the LM
+        head runs on each row's last real position only."""
+        import copy
+
+        import torch
+
+        n, prefix = self._prefix
+        rows = [self.tokenizer(x, add_special_tokens=False)["input_ids"] for x in suffixes]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        suffix_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(rows))
+        mask = torch.cat([torch.ones(len(rows), n, dtype=suffix_mask.dtype, device=self.device), suffix_mask], dim=1)
+        positions = (n + torch.arange(width, device=self.device)).expand(len(rows), width)
+        with torch.no_grad():
+            hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                      use_cache=True).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=self.device), suffix_mask.sum(-1) - 1]
+            logits = self.model.lm_head(last).float()
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        return self._policy_softmax(logits)
+
+    def _policy_softmax(self, logits) -> list[tuple[dict[str, float], float]]:
+        import torch
+
         full = torch.softmax(logits, dim=-1)[:, self._policy_tokens]
         picked = torch.softmax(logits[:, self._policy_tokens], dim=-1)
         return [({p: float(v) for p, v in zip(POLICIES, row)}, float(mass))
@@ -210,7 +258,10 @@ class Router:
         return out
 
     def _fast(self, queries, prompts, with_reasoning) -> list[RouteDecision]:
-        dists = self._distribution([p + DECISION for p in prompts])
+        if self._prefix is not None:
+            dists = self._distribution_from_prefix([prompt_suffix(q) + DECISION for q in queries])
+        else:
+            dists = self._distribution([p + DECISION for p in prompts])
         decisions = []
         for q, (probs, mass) in zip(queries, dists):
             policy = max(probs, key=probs.get)
@@ -251,9 +302,6 @@ class Router:
     def describe(self) -> dict:
         return {"adapter_dir": self.adapter_dir, "base_model": self.base_model, "mode": self.mode,
                 "device": self.device, "fallback": self.config.fallback, "calibration": self.calibration}
-
-
-CALIBRATION_FILE = "router_calibration.json"
 
 
 def _read_calibration(adapter_dir) -> dict:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from router_pipeline.artifacts import TRAINING_FILE
+
 log = logging.getLogger(__name__)
-META_FILE = "router_training.json"
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,6 @@ class TrainConfig:
 
 DPO_DEFAULTS = {"learning_rate": 5e-5, "epochs": 1.0}
 REWARD_SAMPLE = 64  # DPO pairs scored after training for reward accuracy / margin
-
-
-def dpo_config(**overrides) -> TrainConfig:
-    return TrainConfig(**{**DPO_DEFAULTS, **overrides})
 
 
 @dataclass
@@ -271,7 +268,7 @@ def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: 
     )
     meta = {"stage": stage, "config": cfg.to_dict(), "data_hash": data_hash(frame), "rows": len(frame),
             "mode": cfg.mode, "parent_adapter": parent, "result": {k: v for k, v in result.to_dict().items() if k != "losses"}}
-    (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    (adapter_dir / TRAINING_FILE).write_text(json.dumps(meta, indent=2))
     return result
 
 

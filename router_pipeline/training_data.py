@@ -12,7 +12,9 @@ from __future__ import annotations
 import pandas as pd
 
 from router_pipeline.policies import POLICIES
-from router_pipeline.router_format import DEFAULT_MODE, build_completion, build_prompt
+from router_pipeline.router_format import (
+    DEFAULT_MODE, build_completion, build_prompt, parse_completion, query_from_prompt, router_query,
+)
 from router_pipeline.split import TRAIN, VALIDATION, validation_mask
 from router_pipeline.text import query_hash
 
@@ -96,3 +98,27 @@ def build_dpo_dataset(examples: pd.DataFrame, mode: str = DEFAULT_MODE, rejected
                          "rejected": build_completion(p, ex.analysis, mode),
                          "chosen_policy": ex.policy, "rejected_policy": p, "mode": mode})
     return pd.DataFrame(rows, columns=["qid", "prompt", "chosen", "rejected", "chosen_policy", "rejected_policy", "mode"])
+
+
+def completion_failures(frame: pd.DataFrame, completion_col: str, policy_col: str, mode: str) -> list[dict]:
+    """Rows whose completion does not parse back to their policy."""
+    bad = []
+    for i, (c, p) in enumerate(zip(frame[completion_col], frame[policy_col])):
+        parsed = parse_completion(c, mode)
+        if parsed.policy != p:
+            bad.append({"row": i, "expected": p, "got": parsed.policy, "error": parsed.error})
+    return bad
+
+
+def prompt_failures(frame: pd.DataFrame, examples: pd.DataFrame) -> list[dict]:
+    """Rows whose prompt does not hold their example's query as the router sees it."""
+    query = dict(zip(examples["qid"], examples["query"]))
+    bad = []
+    for i, (qid, prompt) in enumerate(zip(frame["qid"], frame["prompt"])):
+        try:
+            ok = qid in query and query_from_prompt(prompt) == router_query(query[qid])
+        except ValueError:
+            ok = False
+        if not ok:
+            bad.append({"row": i, "qid": qid})
+    return bad

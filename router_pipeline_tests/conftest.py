@@ -29,6 +29,23 @@ def artifacts(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def defs(artifacts):
+    """The definitions as they build in this test's environment (artifacts under tmp_path)."""
+    from router_pipeline.definitions import build_defs
+
+    return build_defs()
+
+
+@pytest.fixture
+def resources(artifacts):
+    """The resources the definitions build now (offline profile); tests override entries."""
+    from router_pipeline import settings
+    from router_pipeline.defs.resources import build_resources
+
+    return build_resources(settings.load())
+
+
 @pytest.fixture(scope="session")
 def gemma_path(shared_models_dir):
     from router_pipeline.local_models import GEMMA3_270M, resolve_model

@@ -172,17 +172,15 @@ def test_test_split_queries_never_become_labels(tmp_path):
     assert rejected[0]["reason"] == "query is in the test split"
 
 
-def test_council_labels_join_training_examples_with_precedence_and_conflicts(tmp_path, artifacts, monkeypatch):
-    from router_pipeline.definitions import defs
-    from router_pipeline.resources import ParquetIOManager, offline_roles
+def test_council_labels_join_training_examples_with_precedence_and_conflicts(tmp_path, defs, resources):
+    from router_pipeline.defs.resources import CouncilInbox
 
     folder = tmp_path / "council"
     write(folder, "s.json", [session("Who designed the Abasto market?", [[PRO, FLASH, OTHER]] * 3, reviewers=["a", "b", "c"]),
                              session("Held out question?", [[PRO, FLASH, OTHER]] * 3, reviewers=["a", "b", "c"]),
                              session("A brand new council query?", [[FLASH, PRO, OTHER]] * 3, reviewers=["a", "b", "c"])])
     write(folder, "broken.json", "{")
-    monkeypatch.setenv("ROUTER_PIPELINE_COUNCIL_DIR", str(folder))
-    io = ParquetIOManager()
+    io = resources["io_manager"]
     frames = {
         "train_questions": pd.DataFrame({"qid": ["q1"], "query": ["Who designed the Abasto market?"], "gold_answer": ["Delpini"]}),
         "test_questions": pd.DataFrame({"qid": ["q2"], "query": ["Held out question?"], "gold_answer": ["x"]}),
@@ -191,15 +189,15 @@ def test_council_labels_join_training_examples_with_precedence_and_conflicts(tmp
                                        "large_label": ["Correct"], "policy": [STANDARD], "rationale": ["both right"]}),
     }
     for key, frame in frames.items():
-        path = io._path(dg.AssetKey(key))
+        path = io.path_for(dg.AssetKey(key))
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path)
 
     def run(precedence):
         return dg.materialize(list(defs.assets), selection=["council_labels", "query_analyses", "training_examples"],
-                              instance=dg.DagsterInstance.ephemeral(), resources={"io_manager": io, "llm": offline_roles()},
-                              run_config={"ops": {"training_examples": {"config": {"precedence": precedence}},
-                                                  "query_analyses": {"config": {"progress": False}}}})
+                              instance=dg.DagsterInstance.ephemeral(),
+                              resources={**resources, "council_inbox": CouncilInbox(folder=str(folder))},
+                              run_config={"ops": {"training_examples": {"config": {"precedence": precedence}}}})
 
     result = run("oracle")
     assert result.success
@@ -208,16 +206,27 @@ def test_council_labels_join_training_examples_with_precedence_and_conflicts(tmp
     rejected = {r.data["file"]: r.data["reason"] for r in meta["council_labels"]["rejected_items"].value.records}
     assert "malformed JSON" in rejected["broken.json"]
     assert meta["training_examples"]["oracle_council_conflicts"].value == 1
-    examples = pd.read_parquet(io._path(dg.AssetKey("training_examples")))
+    examples = pd.read_parquet(io.path_for(dg.AssetKey("training_examples")))
     by_q = dict(zip(examples["query"], zip(examples["policy"], examples["source"])))
     assert by_q["Who designed the Abasto market?"] == (STANDARD, "oracle")
     assert by_q["A brand new council query?"] == (STANDARD, "council") and "Held out question?" not in by_q
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks["council_not_in_test"] and checks["analyses_leak_free"]
+    assert checks == {"no_test_queries": True}
 
     run("council")
-    examples = pd.read_parquet(io._path(dg.AssetKey("training_examples")))
+    examples = pd.read_parquet(io.path_for(dg.AssetKey("training_examples")))
     assert dict(zip(examples["query"], examples["policy"]))["Who designed the Abasto market?"] == COMPLEX
+
+    # A train row whose query is a test query in other spelling (say, a re-import under
+    # a new qid): the check compares the stored examples with the test split and blocks.
+    leak = {"qid": "q3", "query": " held OUT question"}
+    for key in ("train_questions", "oracle_labels"):
+        frame = pd.concat([frames[key], pd.DataFrame([{**frames[key].iloc[0].to_dict(), **leak}])], ignore_index=True)
+        frame.to_parquet(io.path_for(dg.AssetKey(key)))
+    leaked = dg.materialize(list(defs.assets), selection=["query_analyses", "training_examples"],
+                            instance=dg.DagsterInstance.ephemeral(), resources=resources, raise_on_error=False)
+    (check,) = leaked.get_asset_check_evaluations()
+    assert not check.passed and check.metadata["test_queries_in_training"].value == 1
 
 
 def test_a_two_model_council_yields_a_label(tmp_path):

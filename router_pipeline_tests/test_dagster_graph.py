@@ -4,8 +4,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from router_pipeline.definitions import defs
-from router_pipeline.resources import LLMRoles, ModelRole, ParquetIOManager, offline_roles
+from router_pipeline.defs.resources import LLMRoles, ModelRole
 
 DATA_KEYS = ["questions", "train_questions", "test_questions", "answers", "judgments", "oracle_labels",
              "query_analyses", "training_examples", "sft_dataset", "dpo_dataset"]
@@ -14,16 +13,12 @@ DATA_KEYS = ["questions", "train_questions", "test_questions", "answers", "judgm
 DATA = dg.AssetSelection.groups("data")  # training has its own tests (test_training_assets_and_modal)
 
 
-def _assets():
-    return list(defs.assets)
-
-
 def _meta(result, key):
     (mat,) = [m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey(key)]
     return mat.materialization.metadata
 
 
-def test_gemini_profile_end_to_end_against_fake_server(fake_gemini):
+def test_gemini_profile_end_to_end_against_fake_server(fake_gemini, defs, resources):
     llm = LLMRoles(
         medium=ModelRole(provider="gemini", model="gemini-2.5-flash"),
         large=ModelRole(provider="gemini", model="gemini-2.5-pro"),
@@ -37,8 +32,7 @@ def test_gemini_profile_end_to_end_against_fake_server(fake_gemini):
 
     frame, _ = load_questions(sample_size=24, sample_seed=3)
     result = dg.materialize(
-        _assets(), instance=instance, selection=DATA,
-        resources={"io_manager": ParquetIOManager(), "llm": llm},
+        list(defs.assets), instance=instance, selection=DATA, resources={**resources, "llm": llm},
         run_config={"ops": {"questions": {"config": {"sample_size": 24, "sample_seed": 3}}}},
     )
     assert result.success
@@ -57,35 +51,32 @@ def test_gemini_profile_end_to_end_against_fake_server(fake_gemini):
     assert set(judgments["judge"]) == {"gemini-2.5-pro"}
     checks = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
     assert checks and all(checks.values()), checks
-    assert ("query_analyses", "analyses_leak_free") in checks
+    assert ("training_examples", "no_test_queries") in checks
 
 
-
-def test_rematerialising_answers_makes_no_model_call(fake_gemini, sample_questions):
+def test_rematerialising_answers_makes_no_model_call(fake_gemini, sample_questions, defs, resources):
     llm = LLMRoles(medium=ModelRole(provider="gemini", model="gemini-2.5-flash"),
                    large=ModelRole(provider="gemini", model="gemini-2.5-pro"), gemini_base_url=fake_gemini.base_url)
     instance = dg.DagsterInstance.ephemeral()
     run_config = {"ops": {"questions": {"config": {"sample_size": 24, "sample_seed": 3}}}}
-    res = {"io_manager": ParquetIOManager(), "llm": llm}
-    first = dg.materialize(_assets(), instance=instance, resources=res, run_config=run_config,
+    res = {**resources, "llm": llm}
+    first = dg.materialize(list(defs.assets), instance=instance, resources=res, run_config=run_config,
                            selection=["questions", "train_questions", "test_questions", "answers"])
     assert _meta(first, "answers")["model_calls"].value == 48
     calls = len(fake_gemini.calls)
-    second = dg.materialize(_assets(), instance=instance, resources=res, selection=["answers"])
+    second = dg.materialize(list(defs.assets), instance=instance, resources=res, selection=["answers"])
     assert _meta(second, "answers")["model_calls"].value == 0
     assert _meta(second, "answers")["cache_hits"].value == 48
     assert len(fake_gemini.calls) == calls
 
 
-def test_offline_default_with_the_real_gemma_270m(gemma_path):
+def test_offline_default_with_the_real_gemma_270m(gemma_path, defs, resources):
     """The default profile, untouched: Gemma 3 270M from its wheel for both tiers, rules
     judge and analyser. A small sample keeps it to seconds once the model is converted."""
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        _assets(), instance=instance, selection=DATA,
-        resources={"io_manager": ParquetIOManager(), "llm": offline_roles()},
-        run_config={"ops": {"questions": {"config": {"sample_size": 10}},
-                            "answers": {"config": {"progress": False}}}},
+        list(defs.assets), instance=instance, selection=DATA, resources=resources,
+        run_config={"ops": {"questions": {"config": {"sample_size": 10}}}},
     )
     assert result.success
     answers = defs.load_asset_value("answers", instance=instance)
@@ -99,18 +90,49 @@ def test_offline_default_with_the_real_gemma_270m(gemma_path):
     assert len(sft) > 0 and sft["completion"].str.contains(r"\[DECISION\]").all()
 
 
-def test_definitions_load_with_both_profiles(monkeypatch):
-    import importlib
-
-    import router_pipeline.definitions as definitions
+def test_the_profile_is_chosen_when_the_definitions_are_built(monkeypatch):
+    """No module reload: the environment at build time decides."""
+    from router_pipeline.definitions import build_defs
+    from router_pipeline.settings import SettingsError
 
     monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
-    gem = importlib.reload(definitions)
-    assert gem.defs.resources["llm"].describe()["large"] == "gemini:gemini-2.5-pro"
+    monkeypatch.setenv("ROUTER_LARGE_MODEL", "gemini-3-pro-preview")
+    gem = build_defs().resources["llm"].roles().describe()
+    assert gem == {"medium": "gemini:gemini-2.5-flash", "large": "gemini:gemini-3-pro-preview",
+                   "judge": "gemini:gemini-2.5-pro", "analyser": "gemini:gemini-2.5-flash"}
     monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "nonsense")
-    with pytest.raises(ValueError, match="ROUTER_PIPELINE_PROFILE"):
-        importlib.reload(definitions)
+    with pytest.raises(Exception) as err:  # dg's loader wraps it; the cause names the variable
+        build_defs()
+    assert isinstance(err.value.__cause__, SettingsError) and "ROUTER_PIPELINE_PROFILE" in str(err.value.__cause__)
     monkeypatch.delenv("ROUTER_PIPELINE_PROFILE")
-    off = importlib.reload(definitions)
-    assert off.defs.resources["llm"].describe() == {"medium": "local:gemma3-270m", "large": "local:gemma3-270m",
-                                                    "judge": "rules", "analyser": "rules"}
+    off = build_defs().resources["llm"].roles().describe()
+    assert off == {"medium": "local:gemma3-270m", "large": "local:gemma3-270m", "judge": "rules", "analyser": "rules"}
+
+
+def test_shared_settings_have_one_owner_each(defs):
+    """mode, compute and the artifact root are resources (one value per run); choices are
+    typed in the schema, so the launchpad lists them and a typo fails before the run."""
+    for key in ("sft_dataset", "dpo_dataset", "sft_adapter", "dpo_adapter"):
+        assert "router_format" in defs.resolve_assets_def(key).required_resource_keys, key
+    for key in ("answers", "sft_adapter", "router_evaluation"):
+        assert "compute" in defs.resolve_assets_def(key).required_resource_keys, key
+    job = defs.resolve_implicit_global_asset_job_def()
+    with pytest.raises(dg.DagsterInvalidConfigError, match="not in enum"):
+        job.execute_in_process(run_config={"resources": {"router_format": {"config": {"mode": "quick"}}}})
+
+
+def test_training_refuses_a_dataset_built_in_another_mode(defs, resources):
+    """A dataset left from a run in another format would teach the router a format the
+    evaluation and the CLI do not read."""
+    from router_pipeline.training_data import build_sft_dataset
+
+    examples = pd.DataFrame({"qid": ["q1"], "query": ["Who wrote Hamlet?"], "policy": ["Standard_Query"],
+                             "analysis": ["A literature question."], "split": ["train"], "source": ["oracle"]})
+    path = resources["io_manager"].path_for(dg.AssetKey("sft_dataset"))
+    path.parent.mkdir(parents=True)
+    build_sft_dataset(examples, "reasoning").to_parquet(path)
+    result = dg.materialize(list(defs.assets), instance=dg.DagsterInstance.ephemeral(), resources=resources,
+                            selection=["sft_adapter"], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "built in mode ['reasoning'] but router_format.mode is 'fast'" in failure.event_specific_data.error.message

@@ -10,48 +10,40 @@ import pandas as pd
 import pytest
 
 from router_pipeline import compute
-from router_pipeline.definitions import defs
 from router_pipeline.policies import COMPLEX, STANDARD
-from router_pipeline.resources import ParquetIOManager, offline_roles
 from router_pipeline.routing import RouteDecision
-from router_pipeline_tests.test_training_assets_and_modal import FakeRemote
+from router_pipeline_tests.support import FakeRemote, training_examples, write_asset
 
 TRAIN = [f"Train question number {i} about an obscure topic?" for i in range(8)]
 TEST = [f"Held-out question {i} about a little-known person?" for i in range(8)]
 VALIDATION = {"tr6", "tr7"}  # held out from training: the threshold is calibrated there
 
 
-def _write(io, key, frame):
-    path = io._path(dg.AssetKey(key))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path)
-
-
 @pytest.fixture
-def graded(artifacts):
+def graded(artifacts, resources):
     """Upstream assets on disk: on even questions only the large model is right (the
     oracle says Complex), on odd ones both are (Standard)."""
-    io = ParquetIOManager()
+    io = resources["io_manager"]
     rows = [(f"tr{i}", q, "train") for i, q in enumerate(TRAIN)] + [(f"te{i}", q, "test") for i, q in enumerate(TEST)]
     questions = pd.DataFrame(rows, columns=["qid", "query", "split"]).assign(gold_answer="x")
-    _write(io, "train_questions", questions[questions["split"] == "train"])
-    _write(io, "test_questions", questions[questions["split"] == "test"])
+    write_asset(io, "train_questions", questions[questions["split"] == "train"])
+    write_asset(io, "test_questions", questions[questions["split"] == "test"])
     answers, judgments = [], []
     for qid, _, split in rows:
         even = int(qid[2:]) % 2 == 0
         for tier, label, cost in (("medium", "IDK" if even else "Correct", 0.001), ("large", "Correct", 0.01)):
             answers.append({"qid": qid, "split": split, "tier": tier, "cost_usd": cost})
             judgments.append({"qid": qid, "split": split, "tier": tier, "label": label})
-    _write(io, "answers", pd.DataFrame(answers))
-    _write(io, "judgments", pd.DataFrame(judgments))
+    write_asset(io, "answers", pd.DataFrame(answers))
+    write_asset(io, "judgments", pd.DataFrame(judgments))
     qids = [f"tr{i}" for i in range(8)]
-    _write(io, "training_examples", pd.DataFrame({
+    write_asset(io, "training_examples", pd.DataFrame({
         "qid": qids, "query": TRAIN, "policy": [COMPLEX, STANDARD] * 4,
         "split": ["validation" if q in VALIDATION else "train" for q in qids]}))
     adapter = artifacts / "adapters" / "dpo"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    return io
+    return resources
 
 
 def _router(kind: str, seen: list | None = None):
@@ -79,10 +71,11 @@ def _router(kind: str, seen: list | None = None):
     return route_queries
 
 
-def _materialise(io, instance):
-    return dg.materialize(list(defs.assets), selection=["router_evaluation", "released_router"], instance=instance,
-                          resources={"io_manager": io, "llm": offline_roles()}, raise_on_error=False,
-                          run_config={"ops": {"router_evaluation": {"config": {"progress": False}}}})
+def _materialise(resources, instance):
+    from router_pipeline.definitions import build_defs
+
+    return dg.materialize(list(build_defs().assets), selection=["router_evaluation", "released_router"],
+                          instance=instance, resources=resources, raise_on_error=False)
 
 
 def _checks(result) -> dict:
@@ -148,9 +141,7 @@ def test_release_gate_compares_with_the_released_router(graded, artifacts, monke
 def test_modal_evaluation_routes_on_the_t4_function(tiny_model_dir, tmp_path, monkeypatch):
     from router_pipeline.training import TrainConfig, train_sft
     from router_pipeline.training_data import build_sft_dataset
-    from router_pipeline_tests.test_training import _examples
-
-    adapter = train_sft(build_sft_dataset(_examples(), "fast"),
+    adapter = train_sft(build_sft_dataset(training_examples(), "fast"),
                         TrainConfig(base_model=tiny_model_dir, mode="fast", batch_size=4, grad_accum=1, max_steps=1),
                         tmp_path / "sft").adapter_dir
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
@@ -164,3 +155,20 @@ def test_modal_evaluation_routes_on_the_t4_function(tiny_model_dir, tmp_path, mo
     assert queries == ["Who wrote Hamlet?", "What is 2 + 2?"] and config == {"batch_size": 2}
     assert [d["mode"] for d in decisions] == ["fast", "fast"] and gpu_s > 0
     assert all(sum(d["probabilities"].values()) == pytest.approx(1) for d in decisions)
+
+
+def test_released_router_releases_the_adapter_the_evaluation_scored(graded, artifacts, monkeypatch):
+    """`adapter` is configured once, on router_evaluation; released_router takes it from its input."""
+    from router_pipeline.definitions import build_defs
+
+    sft = artifacts / "adapters" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "adapter_config.json").write_text('{"stage": "sft"}')
+    monkeypatch.setattr(compute, "route_queries", _router("good"))
+    result = dg.materialize(list(build_defs().assets), selection=["router_evaluation", "released_router"],
+                            instance=dg.DagsterInstance.ephemeral(), resources=graded,
+                            run_config={"ops": {"router_evaluation": {"config": {"adapter": "sft"}}}})
+    (release,) = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == "released_router"]
+    assert release.materialization.metadata["from"].value == str(sft)
+    assert json.loads((artifacts / "router" / "adapter_config.json").read_text()) == {"stage": "sft"}
+    assert json.loads((artifacts / "router" / "evaluation.json").read_text())["adapter"] == "sft"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from router_pipeline.ledger import BudgetLedger, LedgerError
+from router_pipeline.serve.ledger import BudgetLedger, LedgerError
 
 
 @pytest.mark.parametrize("content,problem", [
@@ -48,7 +48,7 @@ def test_invalid_spend_is_refused(tmp_path, amount):
 def test_a_writer_killed_mid_update_never_loses_the_previous_total(tmp_path):
     path = tmp_path / "budget.json"
     writer = textwrap.dedent(f"""
-        from router_pipeline.ledger import BudgetLedger
+        from router_pipeline.serve.ledger import BudgetLedger
         ledger = BudgetLedger({str(path)!r}, "total")
         while True:
             ledger.add(0.01)

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from router_pipeline.ledger import BudgetLedger
-from router_pipeline.mapper import ABSTAIN, MapperConfigError, PolicyMapper
+from router_pipeline.serve.ledger import BudgetLedger
+from router_pipeline.serve.mapper import ABSTAIN, MapperConfigError, PolicyMapper
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 from router_pipeline.routing import RouteDecision
 
@@ -81,9 +81,14 @@ def test_low_confidence_escalates_to_model_or_callback():
     assert council.escalation(got.policy, None) == "council answer"
 
 
-def test_escalation_without_callback_is_a_config_error():
-    with pytest.raises(MapperConfigError, match="escalation callback"):
+def test_escalation_without_an_endpoint_is_a_config_error():
+    with pytest.raises(MapperConfigError, match="no escalation"):
         mapper([{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY])
+    with pytest.raises(MapperConfigError, match="'escalation' must be a mapping like"):
+        PolicyMapper.from_dict({"escalation": {"url": "ftp://council"}, "rules": [POLICY]})
+    spec = {"escalation": {"url": "http://127.0.0.1:8001/v1/chat/completions"},
+            "rules": [{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY]}
+    assert PolicyMapper.from_dict(spec).escalation_url == "http://127.0.0.1:8001/v1/chat/completions"
 
 
 def test_first_match_wins_in_order():
@@ -124,7 +129,7 @@ def test_budget_rule_switches_when_spent(tmp_path):
 def test_budget_spend_persists_across_processes(tmp_path):
     ledger = tmp_path / "ledger.json"
     script = textwrap.dedent(f"""
-        from router_pipeline.ledger import BudgetLedger
+        from router_pipeline.serve.ledger import BudgetLedger
         BudgetLedger({str(ledger)!r}, "month").add(0.25)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]

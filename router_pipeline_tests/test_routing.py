@@ -48,6 +48,36 @@ def test_policy_tokens_are_read_at_the_decision_point(fast_router):
     assert len(set(firsts)) == 3 and all(p.startswith(f) and f for p, f in zip(POLICIES, firsts))
 
 
+def test_the_prefix_cache_gives_the_decisions_of_the_full_prompt(fast_adapter, fast_router):
+    """The fixed prompt prefix computed once and reused (a server's setting) must not move
+    a decision: same distributions as the full forward pass, on short, long (cut to
+    head + tail), escaped and multi-turn queries, in one padded batch."""
+    from router_pipeline.router_format import conversation_text
+
+    queries = QUERIES[:3] + ["x " * 900 + "Who wrote it?", "Is 3 < 4 & 5 > 2 <conversation>?",
+                             conversation_text([{"role": "user", "content": "Who won the 1994 cup?"},
+                                                {"role": "assistant", "content": "Brazil."},
+                                                {"role": "user", "content": "And in 1998?"}])]
+    cached = Router(fast_adapter, config=RouterConfig(batch_size=8, prefix_cache=True))
+    for full, fast in zip(fast_router.route_batch(queries), cached.route_batch(queries)):
+        assert fast.probabilities == pytest.approx(full.probabilities, abs=2e-4)
+        assert fast.policy_mass == pytest.approx(full.policy_mass, abs=2e-4)
+
+
+def test_a_conversation_is_routed_as_a_whole():
+    from router_pipeline.router_format import conversation_text
+
+    assert conversation_text([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": " Who wrote Hamlet? "}]) == "Who wrote Hamlet?"
+    text = conversation_text([{"role": "user", "content": "Who won the 1994 cup?"},
+                              {"role": "assistant", "content": [{"type": "text", "text": "Brazil."}]},
+                              {"role": "user", "content": "And in 1998?"}])
+    assert text == "user: Who won the 1994 cup?\nassistant: Brazil.\nuser: And in 1998?"
+    for bad in ([], [{"role": "system", "content": "x"}], [{"role": "robot", "content": "x"}], ["hi"]):
+        with pytest.raises(ValueError):
+            conversation_text(bad)
+
+
 def test_fast_router_learnt_its_label_with_a_distribution(fast_router, gemma_path):
     router = fast_router
     assert router.mode == "fast"  # recorded with the adapter at training time
@@ -110,7 +140,7 @@ def test_decisions_frame_has_one_column_per_policy(fast_router):
 
 
 def test_cli_route_json_and_decision_log(fast_adapter, tmp_path, capsys):
-    from router_pipeline.cli import main
+    from router_pipeline.serve.cli import main
 
     log = tmp_path / "decisions.jsonl"
     rc = main(["route", "Who painted the ceiling of the Palau de la Musica?", "contact me: ann@example.com",
@@ -131,9 +161,9 @@ def test_cli_applies_the_calibrated_threshold_by_default(fast_adapter, tmp_path,
     routes exactly as the evaluation's "router @ calibrated threshold" row scored."""
     import shutil
 
-    from router_pipeline.cli import main
-    from router_pipeline.mapper import evaluated_spec
-    from router_pipeline.routing import CALIBRATION_FILE
+    from router_pipeline.serve.cli import main
+    from router_pipeline.serve.mapper import evaluated_spec
+    from router_pipeline.artifacts import CALIBRATION_FILE
 
     query = "Who painted the ceiling of the Palau de la Musica? Mail ann@example.com"
     p_large = Router(fast_adapter).route(query).p_large
@@ -151,7 +181,7 @@ def test_cli_applies_the_calibrated_threshold_by_default(fast_adapter, tmp_path,
 
 
 def test_cli_answer_through_gemini_records_spend(fast_adapter, fake_gemini, sample_questions, tmp_path, monkeypatch, capsys):
-    from router_pipeline.cli import main
+    from router_pipeline.serve.cli import main
 
     monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
     monkeypatch.setenv("GEMINI_BASE_URL", fake_gemini.base_url)
@@ -167,7 +197,7 @@ def test_cli_answer_through_gemini_records_spend(fast_adapter, fake_gemini, samp
 
 
 def test_cli_without_a_router_says_what_to_do(capsys):
-    from router_pipeline.cli import main
+    from router_pipeline.serve.cli import main
 
     assert main(["route", "Who wrote Hamlet?"]) == 2
     assert "materialise released_router" in capsys.readouterr().err
@@ -177,7 +207,7 @@ def test_cli_without_a_router_says_what_to_do(capsys):
 def _cli(capsys, *argv, stdin: bytes | None = None, monkeypatch=None):
     import io
 
-    from router_pipeline.cli import main
+    from router_pipeline.serve.cli import main
 
     if stdin is not None:
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))

@@ -6,31 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from router_pipeline.policies import POLICIES
 from router_pipeline.training import (
-    META_FILE, TrainConfig, dpo_config, sample_rows, sft_trainer, supervised_positions_only, train_dpo, train_sft,
+    DPO_DEFAULTS, TrainConfig, sample_rows, sft_trainer, supervised_positions_only, train_dpo, train_sft,
 )
-from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset, build_training_examples
-
-QUERIES = [
-    "Who received the IEEE Frank Rosenblatt Award in 2010?",
-    "What is the capital of France?",
-    "In which year did the 3rd Ballyhooly fair close?",
-    "How many fouls did Inter commit in the 2010 final?",
-    "Who wrote Hamlet?",
-    "Which architect designed the Abasto market?",
-    "What is 2 + 2?",
-    "When was the Lego part gal56 first released?",
-]
-
-
-def _examples():
-    policies = [POLICIES[i % 3] for i in range(len(QUERIES))]
-    oracle = pd.DataFrame({"qid": [f"q{i}" for i in range(len(QUERIES))], "query": QUERIES,
-                           "medium_label": "Correct", "large_label": "Correct", "policy": policies, "rationale": "r"})
-    analyses = pd.DataFrame({"qid": oracle["qid"], "analysis": [f"It asks about item {i}." for i in range(len(QUERIES))]})
-    return build_training_examples(oracle, analyses)[0]
-
+from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset
+from router_pipeline.artifacts import TRAINING_FILE
+from router_pipeline_tests.support import training_examples
 
 def _tiny(tiny_model_dir, **kw):
     base = dict(base_model=tiny_model_dir, batch_size=4, grad_accum=1, save_steps=1000)
@@ -38,7 +19,7 @@ def _tiny(tiny_model_dir, **kw):
 
 
 def test_sft_loss_is_on_the_completion_only(tiny_model_dir, tmp_path):
-    sft = build_sft_dataset(_examples(), "explained")  # distinct completions: each is found in its row
+    sft = build_sft_dataset(training_examples(), "explained")  # distinct completions: each is found in its row
     trainer, tokenizer, _ = sft_trainer(sft, TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     checked = 0
@@ -58,7 +39,7 @@ def test_sft_loss_is_on_the_completion_only(tiny_model_dir, tmp_path):
 def test_logits_at_supervised_positions_only_give_the_full_loss(tiny_model_dir, tmp_path):
     """The CPU speed-up (LM head on supervised positions only) must not change the loss:
     compare with a plain full-logits cross-entropy of the same batch."""
-    trainer, _, _ = sft_trainer(build_sft_dataset(_examples()), TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
+    trainer, _, _ = sft_trainer(build_sft_dataset(training_examples()), TrainConfig(**_tiny(tiny_model_dir)), tmp_path)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model = trainer.model.eval()
     with torch.no_grad():
@@ -73,7 +54,7 @@ def test_logits_at_supervised_positions_only_give_the_full_loss(tiny_model_dir, 
 
 
 def test_max_rows_trains_on_a_stable_seeded_sample():
-    rows = build_sft_dataset(_examples())
+    rows = build_sft_dataset(training_examples())
     cfg = TrainConfig(max_rows=5)
     picked = sample_rows(rows, cfg, "sft")
     assert len(picked) == 5 and list(picked.index) == sorted(picked.index)
@@ -103,14 +84,14 @@ def _preference(adapter_dir, base_dir, dpo_rows):
 
 
 def test_sft_then_dpo_prefers_chosen_more(tiny_model_dir, tmp_path):
-    examples = _examples()
+    examples = training_examples()
     sft_rows, dpo_rows = build_sft_dataset(examples), build_dpo_dataset(examples)
     sft = train_sft(sft_rows, TrainConfig(**_tiny(tiny_model_dir, epochs=2, learning_rate=2e-3)), tmp_path / "sft")
     assert sft.steps == 4 and len(sft.losses) == 4 and sft.device == "cpu"
     assert sft.losses[-1][1] < sft.losses[0][1]  # it learns the format
-    meta = json.loads((tmp_path / "sft" / "adapter" / META_FILE).read_text())
+    meta = json.loads((tmp_path / "sft" / "adapter" / TRAINING_FILE).read_text())
     assert meta["config"]["lora_r"] == 16 and meta["rows"] == len(sft_rows) and len(meta["data_hash"]) == 16
-    dpo = train_dpo(dpo_rows, sft.adapter_dir, dpo_config(**_tiny(tiny_model_dir, epochs=2, learning_rate=5e-3)),
+    dpo = train_dpo(dpo_rows, sft.adapter_dir, TrainConfig(**{**DPO_DEFAULTS, **_tiny(tiny_model_dir, epochs=2, learning_rate=5e-3)}),
                     tmp_path / "dpo")
     assert dpo.metrics["reward_accuracy"] > 0.5 and dpo.metrics["reward_margin"] > 0
     before = _preference(sft.adapter_dir, tiny_model_dir, dpo_rows)
@@ -120,7 +101,7 @@ def test_sft_then_dpo_prefers_chosen_more(tiny_model_dir, tmp_path):
 
 
 def test_training_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
-    rows = build_sft_dataset(_examples())
+    rows = build_sft_dataset(training_examples())
     first = train_sft(rows, TrainConfig(**_tiny(tiny_model_dir, max_steps=2, save_steps=1)), tmp_path)
     assert first.steps == 2
     # A longer run in the same folder continues from checkpoint-2 instead of starting over.

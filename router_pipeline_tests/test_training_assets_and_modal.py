@@ -6,11 +6,9 @@ import pandas as pd
 import pytest
 
 from router_pipeline import compute
-from router_pipeline.definitions import defs
-from router_pipeline.resources import ParquetIOManager, offline_roles
-from router_pipeline.training import TrainConfig, dpo_config
-from router_pipeline_tests.test_training import _examples
+from router_pipeline.training import DPO_DEFAULTS, TrainConfig
 from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset
+from router_pipeline_tests.support import FakeRemote, training_examples, write_asset
 
 
 def test_modal_app_imports_without_credentials_and_lists_its_gpus(monkeypatch):
@@ -19,32 +17,17 @@ def test_modal_app_imports_without_credentials_and_lists_its_gpus(monkeypatch):
     import modal_app
 
     functions = {n: f for n, f in vars(modal_app).items() if isinstance(f, modal.Function)}
-    gpus = {name: fn._spec_.gpus for name, fn in functions.items()}
-    assert gpus == {"train_sft": "A100", "train_dpo": "A100", "evaluate_router": "T4"}
+    assert set(functions) == {"train_sft", "train_dpo", "evaluate_router"}
     assert modal_app.app.name == compute.APP_NAME
-    assert set(functions["train_sft"]._spec_.volumes) == {"/vol", "/datasets"}
+    # What the functions are declared with (Modal keeps it private on the Function).
+    assert modal_app.TRAIN_KW["gpu"] == "A100" and set(modal_app.TRAIN_KW["volumes"]) == {"/vol", "/datasets"}
 
 
 def test_launch_without_credentials_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(compute.ModalCredentialsMissing, match="MODAL_TOKEN_ID"):
-        compute.launch_modal("sft", build_sft_dataset(_examples()), TrainConfig(), tmp_path / "dest")
-
-
-class FakeRemote:
-    """Stands in for modal.Function.from_name: records the call, runs the real body locally."""
-
-    calls: list = []
-
-    def __init__(self, app_name, name):
-        import modal_app
-
-        self.app_name, self.name, self._fn = app_name, name, getattr(modal_app, name)
-
-    def remote(self, *args):
-        FakeRemote.calls.append((self.app_name, self.name, args))
-        return self._fn.local(*args)
+        compute.launch_modal("sft", build_sft_dataset(training_examples()), TrainConfig(), tmp_path / "dest")
 
 
 def test_modal_launch_hands_over_the_data_and_brings_the_adapter_back(tiny_model_dir, tmp_path, monkeypatch):
@@ -54,14 +37,14 @@ def test_modal_launch_hands_over_the_data_and_brings_the_adapter_back(tiny_model
     monkeypatch.setenv("ROUTER_MODAL_DATASETS_ROOT", str(tmp_path / "datasets"))
     monkeypatch.setattr(modal.Function, "from_name", FakeRemote)
     FakeRemote.calls = []
-    examples = _examples()
+    examples = training_examples()
     sft_rows, dpo_rows = build_sft_dataset(examples), build_dpo_dataset(examples, rejected_per_example=1)
     tiny = dict(base_model=tiny_model_dir, batch_size=4, grad_accum=1, max_steps=1)
 
     sft, sft_gpu_s = compute.launch_modal("sft", sft_rows, TrainConfig(**tiny), tmp_path / "adapters" / "sft")
-    app_name, fn_name, (records, config, run, parent) = FakeRemote.calls[0]
+    app_name, fn_name, (records, config, run) = FakeRemote.calls[0]  # SFT has no parent adapter
     assert (app_name, fn_name) == ("router-pipeline", "train_sft")
-    assert records == sft_rows[["prompt", "completion"]].to_dict("records") and parent is None
+    assert records == sft_rows[["prompt", "completion"]].to_dict("records")
     assert config == TrainConfig(**tiny).to_dict() and run.startswith("sft-")
     assert (tmp_path / "volume" / run / "checkpoints").is_dir()  # checkpoints live on the Volume
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "datasets" / f"{run}.parquet"),
@@ -70,7 +53,7 @@ def test_modal_launch_hands_over_the_data_and_brings_the_adapter_back(tiny_model
     assert (tmp_path / "adapters" / "sft" / "router_training.json").exists()
     assert sft.steps == 1 and sft_gpu_s > 0 and sft.adapter_dir == str(tmp_path / "adapters" / "sft")
 
-    dpo, _ = compute.launch_modal("dpo", dpo_rows, dpo_config(**tiny), tmp_path / "adapters" / "dpo",
+    dpo, _ = compute.launch_modal("dpo", dpo_rows, TrainConfig(**{**DPO_DEFAULTS, **tiny}), tmp_path / "adapters" / "dpo",
                                   sft_adapter=tmp_path / "adapters" / "sft")
     _, fn_name, (records, config, run, parent) = FakeRemote.calls[1]
     assert fn_name == "train_dpo" and set(records[0]) == {"prompt", "chosen", "rejected"}
@@ -79,17 +62,14 @@ def test_modal_launch_hands_over_the_data_and_brings_the_adapter_back(tiny_model
     assert (tmp_path / "adapters" / "dpo" / "adapter_model.safetensors").exists()
 
 
-def test_training_assets_materialise_with_metadata(tiny_model_dir, artifacts):
-    examples = _examples()
-    io = ParquetIOManager()
+def test_training_assets_materialise_with_metadata(tiny_model_dir, artifacts, defs, resources):
+    examples = training_examples()
     for key, frame in (("sft_dataset", build_sft_dataset(examples)), ("dpo_dataset", build_dpo_dataset(examples, rejected_per_example=1))):
-        path = io._path(dg.AssetKey(key))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path)
+        write_asset(resources["io_manager"], key, frame)
     tiny = {"base_model": tiny_model_dir, "batch_size": 4, "grad_accum": 1, "max_steps": 1}
     result = dg.materialize(
         list(defs.assets), selection=["sft_adapter", "dpo_adapter"], instance=dg.DagsterInstance.ephemeral(),
-        resources={"io_manager": io, "llm": offline_roles()},
+        resources=resources,
         run_config={"ops": {"sft_adapter": {"config": tiny}, "dpo_adapter": {"config": tiny}}},
     )
     assert result.success

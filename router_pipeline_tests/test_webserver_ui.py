@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from router_pipeline.definitions import defs
-
 LOCATION = "router_pipeline.definitions"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -128,8 +126,10 @@ def test_asset_graph_page_lists_the_assets_in_headless_chromium(webserver, tmp_p
     dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
                           "--window-size=1400,900", "--virtual-time-budget=30000", "--dump-dom", page],
                          capture_output=True, text=True, timeout=180).stdout
-    expected = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()
-                if defs.resolve_asset_graph().get(k).group_name == group}
+    from router_pipeline.definitions import build_defs
+
+    graph = build_defs().resolve_asset_graph()
+    expected = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name == group}
     assert expected, group
     missing = [k for k in sorted(expected) if k not in dom]
     assert not missing, f"{page} does not list {missing}"

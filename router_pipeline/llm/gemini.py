@@ -4,12 +4,11 @@ owns retries so that Retry-After is honoured and attempts are counted."""
 from __future__ import annotations
 
 import asyncio
-import os
 
+from router_pipeline import settings
 from router_pipeline.llm.types import BLOCKED, EMPTY, OK, LLMRequest, LLMResult, RetryableError
 
 RETRYABLE_CODES = {408, 429, 500, 502, 503, 504}
-API_KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
 
 class MissingCredentials(RuntimeError):
@@ -23,12 +22,11 @@ def default_timeout_s(model: str) -> float:
 
 
 def api_key_from_env() -> str:
-    for var in API_KEY_VARS:
-        if os.environ.get(var):
-            return os.environ[var]
-    raise MissingCredentials(
-        f"a gemini role is configured but none of {', '.join(API_KEY_VARS)} is set in the environment"
-    )
+    key = settings.gemini_api_key()
+    if key is None:
+        raise MissingCredentials(f"a gemini role is configured but none of "
+                                 f"{', '.join(settings.GEMINI_API_KEY_VARS)} is set in the environment")
+    return key
 
 
 def _retry_after(exc) -> float | None:
@@ -59,7 +57,6 @@ class GeminiClient:
         self.model = model
         self.price = price
         self._types = types
-        base_url = base_url or os.environ.get("GEMINI_BASE_URL") or None
         self._client = genai.Client(
             api_key=api_key_from_env(),
             http_options=types.HttpOptions(base_url=base_url,

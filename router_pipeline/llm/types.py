@@ -10,7 +10,6 @@ OK = "ok"  # the model produced text
 EMPTY = "empty"  # the call succeeded but the text is empty
 BLOCKED = "blocked"  # the provider refused (safety, recitation, ...)
 ERROR = "error"  # the call failed after all retries; never cached, retried next run
-STATUSES = (OK, EMPTY, BLOCKED, ERROR)
 CACHEABLE = (OK, EMPTY, BLOCKED)
 
 

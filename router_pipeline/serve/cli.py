@@ -1,7 +1,8 @@
-"""`router-pipeline route` and `router-pipeline answer`.
+"""`router-pipeline route`, `answer` and `serve`.
 
 route:  query -> router decision -> policy mapper -> which model, and why.
 answer: the same, then the chosen model answers (cached; spend goes to the budget).
+serve:  the OpenAI-compatible routing server (serve/server.py).
 Queries come as arguments, or one per line on stdin with ``-``.
 """
 
@@ -22,13 +23,9 @@ EXIT_USAGE = 2
 
 def default_router_dir() -> Path | None:
     """artifacts/router (the released router), else the last DPO adapter."""
-    from router_pipeline.assets.evaluation import release_dir
-    from router_pipeline.assets.training import adapter_dir
+    from router_pipeline.artifacts import Artifacts
 
-    for path in (release_dir(), adapter_dir("dpo")):
-        if (path / "adapter_config.json").exists():
-            return path
-    return None
+    return Artifacts.from_settings().default_router()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--log", help="append one JSON line per decision to this file")
         s.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS,
                        help="longer queries are refused, as the pipeline's loaders refuse them")
+    s = sub.add_parser("serve", help="the OpenAI-compatible routing server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--adapter", help="router adapter dir (default: artifacts/router, else artifacts/adapters/dpo)")
+    s.add_argument("--profiles", help="caller profiles (YAML/JSON): API keys -> mapper, budget, models; "
+                                      "default: no key needed, the calibrated threshold for everyone")
+    s.add_argument("--feedback-dir", help="where feedback.jsonl and outcomes.jsonl go (default: <artifacts>/feedback)")
+    s.add_argument("--log", help="append one JSON line per request to this file")
+    s.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a query waits for others to share a pass")
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--no-batching", action="store_true", help="one router pass per request")
+    s.add_argument("--no-prefix-cache", action="store_true", help="recompute the fixed prompt prefix every pass")
+    s.add_argument("--cooldown-s", type=float, default=30.0, help="how long a model that failed (429/5xx/timeout) is skipped")
     return p
 
 
@@ -84,7 +94,7 @@ def _mapper(args, roles, router):
     """The mapper from --mapper or --preset; by default, the mapping the evaluation scored
     (the calibrated threshold) when the router carries one. Aliases medium/large default
     to the profile's models."""
-    from router_pipeline.mapper import DEFAULT_PRESET, MapperConfigError, PolicyMapper, evaluated_spec, load_spec
+    from router_pipeline.serve.mapper import DEFAULT_PRESET, MapperConfigError, PolicyMapper, evaluated_spec, load_spec
 
     if args.mapper:
         spec = load_spec(args.mapper)
@@ -115,11 +125,12 @@ def _role_spec(mapping, roles):
 
 def _answer(query: str, spec, roles):
     from router_pipeline.answering import STOP, answer_prompt
-    from router_pipeline.llm import make_client
+    from router_pipeline.artifacts import Artifacts
+    from router_pipeline.llm.cache import ResponseCache
     from router_pipeline.llm.runner import complete_all
 
-    client = make_client(spec, gemini_base_url=roles.gemini_base_url, timeout_s=roles.timeout_s)
-    cache = roles.cache()
+    client = roles.client_for(spec)
+    cache = ResponseCache(Artifacts.from_settings().cache)
     try:
         [result], _ = complete_all(client, [spec.request(answer_prompt(query, spec.prompt_style), stop=STOP)], cache,
                                    retry=roles.retry(), progress=False)
@@ -129,9 +140,10 @@ def _answer(query: str, spec, roles):
 
 
 def run(args) -> int:
-    from router_pipeline import decision_log
-    from router_pipeline.mapper import ABSTAIN_ANSWER
-    from router_pipeline.resources import default_roles
+    from router_pipeline.serve import decision_log
+    from router_pipeline.serve.mapper import ABSTAIN_ANSWER
+    from router_pipeline import settings
+    from router_pipeline.llm.roles import roles_for
     from router_pipeline.routing import Router, RouterConfig
 
     queries, bad = _queries(args)
@@ -143,7 +155,7 @@ def run(args) -> int:
     if args.log and Path(args.log).is_dir():
         print(f"error: --log {args.log} is a directory; give a file to append decisions to", file=sys.stderr)
         return EXIT_USAGE
-    roles = default_roles()
+    roles = roles_for(settings.load())
     adapter = args.adapter or (None if args.base_model else default_router_dir())
     if adapter is None and not args.base_model:
         print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
@@ -193,14 +205,40 @@ def _human(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serve(args) -> int:
+    import uvicorn
+
+    from router_pipeline.artifacts import Artifacts
+    from router_pipeline.serve.server import build_state, create_app
+
+    adapter = args.adapter or default_router_dir()
+    if adapter is None:
+        print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
+              file=sys.stderr)
+        return EXIT_USAGE
+    state = build_state(adapter, profiles_path=args.profiles,
+                        feedback_dir=args.feedback_dir or Artifacts.from_settings().root / "feedback",
+                        batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
+                        window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
+                        decision_log_path=args.log)
+    if state.profiles.open:
+        print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
+              file=sys.stderr)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from router_pipeline.mapper import MapperConfigError
+    from router_pipeline.serve.mapper import MapperConfigError
+    from router_pipeline.serve.profiles import ProfileError
     from router_pipeline.routing import RouterOutputError
 
     args = _parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return serve(args)
         return run(args)
-    except (MapperConfigError, RouterOutputError, ValueError, OSError) as exc:
+    except (MapperConfigError, ProfileError, RouterOutputError, ValueError, OSError) as exc:
         # User errors (bad files, configs, ledgers, paths) end in one line, never a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,26 +1,26 @@
 """council_labels: llm-council sessions from the drop folder as extra routing labels."""
 
-from typing import Optional
+from typing import Literal
 
 import dagster as dg
 import pandas as pd
 
 from router_pipeline import council
-from router_pipeline.assets.metadata import distribution, table
-from router_pipeline.paths import council_dir
+from router_pipeline.defs.metadata import distribution, table
+from router_pipeline.defs.resources import CouncilInbox
 from router_pipeline.policies import POLICIES
 
 COUNCIL_GROUP = "data"  # part of the data half: it feeds training_examples
+_R = council.CouncilRules()  # the one source of the council defaults
 
 
 class CouncilConfig(dg.Config):
-    folder: Optional[str] = None  # None: data/council_sessions (or ROUTER_PIPELINE_COUNCIL_DIR)
-    model_tiers: dict[str, str] = dict(council.DEFAULT_TIERS)  # winner model -> medium | large
-    min_agreement: float = 0.6
-    low_agreement: str = "drop"  # drop | ambiguous
-    deadlock: str = "ambiguous"  # drop | ambiguous
-    exclude_self_votes: bool = True
-    max_query_chars: int = 4000
+    model_tiers: dict[str, str] = dict(_R.model_tiers)  # winner model -> medium | large
+    min_agreement: float = _R.min_agreement
+    low_agreement: Literal["drop", "ambiguous"] = _R.low_agreement
+    deadlock: Literal["drop", "ambiguous"] = _R.deadlock
+    exclude_self_votes: bool = _R.exclude_self_votes
+    max_query_chars: int = _R.max_query_chars
 
     def rules(self) -> council.CouncilRules:
         bad = {m: t for m, t in self.model_tiers.items() if t not in council.TIER_POLICY}
@@ -30,14 +30,13 @@ class CouncilConfig(dg.Config):
                                     self.exclude_self_votes, self.max_query_chars)
 
 
-@dg.asset(group_name=COUNCIL_GROUP, kinds={"pandas"},
-          check_specs=[dg.AssetCheckSpec("council_not_in_test", asset="council_labels", blocking=True,
-                                         additional_deps=["test_questions"],
-                                         description="No council label is for a query of the test split.")])
-def council_labels(context: dg.AssetExecutionContext, config: CouncilConfig, test_questions: pd.DataFrame):
+@dg.asset(group_name=COUNCIL_GROUP, kinds={"pandas"})
+def council_labels(context: dg.AssetExecutionContext, config: CouncilConfig, council_inbox: CouncilInbox,
+                   test_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """Every session file in the council folder, recomputed (Borda, agreement) and turned
-    into (query, policy, agreement, provenance); bad files are listed, never fatal."""
-    folder = config.folder or str(council_dir())
+    into (query, policy, agreement, provenance); bad files are listed, never fatal.
+    Sessions about a test question are dropped (training_examples' check verifies it)."""
+    folder = str(council_inbox.path())
     result = council.read_folder(folder, config.rules())
     labels, in_test = council.drop_test_queries(result.labels, test_questions)
     rejected = pd.DataFrame(result.rejected + in_test, columns=["file", "session", "reason"])
@@ -58,7 +57,4 @@ def council_labels(context: dg.AssetExecutionContext, config: CouncilConfig, tes
         meta["disagreements"] = table(pd.DataFrame(result.disagreements).astype(str).head(200))
     if not labels.empty:
         meta["mean_agreement"] = round(float(labels["agreement"].mean()), 4)
-    yield dg.Output(labels, metadata=meta)
-    leaked = labels["query_hash"].isin(set(test_questions["query"].map(council.query_hash)))
-    yield dg.AssetCheckResult(check_name="council_not_in_test", passed=not leaked.any(),
-                              metadata={"test_queries_in_labels": int(leaked.sum())})
+    return dg.Output(labels, metadata=meta)

@@ -1,23 +1,22 @@
 """The data half of the graph: thin Dagster wrappers around the stage modules."""
 
-
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from router_pipeline import analysis, answering, judging, oracle, questions, split, training_data
-from router_pipeline.assets.council import council_labels
-from router_pipeline.assets.metadata import distribution, preview, table
+from router_pipeline.defs.metadata import distribution, preview, table
+from router_pipeline.defs.resources import ArtifactStore, LLMRoles, RouterFormat, TrainingCompute
 from router_pipeline.policies import LABELS, POLICIES
-from router_pipeline.resources import LLMRoles
-from router_pipeline.router_format import DEFAULT_MODE, MODES, parse_completion, query_from_prompt, router_query
+from router_pipeline.text import query_hash
 
 DATA_GROUP = "data"
 
 
 class QuestionsConfig(dg.Config):
-    source: str = "bundled"  # bundled | hf | url | jsonl | outcomes
+    source: Literal["bundled", "hf", "url", "jsonl", "outcomes"] = "bundled"
     path: Optional[str] = None  # jsonl / outcomes file (or a replacement bundled CSV)
     url: str = questions.OPENAI_SIMPLEQA_URL
     hf_dataset: str = questions.DEFAULT_HF_DATASET
@@ -83,28 +82,22 @@ def split_questions(config: SplitConfig, questions: pd.DataFrame):
                               metadata={"empty": empty})
 
 
-class ProgressConfig(dg.Config):
-    progress: bool = True  # tqdm bars in the compute logs
-
-
 def _stats_table(stats: dict) -> dg.TableMetadataValue:
     return table(pd.DataFrame([{"role": role, **s.as_dict()} for role, s in stats.items()]).round(6))
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"}, check_specs=[dg.AssetCheckSpec("no_failed_calls", asset="answers")])
-def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMRoles,
+def answers(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
             train_questions: pd.DataFrame, test_questions: pd.DataFrame):
     """Medium and large answers to every question of both splits (test answers are only
     used to score routing). Cached: a re-run makes no new model call."""
     both = pd.concat([train_questions, test_questions], ignore_index=True)
-    roles = {"medium": llm.spec("medium"), "large": llm.spec("large")}
-    clients = {tier: llm.client(tier) for tier in roles}
-    cache = llm.cache()
-    try:
-        frame, stats = answering.generate_answers(both, roles, clients, cache, concurrency=llm.concurrency,
-                                                  retry=llm.retry(), progress=config.progress)
-    finally:
-        cache.close()
+    roles = llm.roles()
+    tiers = {"medium": roles.medium, "large": roles.large}
+    clients = {tier: roles.client(tier) for tier in tiers}
+    with artifacts.llm_cache() as cache:
+        frame, stats = answering.generate_answers(both, tiers, clients, cache, concurrency=roles.concurrency,
+                                                  retry=roles.retry(), progress=compute.progress)
     calls = sum(s.calls for s in stats.values())
     errors = frame[frame["status"] == "error"]
     status = frame.groupby(["tier", "status"]).size().rename("count").reset_index()
@@ -124,7 +117,7 @@ def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMR
         "cost_by_tier": table(frame.groupby("tier")[["input_tokens", "output_tokens", "cost_usd"]].sum().round(6)),
         "status": table(status),
         "runs": _stats_table(stats),
-        "models": dg.MetadataValue.json(llm.describe()),
+        "models": dg.MetadataValue.json(roles.describe()),
     })
     yield dg.AssetCheckResult(
         check_name="no_failed_calls", passed=errors.empty,
@@ -135,23 +128,20 @@ def answers(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMR
 
 
 class JudgeConfig(dg.Config):
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0  # which answer the judge sees first when it grades both of a question
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
-def judgments(context: dg.AssetExecutionContext, config: JudgeConfig, llm: LLMRoles, answers: pd.DataFrame,
-              train_questions: pd.DataFrame, test_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+def judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
+              answers: pd.DataFrame, train_questions: pd.DataFrame, test_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """Blind grades (Correct / Incorrect / IDK), one per answer: the judge sees the
     question, the reference and that answer only."""
     both = pd.concat([train_questions, test_questions], ignore_index=True)
-    cache = llm.cache()
-    try:
-        frame, stats = judging.judge_answers(answers, both, judge=llm.spec("judge"), client=llm.client("judge"),
-                                             cache=cache, seed=config.seed, concurrency=llm.concurrency,
-                                             retry=llm.retry(), progress=config.progress)
-    finally:
-        cache.close()
+    roles = llm.roles()
+    with artifacts.llm_cache() as cache:
+        frame, stats = judging.judge_answers(answers, both, judge=roles.judge, client=roles.client("judge"),
+                                             cache=cache, seed=config.seed, concurrency=roles.concurrency,
+                                             retry=roles.retry(), progress=compute.progress)
     labels = pd.crosstab(frame["label"].fillna("ungraded"), frame["tier"]).reindex(
         list(LABELS) + ["ungraded"], fill_value=0).rename_axis("label")
     return dg.Output(frame, metadata={
@@ -165,73 +155,55 @@ def judgments(context: dg.AssetExecutionContext, config: JudgeConfig, llm: LLMRo
     })
 
 
-@dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
-          check_specs=[dg.AssetCheckSpec("oracle_train_only", asset="oracle_labels", blocking=True,
-                                         additional_deps=["test_questions"])])
-def oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame, test_questions: pd.DataFrame):
+@dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
+def oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """The 9-cell matrix applied to the train split's grades, with each cell's rationale."""
     frame, excluded = oracle.build_oracle_labels(judgments, train_questions)
-    yield dg.Output(frame, metadata={
+    return dg.Output(frame, metadata={
         "rows": len(frame),
         "excluded": len(excluded),
         "matrix_counts": table(oracle.matrix_counts(frame).rename_axis("medium \\ large")),
         "policy_distribution": distribution(frame["policy"], POLICIES),
     })
-    leaked = frame["qid"].isin(test_questions["qid"]).sum()
-    yield dg.AssetCheckResult(check_name="oracle_train_only", passed=bool(leaked == 0), metadata={"test_rows": int(leaked)})
 
 
-@dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
-          check_specs=[dg.AssetCheckSpec("analyses_leak_free", asset="query_analyses", blocking=True)])
-def query_analyses(context: dg.AssetExecutionContext, config: ProgressConfig, llm: LLMRoles,
-                   train_questions: pd.DataFrame, answers: pd.DataFrame, council_labels: pd.DataFrame):
+@dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
+def query_analyses(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute, train_questions: pd.DataFrame,
+                   answers: pd.DataFrame, council_labels: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """One sentence per train (and council) query from the query alone: the router's
-    reasoning. Answers are read only to verify that no analysis reveals one."""
+    reasoning. An analysis that reveals the reference or an answer is replaced by the
+    rules analyser's (the count is in the metadata)."""
     queries = pd.concat([train_questions[["qid", "query"]], council_labels[["qid", "query"]]], ignore_index=True)
-    cache = llm.cache()
-    try:
-        frame, stats = analysis.analyse_queries(queries, analyser=llm.spec("analyser"), client=llm.client("analyser"),
-                                                cache=cache, concurrency=llm.concurrency, retry=llm.retry(),
-                                                progress=config.progress)
-    finally:
-        cache.close()
-    secrets = _secrets(train_questions, answers)
-    frame, replaced = analysis.scrub_leaks(frame, secrets)
-    yield dg.Output(frame, metadata={
+    roles = llm.roles()
+    with artifacts.llm_cache() as cache:
+        frame, stats = analysis.analyse_queries(queries, analyser=roles.analyser, client=roles.client("analyser"),
+                                                cache=cache, concurrency=roles.concurrency, retry=roles.retry(),
+                                                progress=compute.progress)
+    frame, replaced = analysis.scrub_leaks(frame, analysis.answer_secrets(train_questions, answers))
+    return dg.Output(frame, metadata={
         "rows": len(frame),
         "analysers": table(frame["analyser"].value_counts().rename_axis("analyser").reset_index()),
         "replaced_for_leaks": replaced,
         "analyser_calls": stats.calls,
         "preview": preview(frame[["query", "analysis"]]),
     })
-    leaks = [(q, analysis.find_leaks(a, t, secrets.get(q, {}))) for q, a, t in zip(frame["qid"], frame["analysis"], frame["query"])]
-    leaks = [(q, names) for q, names in leaks if names]
-    yield dg.AssetCheckResult(check_name="analyses_leak_free", passed=not leaks,
-                              metadata={"leaking": len(leaks), "examples": dg.MetadataValue.json(leaks[:10])})
-
-
-def _secrets(questions_frame: pd.DataFrame, answers_frame: pd.DataFrame) -> dict[str, dict]:
-    """qid -> {"gold": ..., "medium_answer": ..., "large_answer": ...}, abstentions left out."""
-    out = {q: {"gold": g} for q, g in zip(questions_frame["qid"], questions_frame["gold_answer"])}
-    for row in answers_frame.itertuples(index=False):
-        if row.qid in out and row.status in ("ok", "recorded") and not judging.is_abstention(row.answer):
-            out[row.qid][f"{row.tier}_answer"] = row.answer
-    return out
 
 
 class ExamplesConfig(dg.Config):
-    precedence: str = "oracle"  # which label wins when oracle and council label the same query: oracle | council
+    precedence: Literal["oracle", "council"] = "oracle"  # which label wins when oracle and council label a query
     validation_fraction: float = 0.1  # held out from training; router_evaluation calibrates its threshold on it
     seed: int = 42
 
 
-@dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
+@dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
+          check_specs=[dg.AssetCheckSpec("no_test_queries", asset="training_examples", blocking=True,
+                                         additional_deps=["test_questions"],
+                                         description="No training example has the query of a test question "
+                                                     "(normalised), whichever source labelled it.")])
 def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame,
-                      council_labels: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+                      council_labels: pd.DataFrame, test_questions: pd.DataFrame):
     """Oracle and council labels joined with analyses, deduplicated by normalised query,
     with `source`, and a seeded validation slice held out from training (calibration)."""
-    if config.precedence not in ("oracle", "council"):
-        raise dg.Failure(f"precedence must be 'oracle' or 'council', got {config.precedence!r}")
     extra = council_labels[["qid", "query", "policy", "rationale", "source"]]
     frame, dropped = training_data.build_training_examples(
         oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra",
@@ -248,77 +220,56 @@ def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query
     }
     if not conflicts.empty:
         meta["conflicts"] = table(conflicts.head(100))
-    return dg.Output(frame, metadata=meta)
-
-
-class DatasetConfig(dg.Config):
-    mode: str = DEFAULT_MODE  # fast (decision only) | explained (decision, then why) | reasoning (why, then decision)
-    rejected_per_example: int = 1  # up to 2: every wrong policy as its own pair
-
-
-def _parse_failures(frame: pd.DataFrame, completion_col: str, policy_col: str, mode: str) -> list:
-    bad = []
-    for i, (c, p) in enumerate(zip(frame[completion_col], frame[policy_col])):
-        parsed = parse_completion(c, mode)
-        if parsed.policy != p:
-            bad.append({"row": i, "expected": p, "got": parsed.policy, "error": parsed.error})
-    return bad
-
-
-def _prompt_failures(frame: pd.DataFrame, examples: pd.DataFrame) -> list:
-    query = dict(zip(examples["qid"], examples["query"]))
-    bad = []
-    for i, (qid, prompt) in enumerate(zip(frame["qid"], frame["prompt"])):
-        try:
-            ok = query_from_prompt(prompt) == router_query(query[qid])
-        except ValueError:
-            ok = False
-        if not ok:
-            bad.append({"row": i, "qid": qid})
-    return bad
+    yield dg.Output(frame, metadata=meta)
+    in_test = frame[frame["query"].map(query_hash).isin(set(test_questions["query"].map(query_hash)))]
+    yield dg.AssetCheckResult(check_name="no_test_queries", passed=in_test.empty, metadata={
+        "test_queries_in_training": len(in_test),
+        "by_source": dg.MetadataValue.json(in_test["source"].value_counts().to_dict())})
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
           check_specs=[dg.AssetCheckSpec("sft_round_trip", asset="sft_dataset", blocking=True)])
-def sft_dataset(config: DatasetConfig, training_examples: pd.DataFrame):
-    """TRL prompt-completion rows for supervised fine-tuning."""
-    if config.mode not in MODES:
-        raise dg.Failure(f"mode must be one of {MODES}, got {config.mode!r}")
-    frame = training_data.build_sft_dataset(training_examples, config.mode)
+def sft_dataset(router_format: RouterFormat, training_examples: pd.DataFrame):
+    """TRL prompt-completion rows for supervised fine-tuning, in the configured format."""
+    mode = router_format.mode
+    frame = training_data.build_sft_dataset(training_examples, mode)
     yield dg.Output(frame, metadata={
         "rows": len(frame),
-        "mode": config.mode,
+        "mode": mode,
         "policy_distribution": distribution(frame["policy"], POLICIES),
         "example": dg.MetadataValue.md(f"```\n{frame['prompt'].iloc[0]}{frame['completion'].iloc[0]}\n```" if len(frame) else "empty"),
     })
-    bad_prompts = _prompt_failures(frame, training_examples)
-    bad_completions = _parse_failures(frame, "completion", "policy", config.mode)
+    bad_prompts = training_data.prompt_failures(frame, training_examples)
+    bad_completions = training_data.completion_failures(frame, "completion", "policy", mode)
     yield dg.AssetCheckResult(check_name="sft_round_trip", passed=not (bad_prompts or bad_completions),
                               metadata={"bad_prompts": len(bad_prompts), "bad_completions": len(bad_completions)})
 
 
+class DPODatasetConfig(dg.Config):
+    rejected_per_example: int = Field(1, ge=1, le=2, description="2: every wrong policy as its own pair")
+
+
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
           check_specs=[dg.AssetCheckSpec("dpo_pairs_valid", asset="dpo_dataset", blocking=True)])
-def dpo_dataset(config: DatasetConfig, training_examples: pd.DataFrame):
+def dpo_dataset(config: DPODatasetConfig, router_format: RouterFormat, training_examples: pd.DataFrame):
     """TRL preference rows (prompt, chosen, rejected): each wrong policy is a rejection."""
-    if config.mode not in MODES:
-        raise dg.Failure(f"mode must be one of {MODES}, got {config.mode!r}")
-    frame = training_data.build_dpo_dataset(training_examples, config.mode, config.rejected_per_example)
+    mode = router_format.mode
+    frame = training_data.build_dpo_dataset(training_examples, mode, config.rejected_per_example)
     yield dg.Output(frame, metadata={
         "rows": len(frame),
         "examples": int(frame["qid"].nunique()),
-        "mode": config.mode,
+        "mode": mode,
         "pairs": table(frame.groupby(["chosen_policy", "rejected_policy"]).size().rename("count").reset_index()),
     })
     same = int((frame["chosen"] == frame["rejected"]).sum())
-    bad_chosen = _parse_failures(frame, "chosen", "chosen_policy", config.mode)
-    bad_rejected = _parse_failures(frame, "rejected", "rejected_policy", config.mode)
-    bad_prompts = _prompt_failures(frame, training_examples)
+    bad_chosen = training_data.completion_failures(frame, "chosen", "chosen_policy", mode)
+    bad_rejected = training_data.completion_failures(frame, "rejected", "rejected_policy", mode)
+    bad_prompts = training_data.prompt_failures(frame, training_examples)
     yield dg.AssetCheckResult(
         check_name="dpo_pairs_valid", passed=not (same or bad_chosen or bad_rejected or bad_prompts),
         metadata={"chosen_equals_rejected": same, "bad_chosen": len(bad_chosen),
                   "bad_rejected": len(bad_rejected), "bad_prompts": len(bad_prompts)})
 
 
-DATA_ASSETS = [questions_, split_questions, answers, judgments, oracle_labels, council_labels, query_analyses,
-               training_examples, sft_dataset, dpo_dataset]
+data_job = dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
+                               description="Questions to SFT/DPO datasets.")

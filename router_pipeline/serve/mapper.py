@@ -9,7 +9,8 @@ kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
 - ``math``           the query looks like arithmetic / maths (operators, equations, LaTeX, maths words)
 - ``budget``         the persisted spend of the period has reached ``limit_usd``
 - ``low_confidence`` the router's probability for its policy is below ``below``
-                     (``target: escalate`` calls the escalation callback instead)
+                     (``target: escalate`` hands the query to the escalation: an
+                     llm-council endpoint, ``escalation: {url: ...}``, or a callback)
 - ``threshold``      the router's P(Complex_Query) is at least ``at_least`` (the
                      calibrated threshold the evaluation scored)
 - ``policy``         ``map`` from policy to target (Ambiguous_Query may map to
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from router_pipeline.ledger import BudgetLedger, LedgerError
+from router_pipeline.serve.ledger import BudgetLedger, LedgerError
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
 
 ABSTAIN = "abstain"
@@ -88,7 +89,10 @@ class Mapping:
 
 
 def _medium_large_models() -> dict[str, str]:
-    return {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro", "local": "gemma3-270m"}
+    from router_pipeline.local_models import GEMMA3_270M
+    from router_pipeline.settings import GEMINI_MODELS
+
+    return {"medium": GEMINI_MODELS["medium"], "large": GEMINI_MODELS["large"], "local": GEMMA3_270M}
 
 
 PRESETS: dict[str, dict] = {
@@ -129,9 +133,11 @@ def evaluated_spec(calibration: dict) -> dict:
 
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
-                 ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None):
+                 ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None,
+                 escalation_url: str | None = None):
         self.models = dict(models or _medium_large_models())
         self.rules, self.fallback, self.ledger, self.escalation = list(rules), fallback, ledger, escalation
+        self.escalation_url = escalation_url
         self._validate()
 
     # -- construction -------------------------------------------------------
@@ -145,7 +151,7 @@ class PolicyMapper:
         """``default_models`` (e.g. the profile's medium/large) fill aliases the spec leaves out."""
         if not isinstance(spec, dict):
             raise MapperConfigError(f"mapper config must be a mapping, got {type(spec).__name__}")
-        unknown = set(spec) - {"preset", "models", "fallback", "rules", "ambiguous", "budget"}
+        unknown = set(spec) - {"preset", "models", "fallback", "rules", "ambiguous", "budget", "escalation"}
         if unknown:
             raise MapperConfigError(f"unknown mapper config keys {sorted(unknown)}")
         base = {}
@@ -176,7 +182,14 @@ class PolicyMapper:
                 ledger = BudgetLedger(path, b.get("period", "month"))
             except LedgerError as exc:
                 raise MapperConfigError(str(exc)) from None
-        return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation)
+        escalation_url = None
+        if spec.get("escalation") is not None:
+            e = spec["escalation"]
+            if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not e["url"].startswith(("http://", "https://")):
+                raise MapperConfigError(f"'escalation' must be a mapping like {{url: http://council:8001/v1/chat/completions}}, got {e!r}")
+            escalation_url = e["url"]
+        return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation,
+                   escalation_url)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PolicyMapper":
@@ -192,8 +205,9 @@ class PolicyMapper:
         for t in targets:
             if t not in self.models and t not in (ABSTAIN, ESCALATE):
                 raise MapperConfigError(f"target {t!r} is neither a model alias {sorted(self.models)} nor {ABSTAIN!r}/{ESCALATE!r}")
-        if ESCALATE in targets and self.escalation is None:
-            raise MapperConfigError("a rule escalates but no escalation callback was given")
+        if ESCALATE in targets and self.escalation is None and self.escalation_url is None:
+            raise MapperConfigError("a rule escalates but there is no escalation (an 'escalation: {url: ...}' "
+                                    "section, or a callback)")
         if self.fallback == ESCALATE:
             raise MapperConfigError("the fallback must be a model alias or 'abstain'")
         if any(r.kind == "budget" for r in self.rules) and self.ledger is None:
@@ -268,9 +282,9 @@ def load_spec(path: str | Path) -> dict:
 
 
 def _default_ledger_dir() -> Path:
-    from router_pipeline.paths import artifacts_dir
+    from router_pipeline import settings
 
-    return artifacts_dir()
+    return settings.load().artifacts_dir
 
 
 def _rule(raw, index: int) -> Rule:

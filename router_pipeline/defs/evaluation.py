@@ -1,4 +1,4 @@
-"""Evaluation assets: score the DPO router on the test split, then release it.
+"""Evaluation assets: score the trained router on the test split, then release it.
 
 ``router_evaluation`` routes the test split (and the validation slice held out from
 training, for threshold calibration) on the configured compute, then replays the
@@ -10,71 +10,57 @@ or fails to decide more than 5% of the time never replaces the router the CLI se
 import json
 import math
 import shutil
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
 import pandas as pd
 
-from router_pipeline import compute, evaluation
-from router_pipeline.assets.metadata import table
-from router_pipeline.assets.training import adapter_dir, dpo_adapter
-from router_pipeline.paths import artifacts_dir
+from router_pipeline import compute as compute_module
+from router_pipeline import evaluation
+from router_pipeline.artifacts import ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, SUMMARY_FILE, Artifacts
+from router_pipeline.defs.metadata import table
+from router_pipeline.defs.resources import ArtifactStore, TrainingCompute
+from router_pipeline.defs.training import dpo_adapter
 from router_pipeline.plots import cost_quality_curves, markdown_image
-from router_pipeline.policies import COMPLEX
-from router_pipeline.mapper import evaluated_spec
-from router_pipeline.routing import CALIBRATION_FILE, RouteDecision, RouterConfig, decisions_frame
+from router_pipeline.routing import RouteDecision, RouterConfig, decisions_frame
+from router_pipeline.serve.mapper import evaluated_spec
 from router_pipeline.split import VALIDATION
 
 EVALUATION_GROUP = "evaluation"
-T4_USD_PER_HOUR = 0.59  # Modal's list price for a T4; override in config
 REGRESSION_METRICS = ("served_correct", "policy_accuracy")
 MAX_PARSE_FAILURE_RATE = 0.05  # a router that fails to decide more often than this is never released
-EVALUATION_FILE = "evaluation.json"
-SUMMARY_FILE = "summary.csv"  # one row per router / baseline, as in the metadata table
-RELEASE_DIR = "router"
 CALIBRATED = "router @ calibrated threshold"
 POINTS = {"router": "router (its decisions)", "router @ calibrated threshold": "router @ calibrated threshold",
           "always-medium": "always-medium", "always-large": "always-large"}
+_R = RouterConfig()  # the one source of the routing defaults
 
 
 class EvaluationConfig(dg.Config):
-    compute: str = "local"  # local | modal (T4)
-    adapter: str = "dpo"  # which trained adapter: dpo | sft
-    mode: Optional[str] = None  # None: the mode recorded with the adapter
-    fallback: str = COMPLEX  # policy used when the router's output does not parse
-    min_policy_mass: float = 0.0  # fast mode: below it the output counts as unparsed
-    ambiguous: str = "medium"  # what Ambiguous_Query routes to here: medium | large | abstain
+    adapter: Literal["dpo", "sft"] = "dpo"  # which trained adapter; released_router releases this one
+    fallback: Literal["Standard_Query", "Complex_Query", "Ambiguous_Query"] = _R.fallback  # when an output does not parse
+    min_policy_mass: float = _R.min_policy_mass  # fast mode: below it the output counts as unparsed
+    ambiguous: Literal["medium", "large", "abstain"] = "medium"  # what Ambiguous_Query routes to here
     random_seeds: int = 20
     knn_k: int = 5
     target_share: Optional[float] = None  # calibrate to this share of large calls ...
     target_pgr: float = 0.9  # ... or else to the cheapest threshold recovering this much of the gap
     regression_tolerance: float = 0.05  # allowed drop in served accuracy / policy accuracy vs the released router
-    batch_size: int = 16
-    max_new_tokens: int = 96  # reasoning mode: room for the analysis and the decision
-    gpu_usd_per_hour: float = T4_USD_PER_HOUR
-    progress: bool = True
+    batch_size: int = _R.batch_size
+    max_new_tokens: int = _R.max_new_tokens  # reasoning mode: room for the analysis and the decision
 
 
-def _route(config: EvaluationConfig, adapter, queries: list[str]) -> tuple[list[dict], Optional[float]]:
-    router_config = RouterConfig(mode=config.mode, fallback=config.fallback, batch_size=config.batch_size,
+def _route(config: EvaluationConfig, compute: TrainingCompute, adapter, queries: list[str]):
+    """(decision dicts, GPU seconds or None) from the router on the configured compute."""
+    router_config = RouterConfig(fallback=config.fallback, batch_size=config.batch_size,
                                  max_new_tokens=config.max_new_tokens, min_policy_mass=config.min_policy_mass).__dict__
-    if config.compute == "modal":
-        return compute.launch_modal_route(adapter, queries, router_config)
-    return compute.route_queries(adapter, queries, router_config, progress=config.progress), None
+    if compute.where == "modal":
+        return compute_module.launch_modal_route(adapter, queries, router_config)
+    return compute_module.route_queries(adapter, queries, router_config, progress=compute.progress), None
 
 
-def evaluation_dir(adapter: str):
-    """What router_evaluation writes about an adapter: its calibration and headline figures."""
-    return artifacts_dir() / "evaluation" / adapter
-
-
-def release_dir():
-    return artifacts_dir() / RELEASE_DIR
-
-
-def released_figures() -> dict:
+def released_figures(layout: Artifacts) -> dict:
     """The headline figures of the router released now ({} when none is)."""
-    path = release_dir() / EVALUATION_FILE
+    path = layout.release / EVALUATION_FILE
     if not path.exists():
         return {}
     try:
@@ -100,17 +86,16 @@ def _plain(value):
                           description=f"At most {MAX_PARSE_FAILURE_RATE:.0%} of the test decisions are parse failures."),
     ],
 )
-def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, train_questions: pd.DataFrame,
-                      test_questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd.DataFrame,
-                      training_examples: pd.DataFrame):
+def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore,
+                      compute: TrainingCompute, train_questions: pd.DataFrame, test_questions: pd.DataFrame,
+                      answers: pd.DataFrame, judgments: pd.DataFrame, training_examples: pd.DataFrame):
     """The router on the held-out test split: policy accuracy, SimpleQA metrics of the
     routed answers, cost, and the cost-quality curve (APGR, CPT) against random,
     always-medium, always-large, oracle and MiniLM k-NN/logistic baselines. The
     threshold is calibrated on the validation slice held out from training."""
-    if config.compute not in compute.COMPUTES:
-        raise dg.Failure(f"compute must be one of {compute.COMPUTES}, got {config.compute!r}")
-    adapter = adapter_dir(config.adapter)
-    if not (adapter / "adapter_config.json").exists():
+    layout = artifacts.layout()
+    adapter = layout.adapter(config.adapter)
+    if not (adapter / ADAPTER_CONFIG).exists():
         raise dg.Failure(f"no {config.adapter} adapter at {adapter}: materialise the training assets first")
     test = evaluation.outcome_table(test_questions, answers, judgments)
     if test.empty:
@@ -118,8 +103,8 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
     held_out = set(training_examples.loc[training_examples["split"] == VALIDATION, "qid"])
     validation = evaluation.outcome_table(train_questions[train_questions["qid"].isin(held_out)], answers, judgments)
     queries = list(test["query"]) + list(validation["query"])
-    context.log.info(f"routing {len(test)} test + {len(validation)} validation queries on {config.compute}")
-    records, gpu_seconds = _route(config, adapter, queries)
+    context.log.info(f"routing {len(test)} test + {len(validation)} validation queries on {compute.where}")
+    records, gpu_seconds = _route(config, compute, adapter, queries)
     decisions = decisions_frame([RouteDecision(**r) for r in records], list(test["qid"]) + list(validation["qid"]))
     trained_on = training_examples[training_examples["split"] != VALIDATION]
     report = evaluation.evaluate(test, decisions.iloc[:len(test)], validation, decisions.iloc[len(test):],
@@ -130,7 +115,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         {name: (c.share, c.accuracy) for name, c in report.curves.items()},
         {POINTS[row["router"]]: (row["large_share"], row["correct"]) for row in report.summary.to_dict("records")
          if row["router"] in POINTS},
-        artifacts_dir() / "plots" / "cost_quality.png")
+        layout.plots / "cost_quality.png")
     rows = report.summary.set_index("router")
     router, served = rows.loc["router"], rows.loc[CALIBRATED]
     parse_failures = int((~decisions["parse_ok"].iloc[:len(test)]).sum())
@@ -152,7 +137,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         "cpt80": _plain(router["cpt80"]),
         "parse_failure_rate": round(parse_rate, 4),
     }
-    out = evaluation_dir(config.adapter)
+    out = layout.evaluation(config.adapter)
     out.mkdir(parents=True, exist_ok=True)
     (out / CALIBRATION_FILE).write_text(json.dumps(
         {**report.calibration, "score": "P(Complex_Query)", "split": "validation",
@@ -171,13 +156,14 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         "cost_quality_curve": dg.MetadataValue.md(markdown_image(plot, "cost-quality curves")),
         "cost_quality_png": dg.MetadataValue.path(str(plot)),
         "calibration": dg.MetadataValue.json(report.calibration),
-        "compute": config.compute,
+        "compute": compute.where,
         "mean_latency_ms": _plain(decisions["latency_ms"].mean()),
     }
     if gpu_seconds is not None:
         meta["gpu_seconds"] = round(gpu_seconds, 1)
-        meta["estimated_cost_usd"] = round(gpu_seconds / 3600 * config.gpu_usd_per_hour, 4)
-    yield dg.Output(report.per_query, metadata=meta)
+        meta["estimated_cost_usd"] = round(gpu_seconds / 3600 * compute.t4_usd_per_hour, 4)
+    # The adapter column tells released_router which adapter these figures are for.
+    yield dg.Output(report.per_query.assign(adapter=config.adapter), metadata=meta)
 
     apgr, rand = router["apgr"], report.random_apgr
     gap = test["large_label"].eq("Correct").mean() - test["medium_label"].eq("Correct").mean()
@@ -192,7 +178,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         yield dg.AssetCheckResult(check_name="beats_random", passed=bool(apgr > rand),
                                   metadata={"apgr": float(apgr), "random_apgr": float(rand), "accuracy_gap": float(gap)})
 
-    released = released_figures()
+    released = released_figures(layout)
     drops = {m: released[m] - figures[m] for m in REGRESSION_METRICS
              if released.get(m) is not None and figures[m] is not None
              and released[m] - figures[m] > config.regression_tolerance}
@@ -207,27 +193,30 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
                                         "limit": MAX_PARSE_FAILURE_RATE})
 
 
-class ReleaseConfig(dg.Config):
-    adapter: str = "dpo"  # the adapter router_evaluation evaluated
-
-
-@dg.asset(group_name=EVALUATION_GROUP, deps=[router_evaluation])
-def released_router(context: dg.AssetExecutionContext, config: ReleaseConfig) -> dg.MaterializeResult:
-    """The evaluated adapter, its calibration and figures, copied to artifacts/router/:
+@dg.asset(group_name=EVALUATION_GROUP)
+def released_router(artifacts: ArtifactStore, router_evaluation: pd.DataFrame) -> dg.MaterializeResult:
+    """The evaluated adapter, its calibration and figures, copied to <artifacts>/router/:
     what `router-pipeline route` serves by default. Runs only when router_evaluation's
     blocking checks pass."""
-    src, evaluated = adapter_dir(config.adapter), evaluation_dir(config.adapter)
+    layout = artifacts.layout()
+    adapters = set(router_evaluation["adapter"])
+    if len(adapters) != 1:
+        raise dg.Failure(f"router_evaluation names {sorted(adapters)} as its adapter; expected exactly one")
+    adapter = adapters.pop()
+    src, evaluated = layout.adapter(adapter), layout.evaluation(adapter)
     if not (evaluated / EVALUATION_FILE).exists():
-        raise dg.Failure(f"no evaluation of the {config.adapter} adapter at {evaluated}: materialise router_evaluation first")
-    staging = artifacts_dir() / "release-staging"
-    compute.install_adapter(src, staging)
+        raise dg.Failure(f"no evaluation of the {adapter} adapter at {evaluated}: materialise router_evaluation first")
+    staging = layout.root / "release-staging"
+    compute_module.install_adapter(src, staging)
     for name in (CALIBRATION_FILE, EVALUATION_FILE):
         shutil.copy2(evaluated / name, staging / name)
-    dest = compute.install_adapter(staging, release_dir())
+    dest = compute_module.install_adapter(staging, layout.release)
     shutil.rmtree(staging, ignore_errors=True)
     figures = json.loads((dest / EVALUATION_FILE).read_text())
     return dg.MaterializeResult(metadata={"router_dir": dg.MetadataValue.path(str(dest)), "from": str(src),
                                           **{k: v for k, v in figures.items() if v is not None}})
 
 
-EVALUATION_ASSETS = [router_evaluation, released_router]
+evaluation_job = dg.define_asset_job(
+    "evaluation_job", selection=dg.AssetSelection.groups(EVALUATION_GROUP),
+    description="Evaluate the trained router on the test split; release it if its checks pass.")

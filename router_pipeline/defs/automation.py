@@ -10,21 +10,30 @@ weekly schedule.
 - ``retraining_job`` + ``weekly_retraining`` (shipped STOPPED): the whole graph,
   questions to released_router, Mondays 03:00 UTC. Stopped by default because a full
   retrain spends Gemini and Modal GPU money and needs their credentials: an operator
-  turns it on (UI toggle or ``dagster schedule start weekly_retraining``). Run config
-  comes from ROUTER_RETRAIN_SAMPLE_SIZE (default 0 = every question),
-  ROUTER_RETRAIN_COMPUTE (modal | local, default modal) and ROUTER_RETRAIN_CRON.
+  turns it on (UI toggle or ``dagster schedule start weekly_retraining``). Its run
+  config comes from the settings when the definitions are built:
+  ROUTER_RETRAIN_SAMPLE_SIZE (default 0 = every question), ROUTER_RETRAIN_COMPUTE
+  (modal | local, default modal) and ROUTER_RETRAIN_CRON.
+
+Why a schedule and a sensor, not declarative automation:
+- the retrain needs run config that differs from the defaults (every question, not
+  the 24 of the offline sample; Modal GPUs): ``AutomationCondition.on_cron`` would
+  materialise the assets with their defaults, i.e. retrain on 24 questions locally.
+- the council folder is outside Dagster: no upstream asset changes when a file is
+  dropped there, so ``eager`` would never fire; a sensor is what sees the files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import dagster as dg
 
+from router_pipeline import settings
 from router_pipeline.council import council_files
-from router_pipeline.paths import council_dir
+from router_pipeline.defs.resources import CouncilInbox
+from router_pipeline.settings import Settings
 
 DATASETS = ["sft_dataset", "dpo_dataset"]
 COUNCIL_REFRESH = dg.AssetSelection.assets("council_labels").downstream() & \
@@ -48,8 +57,8 @@ def fingerprints(folder) -> dict[str, str]:
 
 @dg.sensor(job=council_refresh_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
            description="New or changed llm-council session files -> refresh council labels and datasets.")
-def council_sensor(context: dg.SensorEvaluationContext):
-    folder = council_dir()
+def council_sensor(context: dg.SensorEvaluationContext, council_inbox: CouncilInbox):
+    folder = council_inbox.path()
     if not folder.is_dir():
         return dg.SkipReason(f"council folder {folder} does not exist")
     current = fingerprints(folder)
@@ -67,20 +76,24 @@ def council_sensor(context: dg.SensorEvaluationContext):
     )
 
 
-def retraining_run_config() -> dict:
-    sample = int(os.environ.get("ROUTER_RETRAIN_SAMPLE_SIZE", "0"))
-    compute = os.environ.get("ROUTER_RETRAIN_COMPUTE", "modal")
-    if compute not in ("local", "modal"):
-        raise ValueError(f"ROUTER_RETRAIN_COMPUTE must be local or modal, got {compute!r}")
-    ops = {"questions": {"config": {"sample_size": sample}}}
-    for op in ("sft_adapter", "dpo_adapter", "router_evaluation"):
-        ops[op] = {"config": {"compute": compute}}
-    return {"ops": ops}
+def retraining_run_config(s: Settings) -> dict:
+    return {"ops": {"questions": {"config": {"sample_size": s.retrain_sample_size}}},
+            "resources": {"compute": {"config": {"where": s.retrain_compute}}}}
 
 
-@dg.schedule(job=retraining_job, cron_schedule=os.environ.get("ROUTER_RETRAIN_CRON", "0 3 * * 1"),
-             execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Weekly full retrain (stopped by default: it spends Gemini and GPU money).")
-def weekly_retraining(context: dg.ScheduleEvaluationContext):
-    return dg.RunRequest(run_key=None, run_config=retraining_run_config(),
-                         tags={"retrain/scheduled_for": context.scheduled_execution_time.isoformat()})
+def weekly_retraining_schedule(s: Settings) -> dg.ScheduleDefinition:
+    @dg.schedule(name="weekly_retraining", job=retraining_job, cron_schedule=s.retrain_cron,
+                 execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="Weekly full retrain (stopped by default: it spends Gemini and GPU money).")
+    def weekly_retraining(context: dg.ScheduleEvaluationContext):
+        return dg.RunRequest(run_key=None, run_config=retraining_run_config(s),
+                             tags={"retrain/scheduled_for": context.scheduled_execution_time.isoformat()})
+
+    return weekly_retraining
+
+
+@dg.definitions
+def automation() -> dg.Definitions:
+    """Built when the definitions load: the schedule takes the settings of that moment."""
+    return dg.Definitions(jobs=[council_refresh_job, retraining_job], sensors=[council_sensor],
+                          schedules=[weekly_retraining_schedule(settings.load())])

@@ -1,0 +1,72 @@
+"""The artifact contract: where each thing the pipeline writes lives under one root.
+
+The Dagster side (the ``artifacts`` resource) and the serving side (CLI, server)
+both locate adapters and the released router through ``Artifacts``, so neither
+needs the other.
+
+    <root>/assets/<key>.parquet           DataFrame assets
+    <root>/adapters/{sft,dpo}/             trained adapters (+ TRAINING_FILE)
+    <root>/training/<run>/                 training runs and checkpoints (resumable)
+    <root>/evaluation/{sft,dpo}/           CALIBRATION_FILE, EVALUATION_FILE, SUMMARY_FILE
+    <root>/router/                         the released router: adapter + calibration + figures
+    <root>/plots/                          PNGs shown in the Dagster UI
+    <root>/cache/llm_cache.sqlite          every paid model response
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINING_FILE = "router_training.json"  # training config, mode, rows and result of an adapter
+CALIBRATION_FILE = "router_calibration.json"  # the threshold and the mapping the evaluation scored
+EVALUATION_FILE = "evaluation.json"  # headline figures (the release gate compares these)
+SUMMARY_FILE = "summary.csv"  # one row per router / baseline
+STAGES = ("sft", "dpo")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    root: Path
+
+    @classmethod
+    def from_settings(cls) -> "Artifacts":
+        from router_pipeline import settings
+
+        return cls(settings.load().artifacts_dir)
+
+    @property
+    def assets(self) -> Path:
+        return self.root / "assets"
+
+    def adapter(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown adapter {stage!r}; expected one of {STAGES}")
+        return self.root / "adapters" / stage
+
+    @property
+    def training_runs(self) -> Path:
+        return self.root / "training"
+
+    def evaluation(self, stage: str) -> Path:
+        return self.root / "evaluation" / self.adapter(stage).name
+
+    @property
+    def release(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache" / "llm_cache.sqlite"
+
+    def default_router(self) -> Path | None:
+        """The released router, else the last DPO adapter (None when neither exists)."""
+        for path in (self.release, self.adapter("dpo")):
+            if (path / ADAPTER_CONFIG).exists():
+                return path
+        return None

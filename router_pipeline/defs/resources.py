@@ -1,0 +1,166 @@
+"""The resources: settings that several assets must agree on, one owner each.
+
+| resource key | what it owns | used by |
+|---|---|---|
+| ``artifacts`` | where everything is written (the artifact contract) | IO manager, training, evaluation, release |
+| ``llm`` | the four LLM roles, retries, concurrency | answers, judgments, query_analyses |
+| ``compute`` | where training and evaluation run, GPU prices, progress bars | answers ... released_router |
+| ``router_format`` | the completion format (mode) | sft_dataset, dpo_dataset, the training assets |
+| ``council_inbox`` | the llm-council drop folder | council_labels, council_sensor |
+
+Defaults come from ``router_pipeline.settings`` (the environment) when the
+definitions are built; each can be overridden per run in the launchpad.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from router_pipeline import settings as settings_module
+from router_pipeline.artifacts import Artifacts
+from router_pipeline.llm import RoleSpec
+from router_pipeline.llm.cache import ResponseCache
+from router_pipeline.llm.roles import Roles, roles_for
+from router_pipeline.router_format import DEFAULT_MODE, Mode
+from router_pipeline.settings import Settings
+
+_ROLE = RoleSpec("local", "model")  # the one source of ModelRole's defaults
+_ROLES = Roles(_ROLE, _ROLE)  # ... and of LLMRoles'
+
+
+class ArtifactStore(dg.ConfigurableResource):
+    """The root everything is written under (README: "Artifacts")."""
+
+    root: str = Field(description="Directory for assets, adapters, evaluations, the released router, plots and "
+                                     "the LLM response cache (default: ROUTER_PIPELINE_ARTIFACTS or ./artifacts)")
+
+    def layout(self) -> Artifacts:
+        return Artifacts(Path(self.root))
+
+    @contextmanager
+    def llm_cache(self) -> Iterator[ResponseCache]:
+        """The response cache every paid call goes through; closed however the step ends."""
+        cache = ResponseCache(self.layout().cache)
+        try:
+            yield cache
+        finally:
+            cache.close()
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Stores each DataFrame asset as <artifacts>/assets/<key>.parquet, readable without Dagster."""
+
+    artifacts: ArtifactStore
+
+    def path_for(self, key: dg.AssetKey) -> Path:
+        return self.artifacts.layout().assets.joinpath(*key.path).with_suffix(".parquet")
+
+    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
+        if not isinstance(obj, pd.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, expected a DataFrame")
+        path = self.path_for(context.asset_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".parquet.tmp")
+        obj.to_parquet(tmp, index=False)
+        tmp.replace(path)  # readers never see a half-written file
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
+        path = self.path_for(context.asset_key)
+        if not path.exists():
+            raise FileNotFoundError(f"{context.asset_key.to_user_string()} has not been materialised yet ({path})")
+        return pd.read_parquet(path)
+
+
+class ModelRole(dg.Config):
+    provider: Literal["local", "gemini"] = Field(description="local (transformers) or gemini (google-genai)")
+    model: str = Field(description="Gemini model id, embedded model name (gemma3-270m) or a local checkpoint dir")
+    max_output_tokens: int = _ROLE.max_output_tokens
+    temperature: float = _ROLE.temperature
+    prompt_style: Literal["direct", "few_shot"] = _ROLE.prompt_style
+    input_price_per_mtok: Optional[float] = _ROLE.input_price_per_mtok
+    output_price_per_mtok: Optional[float] = _ROLE.output_price_per_mtok
+
+    @classmethod
+    def of(cls, spec: RoleSpec | None) -> "ModelRole | None":
+        return None if spec is None else cls(**vars(spec))
+
+
+class LLMRoles(dg.ConfigurableResource):
+    """The four LLM roles, configured independently. judge/analyser unset means the
+    deterministic grader/analyser. Mirrors ``llm.roles.Roles``, whose defaults it takes."""
+
+    medium: ModelRole
+    large: ModelRole
+    judge: Optional[ModelRole] = None
+    analyser: Optional[ModelRole] = None
+    gemini_base_url: Optional[str] = _ROLES.gemini_base_url
+    timeout_s: Optional[float] = _ROLES.timeout_s
+    concurrency: int = _ROLES.concurrency
+    max_attempts: int = _ROLES.max_attempts
+    backoff_base_s: float = _ROLES.backoff_base_s
+    local_batch_size: int = _ROLES.local_batch_size
+
+    @classmethod
+    def of(cls, roles: Roles) -> "LLMRoles":
+        fields = {k: v for k, v in vars(roles).items() if k not in ("medium", "large", "judge", "analyser")}
+        return cls(medium=ModelRole.of(roles.medium), large=ModelRole.of(roles.large), judge=ModelRole.of(roles.judge),
+                   analyser=ModelRole.of(roles.analyser), **fields)
+
+    def roles(self) -> Roles:
+        specs = {r: RoleSpec(**getattr(self, r).model_dump()) if getattr(self, r) else None
+                 for r in ("medium", "large", "judge", "analyser")}
+        rest = {k: getattr(self, k) for k in ("gemini_base_url", "timeout_s", "concurrency", "max_attempts",
+                                             "backoff_base_s", "local_batch_size")}
+        return Roles(**specs, **rest)
+
+
+class TrainingCompute(dg.ConfigurableResource):
+    """Where the router trains (A100s on Modal, or here) and is evaluated (a T4, or here)."""
+
+    where: Literal["local", "modal"] = "local"
+    a100_usd_per_hour: float = 2.10  # Modal's list price for an A100 40GB (training cost estimates)
+    t4_usd_per_hour: float = 0.59  # Modal's list price for a T4 (evaluation cost estimates)
+    progress: bool = Field(default=True, description="tqdm bars in the compute logs for long work "
+                                                         "(model calls, training, routing)")
+
+
+class RouterFormat(dg.ConfigurableResource):
+    """The completion format the router is trained in: the datasets are built in it and
+    training refuses a dataset built in another."""
+
+    mode: Mode = Field(default=DEFAULT_MODE, description="fast: the decision only | explained: the decision, then "
+                                                            "why | reasoning: why, then the decision")
+
+
+class CouncilInbox(dg.ConfigurableResource):
+    """The folder llm-council session exports are dropped into (read by the sensor and council_labels)."""
+
+    folder: str = Field(description="default: ROUTER_PIPELINE_COUNCIL_DIR or ./council_sessions")
+
+    def path(self) -> Path:
+        return Path(self.folder)
+
+
+def build_resources(s: Settings) -> dict:
+    store = ArtifactStore(root=str(s.artifacts_dir))
+    return {
+        "io_manager": ParquetIOManager(artifacts=store),
+        "artifacts": store,
+        "llm": LLMRoles.of(roles_for(s)),
+        "compute": TrainingCompute(),
+        "router_format": RouterFormat(),
+        "council_inbox": CouncilInbox(folder=str(s.council_dir)),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """Built when the definitions load, from the environment of that moment (the profile included)."""
+    return dg.Definitions(resources=build_resources(settings_module.load()))

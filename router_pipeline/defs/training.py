@@ -1,0 +1,121 @@
+"""Training assets: materialising them trains the router, locally or on Modal."""
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import dagster as dg
+import pandas as pd
+
+from router_pipeline import compute as compute_module
+from router_pipeline.artifacts import ADAPTER_CONFIG
+from router_pipeline.defs.resources import ArtifactStore, RouterFormat, TrainingCompute
+from router_pipeline.plots import loss_curve, markdown_image
+from router_pipeline.training import DPO_DEFAULTS, TrainConfig, TrainResult
+
+TRAINING_GROUP = "training"
+_D = TrainConfig()  # the one source of training defaults
+
+
+class SFTTrainingConfig(dg.Config):
+    """Dagster-side mirror of TrainConfig; every default comes from TrainConfig."""
+
+    base_model: str = _D.base_model  # production: google/gemma-2b (set allow_hub)
+    allow_hub: bool = _D.allow_hub
+    lora_r: int = _D.lora_r
+    lora_alpha: int = _D.lora_alpha
+    lora_dropout: float = _D.lora_dropout
+    target_modules: list[str] = list(_D.target_modules)
+    learning_rate: float = _D.learning_rate
+    epochs: float = _D.epochs
+    batch_size: int = _D.batch_size
+    grad_accum: int = _D.grad_accum
+    lr_scheduler: str = _D.lr_scheduler
+    warmup_ratio: float = _D.warmup_ratio
+    max_length: int = _D.max_length
+    seed: int = _D.seed
+    max_steps: int = _D.max_steps
+    max_rows: int = _D.max_rows  # > 0: a seeded sample of this many rows (a CPU time budget)
+    quantization: Literal["auto", "4bit", "none"] = _D.quantization  # auto: 4-bit on CUDA
+    save_steps: int = _D.save_steps
+
+    def train_config(self, mode: str) -> TrainConfig:
+        fields = {k: v for k, v in self.model_dump().items() if k in TrainConfig.__dataclass_fields__}
+        return TrainConfig.from_dict({**fields, "mode": mode})
+
+
+class DPOTrainingConfig(SFTTrainingConfig):
+    learning_rate: float = DPO_DEFAULTS["learning_rate"]
+    epochs: float = DPO_DEFAULTS["epochs"]
+    beta: float = _D.beta
+
+
+def _dataset_mode(rows: pd.DataFrame, router_format: RouterFormat, stage: str) -> str:
+    """The dataset must be in the configured format: a stale dataset would train the
+    router to answer in a format the evaluation and the CLI do not read."""
+    built_in = set(rows["mode"])
+    if built_in != {router_format.mode}:
+        raise dg.Failure(f"the {stage} dataset was built in mode {sorted(built_in)} but router_format.mode is "
+                         f"{router_format.mode!r}: rematerialise the datasets")
+    return router_format.mode
+
+
+def _fit(context, stage: str, config: SFTTrainingConfig, rows: pd.DataFrame, artifacts: ArtifactStore,
+         compute: TrainingCompute, router_format: RouterFormat, parent: Optional[Path] = None) -> dict:
+    """Train one stage on the configured compute; returns the asset's metadata."""
+    if rows.empty:
+        raise dg.Failure(f"the {stage} dataset is empty: materialise more questions (sample_size)")
+    cfg = config.train_config(_dataset_mode(rows, router_format, stage))
+    layout = artifacts.layout()
+    dest = layout.adapter(stage)
+    context.log.info(f"training {stage} on {compute.where} ({len(rows)} rows, base {cfg.base_model})")
+    gpu_seconds = None
+    if compute.where == "modal":
+        result, gpu_seconds = compute_module.launch_modal(stage, rows, cfg, dest, parent)
+    else:
+        result = compute_module.run_local(stage, rows, cfg, layout.training_runs, dest, parent)
+    return _metadata(stage, result, gpu_seconds, compute, cfg, layout.plots)
+
+
+def _metadata(stage: str, result: TrainResult, gpu_seconds, compute: TrainingCompute, cfg: TrainConfig,
+              plots: Path) -> dict:
+    plot = loss_curve(result.losses, plots / f"{stage}_loss.png", f"{stage.upper()} training loss")
+    meta = {
+        "adapter_dir": dg.MetadataValue.path(result.adapter_dir),
+        "loss_curve": dg.MetadataValue.md(markdown_image(plot, f"{stage} loss")),
+        "loss_curve_png": dg.MetadataValue.path(str(plot)),
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "examples_seen": result.examples_seen,
+        "wall_s": round(result.wall_s, 1),
+        "device": result.device,
+        "compute": compute.where,
+        "mode": cfg.mode,
+        "base_model": cfg.base_model,
+        **result.metrics,
+    }
+    if gpu_seconds is not None:
+        meta["gpu_seconds"] = round(gpu_seconds, 1)
+        meta["estimated_cost_usd"] = round(gpu_seconds / 3600 * compute.a100_usd_per_hour, 4)
+    return meta
+
+
+@dg.asset(group_name=TRAINING_GROUP, kinds={"pytorch"})
+def sft_adapter(context: dg.AssetExecutionContext, config: SFTTrainingConfig, artifacts: ArtifactStore,
+                compute: TrainingCompute, router_format: RouterFormat, sft_dataset: pd.DataFrame) -> dg.MaterializeResult:
+    """LoRA/QLoRA SFT of the router; the adapter lands in <artifacts>/adapters/sft."""
+    return dg.MaterializeResult(metadata=_fit(context, "sft", config, sft_dataset, artifacts, compute, router_format))
+
+
+@dg.asset(group_name=TRAINING_GROUP, kinds={"pytorch"}, deps=[sft_adapter])
+def dpo_adapter(context: dg.AssetExecutionContext, config: DPOTrainingConfig, artifacts: ArtifactStore,
+                compute: TrainingCompute, router_format: RouterFormat, dpo_dataset: pd.DataFrame) -> dg.MaterializeResult:
+    """DPO from the SFT adapter (its frozen copy is the reference); <artifacts>/adapters/dpo."""
+    parent = artifacts.layout().adapter("sft")
+    if not (parent / ADAPTER_CONFIG).exists():
+        raise dg.Failure(f"no SFT adapter at {parent}: materialise sft_adapter first")
+    return dg.MaterializeResult(metadata=_fit(context, "dpo", config, dpo_dataset, artifacts, compute, router_format,
+                                              parent))
+
+
+training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups(TRAINING_GROUP),
+                                   description="SFT then DPO of the router on the configured compute.")

