@@ -1,0 +1,103 @@
+"""The models behind the server, with cooldowns: a model that answers 429, 5xx or times
+out is skipped for a while and the next target of the caller's profile serves.
+
+A target is (alias, model id) as the caller's mapper resolves it; each model becomes
+one client of the pipeline's LLM layer (gemini or local), made once; medium and large
+keep their role's settings (prices, token budgets). A call is attempted once per
+target (no retry loop on the request path: the next target is the retry), and
+cooldowns are per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from router_pipeline.llm import RoleSpec
+from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.roles import Roles
+from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
+
+DEFAULT_COOLDOWN_S = 30.0
+
+
+class AllTargetsFailed(RuntimeError):
+    def __init__(self, attempts: list[dict]):
+        super().__init__("; ".join(f"{a['target']}: {a['error']}" for a in attempts) or "no target to call")
+        self.attempts = attempts
+
+
+@dataclass
+class Served:
+    result: LLMResult
+    target: str
+    model: str
+    cost_usd: float
+    attempts: list[dict] = field(default_factory=list)  # the targets that failed before, with why
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.attempts)
+
+
+class Backends:
+    def __init__(self, roles: Roles, *, cooldown_s: float = DEFAULT_COOLDOWN_S, max_output_tokens: int = 1024):
+        self.roles, self.cooldown_s, self.max_output_tokens = roles, cooldown_s, max_output_tokens
+        self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
+        self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
+        self._local_lock = asyncio.Lock()  # a local model generates one batch at a time
+
+    def spec(self, alias: str, model: str) -> RoleSpec:
+        """The role's spec for medium/large on the role's model; else the model by its id."""
+        role = self.roles.spec(alias) if alias in ("medium", "large") else None
+        if role is not None and role.model == model:
+            return role
+        return RoleSpec("gemini" if model.startswith("gemini") else "local", model)
+
+    def _client(self, alias: str, model: str):
+        key = (alias if alias in ("medium", "large") else "", model)
+        if key not in self._clients:
+            spec = self.spec(alias, model)
+            self._clients[key] = (spec, self.roles.client_for(spec))
+        return self._clients[key]
+
+    def cooling(self) -> dict[str, float]:
+        """model -> seconds left in its cooldown."""
+        now = time.monotonic()
+        return {m: round(until - now, 1) for m, until in self._cooling.items() if until > now}
+
+    async def answer(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
+                     max_tokens: int | None) -> Served:
+        """The first of ``targets`` (alias, model id) that answers."""
+        attempts: list[dict] = []
+        for target, model in dict.fromkeys(targets):  # in order, each once
+            left = self.cooling().get(model)
+            if left is not None:
+                attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
+                continue
+            spec, client = self._client(target, model)
+            request = LLMRequest(prompt, max_output_tokens=max_tokens or max(spec.max_output_tokens, self.max_output_tokens),
+                                 temperature=spec.temperature, system=system)
+            try:
+                result = await self._call(client, request)
+            except RetryableError as exc:
+                self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
+                attempts.append({"target": target, "model": spec.model, "error": str(exc)})
+                continue
+            except Exception as exc:  # a provider error that retrying the same model would not fix
+                attempts.append({"target": target, "model": spec.model, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            if result.status != OK:
+                attempts.append({"target": target, "model": spec.model, "error": f"{result.status} reply"})
+                continue
+            return Served(result, target, spec.model, cost_usd(result.input_tokens, result.output_tokens, spec.price),
+                          attempts)
+        raise AllTargetsFailed(attempts)
+
+    async def _call(self, client, request: LLMRequest) -> LLMResult:
+        if hasattr(client, "complete"):
+            return await client.complete(request)
+        async with self._local_lock:
+            (result,) = await asyncio.to_thread(client.complete_batch, [request])
+        return result

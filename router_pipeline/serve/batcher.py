@@ -1,0 +1,75 @@
+"""Dynamic batching: concurrent requests share one router forward pass.
+
+A request's query waits at most ``window_ms`` for others (or until ``max_batch``
+are waiting), then one worker thread routes the batch. The router's model is used by
+that one thread only, so the event loop never blocks on it and two passes never
+run at once. ``max_batch=1`` turns batching off (one pass per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class _Pending:
+    query: str
+    future: asyncio.Future
+    queued_at: float
+
+
+class RouteBatcher:
+    def __init__(self, router, *, window_ms: float = 5.0, max_batch: int = 32):
+        self.router, self.window_s, self.max_batch = router, window_ms / 1000, max(1, max_batch)
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self.batches = 0
+        self.routed = 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+    async def route(self, query: str):
+        """The RouteDecision for one query (its ``latency_ms`` is the batch's share)."""
+        if self._queue is None:
+            raise RuntimeError("RouteBatcher.start() was not awaited")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(query, future, time.perf_counter()))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                decisions = await asyncio.to_thread(self.router.route_batch, [p.query for p in batch])
+            except Exception as exc:  # one bad batch fails its requests, never the worker
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.routed += len(batch)
+            for p, d in zip(batch, decisions):
+                if not p.future.done():
+                    p.future.set_result(d)

@@ -1,0 +1,139 @@
+"""Caller profiles: an API key -> who is calling, and how their requests are routed.
+
+A YAML file lists the profiles; each names where its keys are (an environment
+variable, or a file with one key per line: never the file of profiles itself) and
+its routing: a policy mapper spec (rules, budget, escalation), the model targets it
+may use, the order to fall back in when a model is cooling down, and whether the
+text of its queries may be stored with feedback.
+
+    profiles:
+      support-bot:
+        keys_env: ROUTER_KEYS_SUPPORT          # comma-separated keys
+        mapper: {preset: cost_first}           # default: the calibrated threshold the evaluation scored
+        allowed: [medium, large]               # targets this profile may be served by
+        fallbacks: [medium, large]             # when the chosen model fails or cools down, in this order
+        store_queries: true                    # feedback rows keep the query text (training data)
+      analytics:
+        keys_file: keys/analytics.txt
+        mapper: {preset: quality_first, budget: {ledger: analytics_budget.json, period: day},
+                 rules: [...]}
+
+Keys are compared by SHA-256 digest in constant time; they are never logged, and
+only a profile's name appears in stats and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router_pipeline import settings
+from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec
+
+OPEN = "default"  # the profile of a server started without a profiles file
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass
+class Profile:
+    name: str
+    mapper: PolicyMapper
+    allowed: tuple[str, ...] = ("medium", "large", "local")
+    fallbacks: tuple[str, ...] = ("medium", "large")
+    store_queries: bool = False
+    key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass
+class Profiles:
+    profiles: dict[str, Profile]
+    open: bool = False  # no profiles file: every caller is the default profile
+
+    def authenticate(self, key: str | None) -> Profile | None:
+        """The profile a key belongs to; None for a missing or unknown key."""
+        if self.open:
+            return self.profiles[OPEN]
+        if not key:
+            return None
+        digest = _digest(key)
+        for profile in self.profiles.values():
+            # Every digest is compared (no early exit on the first byte that differs).
+            if any(hmac.compare_digest(digest, d) for d in profile.key_digests):
+                return profile
+        return None
+
+
+def _keys(name: str, raw: dict, base: Path) -> frozenset[bytes]:
+    keys: list[str] = []
+    if "keys_env" in raw:
+        value = settings.secret(str(raw["keys_env"]))
+        if not value:
+            raise ProfileError(f"profile {name!r}: environment variable {raw['keys_env']} holds no key")
+        keys += [k.strip() for k in value.split(",") if k.strip()]
+    if "keys_file" in raw:
+        path = Path(raw["keys_file"])
+        path = path if path.is_absolute() else base / path
+        try:
+            keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                     if line.strip() and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"profile {name!r}: cannot read keys_file {path}: {exc}") from None
+    if not keys:
+        raise ProfileError(f"profile {name!r} has no key: give keys_env (an environment variable) or keys_file")
+    return frozenset(_digest(k) for k in keys)
+
+
+def _targets(name: str, raw: dict, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = raw.get(key, list(default))
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ProfileError(f"profile {name!r}: {key} must be a list of model aliases, got {value!r}")
+    return tuple(value)
+
+
+def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str]) -> Profiles:
+    """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
+    the calibrated threshold. ``calibration`` is the released router's."""
+    default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
+    if path is None:
+        mapper = PolicyMapper.from_dict(default_spec, default_models=default_models)
+        return Profiles({OPEN: Profile(OPEN, mapper)}, open=True)
+    path = Path(path)
+    try:
+        spec = load_spec(path)
+    except MapperConfigError as exc:
+        raise ProfileError(str(exc)) from None
+    raw_profiles = spec.get("profiles")
+    if not isinstance(raw_profiles, dict) or not raw_profiles:
+        raise ProfileError(f"{path}: expected a mapping 'profiles' of name -> profile")
+    profiles = {}
+    seen: dict[bytes, str] = {}
+    for name, raw in raw_profiles.items():
+        if not isinstance(raw, dict):
+            raise ProfileError(f"{path}: profile {name!r} must be a mapping")
+        unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries"}
+        if unknown:
+            raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
+        try:
+            mapper = PolicyMapper.from_dict(raw.get("mapper") or default_spec, base_dir=path.parent,
+                                            default_models=default_models)
+        except MapperConfigError as exc:
+            raise ProfileError(f"{path}: profile {name!r}: {exc}") from None
+        digests = _keys(str(name), raw, path.parent)
+        for d in digests:
+            if d in seen:
+                raise ProfileError(f"{path}: profiles {seen[d]!r} and {name!r} share a key")
+            seen[d] = str(name)
+        profiles[str(name)] = Profile(
+            str(name), mapper, allowed=_targets(name, raw, "allowed", Profile.allowed),
+            fallbacks=_targets(name, raw, "fallbacks", Profile.fallbacks),
+            store_queries=bool(raw.get("store_queries", False)), key_digests=digests)
+    return Profiles(profiles)
