@@ -67,6 +67,23 @@ class ServerState:
     escalation_timeout_s: float = 120.0
 
 
+@dataclass
+class _Decided:
+    """A request authenticated, parsed, routed and mapped."""
+
+    t0: float
+    profile: Profile
+    body: dict
+    mapper: PolicyMapper
+    threshold: float | None
+    text: str  # what the router read
+    prompt: str  # what the answering model reads
+    system: str | None
+    decision: object
+    mapping: object
+    router_ms: float
+
+
 # -- request helpers ------------------------------------------------------------
 def _key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
@@ -176,69 +193,69 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"error": {"message": str(exc), "type": "server_error", "code": "budget_ledger_unreadable"}},
                             status_code=503)
 
-    async def decide(profile: Profile, body: dict, t0: float):
-        mapper, threshold = _mapper(profile, body.get("model"), mappers)
-        text, prompt, system = _conversation(state, body)
-        decision = await state.batcher.route(text)
-        router_ms = (time.perf_counter() - t0) * 1000
-        return mapper, threshold, text, prompt, system, decision, mapper.map(decision), router_ms
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def decide(request: Request) -> _Decided:
         t0 = time.perf_counter()
         profile = _profile(state, request)
         body = await _body(request)
-        mapper, threshold, text, prompt, system, decision, mapping, router_ms = await decide(profile, body, t0)
+        mapper, threshold = _mapper(profile, body.get("model"), mappers)
+        text, prompt, system = _conversation(state, body)
+        decision = await state.batcher.route(text)
+        return _Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapper.map(decision),
+                        (time.perf_counter() - t0) * 1000)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        d = await decide(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        routing = {"request_id": request_id, **_routing_info(decision, mapping, threshold, router_ms)}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        routing = {"request_id": request_id, **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)}
+        max_tokens = d.body.get("max_completion_tokens") or d.body.get("max_tokens")
         usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
         try:
-            if mapping.abstain:
+            if d.mapping.abstain:
                 content, model = ABSTAIN_ANSWER, "abstain"
-            elif mapping.escalate:
-                content, model, usage = await _escalate(state, mapper.escalation_url, body)
+            elif d.mapping.escalate:
+                content, model, usage = await _escalate(state, d.mapper.escalation_url, d.body)
                 routing["escalated"] = True
             else:
-                targets = [(t, mapper.models[t]) for t in [mapping.target, *profile.fallbacks]
-                           if t in profile.allowed and t in mapper.models]
-                served = await state.backends.answer(targets, prompt, system,
+                targets = [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
+                           if t in d.profile.allowed and t in d.mapper.models]
+                served = await state.backends.answer(targets, d.prompt, d.system,
                                                      max_tokens if isinstance(max_tokens, int) else None)
                 content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
                 usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
                 fallback_from = served.attempts
         except AllTargetsFailed as exc:
-            state.stats.record_error(profile.name)
+            state.stats.record_error(d.profile.name)
             raise APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
                            {"Retry-After": str(int(max(state.backends.cooling().values(), default=5)) + 1)}) from None
         except Exception as exc:
-            state.stats.record_error(profile.name)
+            state.stats.record_error(d.profile.name)
             raise APIError(502, f"{type(exc).__name__}: {exc}", "upstream_error", "server_error") from None
-        routing.update(model=model, served_by=tier or mapping.target, cost_usd=round(cost, 8),
+        routing.update(model=model, served_by=tier or d.mapping.target, cost_usd=round(cost, 8),
                        fallback=bool(fallback_from), fallback_from=fallback_from)
         try:
-            mapper.record_spend(cost)
+            d.mapper.record_spend(cost)
         except LedgerError as exc:
             # The answer is paid for: return it; the next request meets the unreadable ledger (503).
             routing["budget_error"] = str(exc)
-        large_price = state.backends.spec("large", mapper.models["large"]).price
-        total_ms = (time.perf_counter() - t0) * 1000
-        state.stats.record(profile.name, policy=decision.policy, model=model, router_ms=router_ms, total_ms=total_ms,
-                           cost_usd=cost, fell_back=bool(fallback_from), escalated=bool(routing.get("escalated")),
+        large_price = state.backends.spec("large", d.mapper.models["large"]).price
+        total_ms = (time.perf_counter() - d.t0) * 1000
+        state.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+                           total_ms=total_ms, cost_usd=cost, fell_back=bool(fallback_from), escalated=bool(routing.get("escalated")),
                            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
-        state.feedback.remember(ServedRequest(request_id, profile.name, text, tier if tier in TIERS else None,
-                                              profile.store_queries))
+        state.feedback.remember(ServedRequest(request_id, d.profile.name, d.text, tier if tier in TIERS else None,
+                                              d.profile.store_queries))
         if state.decision_log_path is not None:
             decision_log.append(state.decision_log_path, {
-                **decision_log.decision_record(decision, mapping, latency_ms=total_ms, cost_usd=cost),
-                "request_id": request_id, "profile": profile.name, "served_by": routing["served_by"],
+                **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
+                "request_id": request_id, "profile": d.profile.name, "served_by": routing["served_by"],
                 "fallback": routing["fallback"]})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         headers = {"X-Router-Route": _header(routing), "X-Request-Id": request_id}
         created = int(time.time())
-        if body.get("stream"):
+        if d.body.get("stream"):
             return StreamingResponse(_sse(request_id, created, model, content, routing, usage,
-                                          body.get("stream_options") or {}),
+                                          d.body.get("stream_options") or {}),
                                      media_type="text/event-stream", headers=headers)
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -248,17 +265,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/route")
     async def route(request: Request):
-        t0 = time.perf_counter()
-        profile = _profile(state, request)
-        body = await _body(request)
-        _, threshold, text, _, _, decision, mapping, router_ms = await decide(profile, body, t0)
+        d = await decide(request)
         request_id = f"route-{uuid.uuid4().hex}"
-        state.feedback.remember(ServedRequest(request_id, profile.name, text,
-                                              mapping.target if mapping.target in TIERS else None, profile.store_queries))
-        state.stats.record(profile.name, policy=decision.policy, model=mapping.model, router_ms=router_ms,
-                           total_ms=router_ms)
-        return JSONResponse({"request_id": request_id, "model": mapping.model,
-                             **_routing_info(decision, mapping, threshold, router_ms)})
+        tier = d.mapping.target if d.mapping.target in TIERS else None
+        state.feedback.remember(ServedRequest(request_id, d.profile.name, d.text, tier, d.profile.store_queries))
+        state.stats.record(d.profile.name, policy=d.decision.policy, model=d.mapping.model, router_ms=d.router_ms,
+                           total_ms=d.router_ms)
+        return JSONResponse({"request_id": request_id, "model": d.mapping.model,
+                             **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)})
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
