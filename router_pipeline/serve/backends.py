@@ -42,8 +42,8 @@ class Served:
 
 
 class Backends:
-    def __init__(self, roles: Roles, *, cooldown_s: float = DEFAULT_COOLDOWN_S, max_output_tokens: int = 1024):
-        self.roles, self.cooldown_s, self.max_output_tokens = roles, cooldown_s, max_output_tokens
+    def __init__(self, roles: Roles, *, cooldown_s: float = DEFAULT_COOLDOWN_S):
+        self.roles, self.cooldown_s = roles, cooldown_s
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
         self._local_lock = asyncio.Lock()  # a local model generates one batch at a time
@@ -53,7 +53,8 @@ class Backends:
         role = self.roles.spec(alias) if alias in ("medium", "large") else None
         if role is not None and role.model == model:
             return role
-        return RoleSpec("gemini" if model.startswith("gemini") else "local", model)
+        # A model outside the roles: room for a chat answer (Gemini 2.5 thinks within it too).
+        return RoleSpec("gemini" if model.startswith("gemini") else "local", model, max_output_tokens=1024)
 
     def _client(self, alias: str, model: str):
         key = (alias if alias in ("medium", "large") else "", model)
@@ -77,7 +78,8 @@ class Backends:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
             spec, client = self._client(target, model)
-            request = LLMRequest(prompt, max_output_tokens=max_tokens or max(spec.max_output_tokens, self.max_output_tokens),
+            # The caller's max_tokens, else the role's budget (Pro: 4,096, thinking included).
+            request = LLMRequest(prompt, max_output_tokens=max_tokens or spec.max_output_tokens,
                                  temperature=spec.temperature, system=system)
             try:
                 result = await self._call(client, request)
