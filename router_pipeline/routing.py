@@ -248,20 +248,20 @@ class Router:
             idx = order[lo:lo + size]
             chunk = [queries[i] for i in idx]
             t0 = time.perf_counter()
-            prompts = [build_prompt(q) for q in chunk]
-            decided = (self._fast(chunk, prompts, with_reasoning) if self.mode in DECISION_FIRST
-                       else self._reasoning(chunk, prompts))
+            decided = (self._fast(chunk, with_reasoning) if self.mode in DECISION_FIRST
+                       else self._reasoning(chunk, [build_prompt(q) for q in chunk]))
             per_query = (time.perf_counter() - t0) * 1000 / len(chunk)
             for i, d in zip(idx, decided):
                 d.latency_ms = per_query
                 out[i] = self._apply_fallback(d)
         return out
 
-    def _fast(self, queries, prompts, with_reasoning) -> list[RouteDecision]:
+    def _fast(self, queries, with_reasoning) -> list[RouteDecision]:
+        suffixes = [prompt_suffix(q) for q in queries]  # the prompt is PROMPT_PREFIX + suffix
         if self._prefix is not None:
-            dists = self._distribution_from_prefix([prompt_suffix(q) + DECISION for q in queries])
+            dists = self._distribution_from_prefix([s + DECISION for s in suffixes])
         else:
-            dists = self._distribution([p + DECISION for p in prompts])
+            dists = self._distribution([PROMPT_PREFIX + s + DECISION for s in suffixes])
         decisions = []
         for q, (probs, mass) in zip(queries, dists):
             policy = max(probs, key=probs.get)
@@ -271,7 +271,7 @@ class Router:
             else:
                 decisions.append(RouteDecision(q, policy, probs, True, self.mode, policy_mass=mass))
         if with_reasoning:
-            heads = [f"{p}{DECISION} {d.policy} {REASONING}" for p, d in zip(prompts, decisions)]
+            heads = [f"{PROMPT_PREFIX}{s}{DECISION} {d.policy} {REASONING}" for s, d in zip(suffixes, decisions)]
             for d, text in zip(decisions, self._generate(heads)):
                 d.generated = f"{DECISION} {d.policy} {REASONING}{text}"
                 d.reasoning = parse_completion(d.generated, self.mode).reasoning

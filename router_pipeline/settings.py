@@ -31,11 +31,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping, get_args
 
 PROFILES = ("offline", "gemini")
-COMPUTES = ("local", "modal")
-ROLES = ("medium", "large", "judge", "analyser")
+Compute = Literal["local", "modal"]  # where training and evaluation run (the `compute` resource's choices)
+COMPUTES = get_args(Compute)
 # The production models of each role (the gemini profile); the one place model ids are chosen.
 GEMINI_MODELS = {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro",
                  "judge": "gemini-2.5-pro", "analyser": "gemini-2.5-flash"}

@@ -15,6 +15,7 @@ definitions are built; each can be overridden per run in the launchpad.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -26,9 +27,9 @@ from router_pipeline import settings as settings_module
 from router_pipeline.artifacts import Artifacts
 from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.cache import ResponseCache
-from router_pipeline.llm.roles import Roles, roles_for
+from router_pipeline.llm.roles import ROLES, Roles, roles_for
 from router_pipeline.router_format import DEFAULT_MODE, Mode
-from router_pipeline.settings import Settings
+from router_pipeline.settings import Compute, Settings
 
 _ROLE = RoleSpec("local", "model")  # the one source of ModelRole's defaults
 _ROLES = Roles(_ROLE, _ROLE)  # ... and of LLMRoles'
@@ -109,22 +110,21 @@ class LLMRoles(dg.ConfigurableResource):
 
     @classmethod
     def of(cls, roles: Roles) -> "LLMRoles":
-        fields = {k: v for k, v in vars(roles).items() if k not in ("medium", "large", "judge", "analyser")}
-        return cls(medium=ModelRole.of(roles.medium), large=ModelRole.of(roles.large), judge=ModelRole.of(roles.judge),
-                   analyser=ModelRole.of(roles.analyser), **fields)
+        return cls(**{f.name: ModelRole.of(getattr(roles, f.name)) if f.name in ROLES else getattr(roles, f.name)
+                      for f in fields(Roles)})
 
     def roles(self) -> Roles:
-        specs = {r: RoleSpec(**getattr(self, r).model_dump()) if getattr(self, r) else None
-                 for r in ("medium", "large", "judge", "analyser")}
-        rest = {k: getattr(self, k) for k in ("gemini_base_url", "timeout_s", "concurrency", "max_attempts",
-                                             "backoff_base_s", "local_batch_size")}
-        return Roles(**specs, **rest)
+        def plain(name):
+            value = getattr(self, name)
+            return RoleSpec(**value.model_dump()) if name in ROLES and value is not None else value
+
+        return Roles(**{f.name: plain(f.name) for f in fields(Roles)})
 
 
 class TrainingCompute(dg.ConfigurableResource):
     """Where the router trains (A100s on Modal, or here) and is evaluated (a T4, or here)."""
 
-    where: Literal["local", "modal"] = "local"
+    where: Compute = "local"
     a100_usd_per_hour: float = 2.10  # Modal's list price for an A100 40GB (training cost estimates)
     t4_usd_per_hour: float = 0.59  # Modal's list price for a T4 (evaluation cost estimates)
     progress: bool = Field(default=True, description="tqdm bars in the compute logs for long work "

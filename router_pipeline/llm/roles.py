@@ -36,6 +36,15 @@ class Roles:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         return getattr(self, role)
 
+    def spec_for(self, target: str, model: str) -> RoleSpec:
+        """Who answers for a mapper target: the medium/large role when the target names
+        the role's own model (its prices and token budget), else the model by its id."""
+        role = self.spec(target) if target in ("medium", "large") else None
+        if role is not None and role.model == model:
+            return role
+        # A model outside the roles: room for a chat answer (Gemini 2.5 thinks within it too).
+        return RoleSpec("gemini" if model.startswith("gemini") else "local", model, max_output_tokens=1024)
+
     def client(self, role: str):
         spec = self.spec(role)
         return None if spec is None else self.client_for(spec)

@@ -48,18 +48,10 @@ class Backends:
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
         self._local_lock = asyncio.Lock()  # a local model generates one batch at a time
 
-    def spec(self, alias: str, model: str) -> RoleSpec:
-        """The role's spec for medium/large on the role's model; else the model by its id."""
-        role = self.roles.spec(alias) if alias in ("medium", "large") else None
-        if role is not None and role.model == model:
-            return role
-        # A model outside the roles: room for a chat answer (Gemini 2.5 thinks within it too).
-        return RoleSpec("gemini" if model.startswith("gemini") else "local", model, max_output_tokens=1024)
-
     def _client(self, alias: str, model: str):
         key = (alias if alias in ("medium", "large") else "", model)
         if key not in self._clients:
-            spec = self.spec(alias, model)
+            spec = self.roles.spec_for(alias, model)
             self._clients[key] = (spec, self.roles.client_for(spec))
         return self._clients[key]
 

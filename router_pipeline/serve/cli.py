@@ -112,17 +112,6 @@ def _mapper(args, roles, router):
     return PolicyMapper.from_dict(spec, default_models=_profile_models(roles))
 
 
-def _role_spec(mapping, roles):
-    """The RoleSpec that answers for a mapping target: the profile's medium/large roles,
-    else a local model or a Gemini model by name."""
-    from router_pipeline.llm import RoleSpec
-
-    if mapping.target in ("medium", "large"):
-        return roles.spec(mapping.target)
-    provider = "gemini" if mapping.model.startswith("gemini") else "local"
-    return RoleSpec(provider=provider, model=mapping.model)
-
-
 def _answer(query: str, spec, roles):
     from router_pipeline.answering import STOP, answer_prompt
     from router_pipeline.artifacts import Artifacts
@@ -177,7 +166,7 @@ def run(args) -> int:
             if mapping.abstain:
                 out.update(answer=ABSTAIN_ANSWER, answer_status="abstained")
             else:
-                result = _answer(d.query, _role_spec(mapping, roles), roles)
+                result = _answer(d.query, roles.spec_for(mapping.target, mapping.model), roles)
                 cost = result.cost_usd if not result.cached else 0.0
                 out.update(answer=result.text, answer_status=result.status, answer_error=result.error,
                            input_tokens=result.input_tokens, output_tokens=result.output_tokens, cached=result.cached)

@@ -120,12 +120,13 @@ def _conversation(state: ServerState, body: dict) -> tuple[str, str, str | None]
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content}", "invalid_messages")
     try:
-        text = check_query(conversation_text(messages), state.max_query_chars)
+        conversation = conversation_text(messages)
+        text = check_query(conversation, state.max_query_chars)
     except ValueError as exc:
         raise APIError(400, f"messages: {exc}", "invalid_messages") from None
     system = "\n".join(m["content"] for m in messages if m.get("role") in ("system", "developer")
                        and isinstance(m.get("content"), str)) or None
-    return text, conversation_text(messages), system
+    return text, conversation, system
 
 
 def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
@@ -238,7 +239,7 @@ def create_app(state: ServerState) -> FastAPI:
         except LedgerError as exc:
             # The answer is paid for: return it; the next request meets the unreadable ledger (503).
             routing["budget_error"] = str(exc)
-        large_price = state.backends.spec("large", d.mapper.models["large"]).price
+        large_price = state.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
         state.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
                            total_ms=total_ms, cost_usd=cost, fell_back=bool(fallback_from), escalated=bool(routing.get("escalated")),
