@@ -1,15 +1,19 @@
-"""Does the router learn? Routing quality on recorded outcomes, through the pipeline's own assets.
+"""Does the router earn its cost? Routing quality on recorded outcomes, through the pipeline's own assets.
 
-Runs the Dagster assets in-process on an outcomes file (``outcomes`` source, every
-row): the 80/20 split, labels, datasets, SFT, DPO, then ``router_evaluation`` of the
-SFT adapter and of the SFT+DPO adapter on the same test split. Prints one table
-(APGR, CPT50, CPT80, policy accuracy, large-call share) for the router after SFT,
-after SFT+DPO, at its calibrated threshold, and for random (mean of seeds), MiniLM
-k-NN / logistic and the oracle; then each stage's rows, steps, wall time and peak
-memory, and routing latency. Writes the table as JSON and the cost-quality plots as PNG.
+Runs the Dagster assets on an outcomes file (``outcomes`` source, every row), each
+stage in a fresh process: the split (by question, or ``--split domain``: whole
+domains held out for test and validation), labels, the head routers (frozen Gemma
+states; MiniLM logistic and k-NN), optionally SFT (and DPO) of the LM adapter, then
+one ``router_evaluation`` of every candidate on the same test rows. Prints, per
+router: APGR, validation APGR, CPT50/80, policy accuracy, ECE of P(Complex_Query),
+the mix of policies it decides against the labels' mix; the paired-bootstrap 95%
+interval of the LM router minus each other router; which candidate the pipeline
+releases and why; each stage's wall time and peak memory; routing latency. Writes
+everything as JSON (with every router's per-query scores) and the cost-quality plot.
 
-    python benchmarks/routing_quality.py                      # the MMLU dev outcomes beside the repo
-    python benchmarks/routing_quality.py my_outcomes.csv --sft-rows 2000 --dpo-rows 600
+    python benchmarks/routing_quality.py                          # MMLU dev outcomes, split by question
+    python benchmarks/routing_quality.py --split domain           # unseen MMLU subjects
+    python benchmarks/routing_quality.py --finetune sft+dpo       # add the fine-tuned LM adapters
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
+LM_ROUTER = "gemma"  # the LM router: a head on frozen Gemma states (the default recipe)
+BASELINES = ("logistic", "knn")
 
 
 def _materialise(keys, run_config, done):
@@ -62,12 +68,12 @@ def run_stage(name, keys, run_config, stages, must_succeed=True):
         raise SystemExit(f"stage {name} failed: see the Dagster log above")
 
 
-def latency(adapter: Path, queries: list[str]) -> dict:
+def latency(router_dir: Path, queries: list[str]) -> dict:
     import numpy as np
 
-    from router_pipeline.routing import Router, RouterConfig
+    from router_pipeline.routing import RouterConfig, load_router
 
-    router = Router(adapter, config=RouterConfig(batch_size=1))
+    router = load_router(router_dir, RouterConfig(batch_size=1))
     router.route(queries[0])  # warm-up
     times = []
     for q in queries:
@@ -81,15 +87,20 @@ def latency(adapter: Path, queries: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outcomes", nargs="?", default=str(DEFAULT_OUTCOMES), help="outcomes file (CSV/JSONL/Parquet)")
+    p.add_argument("--split", choices=("question", "domain"), default="question",
+                   help="question: seeded 80/20 by question; domain: whole domains (the file's domain/topic) held out")
+    p.add_argument("--finetune", choices=("none", "sft", "sft+dpo"), default="none",
+                   help="also train and evaluate the fine-tuned LM adapter(s) as candidates")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmarks" / "routing_quality"))
     p.add_argument("--sft-rows", type=int, default=1200, help="SFT examples (a seeded sample of the training rows)")
     p.add_argument("--dpo-rows", type=int, default=128, help="DPO pairs (a seeded sample)")
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
     args = p.parse_args(argv)
     if not Path(args.outcomes).exists():
         print(f"error: outcomes file not found: {args.outcomes}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out) / args.split
     shutil.rmtree(out / "artifacts", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     os.environ["ROUTER_PIPELINE_ARTIFACTS"] = str(out / "artifacts")  # a clean pipeline per run
@@ -97,70 +108,97 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from router_pipeline.artifacts import SUMMARY_FILE, Artifacts
+    from router_pipeline.defs.evaluation import INTERVALS_FILE
+    from router_pipeline.evaluation import interval_between, policy_mix
+    from router_pipeline.policies import POLICIES
     from router_pipeline.routing import adapter_meta
 
     layout = Artifacts(out / "artifacts")
-
     data_keys = ["questions", "train_questions", "test_questions", "answers", "judgments", "oracle_labels",
-                 "council_labels", "query_analyses", "training_examples", "sft_dataset", "dpo_dataset"]
+                 "council_labels", "query_analyses", "training_examples"]
+    finetuned = {"none": [], "sft": ["sft"], "sft+dpo": ["sft", "dpo"]}[args.finetune]
+    if finetuned:
+        data_keys += ["sft_dataset", "dpo_dataset"]
     stages: dict = {}
     t_all = time.perf_counter()
     quiet = {"compute": {"config": {"progress": False}}}
     run_stage("data", data_keys, {"ops": {"questions": {"config": {"source": "outcomes", "path": args.outcomes,
-                                                                   "sample_size": 0}}}, "resources": quiet}, stages)
+                                                                   "sample_size": 0}},
+                                          "split_questions": {"config": {"by": args.split}}},
+                                  "resources": quiet}, stages)
+    run_stage("head_routers", ["head_routers"], {"resources": quiet}, stages)
     train_cfg = {"epochs": args.epochs, "save_steps": 10_000}
-    run_stage("sft", ["sft_adapter"], {"ops": {"sft_adapter": {"config": {**train_cfg, "max_rows": args.sft_rows}}}}, stages)
-    run_stage("dpo", ["dpo_adapter"], {"ops": {"dpo_adapter": {"config": {**train_cfg, "max_rows": args.dpo_rows}}}}, stages)
-    summaries = {}
-    for adapter in ("sft", "dpo"):
-        run_stage(f"evaluate_{adapter}", ["router_evaluation"],
-                  {"ops": {"router_evaluation": {"config": {"adapter": adapter}}}, "resources": quiet}, stages,
-                  must_succeed=False)
-        summaries[adapter] = pd.read_csv(layout.evaluation(adapter) / SUMMARY_FILE).set_index("router")
-        shutil.copy2(out / "artifacts" / "plots" / "cost_quality.png", out / f"cost_quality_{adapter}.png")
-    for stage in ("sft", "dpo"):
+    rows = {"sft": args.sft_rows, "dpo": args.dpo_rows}
+    for stage in finetuned:
+        run_stage(stage, [f"{stage}_adapter"], {"ops": {f"{stage}_adapter": {"config": {**train_cfg,
+                                                                                       "max_rows": rows[stage]}}}},
+                  stages)
         meta = adapter_meta(layout.adapter(stage))
-        stages[stage].update(rows=meta["rows"], steps=meta["result"]["steps"],
-                             examples_seen=meta["result"]["examples_seen"], device=meta["result"]["device"],
-                             **{k: round(v, 3) for k, v in meta["result"]["metrics"].items()})
+        stages[stage].update(rows=meta["rows"], steps=meta["result"]["steps"], device=meta["result"]["device"])
+    candidates = [LM_ROUTER, *BASELINES, *finetuned]
+    run_stage("evaluate", ["router_evaluation"],
+              {"ops": {"router_evaluation": {"config": {"candidates": candidates,
+                                                        "bootstrap_resamples": args.resamples}}},
+               "resources": quiet}, stages, must_succeed=False)
+    summary = pd.read_csv(layout.root / "evaluation" / SUMMARY_FILE).set_index("router")
+    intervals = pd.read_csv(layout.root / "evaluation" / INTERVALS_FILE)
+    per_query = pd.read_parquet(layout.assets / "router_evaluation.parquet")
+    chosen = json.loads((layout.evaluation(per_query["candidate"].iloc[0]) / "evaluation.json").read_text())
+    heads = pd.read_parquet(layout.assets / "head_routers.parquet")
+    shutil.copy2(layout.plots / "cost_quality.png", out / "cost_quality.png")
+    test_queries = list(pd.read_parquet(layout.assets / "test_questions.parquet")["query"][:32])
+    lat = {name: latency(layout.candidate(name), test_queries) for name in (LM_ROUTER, "logistic")}
 
-    sft, dpo = summaries["sft"], summaries["dpo"]
-    served = "router @ calibrated threshold"
-    baselines = [n for n in dpo.index if n.startswith(("random", "knn", "logistic", "oracle"))]
-    rows = {"router (SFT)": sft.loc["router"], "router (SFT+DPO)": dpo.loc["router"],
-            "router (SFT+DPO) @ calibrated": dpo.loc[served], **{n: dpo.loc[n] for n in baselines}}
+    names = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
+             "sft": "router SFT (LoRA)", "dpo": "router SFT+DPO (LoRA)"}
     table = []
-    for name, r in rows.items():
-        share = r["large_share"] if name.endswith("calibrated") or not name.startswith("router") else None
-        table.append({"router": name, "apgr": r.get("apgr"), "cpt50": r.get("cpt50"), "cpt80": r.get("cpt80"),
-                      "policy_accuracy": r.get("policy_accuracy"), "correct": r["correct"], "large_share": share})
+    for name in candidates + ["oracle", next(n for n in summary.index if n.startswith("random"))]:
+        r = summary.loc[name]
+        table.append({"router": names.get(name, name), "apgr": r.get("apgr"), "val_apgr": r.get("validation_apgr"),
+                      "cpt50": r.get("cpt50"), "cpt80": r.get("cpt80"), "policy_acc": r.get("policy_accuracy"),
+                      "ece": r.get("ece_p_complex"), "served_large": r.get("served_large_share"),
+                      **{f"mix_{p.split('_')[0]}": r.get(f"mix_{p}") for p in POLICIES}})
     frame = pd.DataFrame(table)
-    # The calibrated router ranks by the same score as the router: its curve figures are the router's.
-    calibrated = frame["router"] == "router (SFT+DPO) @ calibrated"
-    for col in ("apgr", "cpt50", "cpt80", "policy_accuracy"):
-        frame.loc[calibrated, col] = float(dpo.loc["router", col])
-    frame.loc[frame["router"] == "router (SFT)", "large_share"] = float(sft.loc[served, "large_share"])
-    frame.loc[frame["router"] == "router (SFT+DPO)", "large_share"] = float(dpo.loc[served, "large_share"])
-    lat = latency(layout.adapter("dpo"), list(pd.read_parquet(out / "artifacts" / "assets" / "test_questions.parquet")["query"][:32]))
-    report = {"outcomes": args.outcomes, "table": frame.round(4).to_dict("records"), "stages": stages,
-              "latency_batch1": lat, "total_wall_s": round(time.perf_counter() - t_all, 1),
-              "train_plus_dpo_wall_s": round(stages["sft"]["wall_s"] + stages["dpo"]["wall_s"], 1)}
-    (out / "routing_quality.json").write_text(json.dumps(report, indent=2, default=float))
+    labels = policy_mix(per_query["oracle_policy"])
+    best_baseline = max(BASELINES, key=lambda n: summary.loc[n, "apgr"])
+    comparisons = {other: interval_between(intervals, LM_ROUTER, other) for other in candidates if other != LM_ROUTER}
+    examples = pd.read_parquet(layout.assets / "training_examples.parquet")
+    split_info = {"test_rows": len(per_query), "validation_rows": int(chosen["validation_questions"]),
+                  "training_rows": int((examples["split"] == "train").sum())}
+    train_wall = sum(stages[s]["wall_s"] for s in ["head_routers", *finetuned])
+    report = {"outcomes": args.outcomes, "split": args.split, "candidates": candidates, "table": frame.to_dict("records"),
+              "label_mix": labels, "intervals": intervals.to_dict("records"),
+              "lm_router_vs": comparisons, "best_baseline": best_baseline, "released": chosen,
+              "heads": heads.to_dict("records"), "stages": stages, "latency_batch1": lat, **split_info,
+              "training_wall_s": round(train_wall, 1), "total_wall_s": round(time.perf_counter() - t_all, 1),
+              "per_query": per_query.drop(columns=["query"]).to_dict("records")}
+    (out / "routing_quality.json").write_text(json.dumps(report, indent=1, default=float))
 
     print()
+    print(f"outcomes {args.outcomes}, split by {args.split}: {split_info['training_rows']} training, "
+          f"{split_info['validation_rows']} validation, {len(per_query)} test rows")
     print(frame.to_markdown(index=False, floatfmt=".3f"))
+    print("labels' policy mix (test): " + ", ".join(f"{p} {v:.3f}" for p, v in labels.items()))
     print()
     for name, s in stages.items():
         print(f"{name:14s} " + ", ".join(f"{k} {v}" for k, v in s.items()))
-    print(f"routing latency (batch 1, {lat['device']}): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms")
-    print(f"SFT+DPO wall time {report['train_plus_dpo_wall_s'] / 60:.1f} min (budget 30 min on 2 CPU cores)")
-    apgr = dict(zip(frame["router"], frame["apgr"]))
-    print(f"router APGR {apgr['router (SFT+DPO)']:.3f}")
-    print(f"router SFT APGR {apgr['router (SFT)']:.3f}")
-    for kind in ("logistic", "knn"):
-        name = next(n for n in apgr if n.startswith(kind))
-        print(f"{kind} APGR {apgr[name]:.3f}")
-    print(f"wrote {out / 'routing_quality.json'}, {out / 'cost_quality_dpo.png'}, {out / 'cost_quality_sft.png'}")
+    for h in heads.to_dict("records"):
+        print(f"head {h['head']}: {h['params']} (CV AUC {h['cv_auc']:.3f}), encode {h['encode_s']} s, fit {h['fit_s']} s")
+    for name, l in lat.items():
+        print(f"routing latency {name} (batch 1, {l['device']}): p50 {l['p50_ms']} ms, p95 {l['p95_ms']} ms")
+    print(f"training wall time {train_wall / 60:.1f} min (budget 30 min on 2 CPU cores)")
+    print(f"released: {chosen['candidate']} ({chosen.get('why')})")
+    print()
+    print(f"router APGR {summary.loc[LM_ROUTER, 'apgr']:.3f}")
+    for name in finetuned:
+        print(f"router {name.upper()} APGR {summary.loc[name, 'apgr']:.3f}")
+    print(f"logistic APGR {summary.loc['logistic', 'apgr']:.3f}")
+    print(f"knn APGR {summary.loc['knn', 'apgr']:.3f}")
+    for other, c in comparisons.items():
+        print(f"router - {other} {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
+    c = comparisons[best_baseline]
+    print(f"router - best baseline {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] (best baseline: {best_baseline})")
+    print(f"wrote {out / 'routing_quality.json'}, {out / 'cost_quality.png'}")
     return 0
 
 

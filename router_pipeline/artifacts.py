@@ -7,8 +7,9 @@ needs the other.
     <root>/assets/<key>.parquet           DataFrame assets
     <root>/adapters/{sft,dpo}/             trained adapters (+ TRAINING_FILE)
     <root>/training/<run>/                 training runs and checkpoints (resumable)
-    <root>/evaluation/{sft,dpo}/           CALIBRATION_FILE, EVALUATION_FILE, SUMMARY_FILE
-    <root>/router/                         the released router: adapter + calibration + figures
+    <root>/heads/{gemma,logistic,knn}/     head routers: ROUTER_FILE + head.npz (heads.py)
+    <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate; SUMMARY_FILE
+    <root>/router/                         the released router (adapter or head) + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
 """
@@ -23,7 +24,9 @@ TRAINING_FILE = "router_training.json"  # training config, mode, rows and result
 CALIBRATION_FILE = "router_calibration.json"  # the threshold and the mapping the evaluation scored
 EVALUATION_FILE = "evaluation.json"  # headline figures (the release gate compares these)
 SUMMARY_FILE = "summary.csv"  # one row per router / baseline
+ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
 STAGES = ("sft", "dpo")
+HEADS = ("gemma", "logistic", "knn")  # head routers: frozen Gemma states, MiniLM logistic, MiniLM k-NN
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,17 @@ class Artifacts:
     def training_runs(self) -> Path:
         return self.root / "training"
 
-    def evaluation(self, stage: str) -> Path:
-        return self.root / "evaluation" / self.adapter(stage).name
+    def head(self, name: str) -> Path:
+        if name not in HEADS:
+            raise ValueError(f"unknown head router {name!r}; expected one of {HEADS}")
+        return self.root / "heads" / name
+
+    def candidate(self, name: str) -> Path:
+        """Where a candidate router lives: an adapter (sft, dpo) or a head router."""
+        return self.adapter(name) if name in STAGES else self.head(name)
+
+    def evaluation(self, name: str) -> Path:
+        return self.root / "evaluation" / self.candidate(name).name
 
     @property
     def release(self) -> Path:
@@ -65,8 +77,8 @@ class Artifacts:
         return self.root / "cache" / "llm_cache.sqlite"
 
     def default_router(self) -> Path | None:
-        """The released router, else the last DPO adapter (None when neither exists)."""
-        for path in (self.release, self.adapter("dpo")):
-            if (path / ADAPTER_CONFIG).exists():
+        """The released router, else the last SFT adapter (None when neither exists)."""
+        for path in (self.release, self.adapter("sft")):
+            if (path / ADAPTER_CONFIG).exists() or (path / ROUTER_FILE).exists():
                 return path
         return None

@@ -142,12 +142,13 @@ def launch_modal(stage: str, rows: pd.DataFrame, cfg: TrainConfig, dest: Path,
 
 
 # -- routing (the evaluation's model work) -------------------------------------
-def route_queries(adapter_dir: str | Path, queries: list[str], router_config: dict,
+def route_queries(router_dir: str | Path, queries: list[str], router_config: dict,
                   progress: bool = False) -> list[dict]:
-    """Route every query with the adapter; plain dicts (RouteDecision.to_dict())."""
-    from router_pipeline.routing import Router, RouterConfig
+    """Route every query with the router saved at ``router_dir`` (an adapter or a head
+    router); plain dicts (RouteDecision.to_dict())."""
+    from router_pipeline.routing import RouterConfig, load_router
 
-    router = Router(adapter_dir, config=RouterConfig(**router_config))
+    router = load_router(router_dir, RouterConfig(**router_config))
     return [d.to_dict() for d in router.route_batch(queries, progress=progress)]
 
 

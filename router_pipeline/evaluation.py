@@ -218,71 +218,197 @@ def route_with_threshold(scores, threshold: float | None) -> np.ndarray:
     return np.where(scores >= threshold, "large", "medium")
 
 
+def apgr_weighted(scores, medium_correct, large_correct, weights=None) -> float:
+    """Curve(...).apgr in O(n log n), with optional row weights (a bootstrap resample's
+    multiplicities): rows sorted by score, tied scores moving together."""
+    return float(apgr_resamples(scores, medium_correct, large_correct,
+                                None if weights is None else np.asarray(weights, float)[None, :])[0])
+
+
+def apgr_resamples(scores, medium_correct, large_correct, weights=None) -> np.ndarray:
+    """APGR under each row of ``weights`` (resamples x n); NaN where the resample has no
+    quality gap."""
+    scores = np.asarray(scores, float)
+    med, large = np.asarray(medium_correct, float), np.asarray(large_correct, float)
+    w = np.ones((1, len(scores))) if weights is None else np.asarray(weights, float)
+    order = np.argsort(-scores, kind="stable")
+    ends = np.append(np.nonzero(np.diff(scores[order]))[0], len(scores) - 1)  # last row of each tie group
+    total = w.sum(axis=1)
+    gap = (w @ (large - med)) / total
+    share = np.cumsum(w[:, order], axis=1)[:, ends] / total[:, None]
+    gained = np.cumsum(w[:, order] * (large - med)[order], axis=1)[:, ends] / total[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pgr = gained / gap[:, None]
+    share = np.hstack([np.zeros((len(w), 1)), share])
+    pgr = np.hstack([np.zeros((len(w), 1)), pgr])
+    area = np.sum((share[:, 1:] - share[:, :-1]) * (pgr[:, 1:] + pgr[:, :-1]) / 2, axis=1)
+    return np.where(gap > 0, area, np.nan)
+
+
+def paired_bootstrap(table: pd.DataFrame, scores_a, scores_b, *, resamples: int = 1000, seed: int = 0) -> dict:
+    """APGR(a) - APGR(b) on the same rows, with a 95% percentile interval from paired
+    resamples of the rows (both routers scored on each resample)."""
+    med = (table["medium_label"] == CORRECT).to_numpy(float)
+    large = (table["large_label"] == CORRECT).to_numpy(float)
+    n = len(table)
+    rng = np.random.default_rng(seed)
+    w = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(float)
+    diff = apgr_resamples(scores_a, med, large, w) - apgr_resamples(scores_b, med, large, w)
+    diff = diff[~np.isnan(diff)]
+    point = apgr_weighted(scores_a, med, large) - apgr_weighted(scores_b, med, large)
+    if not len(diff):
+        return {"diff": point, "lo": math.nan, "hi": math.nan, "resamples": 0}
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return {"diff": point, "lo": float(lo), "hi": float(hi), "resamples": int(len(diff))}
+
+
+def expected_calibration_error(p, is_positive, bins: int = 10) -> float:
+    """ECE of a probability: |mean predicted - observed rate| per equal-width bin,
+    weighted by the bin's share of rows."""
+    p, y = np.asarray(p, float), np.asarray(is_positive, float)
+    if not len(p):
+        return math.nan
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(abs(p[which == b].mean() - y[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def policy_mix(policies) -> dict[str, float]:
+    policies = list(policies)
+    return {p: (policies.count(p) / len(policies) if policies else math.nan) for p in POLICIES}
+
+
+# A router that decides one policy for more than this share of queries, while the labels
+# have at least two policies above MIN_LABEL_SHARE each, has collapsed.
+COLLAPSE_SHARE = 0.95
+MIN_LABEL_SHARE = 0.10
+
+
+def collapsed(decided, labels) -> bool:
+    mix, label_mix = policy_mix(decided), policy_mix(labels)
+    varied = sum(v > MIN_LABEL_SHARE for v in label_mix.values()) >= 2
+    return bool(varied and max(mix.values()) > COLLAPSE_SHARE)
+
+
+def choose(validation_scores: dict[str, float], validation_collapsed: dict[str, bool]) -> tuple[str, str]:
+    """(candidate, why): the best validation APGR among the candidates that did not
+    collapse on the validation rows; ties go to the earlier candidate. Test rows never
+    reach this function."""
+    if not validation_scores:
+        raise ValueError("no candidate router to choose from")
+    names = list(validation_scores)
+    eligible = [n for n in names if not validation_collapsed.get(n)] or names
+    scored = [n for n in eligible if not math.isnan(validation_scores[n])]
+    if not scored:
+        return eligible[0], ("no validation APGR (no validation rows, or no quality gap there): "
+                             f"the first candidate in the configured order, {eligible[0]}")
+    best = max(scored, key=lambda n: (validation_scores[n], -names.index(n)))
+    others = ", ".join(f"{n} {validation_scores[n]:.3f}" for n in scored if n != best)
+    skipped = [n for n in names if n not in eligible]
+    why = f"best validation APGR: {best} {validation_scores[best]:.3f}" + (f" (vs {others})" if others else "")
+    if skipped:
+        why += f"; collapsed to one policy on validation: {', '.join(skipped)}"
+    return best, why
+
+
 # -- the whole evaluation -----------------------------------------------------
 @dataclass
 class Report:
-    per_query: pd.DataFrame  # one row per test question: oracle, router decision, routed outcome
-    summary: pd.DataFrame  # one row per router / baseline
-    confusion: pd.DataFrame
+    per_query: pd.DataFrame  # one row per test question: oracle, each candidate's decision, the chosen's outcome
+    summary: pd.DataFrame  # one row per candidate / reference router
+    confusion: pd.DataFrame  # the chosen candidate's
     curves: dict  # name -> Curve (random: the mean curve on a grid)
-    calibration: dict
+    calibrations: dict  # candidate -> calibration on the validation rows
     random_apgr: float
+    chosen: str
+    why: str
+    intervals: pd.DataFrame  # candidate a, candidate b, APGR(a) - APGR(b), 95% interval
+
+    @property
+    def calibration(self) -> dict:
+        return self.calibrations[self.chosen]
 
 
-def evaluate(test: pd.DataFrame, test_decisions: pd.DataFrame, validation: pd.DataFrame,
-             validation_decisions: pd.DataFrame, baseline_labels: pd.DataFrame | None = None, *,
-             ambiguous: str = "medium", random_seeds: int = 20, target_share: float | None = None,
-             target_pgr: float | None = 0.9, knn_k: int = 5, seed: int = 0) -> Report:
-    """``test``/``validation``: outcome tables (the validation slice is held out from the
-    router's training rows; the threshold is calibrated there, never on training or test
-    rows); ``*_decisions``: decisions_frame rows aligned on qid; ``baseline_labels``:
-    (query, policy) the embedding baselines learn from (the router's training rows)."""
-    dec = test_decisions.set_index("qid").loc[test["qid"]].reset_index()
+def _aligned(decisions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    return decisions.set_index("qid").loc[table["qid"]].reset_index()
+
+
+def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+             *, ambiguous: str = "medium", random_seeds: int = 20, target_share: float | None = None,
+             target_pgr: float | None = 0.9, seed: int = 0, resamples: int = 1000) -> Report:
+    """Score every candidate router on the same test rows and choose one on the
+    validation rows. ``test``/``validation``: outcome tables (the validation slice is
+    held out from every candidate's training rows); ``candidates``: name ->
+    (test decisions, validation decisions), decisions_frame rows with qid. Thresholds
+    are calibrated on the validation rows, never on training or test rows."""
+    if not candidates:
+        raise ValueError("no candidate router to evaluate")
     oracle = oracle_policies(test)
-    tiers = policy_tiers(dec["policy"], ambiguous)
-    rows, curves = [], {}
-
-    def add(name, tiers_, scores=None, policies=None):
-        row = summarise(test, tiers_, name)
-        if scores is not None:
-            curves[name] = curve(test, scores)
-            row.update(curve_stats(curves[name]))
-        if policies is not None:
-            row["policy_accuracy"] = float(np.mean([a == b for a, b in zip(oracle, policies)]))
+    val_oracle = oracle_policies(validation) if len(validation) else []
+    is_complex = np.array([p == COMPLEX for p in oracle])
+    rows, curves, calibrations, val_apgr, val_collapsed, scores = [], {}, {}, {}, {}, {}
+    per_query = test.assign(oracle_policy=oracle)
+    for name, (test_dec, val_dec) in candidates.items():
+        dec = _aligned(test_dec, test)
+        scores[name] = dec["p_large"].to_numpy(float)
+        curves[name] = curve(test, scores[name])
+        row = {**summarise(test, policy_tiers(dec["policy"], ambiguous), name), **curve_stats(curves[name]),
+               "policy_accuracy": float(np.mean([a == b for a, b in zip(oracle, dec["policy"])])),
+               "ece_p_complex": expected_calibration_error(scores[name], is_complex),
+               "parse_failures": int((~dec["parse_ok"].astype(bool)).sum()) if "parse_ok" in dec else 0,
+               **{f"mix_{p}": v for p, v in policy_mix(dec["policy"]).items()}}
+        if len(validation):
+            vdec = _aligned(val_dec, validation)
+            val_apgr[name] = curve(validation, vdec["p_large"]).apgr
+            val_collapsed[name] = collapsed(vdec["policy"], val_oracle)
+            calibrations[name] = calibrate(validation, vdec["p_large"], target_share=target_share,
+                                           target_pgr=None if target_share is not None else target_pgr)
+        else:
+            val_apgr[name] = math.nan
+            calibrations[name] = {"method": "none", "threshold": 0.5, "n": 0,
+                                  "note": "no graded validation row: threshold left at 0.5, not calibrated"}
+        served = summarise(test, route_with_threshold(scores[name], calibrations[name]["threshold"]), name)
+        row.update(validation_apgr=val_apgr[name], served_correct=served["correct"],
+                   served_large_share=served["large_share"], served_savings_vs_large=served["savings_vs_large"],
+                   threshold=calibrations[name]["threshold"])
         rows.append(row)
-
-    add("router", tiers, dec["p_large"], list(dec["policy"]))
-    if validation.empty:
-        calibration = {"method": "none", "threshold": 0.5, "n": 0,
-                       "note": "no graded validation row: threshold left at 0.5, not calibrated"}
-    else:
-        val_dec = validation_decisions.set_index("qid").loc[validation["qid"]].reset_index()
-        calibration = calibrate(validation, val_dec["p_large"], target_share=target_share,
-                                target_pgr=None if target_share is not None else target_pgr)
-    add("router @ calibrated threshold", route_with_threshold(dec["p_large"], calibration["threshold"]))
-    add("always-medium", np.full(len(test), "medium"))
-    add("always-large", np.full(len(test), "large"))
-    add("oracle", policy_tiers(oracle, ambiguous), oracle_scores(test), oracle)
+        per_query = per_query.assign(**{f"{name}_policy": dec["policy"].values, f"{name}_p_large": scores[name]})
+    chosen, why = choose(val_apgr, val_collapsed)
+    rows.append(summarise(test, np.full(len(test), "medium"), "always-medium"))
+    rows.append(summarise(test, np.full(len(test), "large"), "always-large"))
+    curves["oracle"] = curve(test, oracle_scores(test))
+    rows.append({**summarise(test, policy_tiers(oracle, ambiguous), "oracle"), **curve_stats(curves["oracle"]),
+                 "policy_accuracy": 1.0, **{f"mix_{p}": v for p, v in policy_mix(oracle).items()}})
     randoms = random_curves(test, random_seeds, seed)
     rng = np.random.default_rng(seed)
     draws = [summarise(test, rng.choice(["medium", "large"], len(test)), "") for _ in range(random_seeds)]
     rows.append({**{k: float(np.mean([d[k] for d in draws])) for k in draws[0] if k != "router"},
                  "router": f"random (mean of {random_seeds})", **curve_stats(randoms)})
     curves["random (mean)"] = _mean_curve(randoms)
-    if baseline_labels is not None and len(baseline_labels):
-        from router_pipeline.baselines import BASELINES, embed, fit_predict
-
-        train_x, test_x = embed(list(baseline_labels["query"])), embed(list(test["query"]))
-        for kind in BASELINES:
-            policies, p_large = fit_predict(kind, train_x, list(baseline_labels["policy"]), test_x, knn_k, seed)
-            add(f"{kind} (MiniLM)", policy_tiers(policies, ambiguous), p_large, policies)
-    routed_ = routed(test, tiers)
-    per_query = test.assign(oracle_policy=oracle).merge(dec, on=["qid"], suffixes=("", "_router"))
-    per_query = per_query.assign(tier=routed_["tier"].values, label=routed_["label"].values,
-                                 routed_cost_usd=routed_["cost_usd"].values)
     summary = pd.DataFrame(rows)
+    names = list(candidates)
+    intervals = pd.DataFrame([{"a": a, "b": b, **paired_bootstrap(test, scores[a], scores[b], resamples=resamples,
+                                                                   seed=seed)}
+                              for i, a in enumerate(names) for b in names[i + 1:]],
+                             columns=["a", "b", "diff", "lo", "hi", "resamples"])
+    chosen_dec = _aligned(candidates[chosen][0], test)
+    routed_ = routed(test, policy_tiers(chosen_dec["policy"], ambiguous))
+    per_query = per_query.assign(candidate=chosen, policy=chosen_dec["policy"].values, p_large=scores[chosen],
+                                 tier=routed_["tier"].values, label=routed_["label"].values,
+                                 routed_cost_usd=routed_["cost_usd"].values)
     random_apgr = float(summary.loc[summary["router"].str.startswith("random"), "apgr"].iloc[0])
-    return Report(per_query, summary, confusion(oracle, list(dec["policy"])), curves, calibration, random_apgr)
+    return Report(per_query, summary, confusion(oracle, list(chosen_dec["policy"])), curves, calibrations,
+                  random_apgr, chosen, why, intervals)
+
+
+def interval_between(intervals: pd.DataFrame, a: str, b: str) -> dict | None:
+    """APGR(a) - APGR(b) with its interval, whichever order the pair was computed in."""
+    for _, r in intervals.iterrows():
+        if (r["a"], r["b"]) == (a, b):
+            return {"diff": r["diff"], "lo": r["lo"], "hi": r["hi"]}
+        if (r["a"], r["b"]) == (b, a):
+            return {"diff": -r["diff"], "lo": -r["hi"], "hi": -r["lo"]}
+    return None
 
 
 def _mean_curve(curves: list[Curve], points: int = 21) -> Curve:

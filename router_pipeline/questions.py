@@ -1,6 +1,7 @@
 """Load and normalise questions from the configured source.
 
-Every source yields the same columns: qid, query, gold_answer, topic, answer_type,
+Every source yields the same columns: qid, query, gold_answer, topic (a ``topic`` or
+``domain`` column, or the metadata's topic: what a domain split holds out), answer_type,
 source_row, and (for recorded outcomes) medium_answer / large_answer /
 medium_grade / large_grade. Bad rows are rejected one by one with the row and the
 reason; the rest are kept.
@@ -295,7 +296,7 @@ def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int,
         "query": query,
         "gold_answer": gold,
         # Labels only: anything that is not text is dropped, so one row cannot change a column's type.
-        "topic": _label(rec.get("topic")) or _label(meta.get("topic")),
+        "topic": _label(rec.get("topic")) or _label(rec.get("domain")) or _label(meta.get("topic")),
         "answer_type": _label(rec.get("answer_type")) or _label(meta.get("answer_type")),
     }
     if not outcomes:

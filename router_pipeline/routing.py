@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from router_pipeline.artifacts import CALIBRATION_FILE, TRAINING_FILE
+from router_pipeline.artifacts import CALIBRATION_FILE, ROUTER_FILE, TRAINING_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.router_format import (
     DECISION, DECISION_FIRST, DEFAULT_MODE, MODES, PROMPT_PREFIX, REASONING, build_prompt, parse_completion,
@@ -90,13 +90,13 @@ def adapter_meta(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / TRAINING_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {adapter_dir} is not an adapter trained by router_pipeline")
-    meta = _json_object(path, "the training 'config'", "retrain or restore the adapter")
+    meta = read_json_object(path, "the training 'config'", "retrain or restore the adapter")
     if not isinstance(meta.get("config", {}), dict):
         raise ValueError(f"{path} must hold an object with the training 'config'")
     return meta
 
 
-def _json_object(path: Path, holds: str, fix: str) -> dict:
+def read_json_object(path: Path, holds: str, fix: str) -> dict:
     """A JSON object from a file the pipeline wrote, or ValueError saying what is wrong."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -126,7 +126,7 @@ class Router:
         self.config = config
         self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
         self.base_model = base_model
-        self.calibration = _read_calibration(adapter_dir)
+        self.calibration = read_calibration(adapter_dir)
         path = resolve_model(base_model, allow_hub=config.allow_hub or meta.get("config", {}).get("allow_hub", False))
         cuda = torch.cuda.is_available()
         # fp32 on CPU: bf16 weights route 4x slower there (measured), unlike bf16 autocast in training.
@@ -304,13 +304,25 @@ class Router:
                 "device": self.device, "fallback": self.config.fallback, "calibration": self.calibration}
 
 
-def _read_calibration(adapter_dir) -> dict:
+def read_calibration(adapter_dir) -> dict:
     if adapter_dir is None:
         return {}
     path = Path(adapter_dir) / CALIBRATION_FILE
     if not path.exists():
         return {}
-    return _json_object(path, "the calibrated 'threshold'", "re-run router_evaluation and released_router")
+    return read_json_object(path, "the calibrated 'threshold'", "re-run router_evaluation and released_router")
+
+
+def load_router(path: str | Path, config: RouterConfig = RouterConfig()):
+    """The router saved at ``path``: a head router (``router.json`` says so) or a LoRA
+    adapter on its base model. Both route with ``route``/``route_batch`` and carry
+    their ``calibration``."""
+    from router_pipeline.heads import HEAD_KIND, HeadRouter
+
+    described = Path(path) / ROUTER_FILE
+    if described.is_file() and read_json_object(described, "the router's 'kind'", "retrain the router").get("kind") == HEAD_KIND:
+        return HeadRouter(path)
+    return Router(path, config=config)
 
 
 def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = None):
@@ -328,4 +340,4 @@ def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = Non
     return pd.DataFrame(rows)
 
 
-__all__ = ["Router", "RouterConfig", "RouteDecision", "RouterOutputError", "decisions_frame"]
+__all__ = ["Router", "RouterConfig", "RouteDecision", "RouterOutputError", "decisions_frame", "load_router"]

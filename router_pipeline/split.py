@@ -1,40 +1,84 @@
-"""Seeded, stable 80/20 train/test split.
+"""Seeded, stable 80/20 train/test split, by question (default) or by domain.
 
-A question's side depends only on (seed, its normalised-query hash), never on the
-other rows, so adding or removing rows never moves an existing question.
+By question, a question's side depends only on (seed, its normalised-query hash),
+never on the other rows, so adding or removing rows never moves an existing question.
+By domain (the questions' ``topic``), whole domains are held out: domains are taken
+in the order of a seeded hash of their name until the held-out rows come closest to
+the fraction, so the router is scored on subjects it never saw. The validation slice
+of the training rows follows the same rule as the test split.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
+import numpy as np
 import pandas as pd
 
 from router_pipeline.text import unit_interval
 
 TRAIN, TEST, VALIDATION = "train", "test", "validation"
+SplitBy = Literal["question", "domain"]
+SPLIT_BY = get_args(SplitBy)
 
 
-def assign_split(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42) -> pd.Series:
+class SplitError(ValueError):
+    """The questions cannot be split the way the configuration asks."""
+
+
+def held_out(qids: pd.Series, domains: pd.Series | None, fraction: float, seed: int, salt: str) -> pd.Series:
+    """True for the rows held out: each question by its own hash (``domains`` None), or
+    whole domains, taken in seeded-hash order until the share held out is closest to
+    ``fraction`` (at least one domain held out, at least one kept)."""
+    if domains is None:
+        return qids.map(lambda q: unit_interval(salt, seed, q) < fraction)
+    if domains.isna().any():
+        raise SplitError(f"{int(domains.isna().sum())} questions have no domain (topic): a domain split needs one "
+                         "per question (a 'topic' or 'domain' column)")
+    sizes = domains.value_counts()
+    if len(sizes) < 2:
+        raise SplitError(f"a domain split needs at least two domains; found {len(sizes)}")
+    order = sorted(sizes.index, key=lambda d: unit_interval(salt, seed, str(d)))
+    shares = sizes[order].cumsum() / len(domains)
+    take = int(np.argmin(np.abs(shares.to_numpy()[:-1] - fraction))) + 1
+    return domains.isin(set(order[:take]))
+
+
+def assign_split(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42,
+                 by: str = "question") -> pd.Series:
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-    u = questions["qid"].map(lambda q: unit_interval("split", seed, q))
-    return u.lt(test_fraction).map({True: TEST, False: TRAIN})
+    test = held_out(questions["qid"], _domains(questions, by), test_fraction, seed, "split")
+    return test.map({True: TEST, False: TRAIN})
 
 
-def split_questions(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42):
-    side = assign_split(questions, test_fraction, seed)
+def _domains(questions: pd.DataFrame, by: str) -> pd.Series | None:
+    if by not in SPLIT_BY:
+        raise ValueError(f"unknown split {by!r}; expected one of {SPLIT_BY}")
+    if by == "question":
+        return None
+    if "topic" not in questions:
+        raise SplitError("a domain split needs the questions' topic column")
+    return questions["topic"]
+
+
+def split_questions(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42, by: str = "question"):
+    side = assign_split(questions, test_fraction, seed, by)
     train = questions[side == TRAIN].reset_index(drop=True)
     test = questions[side == TEST].reset_index(drop=True)
     return train, test
 
 
-def validation_mask(qids: pd.Series, fraction: float, seed: int = 42) -> pd.Series:
-    """True for the training rows held out as the validation slice (threshold
-    calibration): a seeded hash of the qid, so a row's side never depends on the others."""
+def validation_mask(qids: pd.Series, fraction: float, seed: int = 42, domains: pd.Series | None = None) -> pd.Series:
+    """True for the training rows held out as the validation slice (calibration and the
+    choice between candidate routers): by question, a seeded hash of the qid, so a row's
+    side never depends on the others; with ``domains``, whole domains."""
     if not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
-    return qids.map(lambda q: unit_interval("validation", seed, q) < fraction)
+    if fraction == 0:
+        return pd.Series(False, index=qids.index)
+    return held_out(qids, domains, fraction, seed, "validation")
 
 
 def ratio_tolerance(n: int, test_fraction: float) -> float:

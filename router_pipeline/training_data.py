@@ -19,6 +19,7 @@ from router_pipeline.split import TRAIN, VALIDATION, validation_mask
 from router_pipeline.text import query_hash
 
 PRECEDENCE = ("oracle", "extra")
+OTHER_DOMAIN = "no domain"
 EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "split"]
 
 
@@ -29,11 +30,14 @@ def build_training_examples(
     precedence: str = "oracle",
     validation_fraction: float = 0.0,
     seed: int = 42,
+    domains: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """(examples, duplicates dropped). ``extra`` (e.g. council labels) needs qid,
     query, policy, rationale, source; on the same normalised query the
     ``precedence`` source ("oracle" or "extra") wins. ``split`` is ``train``, or
-    ``validation`` for the seeded slice held out from training (calibration)."""
+    ``validation`` for the seeded slice held out from training (calibration, choosing
+    between routers). With ``domains`` (qid -> domain, a domain split), whole domains
+    are held out; rows without one (council labels) count as one domain of their own."""
     if precedence not in PRECEDENCE:
         raise ValueError(f"precedence must be one of {PRECEDENCE}, got {precedence!r}")
     by_qid = analyses.set_index("qid")["analysis"]
@@ -49,7 +53,8 @@ def build_training_examples(
     rows["query_hash"] = rows["query"].map(query_hash)
     before = len(rows)
     rows = rows.drop_duplicates("query_hash", keep="first")
-    rows["split"] = validation_mask(rows["qid"], validation_fraction, seed).map({True: VALIDATION, False: TRAIN})
+    grouped = rows["qid"].map(domains).fillna(f"({OTHER_DOMAIN})") if domains else None
+    rows["split"] = validation_mask(rows["qid"], validation_fraction, seed, grouped).map({True: VALIDATION, False: TRAIN})
     return rows[EXAMPLE_COLUMNS].reset_index(drop=True), before - len(rows)
 
 

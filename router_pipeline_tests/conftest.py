@@ -1,5 +1,6 @@
 import os
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -108,3 +109,14 @@ def oracle_responder(questions: pd.DataFrame):
 def fake_gemini(sample_questions):
     with FakeGemini(responder=oracle_responder(sample_questions)) as fake:
         yield fake
+
+
+MMLU_OUTCOMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
+
+
+@pytest.fixture(scope="session")
+def mmlu_outcomes():
+    """The recorded MMLU development outcomes beside the repository (never copied into it)."""
+    if not MMLU_OUTCOMES.exists():
+        pytest.skip(f"the shared MMLU outcomes are not at {MMLU_OUTCOMES}")
+    return MMLU_OUTCOMES

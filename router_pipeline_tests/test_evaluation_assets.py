@@ -3,6 +3,7 @@ the SDK boundary."""
 
 import json
 import re
+from pathlib import Path
 
 import dagster as dg
 import modal
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from router_pipeline import compute
-from router_pipeline.policies import COMPLEX, STANDARD
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 from router_pipeline.routing import RouteDecision
 from router_pipeline_tests.support import FakeRemote, training_examples, write_asset
 
@@ -40,42 +41,51 @@ def graded(artifacts, resources):
     write_asset(io, "training_examples", pd.DataFrame({
         "qid": qids, "query": TRAIN, "policy": [COMPLEX, STANDARD] * 4,
         "split": ["validation" if q in VALIDATION else "train" for q in qids]}))
-    adapter = artifacts / "adapters" / "dpo"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text("{}")
+    for stage in ("sft", "dpo"):
+        adapter = artifacts / "adapters" / stage
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text(json.dumps({"stage": stage}))
+    for head in ("gemma", "logistic", "knn"):
+        (artifacts / "heads" / head).mkdir(parents=True)
+        (artifacts / "heads" / head / "router.json").write_text(json.dumps({"kind": "head", "name": head}))
     return resources
 
 
-def _router(kind: str, seen: list | None = None):
-    """Stands in for the model work only (the Router has its own tests). ``good``
+def _router(kind: str, seen: list | None = None, by_router: dict | None = None):
+    """Stands in for the model work only (the routers have their own tests). ``good``
     escalates exactly the even questions, ``bad`` exactly the odd ones, ``mediocre``
-    gets questions 0 and 1 wrong, ``unparseable`` fails to decide on them."""
+    gets questions 0 and 1 wrong, ``unparseable`` fails to decide on them;
+    ``by_router`` gives a kind per router folder name instead."""
 
-    def route_queries(adapter_dir, queries, router_config, progress=False):
+    def route_queries(router_dir, queries, router_config, progress=False):
         if seen is not None:
             seen.extend(queries)
-        out = []
-        for q in queries:
-            i = int(re.search(r"\d+", q).group())
-            complex_ = (i % 2 == 0) == (kind != "bad")
-            if kind == "mediocre" and i in (0, 1) and q.startswith("Held-out"):
-                complex_ = not complex_
-            p = 0.9 if complex_ else 0.1
-            d = RouteDecision(q, COMPLEX if complex_ else STANDARD, {STANDARD: 1 - p, COMPLEX: p, "Ambiguous_Query": 0.0},
-                              True, "fast")
-            if kind == "unparseable" and i in (0, 1) and q.startswith("Held-out"):
-                d = RouteDecision(q, COMPLEX, {}, False, "reasoning", parse_error="no [DECISION] marker", fallback_used=True)
-            out.append(d.to_dict())
-        return out
+        kind_ = by_router[Path(router_dir).name] if by_router else kind
+        return [_decide(kind_, q) for q in queries]
 
     return route_queries
 
 
-def _materialise(resources, instance):
+def _decide(kind: str, q: str) -> dict:
+    i = int(re.search(r"\d+", q).group())
+    complex_ = (i % 2 == 0) == (kind != "bad")
+    if kind == "mediocre" and i in (0, 1) and q.startswith("Held-out"):
+        complex_ = not complex_
+    p = 0.9 if complex_ else 0.1
+    d = RouteDecision(q, COMPLEX if complex_ else STANDARD, {STANDARD: 1 - p, COMPLEX: p, AMBIGUOUS: 0.0}, True, "fast")
+    if kind == "unparseable" and i in (0, 1) and q.startswith("Held-out"):
+        d = RouteDecision(q, COMPLEX, {}, False, "reasoning", parse_error="no [DECISION] marker", fallback_used=True)
+    if kind == "collapsed":  # DPO's failure: one policy for everything, the ranking kept
+        d = RouteDecision(q, STANDARD, {STANDARD: 1 - p / 1000, COMPLEX: p / 1000, AMBIGUOUS: 0.0}, True, "fast")
+    return d.to_dict()
+
+
+def _materialise(resources, instance, candidates=("sft",)):
     from router_pipeline.definitions import build_defs
 
     return dg.materialize(list(build_defs().assets), selection=["router_evaluation", "released_router"],
-                          instance=instance, resources=resources, raise_on_error=False)
+                          instance=instance, resources=resources, raise_on_error=False,
+                          run_config={"ops": {"router_evaluation": {"config": {"candidates": list(candidates)}}}})
 
 
 def _checks(result) -> dict:
@@ -99,7 +109,7 @@ def test_evaluation_metadata_calibration_and_release(graded, artifacts, monkeypa
     assert ev["apgr"].value > ev["random_apgr"].value and ev["large_share"].value == 0.5
     assert ev["savings_vs_large"].value == pytest.approx(1 - (4 * 0.01 + 4 * 0.001) / 0.08)
     summary = {r.data["router"]: r.data for r in ev["summary"].value.records}
-    assert {"router", "always-medium", "always-large", "oracle", "knn (MiniLM)", "logistic (MiniLM)"} <= set(summary)
+    assert {"sft", "always-medium", "always-large", "oracle"} <= set(summary)
     assert summary["always-medium"]["correct"] == 0.5 and summary["oracle"]["apgr"] == pytest.approx(0.75)
     random_row = summary["random (mean of 20)"]
     assert 0.5 < random_row["correct"] < 1 and 0.3 < random_row["large_share"] < 0.7
@@ -109,7 +119,8 @@ def test_evaluation_metadata_calibration_and_release(graded, artifacts, monkeypa
     assert calibration["threshold"] == 0.9 and calibration["split"] == "validation" and calibration["n"] == 2
     assert calibration["mapping"]["rules"][0] == {"kind": "threshold", "name": "calibrated_threshold",
                                                   "at_least": 0.9, "target": "large"}
-    assert _checks(first) == {"beats_random": True, "no_regression": True, "parse_failures_within_limit": True}
+    assert _checks(first) == {"beats_random": True, "no_regression": True, "parse_failures_within_limit": True,
+                              "no_policy_collapse": True}
     released = json.loads((artifacts / "router" / "evaluation.json").read_text())
     assert released["policy_accuracy"] == 1.0 and released["served_correct"] == 1.0 and released["threshold"] == 0.9
     assert (artifacts / "router" / "adapter_config.json").exists()
@@ -124,7 +135,8 @@ def test_release_gate_compares_with_the_released_router(graded, artifacts, monke
     # A worse retrain: it loses to random and regresses; the released router stays.
     monkeypatch.setattr(compute, "route_queries", _router("bad"))
     bad = _materialise(graded, instance)
-    assert _checks(bad) == {"beats_random": False, "no_regression": False, "parse_failures_within_limit": True}
+    assert _checks(bad) == {"beats_random": False, "no_regression": False, "parse_failures_within_limit": True,
+                            "no_policy_collapse": True}
     assert not _released(bad)
     # Better than the last (failed) evaluation but worse than the released router: refused.
     monkeypatch.setattr(compute, "route_queries", _router("mediocre"))
@@ -157,18 +169,59 @@ def test_modal_evaluation_routes_on_the_t4_function(tiny_model_dir, tmp_path, mo
     assert all(sum(d["probabilities"].values()) == pytest.approx(1) for d in decisions)
 
 
-def test_released_router_releases_the_adapter_the_evaluation_scored(graded, artifacts, monkeypatch):
-    """`adapter` is configured once, on router_evaluation; released_router takes it from its input."""
-    from router_pipeline.definitions import build_defs
+def test_release_picks_the_candidate_with_the_better_validation_score(graded, artifacts, monkeypatch):
+    """knn ranks the validation rows right and the test rows wrong; gemma the reverse.
+    The release follows validation (it never looks at test scores) and says why."""
 
-    sft = artifacts / "adapters" / "sft"
-    sft.mkdir(parents=True)
-    (sft / "adapter_config.json").write_text('{"stage": "sft"}')
-    monkeypatch.setattr(compute, "route_queries", _router("good"))
-    result = dg.materialize(list(build_defs().assets), selection=["router_evaluation", "released_router"],
-                            instance=dg.DagsterInstance.ephemeral(), resources=graded,
-                            run_config={"ops": {"router_evaluation": {"config": {"adapter": "sft"}}}})
+    def route_queries(router_dir, queries, router_config, progress=False):
+        name = Path(router_dir).name
+        good_on = "Train" if name == "knn" else "Held-out"
+        return [_decide("good" if q.startswith(good_on) else "bad", q) for q in queries]
+
+    monkeypatch.setattr(compute, "route_queries", route_queries)
+    result = _materialise(graded, dg.DagsterInstance.ephemeral(), candidates=("gemma", "knn"))
+    meta = {m.asset_key.to_user_string(): m.materialization.metadata for m in result.get_asset_materialization_events()}
+    ev = meta["router_evaluation"]
+    summary = {r.data["router"]: r.data for r in ev["summary"].value.records}
+    assert summary["gemma"]["apgr"] > summary["knn"]["apgr"]  # on test, gemma is better ...
+    assert summary["knn"]["validation_apgr"] > summary["gemma"]["validation_apgr"]  # ... on validation, knn
+    assert ev["candidate"].value == "knn" and ev["why"].value.startswith("best validation APGR: knn")
+    # The chosen knn loses to random on test: released_router refuses it.
+    assert not _checks(result)["beats_random"] and not _released(result)
+    (interval,) = [r.data for r in ev["intervals"].value.records]
+    assert (interval["a"], interval["b"]) == ("gemma", "knn") and interval["diff"] > 0
+    for name in ("gemma", "knn"):
+        figures = json.loads((artifacts / "evaluation" / name / "evaluation.json").read_text())
+        assert figures["candidate"] == name and figures["chosen"] == (name == "knn")
+
+
+def test_released_router_releases_the_chosen_head_router(graded, artifacts, monkeypatch):
+    monkeypatch.setattr(compute, "route_queries", _router("", by_router={"sft": "bad", "logistic": "good"}))
+    result = _materialise(graded, dg.DagsterInstance.ephemeral(), candidates=("sft", "logistic"))
     (release,) = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == "released_router"]
-    assert release.materialization.metadata["from"].value == str(sft)
-    assert json.loads((artifacts / "router" / "adapter_config.json").read_text()) == {"stage": "sft"}
-    assert json.loads((artifacts / "router" / "evaluation.json").read_text())["adapter"] == "sft"
+    assert release.materialization.metadata["from"].value == str(artifacts / "heads" / "logistic")
+    assert json.loads((artifacts / "router" / "router.json").read_text())["name"] == "logistic"
+    assert json.loads((artifacts / "router" / "evaluation.json").read_text())["candidate"] == "logistic"
+    assert not (artifacts / "router" / "adapter_config.json").exists()
+
+
+def test_a_collapsed_router_is_refused(graded, artifacts, monkeypatch):
+    """40 test rows: deciding Standard for all of them, with half the labels Complex, is
+    a collapse, even though the ranking (APGR) is perfect."""
+    rows = [(f"te{i}", f"Held-out question {i} about a little-known person?") for i in range(8, 40)]
+    io = graded["io_manager"]
+    test = pd.concat([io.load_input(dg.build_input_context(asset_key=dg.AssetKey("test_questions"))),
+                      pd.DataFrame(rows, columns=["qid", "query"]).assign(split="test", gold_answer="x")])
+    write_asset(io, "test_questions", test)
+    answers, judgments = [], []
+    for qid, _ in rows:
+        for tier, label in (("medium", "IDK" if int(qid[2:]) % 2 == 0 else "Correct"), ("large", "Correct")):
+            answers.append({"qid": qid, "split": "test", "tier": tier, "cost_usd": 0.01})
+            judgments.append({"qid": qid, "split": "test", "tier": tier, "label": label})
+    for key, extra in (("answers", answers), ("judgments", judgments)):
+        old = io.load_input(dg.build_input_context(asset_key=dg.AssetKey(key)))
+        write_asset(io, key, pd.concat([old, pd.DataFrame(extra)], ignore_index=True))
+    monkeypatch.setattr(compute, "route_queries", _router("collapsed"))
+    result = _materialise(graded, dg.DagsterInstance.ephemeral(), candidates=("dpo",))
+    checks = _checks(result)
+    assert checks["beats_random"] and not checks["no_policy_collapse"] and not _released(result)

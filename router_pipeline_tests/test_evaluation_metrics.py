@@ -83,23 +83,86 @@ def test_calibration_by_share_and_by_quality():
         ev.calibrate(TABLE, scores)
 
 
-def test_evaluate_report_ranks_router_against_baselines():
+def _decisions(table, p_large):
+    return pd.DataFrame({"qid": table["qid"], "policy": [COMPLEX if p > 0.5 else STANDARD for p in p_large],
+                         "p_large": p_large, "parse_ok": True})
+
+
+def _noisy_router(oracle, rng, noise):
+    return np.clip(np.array([0.8 if p == COMPLEX else 0.2 for p in oracle]) + rng.normal(0, noise, len(oracle)), 0, 1)
+
+
+def test_evaluate_scores_every_candidate_and_chooses_on_validation_only():
     rng = np.random.default_rng(0)
-    n = 40
+    n = 60
     medium = list(rng.choice(["Correct", "Incorrect", "IDK"], n, p=[0.5, 0.3, 0.2]))
     table = outcomes(medium, ["Correct"] * n)
     oracle = ev.oracle_policies(table)
-    # A good (noisy) router: high P(Complex) where the oracle says Complex.
-    p_large = np.clip(np.array([0.8 if p == COMPLEX else 0.2 for p in oracle]) + rng.normal(0, 0.15, n), 0, 1)
-    decisions = pd.DataFrame({"qid": table["qid"], "policy": [COMPLEX if p > 0.5 else STANDARD for p in p_large],
-                              "p_large": p_large})
-    test, validation = table.iloc[:30].reset_index(drop=True), table.iloc[30:].reset_index(drop=True)
-    report = ev.evaluate(test, decisions.iloc[:30], validation, decisions.iloc[30:], None, random_seeds=10)
+    good = _noisy_router(oracle, rng, 0.15)
+    test, validation = table.iloc[:40].reset_index(drop=True), table.iloc[40:].reset_index(drop=True)
+    # "val_only" ranks the validation rows perfectly and the test rows backwards: the
+    # choice must follow validation, whatever the test rows would say.
+    val_only = np.where(np.arange(n) < 40, 1 - good, good)
+    decided = {"good": (_decisions(test, good[:40]), _decisions(validation, good[40:])),
+               "val_only": (_decisions(test, val_only[:40]), _decisions(validation, val_only[40:]))}
+    report = ev.evaluate(test, validation, decided, random_seeds=10, resamples=200)
     s = report.summary.set_index("router")
-    assert s.loc["router", "apgr"] > report.random_apgr + 0.1  # the oracle itself reaches ~0.75 here
-    assert s.loc["oracle", "apgr"] >= s.loc["router", "apgr"] - 1e-9
+    assert s.loc["good", "apgr"] > report.random_apgr + 0.1 > s.loc["val_only", "apgr"]
+    assert s.loc["val_only", "validation_apgr"] == pytest.approx(s.loc["good", "validation_apgr"])
+    assert report.chosen == "good" and "best validation APGR" in report.why  # tie on validation: the first listed
+    assert s.loc["oracle", "apgr"] >= s.loc["good", "apgr"] - 1e-9
     assert s.loc["always-large", "large_share"] == 1 and s.loc["always-medium", "large_share"] == 0
-    assert 0.5 < s.loc["router", "policy_accuracy"] <= 1
-    assert report.calibration["n"] == 10  # calibrated on the validation rows, never the test rows
+    assert 0.5 < s.loc["good", "policy_accuracy"] <= 1
+    assert report.calibrations["good"]["n"] == 20  # calibrated on the validation rows, never the test rows
     assert report.calibration["achieved_pgr"] >= 0.9
-    assert len(report.per_query) == 30 and set(report.per_query["tier"]) <= {"medium", "large"}
+    assert len(report.per_query) == 40 and set(report.per_query["tier"]) <= {"medium", "large"}
+    assert {"good_p_large", "val_only_p_large", "good_policy"} <= set(report.per_query)
+    (row,) = report.intervals.to_dict("records")
+    assert (row["a"], row["b"]) == ("good", "val_only") and row["lo"] > 0 and row["diff"] == pytest.approx(
+        s.loc["good", "apgr"] - s.loc["val_only", "apgr"])
+
+    flipped = {"val_only": decided["val_only"], "good": (decided["good"][0], _decisions(validation, 1 - good[40:]))}
+    assert ev.evaluate(test, validation, flipped, random_seeds=2, resamples=50).chosen == "val_only"
+
+
+def test_fast_apgr_matches_the_curve_with_ties_and_weights():
+    rng = np.random.default_rng(3)
+    n = 200
+    table = outcomes(list(rng.choice(["Correct", "Incorrect"], n, p=[0.6, 0.4])),
+                     list(rng.choice(["Correct", "Incorrect"], n, p=[0.85, 0.15])))
+    scores = np.round(rng.random(n), 1)  # many ties
+    med, large = (table["medium_label"] == "Correct").to_numpy(), (table["large_label"] == "Correct").to_numpy()
+    assert ev.apgr_weighted(scores, med, large) == pytest.approx(ev.curve(table, scores).apgr)
+    w = rng.integers(0, 3, n)  # a resample's multiplicities == the table with rows repeated
+    repeated = table.loc[np.repeat(np.arange(n), w)].reset_index(drop=True)
+    assert ev.apgr_weighted(scores, med, large, w) == pytest.approx(ev.curve(repeated, np.repeat(scores, w)).apgr)
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(4)
+    n = 300
+    table = outcomes(list(rng.choice(["Correct", "Incorrect"], n, p=[0.6, 0.4])), ["Correct"] * n)
+    oracle = ev.oracle_scores(table)
+    same = ev.paired_bootstrap(table, oracle, oracle, resamples=100)
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0
+    better = ev.paired_bootstrap(table, oracle + rng.normal(0, 0.3, n), rng.random(n), resamples=300)
+    assert 0 < better["lo"] < better["diff"] < better["hi"] and better["resamples"] == 300
+
+
+def test_calibration_error_policy_mix_and_collapse():
+    rng = np.random.default_rng(5)
+    p = rng.random(5000)
+    assert ev.expected_calibration_error(p, rng.random(5000) < p) < 0.03  # calibrated
+    assert ev.expected_calibration_error(np.full(1000, 0.999), np.arange(1000) < 300) == pytest.approx(0.699)
+    labels = [STANDARD] * 60 + [COMPLEX] * 30 + [AMBIGUOUS] * 10
+    assert ev.policy_mix(labels) == {STANDARD: 0.6, COMPLEX: 0.3, AMBIGUOUS: 0.1}
+    assert ev.collapsed([STANDARD] * 97 + [COMPLEX] * 3, labels)  # DPO's failure: one policy for all
+    assert not ev.collapsed([STANDARD] * 90 + [COMPLEX] * 10, labels)
+    assert not ev.collapsed([STANDARD] * 100, [STANDARD] * 95 + [COMPLEX] * 5)  # labels themselves are one policy
+
+
+def test_choose_skips_candidates_collapsed_on_validation():
+    assert ev.choose({"a": 0.6, "b": 0.7}, {"b": True}) == ("a", "best validation APGR: a 0.600; collapsed to one "
+                                                            "policy on validation: b")
+    name, why = ev.choose({"a": math.nan, "b": math.nan}, {})
+    assert name == "a" and "first candidate" in why

@@ -123,3 +123,37 @@ def test_recorded_outcomes_carry_their_cost(tmp_path):
     assert row["medium_cost_usd"] == 0.001 and row["large_input_tokens"] == 100 and pd.isna(row["large_cost_usd"])
     reasons = {r.row: r.reason for r in rejected}
     assert "medium_cost_usd is '-1'" in reasons[3] and "large_output_tokens is 'many', not a number" in reasons[4]
+
+
+def test_domain_split_holds_out_whole_domains_for_test_and_validation(mmlu_outcomes):
+    from router_pipeline.policies import oracle_cell
+    from router_pipeline.training_data import build_training_examples
+
+    questions, rejected = load_questions("outcomes", path=str(mmlu_outcomes), sample_size=0)
+    assert questions["topic"].nunique() == 19 and questions["topic"].notna().all()  # the file's domain column
+    train, test = split_questions(questions, 0.2, 42, by="domain")
+    test_domains = set(test["topic"])
+    assert test_domains and test_domains.isdisjoint(train["topic"])
+    assert abs(len(test) / len(questions) - 0.2) < questions["topic"].value_counts(normalize=True).max()
+    oracle = train.assign(policy=[oracle_cell(m, g).policy for m, g in zip(train["medium_grade"], train["large_grade"])],
+                          rationale="r")
+    analyses = pd.DataFrame({"qid": train["qid"], "analysis": "It asks a question."})
+    examples, _ = build_training_examples(oracle, analyses, validation_fraction=0.1, seed=42,
+                                          domains=dict(zip(train["qid"], train["topic"])))
+    topic = dict(zip(train["qid"], train["topic"]))
+    val_domains = {topic[q] for q in examples.loc[examples["split"] == "validation", "qid"]}
+    train_domains = {topic[q] for q in examples.loc[examples["split"] == "train", "qid"]}
+    assert val_domains and val_domains.isdisjoint(train_domains) and test_domains.isdisjoint(train_domains | val_domains)
+    # The same split again: stable; and by question it mixes domains as before.
+    assert set(split_questions(questions, 0.2, 42, by="domain")[1]["qid"]) == set(test["qid"])
+    assert set(split_questions(questions, 0.2, 42)[1]["topic"]) > test_domains
+
+
+def test_domain_split_needs_a_domain_per_question():
+    from router_pipeline.split import SplitError
+
+    frame = pd.DataFrame({"qid": ["a", "b", "c"], "query": ["A?", "B?", "C?"], "topic": ["x", None, "y"]})
+    with pytest.raises(SplitError, match="1 questions have no domain"):
+        split_questions(frame, 0.2, 42, by="domain")
+    with pytest.raises(SplitError, match="at least two domains"):
+        split_questions(frame.assign(topic="x"), 0.2, 42, by="domain")

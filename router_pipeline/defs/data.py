@@ -53,6 +53,9 @@ def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg
 class SplitConfig(dg.Config):
     test_fraction: float = 0.2
     seed: int = 42
+    # domain: whole domains (the questions' topic) held out for test, and for the validation
+    # slice too (training_examples follows the split it finds on train_questions).
+    by: Literal["question", "domain"] = "question"
 
 
 SPLIT_CHECKS = ["split_disjoint", "split_ratio", "no_empty_queries"]
@@ -64,13 +67,26 @@ SPLIT_CHECKS = ["split_disjoint", "split_ratio", "no_empty_queries"]
     check_specs=[dg.AssetCheckSpec(name, asset="train_questions", blocking=True) for name in SPLIT_CHECKS],
 )
 def split_questions(config: SplitConfig, questions: pd.DataFrame):
-    """80/20 split by a seeded hash of each normalised query: adding rows never moves old ones."""
-    train, test = split.split_questions(questions, config.test_fraction, config.seed)
+    """80/20 split by a seeded hash of each normalised query (adding rows never moves old
+    ones), or by domain: whole topics held out, so the test split is unseen subjects."""
+    try:
+        train, test = split.split_questions(questions, config.test_fraction, config.seed, config.by)
+    except split.SplitError as exc:
+        raise dg.Failure(str(exc)) from None
     n = len(train) + len(test)
     share = len(test) / n if n else 0.0
     tolerance = split.ratio_tolerance(n, config.test_fraction)
-    yield dg.Output(train.assign(split=split.TRAIN), "train_questions", metadata={"rows": len(train), "test_share": share})
-    yield dg.Output(test.assign(split=split.TEST), "test_questions", metadata={"rows": len(test), "test_share": share})
+    by_domain = config.by == "domain"
+    if by_domain:  # whole domains move together: the share can miss by up to the largest domain's
+        tolerance = max(tolerance, float(questions["topic"].value_counts(normalize=True).max()))
+    domain = (lambda f: f["topic"]) if by_domain else None
+    meta = {"split_by": config.by, "test_share": share}
+    if by_domain:
+        meta["test_domains"] = dg.MetadataValue.json(sorted(test["topic"].unique().tolist()))
+    yield dg.Output(train.assign(split=split.TRAIN, holdout_domain=domain), "train_questions",
+                    metadata={"rows": len(train), **meta})
+    yield dg.Output(test.assign(split=split.TEST, holdout_domain=domain), "test_questions",
+                    metadata={"rows": len(test), **meta})
     overlap = set(train["qid"]) & set(test["qid"])
     yield dg.AssetCheckResult(check_name="split_disjoint", asset_key="train_questions", passed=not overlap,
                               metadata={"overlap": len(overlap)})
@@ -201,13 +217,17 @@ class ExamplesConfig(dg.Config):
                                          description="No training example has the query of a test question "
                                                      "(normalised), whichever source labelled it.")])
 def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query_analyses: pd.DataFrame,
-                      council_labels: pd.DataFrame, test_questions: pd.DataFrame):
+                      council_labels: pd.DataFrame, train_questions: pd.DataFrame, test_questions: pd.DataFrame):
     """Oracle and council labels joined with analyses, deduplicated by normalised query,
-    with `source`, and a seeded validation slice held out from training (calibration)."""
+    with `source`, and a seeded validation slice held out from training (calibration and
+    the choice between routers): whole domains when the split is by domain."""
     extra = council_labels[["qid", "query", "policy", "rationale", "source"]]
+    domains = None
+    if "holdout_domain" in train_questions and train_questions["holdout_domain"].notna().any():
+        domains = dict(zip(train_questions["qid"], train_questions["holdout_domain"]))
     frame, dropped = training_data.build_training_examples(
         oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra",
-        validation_fraction=config.validation_fraction, seed=config.seed)
+        validation_fraction=config.validation_fraction, seed=config.seed, domains=domains)
     conflicts = training_data.label_conflicts(oracle_labels, extra)
     meta = {
         "rows": len(frame),

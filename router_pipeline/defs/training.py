@@ -1,5 +1,6 @@
 """Training assets: materialising them trains the router, locally or on Modal."""
 
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -7,9 +8,14 @@ import dagster as dg
 import pandas as pd
 
 from router_pipeline import compute as compute_module
-from router_pipeline.artifacts import ADAPTER_CONFIG
+from pydantic import field_validator
+
+from router_pipeline.artifacts import ADAPTER_CONFIG, HEADS
 from router_pipeline.defs.resources import ArtifactStore, RouterFormat, TrainingCompute
-from router_pipeline.plots import loss_curve, markdown_image
+from router_pipeline.defs.metadata import table
+from router_pipeline.head_training import HeadConfig, train_head_routers
+from router_pipeline.plots import cv_by_layer, loss_curve, markdown_image
+from router_pipeline.split import VALIDATION
 from router_pipeline.training import DPO_DEFAULTS, TrainConfig, TrainResult
 
 TRAINING_GROUP = "training"
@@ -117,5 +123,62 @@ def dpo_adapter(context: dg.AssetExecutionContext, config: DPOTrainingConfig, ar
                                               parent))
 
 
+
+
+_H = HeadConfig()  # the one source of the head routers' defaults
+
+
+class HeadRoutersConfig(dg.Config):
+    """Dagster-side mirror of head_training.HeadConfig; every default comes from it."""
+
+    base_model: str = _H.base_model
+    allow_hub: bool = _H.allow_hub
+    layers: list[int] = list(_H.layers)  # Gemma layers tried by cross-validation
+    pooling: Literal["mean", "last", "mean+last"] = _H.pooling
+    c_values: list[float] = list(_H.c_values)
+    knn_k: list[int] = list(_H.knn_k)
+    folds: int = _H.folds
+    seed: int = _H.seed
+    heads: list[str] = list(_H.heads)  # any of HEADS
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, value: list[str]) -> list[str]:
+        unknown = set(value) - set(HEADS)
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; expected some of {list(HEADS)}")
+        return value
+
+    def head_config(self) -> HeadConfig:
+        values = self.model_dump()
+        return HeadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dg.asset(group_name=TRAINING_GROUP, kinds={"pytorch", "scikitlearn"})
+def head_routers(context: dg.AssetExecutionContext, config: HeadRoutersConfig, artifacts: ArtifactStore,
+                 compute: TrainingCompute, training_examples: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    """Head routers on frozen encoders (a Gemma hidden state; MiniLM embeddings), fitted
+    on the training rows with hyper-parameters chosen by cross-validation there; each
+    lands in <artifacts>/heads/<name>/ as a servable candidate for router_evaluation."""
+    rows = training_examples[training_examples["split"] != VALIDATION]
+    if rows.empty:
+        raise dg.Failure("no training rows (every example is in the validation slice): materialise more questions")
+    layout = artifacts.layout()
+    cfg = config.head_config()
+    results = train_head_routers(rows, cfg, {name: layout.head(name) for name in cfg.heads},
+                                 progress=compute.progress, log=context.log.info)
+    summary = pd.DataFrame([{"head": r.name, "params": json.dumps(r.params), "cv_auc": r.cv_auc,
+                             "encode_s": round(r.encode_s, 1), "fit_s": round(r.fit_s, 1), "path": str(r.path)}
+                            for r in results])
+    grid = pd.DataFrame([{"head": r.name, **g} for r in results for g in r.grid])
+    meta = {"training_rows": len(rows), "heads": table(summary.drop(columns=["path"]).round(4)),
+            "cross_validation": table(grid.round(4))}
+    gemma = next((r for r in results if r.name == "gemma"), None)
+    if gemma is not None and len(cfg.layers) > 1 and not grid["cv_auc"].isna().all():
+        plot = cv_by_layer(grid[grid["head"] == "gemma"], layout.plots / "gemma_head_cv.png")
+        meta["gemma_cv_by_layer"] = dg.MetadataValue.md(markdown_image(plot, "CV AUC by Gemma layer"))
+    return dg.Output(summary, metadata=meta)
+
+
 training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups(TRAINING_GROUP),
-                                   description="SFT then DPO of the router on the configured compute.")
+                                   description="The head routers, and SFT then DPO of the LM router, on the configured compute.")

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("route", "decide which model should answer"), ("answer", "route, then answer with the chosen model")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("queries", nargs="+", help="queries, or - to read one per line from stdin")
-        s.add_argument("--adapter", help="router adapter dir (default: artifacts/router, else artifacts/adapters/dpo)")
+        s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
         s.add_argument("--base-model", help="route with a bare base model (no adapter): latency checks only")
         s.add_argument("--mode", choices=MODES, help="default: the mode the adapter was trained in")
         s.add_argument("--reasoning", action="store_true", help="explained mode: also generate the reasoning")
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="the OpenAI-compatible routing server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--adapter", help="router adapter dir (default: artifacts/router, else artifacts/adapters/dpo)")
+    s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
     s.add_argument("--profiles", help="caller profiles (YAML/JSON): API keys -> mapper, budget, models; "
                                       "default: no key needed, the calibrated threshold for everyone")
     s.add_argument("--feedback-dir", help="where feedback.jsonl and outcomes.jsonl go (default: <artifacts>/feedback)")
@@ -133,7 +133,7 @@ def run(args) -> int:
     from router_pipeline.serve.mapper import ABSTAIN_ANSWER
     from router_pipeline import settings
     from router_pipeline.llm.roles import roles_for
-    from router_pipeline.routing import Router, RouterConfig
+    from router_pipeline.routing import Router, RouterConfig, load_router
 
     queries, bad = _queries(args)
     for line in bad:
@@ -147,10 +147,11 @@ def run(args) -> int:
     roles = roles_for(settings.load())
     adapter = args.adapter or (None if args.base_model else default_router_dir())
     if adapter is None and not args.base_model:
-        print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
+        print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
-    router = Router(adapter, base_model=args.base_model, config=RouterConfig(mode=args.mode, fallback=args.fallback))
+    config = RouterConfig(mode=args.mode, fallback=args.fallback)
+    router = Router(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
     decisions = router.route_batch(queries, with_reasoning=args.reasoning)
     status = 1 if bad else 0
@@ -202,7 +203,7 @@ def serve(args) -> int:
 
     adapter = args.adapter or default_router_dir()
     if adapter is None:
-        print("error: no trained router found; materialise released_router (or dpo_adapter), or pass --adapter",
+        print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
     state = build_state(adapter, profiles_path=args.profiles,

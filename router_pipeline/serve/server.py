@@ -55,7 +55,7 @@ class APIError(Exception):
 
 @dataclass
 class ServerState:
-    router: object  # routing.Router
+    router: object  # routing.Router or heads.HeadRouter (routing.load_router)
     batcher: RouteBatcher
     profiles: Profiles
     backends: Backends
@@ -362,11 +362,11 @@ def build_state(adapter: str | Path, *, profiles_path: str | Path | None, feedba
     """Everything the server needs, loaded once: the router, the profiles, the backends."""
     from router_pipeline import settings
     from router_pipeline.llm.roles import roles_for
-    from router_pipeline.routing import Router, RouterConfig
+    from router_pipeline.routing import RouterConfig, load_router
     from router_pipeline.serve.profiles import load_profiles
 
     roles = roles_for(settings.load())
-    router = router or Router(adapter, config=RouterConfig(batch_size=max_batch, prefix_cache=prefix_cache))
+    router = router or load_router(adapter, RouterConfig(batch_size=max_batch, prefix_cache=prefix_cache))
     models = {"medium": roles.medium.model, "large": roles.large.model}
     profiles = load_profiles(profiles_path, calibration=router.calibration, default_models=models)
     return ServerState(

