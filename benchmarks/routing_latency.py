@@ -4,7 +4,8 @@ For each (mode, batch size) a fresh process routes the same SimpleQA queries and
 reports p50/p95 latency per call (one call = one batch), queries per second and the
 process's peak RSS. Target (issue 4): fast mode >= 10x faster than reasoning at batch 1.
 
-    python benchmarks/routing_latency.py                 # the trained router if there is one
+    python benchmarks/routing_latency.py                 # the released adapter router if there is one
+                                                         # (head routers: benchmarks/routing_quality.py)
     python benchmarks/routing_latency.py --queries 48 --adapter artifacts/adapters/dpo
 """
 
@@ -16,17 +17,21 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
 def measure(mode: str, batch: int, n: int, adapter: str | None, max_new_tokens: int) -> dict:
+    from router_pipeline.artifacts import ADAPTER_CONFIG
     from router_pipeline.serve.cli import default_router_dir
     from router_pipeline.local_models import GEMMA3_270M
     from router_pipeline.questions import load_questions
     from router_pipeline.routing import Router, RouterConfig
 
     adapter = adapter or default_router_dir()
+    if adapter and not (Path(adapter) / ADAPTER_CONFIG).exists():  # a released head router has no modes
+        adapter = None
     queries = list(load_questions(sample_size=n, sample_seed=7)[0]["query"])
     cfg = RouterConfig(mode=mode, batch_size=batch, max_new_tokens=max_new_tokens)
     router = Router(adapter, base_model=None if adapter else GEMMA3_270M, config=cfg)

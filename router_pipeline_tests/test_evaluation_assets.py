@@ -225,3 +225,52 @@ def test_a_collapsed_router_is_refused(graded, artifacts, monkeypatch):
     result = _materialise(graded, dg.DagsterInstance.ephemeral(), candidates=("dpo",))
     checks = _checks(result)
     assert checks["beats_random"] and not checks["no_policy_collapse"] and not _released(result)
+
+
+def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(graded, artifacts, tmp_path, capsys):
+    """Real MiniLM head routers, trained, evaluated and released by the pipeline; then
+    `router-pipeline route` and the server's /v1/route decide each test query exactly
+    as the evaluation scored it."""
+    import urllib.request
+
+    from router_pipeline.definitions import build_defs
+    from router_pipeline.serve.cli import main
+    from router_pipeline.serve.server import build_state
+    from router_pipeline_tests.support import serving
+
+    result = dg.materialize(
+        list(build_defs().assets), selection=["head_routers", "router_evaluation", "released_router"],
+        instance=dg.DagsterInstance.ephemeral(), resources=graded,
+        run_config={"ops": {"head_routers": {"config": {"heads": ["logistic", "knn"]}},
+                            "router_evaluation": {"config": {"candidates": ["logistic", "knn"]}}}})
+    assert result.success and _released(result)
+    scored = result.asset_value("router_evaluation").set_index("query")
+    name = scored["candidate"].iloc[0]
+    assert json.loads((artifacts / "router" / "router.json").read_text())["name"] == name
+
+    assert main(["route", "--json", *TEST]) == 0
+    routed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in routed] == list(scored.loc[TEST, f"{name}_policy"])
+    assert [r["probabilities"][COMPLEX] for r in routed] == pytest.approx(list(scored.loc[TEST, f"{name}_p_large"]),
+                                                                          abs=1e-6)
+
+    state = build_state(artifacts / "router", profiles_path=None, feedback_dir=tmp_path / "feedback")
+    with serving(state) as url:
+        for query in TEST:
+            body = json.dumps({"model": "router", "messages": [{"role": "user", "content": query}]}).encode()
+            request = urllib.request.Request(f"{url}/v1/route", body, {"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
+            assert reply["policy"] == scored.loc[query, f"{name}_policy"]
+            assert reply["p_complex"] == pytest.approx(scored.loc[query, f"{name}_p_large"], abs=1e-4)
+
+
+def test_unknown_candidates_and_heads_are_refused_before_the_run():
+    from pydantic import ValidationError
+
+    from router_pipeline.defs.evaluation import EvaluationConfig
+    from router_pipeline.defs.training import HeadRoutersConfig
+
+    with pytest.raises(ValidationError, match=r"unknown candidates \['svm'\]"):
+        EvaluationConfig(candidates=["gemma", "svm"])
+    with pytest.raises(ValidationError, match=r"unknown heads \['bert'\]"):
+        HeadRoutersConfig(heads=["bert"])

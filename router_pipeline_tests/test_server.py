@@ -2,18 +2,14 @@
 Gemini-protocol servers as the medium and large models."""
 
 import concurrent.futures
-import contextlib
 import json
-import socket
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 
 from router_pipeline.artifacts import CALIBRATION_FILE
 from router_pipeline.fake_gemini import Fault, FakeGemini
@@ -21,10 +17,10 @@ from router_pipeline.policies import POLICIES
 from router_pipeline.questions import load_questions
 from router_pipeline.routing import Router, RouterConfig
 from router_pipeline.serve.mapper import evaluated_spec
-from router_pipeline.serve.server import build_state, create_app
+from router_pipeline.serve.server import build_state
 from router_pipeline.training import TrainConfig, train_sft
 from router_pipeline.training_data import build_sft_dataset
-from router_pipeline_tests.support import training_examples
+from router_pipeline_tests.support import serving, training_examples
 
 FLASH, PRO = "gemini-2.5-flash", "gemini-2.5-pro"
 KEYS = {"app": "sk-app-test", "frugal": "sk-frugal-test", "private": "sk-private-test", "council": "sk-council-test"}
@@ -71,25 +67,6 @@ class Council(ThreadingHTTPServer):
     @property
     def url(self):
         return f"http://127.0.0.1:{self.server_address[1]}/v1/chat/completions"
-
-
-@contextlib.contextmanager
-def serving(state):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pydantic import field_validator
 from router_pipeline import compute as compute_module
 from router_pipeline import evaluation
 from router_pipeline.artifacts import (
-    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, ROUTER_FILE, STAGES, SUMMARY_FILE, Artifacts,
+    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, ROUTER_FILE, STAGES, SUMMARY_FILE, Artifacts, check_names,
 )
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.resources import ArtifactStore, TrainingCompute
@@ -61,10 +61,7 @@ class EvaluationConfig(dg.Config):
     @field_validator("candidates")
     @classmethod
     def _known_candidates(cls, value: list[str]) -> list[str]:
-        unknown = set(value) - set(CANDIDATES)
-        if unknown:
-            raise ValueError(f"unknown candidates {sorted(unknown)}; expected some of {list(CANDIDATES)}")
-        return value
+        return check_names(value, CANDIDATES, "candidates")
 
 
 def _route(config: EvaluationConfig, compute: TrainingCompute, name: str, router_dir, queries: list[str]):

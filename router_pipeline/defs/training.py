@@ -10,7 +10,7 @@ import pandas as pd
 from router_pipeline import compute as compute_module
 from pydantic import field_validator
 
-from router_pipeline.artifacts import ADAPTER_CONFIG, HEADS
+from router_pipeline.artifacts import ADAPTER_CONFIG, HEADS, check_names
 from router_pipeline.defs.resources import ArtifactStore, RouterFormat, TrainingCompute
 from router_pipeline.defs.metadata import table
 from router_pipeline.head_training import HeadConfig, train_head_routers
@@ -144,10 +144,7 @@ class HeadRoutersConfig(dg.Config):
     @field_validator("heads")
     @classmethod
     def _known_heads(cls, value: list[str]) -> list[str]:
-        unknown = set(value) - set(HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; expected some of {list(HEADS)}")
-        return value
+        return check_names(value, HEADS, "heads")
 
     def head_config(self) -> HeadConfig:
         values = self.model_dump()
