@@ -30,7 +30,7 @@ from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
 from router_pipeline.heads import Head, calibrate, fit_head, p_complex, save_head_router
 from router_pipeline.policies import COMPLEX, POLICIES
 
-MIN_ROWS_FOR_CV = 30  # fewer rows (or fewer Complex rows than folds): the first grid value is used
+MIN_ROWS_FOR_CV = 30  # fewer rows (or fewer than `folds` rows of a policy): the first grid value, uncalibrated
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,10 @@ def train_head_routers(examples: pd.DataFrame, config: HeadConfig, dest: dict[st
     queries, policies = list(examples["query"]), list(examples["policy"])
     cv = _cv_possible(policies, config.folds)
     if not cv:
-        log(f"{len(policies)} training rows: too few for {config.folds}-fold cross-validation; "
-            "each head takes the first value of its grid")
+        counts = pd.Series(policies).value_counts().to_dict()
+        log(f"{len(policies)} training rows {counts}: {config.folds}-fold cross-validation needs at least "
+            f"{MIN_ROWS_FOR_CV} rows and {config.folds} of each policy; each head takes the first value of its "
+            "grid, uncalibrated")
     results = []
     if "gemma" in config.heads:
         t0 = time.perf_counter()
