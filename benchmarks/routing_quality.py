@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     for name, l in lat.items():
         print(f"routing latency {name} (batch 1, {l['device']}): p50 {l['p50_ms']} ms, p95 {l['p95_ms']} ms")
     print(f"training wall time {train_wall / 60:.1f} min (budget 30 min on 2 CPU cores)")
-    print(f"released: {chosen['candidate']} ({chosen.get('why')})")
+    print(f"chosen for release: {chosen['candidate']} ({chosen.get('why')}); released_router runs only if the "
+          "evaluation's blocking checks pass")
     print()
     print(f"router APGR {summary.loc[LM_ROUTER, 'apgr']:.3f}")
     for name in finetuned:
