@@ -107,8 +107,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from router_pipeline.artifacts import SUMMARY_FILE, Artifacts
-    from router_pipeline.defs.evaluation import INTERVALS_FILE
+    from router_pipeline.artifacts import INTERVALS_FILE, SUMMARY_FILE, Artifacts
     from router_pipeline.evaluation import interval_between, policy_mix
     from router_pipeline.policies import POLICIES
     from router_pipeline.routing import adapter_meta

@@ -8,7 +8,8 @@ needs the other.
     <root>/adapters/{sft,dpo}/             trained adapters (+ TRAINING_FILE)
     <root>/training/<run>/                 training runs and checkpoints (resumable)
     <root>/heads/{gemma,logistic,knn}/     head routers: ROUTER_FILE + head.npz (heads.py)
-    <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate; SUMMARY_FILE
+    <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate
+    <root>/evaluation/                     SUMMARY_FILE, INTERVALS_FILE: every candidate
     <root>/router/                         the released router (adapter or head) + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
@@ -23,7 +24,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 TRAINING_FILE = "router_training.json"  # training config, mode, rows and result of an adapter
 CALIBRATION_FILE = "router_calibration.json"  # the threshold and the mapping the evaluation scored
 EVALUATION_FILE = "evaluation.json"  # headline figures (the release gate compares these)
-SUMMARY_FILE = "summary.csv"  # one row per router / baseline
+SUMMARY_FILE = "summary.csv"  # one row per candidate / reference router (evaluation/)
+INTERVALS_FILE = "intervals.csv"  # paired-bootstrap APGR differences between candidates (evaluation/)
 ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
 STAGES = ("sft", "dpo")
 HEADS = ("gemma", "logistic", "knn")  # head routers: frozen Gemma states, MiniLM logistic, MiniLM k-NN

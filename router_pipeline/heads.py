@@ -205,10 +205,6 @@ class HeadRouter:
                               latency_ms=per_query)
                 for q, policy, row in zip(queries, self.head.decide(proba), proba)]
 
-    def describe(self) -> dict:
-        return {"router_dir": str(self.path), "kind": HEAD_KIND, "name": self.name, "encoder": self.meta["encoder"],
-                "classifier": self.meta["classifier"], "device": self.device, "calibration": self.calibration}
-
 
 def save_head_router(path: Path, name: str, encoder: dict, head: Head, **about) -> Path:
     """Write a head router folder (replacing an older one at ``path``)."""

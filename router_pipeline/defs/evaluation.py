@@ -23,7 +23,8 @@ from pydantic import field_validator
 from router_pipeline import compute as compute_module
 from router_pipeline import evaluation
 from router_pipeline.artifacts import (
-    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, ROUTER_FILE, STAGES, SUMMARY_FILE, Artifacts, check_names,
+    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, INTERVALS_FILE, ROUTER_FILE, STAGES, SUMMARY_FILE, Artifacts,
+    check_names,
 )
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.resources import ArtifactStore, TrainingCompute
@@ -39,7 +40,6 @@ REGRESSION_METRICS = ("served_correct", "policy_accuracy")
 MAX_PARSE_FAILURE_RATE = 0.05  # a router that fails to decide more often than this is never released
 # Below this many test rows, one policy for every query is no evidence of a collapse: the check warns.
 MIN_ROWS_FOR_COLLAPSE = 30
-INTERVALS_FILE = "intervals.csv"
 CANDIDATES = (*HEADS, *STAGES)
 _R = RouterConfig()  # the one source of the routing defaults
 
