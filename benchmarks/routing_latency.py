@@ -1,12 +1,15 @@
-"""Routing latency of the offline Gemma 3 270M router on CPU: fast vs reasoning mode.
+"""Routing latency on CPU: the fast path against the fp32 reference, in one run.
 
-For each (mode, batch size) a fresh process routes the same SimpleQA queries and
-reports p50/p95 latency per call (one call = one batch), queries per second and the
-process's peak RSS. Target (issue 4): fast mode >= 10x faster than reasoning at batch 1.
+For each precision a fresh process loads the router (default: the released one) and
+routes the same queries: one at a time (p50/p95 per decision), then in batches of 8
+and 32 (decisions per second). The parent compares the two processes' decisions:
+share of identical policies, max and mean |difference| of P(Complex_Query).
+Targets (issue 18): fast p50 at batch 1 <= 50 ms on 2 cores; >= 99% identical policies.
 
-    python benchmarks/routing_latency.py                 # the released adapter router if there is one
-                                                         # (head routers: benchmarks/routing_quality.py)
-    python benchmarks/routing_latency.py --queries 48 --adapter artifacts/adapters/dpo
+    python benchmarks/routing_latency.py                       # the released router
+    python benchmarks/routing_latency.py --router artifacts/heads/gemma --queries 512
+
+Only head routers on Gemma have a fast path; a LoRA adapter routes in fp32 both times.
 """
 
 from __future__ import annotations
@@ -21,59 +24,77 @@ from pathlib import Path
 
 import numpy as np
 
+PRECISIONS = ("fp32", "fast")
+BATCHES = (8, 32)
 
-def measure(mode: str, batch: int, n: int, adapter: str | None, max_new_tokens: int) -> dict:
-    from router_pipeline.artifacts import ADAPTER_CONFIG
-    from router_pipeline.serve.cli import default_router_dir
-    from router_pipeline.local_models import GEMMA3_270M
+
+def measure(router_dir: str, precision: str, n: int) -> dict:
     from router_pipeline.questions import load_questions
-    from router_pipeline.routing import Router, RouterConfig
+    from router_pipeline.routing import RouterConfig, load_router
 
-    adapter = adapter or default_router_dir()
-    if adapter and not (Path(adapter) / ADAPTER_CONFIG).exists():  # a released head router has no modes
-        adapter = None
     queries = list(load_questions(sample_size=n, sample_seed=7)[0]["query"])
-    cfg = RouterConfig(mode=mode, batch_size=batch, max_new_tokens=max_new_tokens)
-    router = Router(adapter, base_model=None if adapter else GEMMA3_270M, config=cfg)
-    router.route_batch(queries[:batch])  # warm-up
-    times = []
-    start = time.perf_counter()
-    for lo in range(0, len(queries), batch):
+    t0 = time.perf_counter()
+    router = load_router(router_dir, RouterConfig(precision=precision, batch_size=max(BATCHES)))
+    load_s = time.perf_counter() - t0
+    router.route_batch(queries[:8])  # warm-up
+    times, decisions = [], []
+    for q in queries:
         t0 = time.perf_counter()
-        router.route_batch(queries[lo:lo + batch])
+        decisions += router.route_batch([q])
         times.append((time.perf_counter() - t0) * 1000)
-    wall = time.perf_counter() - start
-    return {"mode": mode, "batch": batch, "queries": len(queries), "router": str(adapter or "base model"),
+    throughput = {}
+    for batch in BATCHES:
+        t0 = time.perf_counter()
+        for lo in range(0, len(queries), batch):
+            router.route_batch(queries[lo:lo + batch])
+        throughput[batch] = len(queries) / (time.perf_counter() - t0)
+    return {"precision": getattr(router, "precision", "fp32"), "queries": len(queries), "load_s": load_s,
             "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
-            "queries_per_s": len(queries) / wall,
+            "per_s": throughput, "policies": [d.policy for d in decisions],
+            "p_complex": [d.p_large for d in decisions],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def agreement(ref: dict, fast: dict) -> dict:
+    same = np.mean([a == b for a, b in zip(ref["policies"], fast["policies"])])
+    diff = np.abs(np.asarray(ref["p_complex"], float) - np.asarray(fast["p_complex"], float))
+    return {"identical_policies": float(same), "max_abs_dp": float(np.nanmax(diff)),
+            "mean_abs_dp": float(np.nanmean(diff))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--one", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--router", help="a router folder (default: the released router)")
+    p.add_argument("--queries", type=int, default=256, help="SimpleQA queries (a seeded sample)")
+    p.add_argument("--out", help="write every figure as JSON here")
+    p.add_argument("--one", metavar="PRECISION", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.router is None:
+        from router_pipeline.artifacts import Artifacts
+
+        found = Artifacts.from_settings().default_router()
+        if found is None:
+            sys.exit("no released router: run the main job first, or pass --router")
+        args.router = str(found)
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.queries, args.adapter, args.max_new_tokens)))
+        print(json.dumps(measure(args.router, args.one, args.queries)))
         return
-    rows = []
-    for mode in ("fast", "reasoning"):
-        for batch in (1, 16):
-            cmd = [sys.executable, __file__, "--one", mode, str(batch), "--queries", str(args.queries),
-                   "--max-new-tokens", str(args.max_new_tokens)] + (["--adapter", args.adapter] if args.adapter else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{mode:9s} batch {batch:2d}: p50 {r['p50_ms']:8.1f} ms  p95 {r['p95_ms']:8.1f} ms  "
-                  f"{r['queries_per_s']:7.2f} queries/s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
-    fast1 = next(r for r in rows if r["mode"] == "fast" and r["batch"] == 1)
-    slow1 = next(r for r in rows if r["mode"] == "reasoning" and r["batch"] == 1)
-    print(f"router: {fast1['router']}; {fast1['queries']} queries; max_new_tokens {args.max_new_tokens}")
-    print(f"fast vs reasoning at batch 1: {slow1['p50_ms'] / fast1['p50_ms']:.1f}x lower p50 latency "
-          f"(target >= 10x)")
+    rows = {}
+    for precision in PRECISIONS:
+        cmd = [sys.executable, __file__, "--one", precision, "--router", args.router, "--queries", str(args.queries)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = rows[precision] = json.loads(out.strip().splitlines()[-1])
+        print(f"{precision:5s} ({r['precision']}): batch 1 p50 {r['p50_ms']:6.1f} ms  p95 {r['p95_ms']:6.1f} ms  "
+              + "  ".join(f"batch {b} {r['per_s'][str(b)]:6.1f}/s" for b in BATCHES)
+              + f"  load {r['load_s']:.1f} s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    agree = agreement(rows["fp32"], rows["fast"])
+    print(f"router {args.router}; {rows['fast']['queries']} queries; 1 process each, same queries")
+    print(f"fast vs fp32: identical policies {agree['identical_policies']:.1%} (target >= 99%), "
+          f"|P(Complex) difference| max {agree['max_abs_dp']:.4f} mean {agree['mean_abs_dp']:.5f}")
+    print(f"fast p50 at batch 1 {rows['fast']['p50_ms']:.1f} ms (target <= 50 ms); "
+          f"{rows['fp32']['p50_ms'] / rows['fast']['p50_ms']:.1f}x fp32's")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"router": args.router, "runs": rows, "agreement": agree}, indent=2))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,37 @@ def latency(router_dir: Path, queries: list[str]) -> dict:
             "p95_ms": round(float(np.percentile(times, 95)), 1), "device": router.device}
 
 
+def precision_check(head_dir: Path, test: "pd.DataFrame", work: Path) -> dict:
+    """The LM router released as the pipeline releases it (its encoder exported), routed
+    on the test rows through the fast path and through the fp32 reference: APGR of each
+    and how many decisions agree."""
+    import numpy as np
+
+    from router_pipeline.evaluation import apgr_weighted
+    from router_pipeline.heads import export_head_router
+    from router_pipeline.policies import CORRECT
+    from router_pipeline.routing import RouterConfig, load_router
+
+    release = work / "release-check"
+    shutil.rmtree(release, ignore_errors=True)
+    shutil.copytree(head_dir, release)
+    export_head_router(release)
+    med, large = (test["medium_label"] == CORRECT).to_numpy(), (test["large_label"] == CORRECT).to_numpy()
+    runs = {}
+    for precision in ("fast", "fp32"):
+        router = load_router(release, RouterConfig(precision=precision))
+        decisions = router.route_batch(list(test["query"]), batch_size=32)
+        runs[precision] = {"apgr": apgr_weighted([d.p_large for d in decisions], med, large),
+                           "policies": [d.policy for d in decisions],
+                           "p_large": np.array([d.p_large for d in decisions])}
+    shutil.rmtree(release, ignore_errors=True)
+    return {"fast_apgr": runs["fast"]["apgr"], "fp32_apgr": runs["fp32"]["apgr"],
+            "difference": runs["fast"]["apgr"] - runs["fp32"]["apgr"],
+            "identical_policies": float(np.mean([a == b for a, b in zip(runs["fast"]["policies"],
+                                                                         runs["fp32"]["policies"])])),
+            "max_abs_dp": float(np.abs(runs["fast"]["p_large"] - runs["fp32"]["p_large"]).max())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outcomes", nargs="?", default=str(DEFAULT_OUTCOMES), help="outcomes file (CSV/JSONL/Parquet)")
@@ -147,6 +178,8 @@ def main(argv=None) -> int:
     shutil.copy2(layout.plots / "cost_quality.png", out / "cost_quality.png")
     test_queries = list(pd.read_parquet(layout.assets / "test_questions.parquet")["query"][:32])
     lat = {name: latency(layout.candidate(name), test_queries) for name in (LM_ROUTER, "logistic")}
+    test = per_query[["query", "medium_label", "large_label"]]
+    precision = precision_check(layout.candidate(LM_ROUTER), test, out)
 
     names = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
              "sft": "router SFT (LoRA)", "dpo": "router SFT+DPO (LoRA)"}
@@ -168,7 +201,8 @@ def main(argv=None) -> int:
     report = {"outcomes": args.outcomes, "split": args.split, "candidates": candidates, "table": frame.to_dict("records"),
               "label_mix": labels, "intervals": intervals.to_dict("records"),
               "lm_router_vs": comparisons, "best_baseline": best_baseline, "released": chosen,
-              "heads": heads.to_dict("records"), "stages": stages, "latency_batch1": lat, **split_info,
+              "heads": heads.to_dict("records"), "stages": stages, "latency_batch1": lat, "precision": precision,
+              **split_info,
               "training_wall_s": round(train_wall, 1), "total_wall_s": round(time.perf_counter() - t_all, 1),
               "per_query": per_query.drop(columns=["query"]).to_dict("records")}
     (out / "routing_quality.json").write_text(json.dumps(report, indent=1, default=float))
@@ -185,6 +219,9 @@ def main(argv=None) -> int:
         print(f"head {h['head']}: {h['params']} (CV AUC {h['cv_auc']:.3f}), encode {h['encode_s']} s, fit {h['fit_s']} s")
     for name, l in lat.items():
         print(f"routing latency {name} (batch 1, {l['device']}): p50 {l['p50_ms']} ms, p95 {l['p95_ms']} ms")
+    print(f"router through its exported fast path: APGR {precision['fast_apgr']:.3f}, fp32 reference "
+          f"{precision['fp32_apgr']:.3f}, difference {precision['difference']:+.4f} (target |d| <= 0.005); "
+          f"identical policies {precision['identical_policies']:.1%}, max |dP(Complex)| {precision['max_abs_dp']:.4f}")
     print(f"training wall time {train_wall / 60:.1f} min (budget 30 min on 2 CPU cores)")
     print(f"chosen for release: {chosen['candidate']} ({chosen.get('why')}); released_router runs only if the "
           "evaluation's blocking checks pass")

@@ -15,7 +15,9 @@ tail of long queries), the same text in training and serving.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -43,44 +45,65 @@ class GemmaSpec:
         return {"encoder": "gemma", **asdict(self)}
 
 
-def use_bf16_autocast(device: str) -> bool:
-    """bf16 autocast where the hardware has bf16 matrix units (measured 2.2x faster on
-    an AMX CPU); plain fp32 elsewhere."""
-    from router_pipeline.training import cpu_has_bf16
+PRECISIONS = ("fast", "fp32")  # fp32 is the reference; fast is bf16 weights where the hardware has bf16 units
+EXPORT_DIR = "encoder"  # a released Gemma head router's sliced encoder (export_gemma)
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+class ExportError(ValueError):
+    """An exported encoder that does not match the router that names it."""
+
+
+def fast_dtype(device: str):
+    """bf16 where the hardware has bf16 matrix units (an AMX CPU: 2.3x fp32 at batch 1,
+    3.3x at batch 32, measured by benchmarks/routing_latency.py), else fp32."""
+    import torch
 
     if device == "cuda":
-        import torch
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from router_pipeline.training import cpu_has_bf16
 
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 class GemmaStates:
     """Load once, encode many. ``layers`` (for choosing a layer) returns several layers
-    from one pass; serving encodes at ``spec.layer`` only."""
+    from one pass; serving encodes at ``spec.layer`` only.
 
-    def __init__(self, spec: GemmaSpec, max_layer: int | None = None, autocast: bool | None = None):
+    ``precision``: ``fast`` holds the weights in ``fast_dtype`` (bf16 weights, not bf16
+    autocast: autocast re-casts every weight on every call); ``fp32`` is the reference.
+    ``export``: a folder written by ``export_gemma`` to load instead of the base model."""
+
+    def __init__(self, spec: GemmaSpec, max_layer: int | None = None, precision: str = "fast",
+                 export: Path | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         from router_pipeline.local_models import resolve_model
 
-        self.spec = spec
-        path = resolve_model(spec.base_model, allow_hub=spec.allow_hub)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        self.spec, self.precision = spec, precision
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        depth = max_layer or spec.layer
+        dtype = fast_dtype(self.device) if precision == "fast" else torch.float32
+        if export is not None:
+            path = str(export)
+            body = AutoModel.from_pretrained(path, dtype=dtype)
+        else:
+            path = resolve_model(spec.base_model, allow_hub=spec.allow_hub)
+            body = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).model
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        body = lm.model
-        depth = max_layer or spec.layer
         if depth > len(body.layers):
             raise ValueError(f"{spec.base_model} has {len(body.layers)} layers; layer {depth} was asked for")
         body.layers = body.layers[:depth]  # the blocks after it never run
         body.config.num_hidden_layers = depth
-        self.model = body.to(self.device).eval()
-        self.autocast = use_bf16_autocast(self.device) if autocast is None else autocast
+        if getattr(body.config, "layer_types", None):  # Gemma 3: one attention type per block
+            body.config.layer_types = body.config.layer_types[:depth]
+        self.model = body.to(self.device, dtype=dtype).eval()
 
     def encode(self, queries: list[str], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
         return self.encode_layers(queries, [self.spec.layer], batch_size=batch_size, progress=progress)[self.spec.layer]
@@ -107,7 +130,7 @@ class GemmaStates:
             for lo in tqdm(range(0, len(order), batch_size), desc="encoding", disable=not progress, leave=False):
                 idx = order[lo:lo + batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-                with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+                with torch.no_grad():
                     self.model(**enc)
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 mask[:, 0] = 0  # BOS carries no query; its state is the same for every query
@@ -155,11 +178,68 @@ def _minilm():
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
-def encoder_from_dict(d: dict):
-    """The encoder a saved router names (``GemmaSpec.to_dict()`` or ``{"encoder": "minilm"}``)."""
+def gemma_spec(d: dict) -> GemmaSpec:
+    return GemmaSpec(**{k: v for k, v in d.items() if k != "encoder"})
+
+
+def encoder_from_dict(d: dict, *, precision: str = "fast", export: dict | None = None, folder: Path | None = None):
+    """The encoder a saved router names (``GemmaSpec.to_dict()`` or ``{"encoder": "minilm"}``).
+    A Gemma encoder on the fast path loads the router's export (``export``, as
+    ``export_gemma`` described it, under ``folder``) after checking it; fp32 always
+    builds from the base model."""
     kind = d.get("encoder")
     if kind == "minilm":
         return MiniLM()
-    if kind == "gemma":
-        return GemmaStates(GemmaSpec(**{k: v for k, v in d.items() if k != "encoder"}))
-    raise ValueError(f"unknown encoder {kind!r}; expected 'gemma' or 'minilm'")
+    if kind != "gemma":
+        raise ValueError(f"unknown encoder {kind!r}; expected 'gemma' or 'minilm'")
+    spec = gemma_spec(d)
+    if precision == "fast" and export is not None:
+        return GemmaStates(spec, precision="fast", export=check_export(folder, export, spec))
+    return GemmaStates(spec, precision=precision)
+
+
+def export_gemma(spec: GemmaSpec, folder: Path) -> dict:
+    """Write the first ``spec.layer`` blocks of the base model (embeddings included, no LM
+    head), in bf16, with the tokenizer, to ``folder/EXPORT_DIR``: what the fast path loads,
+    built once at release instead of at every server start. Returns what router.json
+    records of it (its sha256 above all)."""
+    import shutil
+
+    import torch
+
+    enc = GemmaStates(spec, precision="fp32")
+    out = Path(folder) / EXPORT_DIR
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    enc.model.to(torch.bfloat16).save_pretrained(tmp)
+    enc.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"dir": EXPORT_DIR, "sha256": sha256_file(out / EXPORT_WEIGHTS), "dtype": "bfloat16",
+            "base_model": spec.base_model, "layers": spec.layer}
+
+
+def check_export(folder: Path | None, export: dict, spec: GemmaSpec) -> Path:
+    """The export's folder if it is the one router.json describes, else ExportError:
+    a stale or swapped export is never used."""
+    where = Path(folder or ".") / str(export.get("dir", EXPORT_DIR))
+    weights = where / EXPORT_WEIGHTS
+    fix = "materialize released_router again to re-export it, or route with precision fp32"
+    if export.get("layers") != spec.layer or export.get("base_model") != spec.base_model:
+        raise ExportError(f"{where} was exported from {export.get('base_model')} block {export.get('layers')}, "
+                          f"but the router reads {spec.base_model} block {spec.layer}; {fix}")
+    if not weights.is_file():
+        raise ExportError(f"{weights} is missing: the router names an exported encoder; {fix}")
+    digest = sha256_file(weights)
+    if digest != export.get("sha256"):
+        raise ExportError(f"{weights} has sha256 {digest[:12]}…, not the {str(export.get('sha256'))[:12]}… "
+                          f"recorded in the router: the export is stale or was replaced; {fix}")
+    return where
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -166,7 +166,7 @@ class HeadRouter:
 
     mode = HEAD_KIND
 
-    def __init__(self, path: str | Path, encoder=None):
+    def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
         from router_pipeline.features import encoder_from_dict
         from router_pipeline.routing import read_calibration, read_json_object
 
@@ -178,9 +178,11 @@ class HeadRouter:
         if not head_file.is_file():
             raise FileNotFoundError(f"{head_file} is missing: the head router at {self.path} is incomplete")
         self.head = Head.load(head_file, self.meta["classifier"], self.meta["classes"], self.meta.get("k", 5))
-        self.encoder = encoder or encoder_from_dict(self.meta["encoder"])
+        self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
+                                                    export=self.meta.get("export"), folder=self.path)
         self.calibration = read_calibration(self.path)
         self.device = getattr(self.encoder, "device", "cpu")
+        self.precision = getattr(self.encoder, "precision", "fp32")
         self.adapter_dir = str(self.path)
 
     @property
@@ -222,8 +224,24 @@ def save_head_router(path: Path, name: str, encoder: dict, head: Head, **about) 
     return path
 
 
+def export_head_router(folder: Path) -> dict | None:
+    """Export the encoder of the head router at ``folder`` for the fast path (a Gemma
+    encoder: its first blocks in bf16, hashed; MiniLM has nothing to export) and record
+    it in router.json. Returns what was recorded, None when there is nothing to export."""
+    from router_pipeline.features import export_gemma, gemma_spec
+
+    if not (folder / ROUTER_FILE).is_file():  # a LoRA adapter
+        return None
+    meta = json.loads((folder / ROUTER_FILE).read_text())
+    if meta.get("kind") != HEAD_KIND or (meta.get("encoder") or {}).get("encoder") != "gemma":
+        return None
+    meta["export"] = export_gemma(gemma_spec(meta["encoder"]), folder)
+    (folder / ROUTER_FILE).write_text(json.dumps(meta, indent=2, default=float))
+    return meta["export"]
+
+
 def p_complex(proba: np.ndarray) -> np.ndarray:
     return proba[:, POLICIES.index(COMPLEX)]
 
 
-__all__ = ["Head", "HeadRouter", "fit_head", "save_head_router", "p_complex"]
+__all__ = ["Head", "HeadRouter", "fit_head", "save_head_router", "export_head_router", "p_complex"]

@@ -78,8 +78,15 @@ class RouterConfig:
     # Decision-first modes: run the fixed prompt prefix once and reuse its KV cache for
     # every query (a server's setting; a one-shot CLI call gains nothing from it).
     prefix_cache: bool = False
+    # Head routers on Gemma: "fast" (bf16 weights where the CPU/GPU has bf16 units, the
+    # release's exported encoder) or "fp32", the reference. LoRA routers run in fp32.
+    precision: str = "fast"
 
     def __post_init__(self):
+        from router_pipeline.features import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown router mode {self.mode!r}; expected one of {MODES}")
         if self.fallback != RAISE and self.fallback not in POLICIES:
@@ -321,7 +328,7 @@ def load_router(path: str | Path, config: RouterConfig = RouterConfig()):
 
     described = Path(path) / ROUTER_FILE
     if described.is_file() and read_json_object(described, "the router's 'kind'", "retrain the router").get("kind") == HEAD_KIND:
-        return HeadRouter(path)
+        return HeadRouter(path, precision=config.precision)
     return Router(path, config=config)
 
 

@@ -89,7 +89,7 @@ def test_gemma_states_read_the_layer_they_name(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     queries = ["Who wrote Hamlet?", "In which year did the third Ballyhooly horse fair close for good?"]
-    enc = GemmaStates(GemmaSpec(tiny_model_dir, layer=1, pooling="mean+last"), autocast=False)
+    enc = GemmaStates(GemmaSpec(tiny_model_dir, layer=1, pooling="mean+last"), precision="fp32")
     assert len(enc.model.layers) == 1
     got = enc.encode(queries)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -101,15 +101,15 @@ def test_gemma_states_read_the_layer_they_name(tiny_model_dir):
         np.testing.assert_allclose(got[i], torch.cat([h[1:].mean(0), h[-1]]).numpy(), atol=1e-4)
     np.testing.assert_allclose(enc.encode(queries[:1])[0], got[0], atol=1e-5)
     by_layer = GemmaStates(GemmaSpec(tiny_model_dir, layer=1, pooling="mean+last"), max_layer=2,
-                           autocast=False).encode_layers(queries, [1, 2])
+                           precision="fp32").encode_layers(queries, [1, 2])
     np.testing.assert_allclose(by_layer[1], got, atol=1e-5)
     with pytest.raises(ValueError, match="has 2 layers"):
         GemmaStates(GemmaSpec(tiny_model_dir, layer=3))
 
 
-def test_gemma_head_router_on_the_real_model(gemma_path, tmp_path):
-    """Trained through train_head_routers on the real Gemma 3 270M, the saved router
-    decides exactly as the head it was fitted with."""
+@pytest.fixture(scope="module")
+def real_gemma_router(gemma_path, tmp_path_factory):
+    """A Gemma head router trained through train_head_routers on the real Gemma 3 270M."""
     import pandas as pd
 
     from router_pipeline.head_training import HeadConfig, train_head_routers
@@ -119,10 +119,58 @@ def test_gemma_head_router_on_the_real_model(gemma_path, tmp_path):
     policies = [STANDARD] * 30 + [COMPLEX] * 20 + [AMBIGUOUS] * 10
     examples = pd.DataFrame({"query": queries, "policy": policies})
     cfg = HeadConfig(layers=(3, 9), c_values=(0.1,), heads=("gemma",), folds=3)
-    (result,) = train_head_routers(examples, cfg, {"gemma": tmp_path / "gemma"}, log=lambda _: None)
+    (result,) = train_head_routers(examples, cfg, {"gemma": tmp_path_factory.mktemp("heads") / "gemma"},
+                                   log=lambda _: None)
+    return result
+
+
+def test_gemma_head_router_on_the_real_model(real_gemma_router):
+    """The saved router reads the block it was chosen with and tells apart the two kinds
+    of question it was shown."""
+    result = real_gemma_router
     assert result.params["layer"] in (3, 9) and 0.5 < result.cv_auc <= 1 and len(result.grid) == 2
     router = load_router(result.path)
     meta = json.loads((result.path / "router.json").read_text())
     assert meta["encoder"]["layer"] == result.params["layer"] and len(router.encoder.model.layers) == result.params["layer"]
     arith, mayor = router.route_batch(["What is 7 times 8?", "Who was the mayor of the village of Ballyhooly in 1950?"])
     assert arith.probabilities[COMPLEX] < mayor.probabilities[COMPLEX]  # the two kinds of question it was shown
+
+
+def test_exported_fast_path_decides_as_fp32_and_a_stale_export_is_refused(real_gemma_router, sample_questions,
+                                                                          tmp_path):
+    """Released with its encoder exported, the router decides through the fast path as
+    the fp32 reference does on real queries; an export that no longer matches router.json
+    (weights replaced, another block, missing) is refused, never used."""
+    import shutil
+
+    import torch
+
+    from router_pipeline.features import ExportError
+    from router_pipeline.heads import export_head_router
+    from router_pipeline.routing import RouterConfig
+
+    release = tmp_path / "router"
+    shutil.copytree(real_gemma_router.path, release)
+    export = export_head_router(release)
+    assert export["layers"] == real_gemma_router.params["layer"] and len(export["sha256"]) == 64
+    queries = list(sample_questions["query"]) + ["What is 7 times 8?", "Who was the mayor of Ballyhooly in 1950?"]
+    fast = load_router(release, RouterConfig(precision="fast"))
+    assert fast.encoder.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float32)
+    ref = load_router(release, RouterConfig(precision="fp32"))
+    assert ref.encoder.model.embed_tokens.weight.dtype == torch.float32
+    got, want = fast.route_batch(queries), ref.route_batch(queries)
+    assert [d.policy for d in got] == [d.policy for d in want]
+    assert max(abs(a.p_large - b.p_large) for a, b in zip(got, want)) < 0.02
+
+    meta = json.loads((release / "router.json").read_text())
+    stale = {"weights replaced": {**meta["export"], "sha256": "0" * 64},
+             "another block": {**meta["export"], "layers": meta["export"]["layers"] + 1}}
+    for what, recorded in stale.items():
+        (release / "router.json").write_text(json.dumps({**meta, "export": recorded}))
+        with pytest.raises(ExportError, match="stale or was replaced" if what == "weights replaced" else "block"):
+            load_router(release)
+        load_router(release, RouterConfig(precision="fp32"))  # the reference never reads the export
+    (release / "router.json").write_text(json.dumps(meta))
+    (release / "encoder" / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match="model.safetensors is missing"):
+        load_router(release)

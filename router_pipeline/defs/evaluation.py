@@ -14,6 +14,7 @@ almost every query never replaces the router that is served.
 import json
 import math
 import shutil
+import time
 from typing import Literal, Optional
 
 import dagster as dg
@@ -29,6 +30,7 @@ from router_pipeline.artifacts import (
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.resources import ArtifactStore, TrainingCompute
 from router_pipeline.defs.training import dpo_adapter, head_routers
+from router_pipeline.heads import export_head_router
 from router_pipeline.plots import cost_quality_curves, markdown_image
 from router_pipeline.policies import POLICIES
 from router_pipeline.routing import RouteDecision, RouterConfig, decisions_frame
@@ -274,10 +276,15 @@ def released_router(artifacts: ArtifactStore, router_evaluation: pd.DataFrame) -
     compute_module.install_adapter(src, staging)
     for file in (CALIBRATION_FILE, EVALUATION_FILE):
         shutil.copy2(evaluated / file, staging / file)
+    t0 = time.perf_counter()
+    export = export_head_router(staging)  # the fast path's encoder, built once here
+    exported = {} if export is None else {
+        "export_sha256": export["sha256"], "export_s": round(time.perf_counter() - t0, 1),
+        "export_mb": round(sum(f.stat().st_size for f in (staging / export["dir"]).iterdir()) / 1e6, 1)}
     dest = compute_module.install_adapter(staging, layout.release)
     shutil.rmtree(staging, ignore_errors=True)
     figures = json.loads((dest / EVALUATION_FILE).read_text())
-    return dg.MaterializeResult(metadata={"router_dir": dg.MetadataValue.path(str(dest)), "from": str(src),
+    return dg.MaterializeResult(metadata={"router_dir": dg.MetadataValue.path(str(dest)), "from": str(src), **exported,
                                           **{k: v for k, v in figures.items() if v is not None
                                              and not isinstance(v, dict)}})
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from router_pipeline.features import PRECISIONS
 from router_pipeline.policies import POLICIES
 from router_pipeline.router_format import MODES
 from router_pipeline.text import MAX_QUERY_CHARS
@@ -26,6 +27,10 @@ def default_router_dir() -> Path | None:
     from router_pipeline.artifacts import Artifacts
 
     return Artifacts.from_settings().default_router()
+
+
+PRECISION_HELP = ("head routers on Gemma: fast (bf16 weights where the CPU has bf16 units; the release's "
+                  "exported encoder) or fp32, the reference")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "else balanced)")
         s.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
         s.add_argument("--log", help="append one JSON line per decision to this file")
+        s.add_argument("--precision", choices=PRECISIONS, default="fast", help=PRECISION_HELP)
         s.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS,
                        help="longer queries are refused, as the pipeline's loaders refuse them")
     s = sub.add_parser("serve", help="the OpenAI-compatible routing server")
@@ -62,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--no-batching", action="store_true", help="one router pass per request")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute the fixed prompt prefix every pass")
+    s.add_argument("--precision", choices=PRECISIONS, default="fast", help=PRECISION_HELP)
     s.add_argument("--cooldown-s", type=float, default=30.0, help="how long a model that failed (429/5xx/timeout) is skipped")
     return p
 
@@ -150,7 +157,7 @@ def run(args) -> int:
         print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
-    config = RouterConfig(mode=args.mode, fallback=args.fallback)
+    config = RouterConfig(mode=args.mode, fallback=args.fallback, precision=args.precision)
     router = Router(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
     decisions = router.route_batch(queries, with_reasoning=args.reasoning)
@@ -210,7 +217,7 @@ def serve(args) -> int:
                         feedback_dir=args.feedback_dir or Artifacts.from_settings().root / "feedback",
                         batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
                         window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
-                        decision_log_path=args.log)
+                        decision_log_path=args.log, precision=args.precision)
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
               file=sys.stderr)

@@ -358,7 +358,8 @@ async def _escalate(state: ServerState, url: str, body: dict) -> tuple[str, str,
 
 def build_state(adapter: str | Path, *, profiles_path: str | Path | None, feedback_dir: str | Path,
                 batching: bool = True, prefix_cache: bool = True, window_ms: float = 5.0, max_batch: int = 32,
-                cooldown_s: float = 30.0, decision_log_path: str | Path | None = None, router=None) -> ServerState:
+                cooldown_s: float = 30.0, decision_log_path: str | Path | None = None, router=None,
+                precision: str = "fast") -> ServerState:
     """Everything the server needs, loaded once: the router, the profiles, the backends."""
     from router_pipeline import settings
     from router_pipeline.llm.roles import roles_for
@@ -366,7 +367,8 @@ def build_state(adapter: str | Path, *, profiles_path: str | Path | None, feedba
     from router_pipeline.serve.profiles import load_profiles
 
     roles = roles_for(settings.load())
-    router = router or load_router(adapter, RouterConfig(batch_size=max_batch, prefix_cache=prefix_cache))
+    router = router or load_router(adapter, RouterConfig(batch_size=max_batch, prefix_cache=prefix_cache,
+                                                         precision=precision))
     models = {"medium": roles.medium.model, "large": roles.large.model}
     profiles = load_profiles(profiles_path, calibration=router.calibration, default_models=models)
     return ServerState(
