@@ -1,19 +1,20 @@
-"""Load on the routing server: how much latency does the router add, and what do dynamic
-batching and the prefix cache buy?
+"""Load on the routing server: how much latency does the router add, what do the fast
+path and batching buy, and can hostile callers hurt the others?
 
 Starts ``router-pipeline serve`` (a subprocess, as in production) in front of a local
 Gemini-protocol server (both tiers, ``--backend-latency-ms`` each), then sends
 ``--requests`` chat completions with the `openai` client at ``--concurrency``, once per
-configuration, side by side in one run:
-
-    batching + prefix cache (the default) | batching only | prefix cache only | neither
-
-and prints, per configuration, throughput, the router's overhead (arrival to decision,
-queueing included: the ``routing.router_ms`` each reply carries) p50/p95/p99, the
-end-to-end latency, and ``errors N`` on a line of its own.
+configuration (``--configs``), side by side in one run. The first configuration runs a
+second time with hostile clients beside the load (32 KB digit strings, bodies declared
+as 100 MB, ``max_tokens: 100000``). Prints, per run: throughput, the router's overhead
+(arrival to decision, queueing included: the ``routing.router_ms`` each reply carries)
+p50/p95/p99, the end-to-end latency p50/p95/p99/max, ``errors N``; the well-behaved
+clients' p99 with and without the hostile mix; how long SIGTERM takes to stop the
+server; and, against a slow backend, a streamed answer's time to first and last token.
 
     python benchmarks/serving_load.py                     # the released router (artifacts/router)
-    python benchmarks/serving_load.py --requests 500 --configs default,neither
+    python benchmarks/serving_load.py --requests 500 --configs default,w0,w10,b8,b64
+    python benchmarks/serving_load.py --adapter artifacts/adapters/sft --configs default,batching,prefix,neither
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,8 +38,18 @@ CONFIGS = {
     "batching only": ["--no-prefix-cache"],
     "prefix only": ["--no-batching"],
     "neither": ["--no-batching", "--no-prefix-cache"],
+    "fp32": ["--precision", "fp32"],
+    "window 0 ms": ["--batch-window-ms", "0"],
+    "window 2 ms": ["--batch-window-ms", "2"],
+    "window 10 ms": ["--batch-window-ms", "10"],
+    "max batch 8": ["--max-batch", "8"],
+    "max batch 64": ["--max-batch", "64"],
 }
-SHORT = {"default": "batching+prefix", "batching": "batching only", "prefix": "prefix only", "neither": "neither"}
+SHORT = {"default": "batching+prefix", "batching": "batching only", "prefix": "prefix only", "neither": "neither",
+         "fp32": "fp32", "w0": "window 0 ms", "w2": "window 2 ms", "w10": "window 10 ms", "b8": "max batch 8",
+         "b64": "max batch 64"}
+HOSTILE = ("32 KB digits", "100 MB body", "max_tokens 100000")
+HOSTILE_PAUSE_S = 0.1  # each hostile client sends up to 10 requests/s: bad requests, not a flood (a proxy's job)
 
 
 def _free_port() -> int:
@@ -64,7 +76,42 @@ def _start(adapter: str, flags: list[str], env: dict, log: Path) -> tuple[subpro
     raise SystemExit(f"the server did not start in 120 s: see {log}")
 
 
-async def _load(url: str, queries: list[str], concurrency: int) -> dict:
+async def _hostile(url: str, kind: str, stop: asyncio.Event, codes: dict) -> None:
+    """One hostile client: sends its kind of request again and again until ``stop``."""
+    host, port = url.removeprefix("http://").split(":")
+    while not stop.is_set():
+        if kind == "100 MB body":  # declares 100 MB, sends 1 MB, waits for the answer
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: 100000000\r\n\r\n".encode() + b"x" * 1_000_000)
+            try:
+                await writer.drain()
+                status = (await asyncio.wait_for(reader.readline(), 30)).split()[1].decode()
+            except (OSError, asyncio.TimeoutError, IndexError):
+                status = "dropped"
+            writer.close()
+        else:
+            body = {"model": "router", "messages": [{"role": "user", "content": "1" * 32_000 if kind == "32 KB digits"
+                                                     else "Write a very long essay on everything."}]}
+            if kind == "max_tokens 100000":
+                body["max_tokens"] = 100_000
+            status = str(await asyncio.to_thread(_post_status, f"{url}/v1/chat/completions", body))
+        codes.setdefault(kind, {}).setdefault(status, 0)
+        codes[kind][status] += 1
+        await asyncio.sleep(HOSTILE_PAUSE_S)
+
+
+def _post_status(url: str, body: dict) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = False) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="benchmark", max_retries=0, timeout=120)
@@ -81,15 +128,45 @@ async def _load(url: str, queries: list[str], concurrency: int) -> dict:
             except Exception as exc:  # counted, and the first few shown
                 errors.append(f"{type(exc).__name__}: {exc}")
 
+    stop, codes = asyncio.Event(), {}
+    attackers = [asyncio.create_task(_hostile(url, kind, stop, codes)) for kind in HOSTILE] if hostile else []
     t0 = time.perf_counter()
     await asyncio.gather(*(one(q) for q in queries))
     wall = time.perf_counter() - t0
+    stop.set()
+    await asyncio.gather(*attackers)
     await client.close()
     pct = lambda xs, q: round(float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
     return {"requests": len(queries), "wall_s": round(wall, 1), "throughput_rps": round(len(total_ms) / wall, 2),
             "router_p50_ms": pct(router_ms, 50), "router_p95_ms": pct(router_ms, 95), "router_p99_ms": pct(router_ms, 99),
-            "total_p50_ms": pct(total_ms, 50), "total_p95_ms": pct(total_ms, 95), "errors": len(errors),
-            "first_errors": errors[:3]}
+            "total_p50_ms": pct(total_ms, 50), "total_p95_ms": pct(total_ms, 95), "total_p99_ms": pct(total_ms, 99),
+            "total_max_ms": pct(total_ms, 100), "errors": len(errors), "first_errors": errors[:3], "hostile": codes}
+
+
+async def _time_to_first_token(url: str) -> dict:
+    """A streamed answer: seconds to the first content chunk and to the last."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="benchmark", max_retries=0, timeout=120)
+    t0 = time.perf_counter()
+    first = None
+    stream = await client.chat.completions.create(model="router", stream=True,
+                                                  messages=[{"role": "user", "content": "Tell me a long story."}])
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - t0
+    last = time.perf_counter() - t0
+    await client.close()
+    return {"first_token_s": round(first or last, 3), "last_token_s": round(last, 3)}
+
+
+def _report(name: str, r: dict) -> None:
+    print(f"[{name}] {r['requests']} requests in {r['wall_s']} s: {r['throughput_rps']} req/s; router overhead "
+          f"p50 {r['router_p50_ms']} / p95 {r['router_p95_ms']} / p99 {r['router_p99_ms']} ms; end to end "
+          f"p50 {r['total_p50_ms']} / p95 {r['total_p95_ms']} / p99 {r['total_p99_ms']} / max {r['total_max_ms']} ms "
+          f"(max {r['total_max_ms'] / r['total_p99_ms']:.1f}x p99; target <= 2x); errors {r['errors']}", flush=True)
+    for e in r["first_errors"]:
+        print(f"    {e}")
 
 
 def main(argv=None) -> int:
@@ -98,8 +175,13 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--backend-latency-ms", type=float, default=20.0)
-    p.add_argument("--configs", default="default,batching,prefix,neither",
-                   help="comma-separated: default (batching+prefix), batching, prefix, neither")
+    p.add_argument("--configs", default="default,fp32",
+                   help="comma-separated: default, fp32 (the reference precision), batching, prefix, neither "
+                        "(LoRA routers' prefix cache), w0, w2, w10 (batch window ms), b8, b64 (max batch)")
+    p.add_argument("--no-hostile", action="store_true",
+                   help="skip the second run of the first configuration with hostile clients beside the load")
+    p.add_argument("--stream-backend-s", type=float, default=2.0,
+                   help="backend latency for the streamed answer (time to first vs last token)")
     p.add_argument("--out", default="artifacts/benchmarks/serving_load.json")
     args = p.parse_args(argv)
 
@@ -122,26 +204,44 @@ def main(argv=None) -> int:
                "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key")}
         for name in names:
             proc, url = _start(str(adapter), CONFIGS[name], env, out.with_suffix(f".{name.split()[0]}.log"))
+            runs = [(name, False)] + ([(f"{name} + hostile", True)] if name == names[0] and not args.no_hostile else [])
             try:
                 asyncio.run(_load(url, queries[:min(64, len(queries))], args.concurrency))  # warm-up
-                results[name] = asyncio.run(_load(url, queries, args.concurrency))
+                for label, hostile in runs:
+                    results[label] = asyncio.run(_load(url, queries, args.concurrency, hostile))
+                    _report(label, results[label])
             finally:
+                t0 = time.perf_counter()
                 proc.terminate()
                 proc.wait(30)
-            r = results[name]
-            print(f"[{name}] {r['requests']} requests in {r['wall_s']} s: {r['throughput_rps']} req/s; router overhead "
-                  f"p50 {r['router_p50_ms']} / p95 {r['router_p95_ms']} / p99 {r['router_p99_ms']} ms; end to end "
-                  f"p50 {r['total_p50_ms']} / p95 {r['total_p95_ms']} ms; errors {r['errors']}", flush=True)
-            for e in r["first_errors"]:
-                print(f"    {e}")
+                print(f"    SIGTERM -> exit in {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.no_hostile and f"{names[0]} + hostile" in results:
+        calm, rough = results[names[0]], results[f"{names[0]} + hostile"]
+        print(f"hostile mix ({', '.join(HOSTILE)}, one client each): well-behaved p50 {calm['total_p50_ms']} -> "
+              f"{rough['total_p50_ms']} ms, p99 {calm['total_p99_ms']} -> {rough['total_p99_ms']} ms "
+              f"({rough['total_p99_ms'] / calm['total_p99_ms']:.2f}x; target <= 1.5x), well-behaved errors "
+              f"{rough['errors']}; hostile answers {rough['hostile']}")
+    with FakeGemini(latency_s=args.stream_backend_s) as slow:
+        env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": slow.base_url,
+               "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key")}
+        proc, url = _start(str(adapter), [], env, out.with_suffix(".stream.log"))
+        try:
+            ttft = asyncio.run(_time_to_first_token(url))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"streamed answer, backend {args.stream_backend_s} s: first token {ttft['first_token_s']} s, last token "
+          f"{ttft['last_token_s']} s ({ttft['first_token_s'] / ttft['last_token_s']:.0%} of the answer time; "
+          f"target < 10%)")
     out.write_text(json.dumps({"adapter": str(adapter), "concurrency": args.concurrency,
-                               "backend_latency_ms": args.backend_latency_ms, "results": results}, indent=2))
+                               "backend_latency_ms": args.backend_latency_ms, "results": results,
+                               "streaming": ttft}, indent=2))
     print()
-    print("| configuration | req/s | router p50 ms | p95 | p99 | end-to-end p50 ms | p95 | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | req/s | router p50 ms | p95 | p99 | end-to-end p50 ms | p95 | p99 | max | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['throughput_rps']} | {r['router_p50_ms']} | {r['router_p95_ms']} | {r['router_p99_ms']} | "
-              f"{r['total_p50_ms']} | {r['total_p95_ms']} | {r['errors']} |")
+              f"{r['total_p50_ms']} | {r['total_p95_ms']} | {r['total_p99_ms']} | {r['total_max_ms']} | {r['errors']} |")
     print(f"errors {sum(r['errors'] for r in results.values())}")
     print(f"wrote {out}")
     return 0

@@ -174,3 +174,14 @@ def test_exported_fast_path_decides_as_fp32_and_a_stale_export_is_refused(real_g
     (release / "encoder" / "model.safetensors").unlink()
     with pytest.raises(ExportError, match="model.safetensors is missing"):
         load_router(release)
+
+
+def test_token_batches_keep_a_long_query_from_padding_the_short_ones():
+    from router_pipeline.features import token_batches
+
+    lengths = [12, 1200, 15, 9, 14, 11]
+    batches = token_batches(lengths, batch_size=4, max_tokens=2048)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert [1] in batches  # the long one alone
+    assert all(len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
+    assert token_batches([], 4) == []

@@ -2,9 +2,11 @@
 Gemini-protocol servers as the medium and large models."""
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import urllib.request
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,13 +19,16 @@ from router_pipeline.policies import POLICIES
 from router_pipeline.questions import load_questions
 from router_pipeline.routing import Router, RouterConfig
 from router_pipeline.serve.mapper import evaluated_spec
+from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.server import build_state
 from router_pipeline.training import TrainConfig, train_sft
 from router_pipeline.training_data import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
 
 FLASH, PRO = "gemini-2.5-flash", "gemini-2.5-pro"
-KEYS = {"app": "sk-app-test", "frugal": "sk-frugal-test", "private": "sk-private-test", "council": "sk-council-test"}
+KEYS = {"app": "sk-app-test", "frugal": "sk-frugal-test", "private": "sk-private-test", "council": "sk-council-test",
+        "metered": "sk-metered-test"}
+ADMIN_KEY = "sk-admin-test"
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,9 @@ profiles:
       rules:
         - {{kind: budget, limit_usd: 0.000001, target: medium}}
         - {{kind: threshold, at_least: 0.0, target: large}}
+  metered:
+    keys_env: TEST_KEYS_METERED
+    mapper: {{budget: {{ledger: metered_spend.json, period: month}}}}
   council:
     keys_env: TEST_KEYS_COUNCIL
     mapper:
@@ -102,7 +110,8 @@ profiles:
       rules: [{{kind: low_confidence, below: 1.01, target: escalate}}]
 """)
     state = build_state(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
-                        window_ms=100, router=router, decision_log_path=tmp_path / "requests.jsonl")
+                        config=replace(DEFAULTS, window_ms=100), router=router,
+                        decision_log_path=tmp_path / "requests.jsonl")
     with serving(state) as url:
         yield url, state, council
     council.shutdown()
@@ -177,6 +186,7 @@ def test_every_model_failing_is_a_503_with_the_reasons(server, gemini):
     with pytest.raises(openai.InternalServerError) as err:
         ask(url, model="router-0")
     assert err.value.status_code == 503 and "large" in str(err.value) and "medium" in str(err.value)
+    assert "HTTP 503" in str(err.value) and "127.0.0.1" not in str(err.value)  # the kind, not the upstream host
 
 
 def test_unknown_or_missing_keys_get_401(server):
@@ -227,6 +237,12 @@ def test_feedback_becomes_a_row_of_the_outcomes_source(server, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as err:
         feedback({"request_id": request_id, "grade": "Great"})
     assert err.value.code == 400 and "Correct" in err.value.read().decode()
+    # Contradicting feedback is a 409 and the row keeps its grades; a huge id is not echoed.
+    code, err = _post(url, "/v1/feedback", json.dumps({"request_id": request_id, "preferred_tier": "medium"}).encode())
+    assert code == 409 and "medium: Incorrect, now Correct" in err["message"]
+    assert len((tmp_path / "feedback" / "outcomes.jsonl").read_text().splitlines()) == 1
+    code, err = _post(url, "/v1/feedback", json.dumps({"request_id": "r" * 900_000, "grade": "Correct"}).encode())
+    assert code == 400 and err["param"] == "request_id" and len(err["message"]) < 300
 
 
 def test_a_multi_turn_conversation_is_routed_as_a_whole(server, router, monkeypatch):
@@ -256,25 +272,127 @@ def test_low_confidence_escalates_to_the_council(server):
     assert council.received[0]["messages"][0]["content"] == "What is the meaning of it all?"
 
 
-def test_bad_requests_get_clear_400s(server):
+def _post(url, path, data: bytes, profile="app", headers=None):
+    """(status, error body) of a raw POST the openai client would refuse to send."""
+    req = urllib.request.Request(f"{url}{path}", data=data, method="POST",
+                                 headers={"Authorization": f"Bearer {KEYS[profile]}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())["error"]
+
+
+def test_bad_requests_get_clear_400s_naming_the_field(server, gemini):
+    url, state, _ = server
+    chat = lambda body, path="/v1/chat/completions": _post(url, path, json.dumps(body).encode())  # noqa: E731
+    user = [{"role": "user", "content": "Who wrote Hamlet?"}]
+    assert _post(url, "/v1/chat/completions", b"{not json")[0] == 400
+    code, err = chat({"model": "router", "messages": []})
+    assert code == 400 and err["param"] == "messages" and "at least 1" in err["message"]
+    code, err = chat({"model": "router", "messages": [{"role": "user", "content": "a\x00b"}]})
+    assert code == 400 and "binary" in err["message"]
+    # Content parts: a text that is not a string is named, on both endpoints (was a plain-text 500).
+    for text in (42, None, ["a"]):
+        for path in ("/v1/chat/completions", "/v1/route"):
+            code, err = chat({"model": "router", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": text}]}]}, path)
+            assert code == 400 and err["param"].startswith("messages.0.content"), (text, path, err)
+    # max_tokens: never coerced, never out of bounds (was: "100" -> 4096, true -> 1, 1e12 upstream).
+    for bad in (-1, 0, 10**12, 1e40, "100", 1.5, True):
+        code, err = chat({"model": "router", "messages": user, "max_tokens": bad})
+        assert code == 400 and err["param"] == "max_tokens", (bad, err)
+    # stream_options that is not an object: a 400 before anything is answered or charged.
+    calls = len(gemini.calls)
+    code, err = chat({"model": "router", "messages": user, "stream": True, "stream_options": "x"})
+    assert code == 400 and err["param"] == "stream_options" and len(gemini.calls) == calls
+    # Deeply nested JSON, a huge unknown model name: 400/404 with a short message, never an echo.
+    code, err = _post(url, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert code == 400 and "nested too deeply" in err["message"]
+    code, err = chat({"model": "x" * 900_000, "messages": user})
+    assert code == 404 and err["code"] == "model_not_found" and len(err["message"]) < 300
+    assert len(gemini.calls) == calls
+    # Rejected thresholds create no mapper; accepted ones are kept up to the configured bound.
+    for bad in ("router-2", "router-nan", "router-0.5x"):
+        assert chat({"model": bad, "messages": user})[0] == 404
+    assert len(state.mappers) == 0
+
+
+def test_bodies_are_limited_while_they_are_read(server):
+    """A declared 100 MB body is refused before it is sent; a body streamed without a
+    length is cut at the limit; neither is held whole."""
+    import http.client
+
+    url, state, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {KEYS['app']}")
+    conn.putheader("Content-Length", str(100_000_000))
+    conn.endheaders()
+    conn.send(b"x" * 1_000_000)  # 1 MB of the declared 100 MB, then nothing more
+    response = conn.getresponse()
+    assert response.status == 413 and "1,000,000-byte limit" in json.loads(response.read())["error"]["message"]
+    conn.close()
+
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 100_000
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/route", body=chunks(), headers={"Authorization": f"Bearer {KEYS['app']}"},
+                 encode_chunked=True)
+    assert conn.getresponse().status == 413
+    conn.close()
+
+
+def test_a_pathological_query_is_answered_and_system_parts_reach_the_model(server, gemini):
+    """32,000 digits through every rule of the default mapper (the e-mail pattern was
+    quadratic); a system message given as content parts is not dropped."""
     url, _, _ = server
+    code, body = _post(url, "/v1/route", json.dumps({"query": "1" * 32_000}).encode())
+    assert code == 200 and body["policy"] in POLICIES
+    code, body = _post(url, "/v1/route", json.dumps({"query": "write to ann.lee@example.org"}).encode())
+    assert code == 200
+    client(url).chat.completions.create(model="router", messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Answer in French."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Who wrote Hamlet?"}]}])
+    assert gemini.calls[-1].system == "Answer in French." and "Hamlet" in gemini.calls[-1].prompt
 
-    def post(data: bytes):
-        req = urllib.request.Request(f"{url}/v1/chat/completions", data=data, method="POST",
-                                     headers={"Authorization": f"Bearer {KEYS['app']}"})
+
+def test_an_unreadable_ledger_stops_spending_without_a_budget_rule(server, gemini, tmp_path):
+    """The metered profile records its spend but has no budget rule: a broken ledger is
+    a 503 naming the file (not its path), and nothing is paid upstream."""
+    url, _, _ = server
+    first = ask(url, profile="metered")
+    assert json.loads((tmp_path / "metered_spend.json").read_text())  # spend recorded
+    (tmp_path / "metered_spend.json").write_text("garbage{")
+    calls = len(gemini.calls)
+    with pytest.raises(openai.InternalServerError) as err:
+        ask(url, "Another question?", profile="metered")
+    assert err.value.status_code == 503 and "metered_spend.json" in str(err.value)
+    assert str(tmp_path) not in str(err.value) and len(gemini.calls) == calls
+    assert first.model_extra["routing"]["cost_usd"] > 0
+
+
+def test_metrics_need_the_admin_key_and_health_shows_no_paths(server, router, monkeypatch):
+    url, _, _ = server
+    with pytest.raises(urllib.error.HTTPError) as err:  # no admin key configured
+        urllib.request.urlopen(f"{url}/metrics")
+    assert err.value.code == 403 and "ROUTER_ADMIN_KEY" in err.value.read().decode()
+    monkeypatch.setenv("ROUTER_ADMIN_KEY", ADMIN_KEY)
+    for key in (KEYS["app"], None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req)
-        return err.value.code, json.loads(err.value.read())["error"]["message"]
-
-    assert post(b"{not json")[0] == 400
-    assert post(json.dumps({"model": "router", "messages": []}).encode()) == \
-        (400, "'messages' must be a non-empty list of {role, content}")
-    code, message = post(json.dumps({"model": "router", "messages": [{"role": "user", "content": "a\x00b"}]}).encode())
-    assert code == 400 and "binary" in message
-    assert post(b"x" * 1_100_000)[0] == 413
+            urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers))
+        assert err.value.code == 401
+    metrics = urllib.request.urlopen(urllib.request.Request(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).read().decode()
+    assert "router_overhead_ms" in metrics
+    health = urllib.request.urlopen(f"{url}/health").read().decode()
+    assert router.adapter_dir not in health and "/" not in json.loads(health)["router"]
 
 
-def test_concurrent_requests_share_router_passes_and_show_in_stats(server):
+def test_concurrent_requests_share_router_passes_and_show_in_stats(server, monkeypatch):
     url, state, _ = server
     before = state.batcher.batches
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -286,7 +404,9 @@ def test_concurrent_requests_share_router_passes_and_show_in_stats(server):
     assert set(stats["profiles"]) == {"app"}  # a caller sees its own profile
     assert app["requests"] == 8 and sum(app["models"].values()) == 8 and app["spend_usd"] > 0
     assert app["always_large_usd"] >= app["spend_usd"] and app["router_latency_ms"]["p95"] > 0
-    metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    monkeypatch.setenv("ROUTER_ADMIN_KEY", ADMIN_KEY)
+    metrics = urllib.request.urlopen(urllib.request.Request(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).read().decode()
     assert 'router_model_requests_total{profile="app",model=' in metrics and "router_overhead_ms" in metrics
     lines = (Path(state.decision_log_path)).read_text().splitlines()
     assert len(lines) == 8 and "Question number" not in lines[0]  # the log holds hashes, not queries
@@ -301,3 +421,78 @@ def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatc
             model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
     assert reply.model == "gemma3-270m" and reply.choices[0].message.content
     assert reply.model_extra["routing"]["served_by"] in ("medium", "large")
+
+
+def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, tmp_path, monkeypatch):
+    """`router-pipeline serve` as a process manager runs it: SIGTERM under load ends it
+    gracefully; after a kill -9 under load and a restart, feedback for requests served
+    by both earlier processes still lands as outcomes rows (requests live in SQLite)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
+    feedback_dir = tmp_path / "feedback"
+
+    def start(log):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("router-pipeline")), "serve", "--adapter",
+                                 router.adapter_dir, "--port", str(port), "--profiles", str(profiles),
+                                 "--feedback-dir", str(feedback_dir), "--graceful-shutdown-s", "2"],
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            assert proc.poll() is None, "the server exited while starting"
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                return proc, url
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("the server did not start")
+
+    def load(url, stop):
+        def worker(i):
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["app"], max_retries=0, timeout=10)
+            while not stop.is_set():
+                with contextlib.suppress(openai.APIError):
+                    c.chat.completions.create(model="router", messages=[{"role": "user", "content": f"Load {i}?"}])
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        return threads
+
+    served = []
+    for stop_with in (signal.SIGTERM, signal.SIGKILL):
+        proc, url = start(tmp_path / f"{stop_with.name}.log")
+        try:
+            question = f"Who chaired the 19{len(served)}0 Ballyhooly fair?"
+            served.append((question, ask(url, question).model_extra["routing"]["request_id"]))
+            stop = threading.Event()
+            threads = load(url, stop)
+            proc.send_signal(stop_with)
+            assert proc.wait(timeout=30) == -stop_with  # uvicorn re-raises SIGTERM once it has shut down
+        finally:
+            stop.set()
+            proc.kill()
+        for t in threads:
+            t.join(15)
+    log = (tmp_path / "SIGTERM.log").read_text()  # a graceful shutdown, not a death by signal
+    assert "Shutting down" in log and "Application shutdown complete" in log and "Finished server process" in log
+    proc, url = start(tmp_path / "restart.log")
+    try:
+        for question, request_id in served:
+            code, body = _post(url, "/v1/feedback", json.dumps({"request_id": request_id,
+                                                                 "preferred_tier": "large"}).encode())
+            assert code == 200 and body["outcome_row"], body
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    frame, rejected = load_questions("outcomes", path=str(feedback_dir / "outcomes.jsonl"), sample_size=0)
+    assert not rejected and sorted(frame["query"]) == sorted(q for q, _ in served)

@@ -11,6 +11,7 @@ cooldowns are per model.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,13 +20,25 @@ from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.roles import Roles
 from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
 
-DEFAULT_COOLDOWN_S = 30.0
+log = logging.getLogger(__name__)
 
 
 class AllTargetsFailed(RuntimeError):
     def __init__(self, attempts: list[dict]):
-        super().__init__("; ".join(f"{a['target']}: {a['error']}" for a in attempts) or "no target to call")
+        super().__init__("; ".join(f"{a['target']} ({a['model']}): {a['error']}" for a in attempts)
+                         or "no target to call")
         self.attempts = attempts
+
+
+def _public(exc: Exception) -> str:
+    """What a caller may see of an upstream failure: its kind, never hosts, paths or reprs
+    (the whole error goes to the server's log)."""
+    text = str(exc)
+    if isinstance(exc, RetryableError):
+        if text.startswith("HTTP "):
+            return " ".join(text.split()[:3])  # e.g. HTTP 429 RESOURCE_EXHAUSTED
+        return "timed out" if "timeout" in text.lower() else "connection failed"
+    return f"provider error ({type(exc).__name__})"
 
 
 @dataclass
@@ -42,8 +55,8 @@ class Served:
 
 
 class Backends:
-    def __init__(self, roles: Roles, *, cooldown_s: float = DEFAULT_COOLDOWN_S):
-        self.roles, self.cooldown_s = roles, cooldown_s
+    def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int):
+        self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
         self._local_lock = asyncio.Lock()  # a local model generates one batch at a time
@@ -70,17 +83,22 @@ class Backends:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
             spec, client = self._client(target, model)
-            # The caller's max_tokens, else the role's budget (Pro: 4,096, thinking included).
-            request = LLMRequest(prompt, max_output_tokens=max_tokens or spec.max_output_tokens,
-                                 temperature=spec.temperature, system=system)
+            # The caller's max_tokens, else the role's budget (Pro: 4,096, thinking included); a
+            # local model, which generates for one caller at a time, never more than its cap.
+            budget = max_tokens or spec.max_output_tokens
+            if not hasattr(client, "complete"):
+                budget = min(budget, self.local_max_output_tokens)
+            request = LLMRequest(prompt, max_output_tokens=budget, temperature=spec.temperature, system=system)
             try:
                 result = await self._call(client, request)
             except RetryableError as exc:
                 self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
-                attempts.append({"target": target, "model": spec.model, "error": str(exc)})
+                log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
+                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
                 continue
             except Exception as exc:  # a provider error that retrying the same model would not fix
-                attempts.append({"target": target, "model": spec.model, "error": f"{type(exc).__name__}: {exc}"})
+                log.warning("%s (%s) failed: %r", target, spec.model, exc)
+                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
                 continue
             if result.status != OK:
                 attempts.append({"target": target, "model": spec.model, "error": f"{result.status} reply"})

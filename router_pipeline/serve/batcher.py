@@ -21,7 +21,7 @@ class _Pending:
 
 
 class RouteBatcher:
-    def __init__(self, router, *, window_ms: float = 5.0, max_batch: int = 32):
+    def __init__(self, router, *, window_ms: float, max_batch: int):
         self.router, self.window_s, self.max_batch = router, window_ms / 1000, max(1, max_batch)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None

@@ -12,10 +12,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from router_pipeline.features import PRECISIONS
 from router_pipeline.policies import POLICIES
+from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.router_format import MODES
 from router_pipeline.text import MAX_QUERY_CHARS
 
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "else balanced)")
         s.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
         s.add_argument("--log", help="append one JSON line per decision to this file")
-        s.add_argument("--precision", choices=PRECISIONS, default="fast", help=PRECISION_HELP)
+        s.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help=PRECISION_HELP)
         s.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS,
                        help="longer queries are refused, as the pipeline's loaders refuse them")
     s = sub.add_parser("serve", help="the OpenAI-compatible routing server")
@@ -64,12 +66,18 @@ def _parser() -> argparse.ArgumentParser:
                                       "default: no key needed, the calibrated threshold for everyone")
     s.add_argument("--feedback-dir", help="where feedback.jsonl and outcomes.jsonl go (default: <artifacts>/feedback)")
     s.add_argument("--log", help="append one JSON line per request to this file")
-    s.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a query waits for others to share a pass")
-    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--batch-window-ms", type=float, default=DEFAULTS.window_ms,
+                   help="how long a query waits for others to share a pass")
+    s.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch)
     s.add_argument("--no-batching", action="store_true", help="one router pass per request")
     s.add_argument("--no-prefix-cache", action="store_true", help="recompute the fixed prompt prefix every pass")
-    s.add_argument("--precision", choices=PRECISIONS, default="fast", help=PRECISION_HELP)
-    s.add_argument("--cooldown-s", type=float, default=30.0, help="how long a model that failed (429/5xx/timeout) is skipped")
+    s.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help=PRECISION_HELP)
+    s.add_argument("--cooldown-s", type=float, default=DEFAULTS.cooldown_s,
+                   help="how long a model that failed (429/5xx/timeout) is skipped")
+    s.add_argument("--max-output-tokens", type=int, default=DEFAULTS.max_output_tokens,
+                   help="the most a request's max_tokens may ask for (more is a 400)")
+    s.add_argument("--graceful-shutdown-s", type=float, default=DEFAULTS.graceful_shutdown_s,
+                   help="after SIGTERM, how long requests in flight may finish before they are cancelled")
     return p
 
 
@@ -213,15 +221,19 @@ def serve(args) -> int:
         print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
-    state = build_state(adapter, profiles_path=args.profiles,
-                        feedback_dir=args.feedback_dir or Artifacts.from_settings().root / "feedback",
-                        batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
-                        window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
-                        decision_log_path=args.log, precision=args.precision)
+    config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
+                     window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
+                     precision=args.precision, max_output_tokens=args.max_output_tokens,
+                     graceful_shutdown_s=args.graceful_shutdown_s)
+    state = build_state(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
+                        feedback_dir=args.feedback_dir or Artifacts.from_settings().root / "feedback")
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
               file=sys.stderr)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info")
+    # SIGTERM: stop accepting, give requests in flight graceful_shutdown_s, then cancel them
+    # and run the app's shutdown (the feedback database is closed there).
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=config.graceful_shutdown_s)
     return 0
 
 

@@ -10,16 +10,22 @@ large_grade) once both grades are known and its profile allows storing queries:
 - ``grade`` grades the answer that was served (its tier), or the tier named in
   ``tier``; the row is written when the other tier has a grade too.
 
-Requests are remembered in memory (the most recent ``capacity``), so feedback must
-come while the server that served them runs.
+Feedback for a grade a tier already has, with another grade, is a conflict: refused,
+and the stored grades (and the outcomes row) stay as they were.
+
+Served requests are remembered in SQLite (``requests.sqlite`` in the feedback folder,
+WAL), the most recent ``capacity`` of them: feedback for a request served before a
+restart or a crash, or by another server process on the same host, still lands. A
+query's text is stored only for profiles that allow it (its hash otherwise).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import sqlite3
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from router_pipeline.policies import LABELS
@@ -28,10 +34,18 @@ from router_pipeline.text import query_hash
 
 TIERS = ("medium", "large")
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
+DB_FILE = "requests.sqlite"
+_SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
+    store_query INTEGER NOT NULL, grades TEXT NOT NULL DEFAULT '{}', written INTEGER NOT NULL DEFAULT 0)"""
 
 
 class FeedbackError(ValueError):
     pass
+
+
+class FeedbackConflict(FeedbackError):
+    """The feedback contradicts a grade the request already has."""
 
 
 class UnknownRequest(KeyError):
@@ -45,8 +59,6 @@ class ServedRequest:
     query: str
     tier: str | None  # medium / large when one of them answered
     store_query: bool
-    grades: dict[str, str] = field(default_factory=dict)
-    written: bool = False
 
 
 class FeedbackStore:
@@ -54,45 +66,81 @@ class FeedbackStore:
         self.folder, self.capacity = Path(folder), capacity
         self.outcomes_path = self.folder / "outcomes.jsonl"
         self.log_path = self.folder / "feedback.jsonl"
-        self._requests: OrderedDict[str, ServedRequest] = OrderedDict()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # One connection, used under a lock; busy_timeout waits for other processes' writes.
+        self._db = sqlite3.connect(self.folder / DB_FILE, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
+        self._inserted = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
     def remember(self, request: ServedRequest) -> None:
         with self._lock:
-            self._requests[request.request_id] = request
-            while len(self._requests) > self.capacity:
-                self._requests.popitem(last=False)
+            self._db.execute(
+                "INSERT OR REPLACE INTO requests (request_id, profile, query, query_hash, tier, store_query) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (request.request_id, request.profile, request.query if request.store_query else None,
+                 query_hash(request.query), request.tier, int(request.store_query)))
+            self._inserted += 1
+            if self._inserted % 1000 == 0:  # keep the most recent `capacity`
+                self._db.execute("DELETE FROM requests WHERE rowid <= (SELECT MAX(rowid) FROM requests) - ?",
+                                 (self.capacity,))
 
     def add(self, request_id: str, *, grade: str | None = None, tier: str | None = None,
             preferred_tier: str | None = None, profile: str) -> dict:
         """Record one feedback; returns what was stored (and whether an outcomes row was written)."""
+        if (grade is None) == (preferred_tier is None):
+            raise FeedbackError("give exactly one of 'grade' (with an optional 'tier') or 'preferred_tier'")
+        if preferred_tier is not None and preferred_tier not in TIERS:
+            raise FeedbackError(f"preferred_tier must be one of {TIERS}")
+        if grade is not None and grade not in LABELS:
+            raise FeedbackError(f"grade must be one of {LABELS}")
         with self._lock:
-            req = self._requests.get(request_id)
-            if req is None or req.profile != profile:  # a caller sees its own requests only
-                raise UnknownRequest(request_id)
-            if (grade is None) == (preferred_tier is None):
-                raise FeedbackError("give exactly one of 'grade' (with an optional 'tier') or 'preferred_tier'")
-            if preferred_tier is not None:
-                if preferred_tier not in TIERS:
-                    raise FeedbackError(f"preferred_tier must be one of {TIERS}, got {preferred_tier!r}")
-                req.grades.update(PREFERRED[preferred_tier])
-            else:
-                if grade not in LABELS:
-                    raise FeedbackError(f"grade must be one of {LABELS}, got {grade!r}")
-                tier = tier or req.tier
-                if tier not in TIERS:
-                    raise FeedbackError(f"this request was not answered by medium or large ({req.tier}); "
-                                        f"name the graded tier with 'tier' ({' or '.join(TIERS)})")
-                req.grades[tier] = grade
-            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-            decision_log.append(self.log_path, {"timestamp": now, "request_id": request_id, "profile": profile,
-                                                "query_hash": query_hash(req.query), "grade": grade, "tier": tier,
-                                                "preferred_tier": preferred_tier})
-            row = None
-            if req.store_query and not req.written and all(t in req.grades for t in TIERS):
-                row = {"query": req.query, "medium_grade": req.grades["medium"], "large_grade": req.grades["large"],
+            self._db.execute("BEGIN IMMEDIATE")  # one writer across processes from read to update
+            try:
+                result = self._add(request_id, grade, tier, preferred_tier, profile)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    def _add(self, request_id, grade, tier, preferred_tier, profile) -> dict:
+        row = self._db.execute("SELECT profile, query, query_hash, tier, store_query, grades, written FROM requests "
+                               "WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None or row[0] != profile:  # a caller sees its own requests only
+            raise UnknownRequest(request_id)
+        _, query, qhash, served_tier, store_query, grades_json, written = row
+        grades = json.loads(grades_json)
+        if preferred_tier is not None:
+            new = PREFERRED[preferred_tier]
+        else:
+            tier = tier or served_tier
+            if tier not in TIERS:
+                raise FeedbackError(f"this request was not answered by medium or large ({served_tier}); "
+                                    f"name the graded tier with 'tier' ({' or '.join(TIERS)})")
+            new = {tier: grade}
+        clash = {t: (grades[t], g) for t, g in new.items() if t in grades and grades[t] != g}
+        if clash:
+            raise FeedbackConflict("this feedback contradicts the grades already given ("
+                                   + ", ".join(f"{t}: {old}, now {g}" for t, (old, g) in clash.items())
+                                   + "); grades are final once given")
+        grades.update(new)
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        decision_log.append(self.log_path, {"timestamp": now, "request_id": request_id, "profile": profile,
+                                            "query_hash": qhash, "grade": grade, "tier": tier,
+                                            "preferred_tier": preferred_tier})
+        outcome = None
+        if store_query and not written and all(t in grades for t in TIERS):
+            outcome = {"query": query, "medium_grade": grades["medium"], "large_grade": grades["large"],
                        "request_id": request_id, "profile": profile, "timestamp": now}
-                decision_log.append(self.outcomes_path, row)
-                req.written = True
-            return {"request_id": request_id, "grades": dict(req.grades), "outcome_row": row is not None,
-                    "query_stored": req.store_query}
+            decision_log.append(self.outcomes_path, outcome)
+            written = 1
+        self._db.execute("UPDATE requests SET grades = ?, written = ? WHERE request_id = ?",
+                         (json.dumps(grades), int(written), request_id))
+        return {"request_id": request_id, "grades": grades, "outcome_row": outcome is not None,
+                "query_stored": bool(store_query)}

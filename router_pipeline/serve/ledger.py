@@ -24,7 +24,12 @@ PERIODS = ("total", "day", "month")
 
 
 class LedgerError(ValueError):
-    """The ledger is unreadable or an amount is invalid: spending stops until a person fixes it."""
+    """The ledger is unreadable or an amount is invalid: spending stops until a person fixes it.
+    ``file``: the ledger's file name (what a caller may be told; the message has the path)."""
+
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file
 
 
 def _valid_amount(value) -> bool:
@@ -47,23 +52,23 @@ class BudgetLedger:
             return {}
         where = f"budget ledger {self.path}"
         if self.path.is_dir():
-            raise LedgerError(f"{where} is a directory, not a file")
+            raise LedgerError(f"{where} is a directory, not a file", self.path.name)
         try:
             text = self.path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
-            raise LedgerError(f"{where} is not UTF-8 text; spending is stopped until it is restored") from None
+            raise LedgerError(f"{where} is not UTF-8 text; spending is stopped until it is restored", self.path.name) from None
         if not text.strip():
             raise LedgerError(f"{where} is empty (cut by a crash or a tool?); spending is stopped until it is "
-                              "restored from a backup, or deleted to start again from zero")
+                              "restored from a backup, or deleted to start again from zero", self.path.name)
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise LedgerError(f"{where} is not valid JSON ({exc}); spending is stopped until it is fixed") from None
+            raise LedgerError(f"{where} is not valid JSON ({exc}); spending is stopped until it is fixed", self.path.name) from None
         if not isinstance(data, dict):
-            raise LedgerError(f"{where} must hold an object of period -> USD, found {type(data).__name__}")
+            raise LedgerError(f"{where} must hold an object of period -> USD, found {type(data).__name__}", self.path.name)
         bad = {k: v for k, v in data.items() if not _valid_amount(v)}
         if bad:
-            raise LedgerError(f"{where} holds invalid amounts {bad!r} (expected finite numbers >= 0)")
+            raise LedgerError(f"{where} holds invalid amounts {bad!r} (expected finite numbers >= 0)", self.path.name)
         return {k: float(v) for k, v in data.items()}
 
     def _update(self, change) -> dict[str, float]:

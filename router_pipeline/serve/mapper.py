@@ -38,7 +38,9 @@ ABSTAIN_ANSWER = "I don't know."
 KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy")
 
 PII_PATTERNS: dict[str, str] = {
-    "email": r"[\w.+-]+@[\w-]+\.[\w.-]+",
+    # A match starts only where a run of its characters starts (the lookbehind): linear
+    # time on any input (without it, 32,000 digits took 4 s).
+    "email": r"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.-]+",
     "phone": r"(?<!\w)\+?\d[\d ()-]{7,}\d(?!\w)",
     "card": r"\b(?:\d[ -]?){13,16}\b",
     "iban": r"\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b",

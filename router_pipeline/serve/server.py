@@ -19,38 +19,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from router_pipeline import settings
 from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.router_format import conversation_text
 from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends
 from router_pipeline.serve.batcher import RouteBatcher
-from router_pipeline.serve.feedback import FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.config import DEFAULTS, ServingConfig
+from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, Profiles
+from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
 from router_pipeline.serve.stats import Stats
 from router_pipeline.text import check_query
 
+log = logging.getLogger(__name__)
 ROUTER_MODEL = "router"
-MAX_BODY_BYTES = 1_000_000
+ADMIN_KEY_VAR = "ROUTER_ADMIN_KEY"  # the bearer key /metrics asks for when profiles are configured
 TIERS = ("medium", "large")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error", headers=None):
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error", headers=None,
+                 param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers or {}
+        self.param = param
 
 
 @dataclass
@@ -62,9 +71,9 @@ class ServerState:
     feedback: FeedbackStore
     stats: Stats
     calibration: dict
-    max_query_chars: int = 32_000  # a whole conversation; the router reads its head and tail
+    config: ServingConfig = DEFAULTS
     decision_log_path: Path | None = None
-    escalation_timeout_s: float = 120.0
+    mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
 
 
 @dataclass
@@ -73,7 +82,7 @@ class _Decided:
 
     t0: float
     profile: Profile
-    body: dict
+    body: Conversation
     mapper: PolicyMapper
     threshold: float | None
     text: str  # what the router read
@@ -98,34 +107,37 @@ def _profile(state: ServerState, request: Request) -> Profile:
     return profile
 
 
-async def _body(request: Request) -> dict:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is {len(raw)} bytes, over the {MAX_BODY_BYTES} limit", "body_too_large")
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to be over ``limit``: by its declared
+    length before a byte is read, else while it streams in. Never held whole when too big."""
+    too_big = APIError(413, f"request body is over the {limit:,}-byte limit", "body_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def _parse(state: ServerState, request: Request, schema):
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"request body is not JSON: {exc}", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", "invalid_json")
-    return body
+        return parse(schema, await _read_body(request, state.config.max_body_bytes))
+    except RequestError as exc:
+        raise APIError(400, str(exc), "invalid_field" if exc.param else "invalid_json", param=exc.param) from None
 
 
-def _conversation(state: ServerState, body: dict) -> tuple[str, str, str | None]:
-    """(routing text, prompt for the answering model, system text) from ``messages``
-    (or a plain ``query``)."""
-    messages = body.get("messages")
-    if messages is None and isinstance(body.get("query"), str):
-        messages = [{"role": "user", "content": body["query"]}]
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "invalid_messages")
+def _conversation(state: ServerState, body: Conversation) -> tuple[str, str, str | None]:
+    """(routing text, prompt for the answering model, system text)."""
+    messages = body.plain_messages()
     try:
         conversation = conversation_text(messages)
-        text = check_query(conversation, state.max_query_chars)
+        text = check_query(conversation, state.config.max_conversation_chars)
     except ValueError as exc:
-        raise APIError(400, f"messages: {exc}", "invalid_messages") from None
-    system = "\n".join(m["content"] for m in messages if m.get("role") in ("system", "developer")
-                       and isinstance(m.get("content"), str)) or None
+        raise APIError(400, f"messages: {exc}", "invalid_messages", param="messages") from None
+    system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer") and m["content"]) or None
     return text, conversation, system
 
 
@@ -140,21 +152,26 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
     return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url)
 
 
-def _mapper(profile: Profile, model: str | None, cache: dict) -> tuple[PolicyMapper, float | None]:
+def _mapper(profile: Profile, model: str | None, cache: OrderedDict, size: int) -> tuple[PolicyMapper, float | None]:
     if model in (None, ROUTER_MODEL):
         return profile.mapper, None
-    if isinstance(model, str) and model.startswith(ROUTER_MODEL + "-"):
-        try:
+    threshold = -1.0
+    if model.startswith(ROUTER_MODEL + "-") and len(model) <= 32:
+        with contextlib.suppress(ValueError):
             threshold = float(model[len(ROUTER_MODEL) + 1:])
-        except ValueError:
-            threshold = -1.0
-        if 0.0 <= threshold <= 1.0:
-            key = (profile.name, threshold)
-            if key not in cache:
-                cache[key] = _threshold_mapper(profile.mapper, threshold)
-            return cache[key], threshold
-    raise APIError(404, f"model {model!r} does not exist: use 'router' (the calibrated threshold) or "
-                        f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'", "model_not_found")
+    if not 0.0 <= threshold <= 1.0:  # NaN included
+        shown = model if len(model) <= 64 else model[:64] + "..."
+        raise APIError(404, f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
+                            f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'", "model_not_found",
+                       param="model")
+    key = (profile.name, threshold)
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = _threshold_mapper(profile.mapper, threshold)
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return cache[key], threshold
 
 
 def _routing_info(decision, mapping, threshold, router_ms) -> dict:
@@ -169,6 +186,21 @@ def _header(routing: dict) -> str:
     return f"policy={routing['policy']}; model={routing.get('model') or routing['target']}; rule={routing['rule']}"
 
 
+def _admin(state: ServerState, request: Request) -> None:
+    """/metrics shows every profile's traffic and spend: with profiles configured, only
+    the admin key (ROUTER_ADMIN_KEY) may read it."""
+    if state.profiles.open:
+        return
+    admin = settings.secret(ADMIN_KEY_VAR)
+    if admin is None:
+        raise APIError(403, f"/metrics needs an admin key: set {ADMIN_KEY_VAR} where the server runs",
+                       "admin_key_not_set", "permission_error")
+    given = _key(request) or ""
+    if not hmac.compare_digest(given.encode(), admin.encode()):
+        raise APIError(401, "/metrics needs the admin key (Authorization: Bearer <admin key>)", "invalid_api_key",
+                       "authentication_error")
+
+
 # -- the app --------------------------------------------------------------------
 def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -178,50 +210,59 @@ def create_app(state: ServerState) -> FastAPI:
             yield
         finally:
             await state.batcher.stop()
+            state.feedback.close()
 
     app = FastAPI(title="router_pipeline routing server", lifespan=lifespan)
     app.state.router_state = state
-    mappers: dict = {}
+    cfg = state.config
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}},
-                            status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                                       "code": exc.code}}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(LedgerError)
     async def ledger_error(request: Request, exc: LedgerError):
         # Money state that cannot be read stops spending (fail closed), with the file named.
-        return JSONResponse({"error": {"message": str(exc), "type": "server_error", "code": "budget_ledger_unreadable"}},
-                            status_code=503)
+        log.error("budget ledger: %s", exc)
+        return JSONResponse({"error": {"message": f"budget ledger {exc.file or ''} cannot be read: spending is "
+                                                  "stopped until an operator restores it", "type": "server_error",
+                                       "param": None, "code": "budget_ledger_unreadable"}}, status_code=503)
 
-    async def decide(request: Request) -> _Decided:
+    async def decide(request: Request, schema) -> _Decided:
         t0 = time.perf_counter()
         profile = _profile(state, request)
-        body = await _body(request)
-        mapper, threshold = _mapper(profile, body.get("model"), mappers)
+        body = await _parse(state, request, schema)
+        asked = body.output_tokens if isinstance(body, ChatRequest) else None
+        if asked is not None and asked[1] > cfg.max_output_tokens:  # refused before any routing work
+            raise APIError(400, f"{asked[0]}: at most {cfg.max_output_tokens} on this server", "invalid_field",
+                           param=asked[0])
+        mapper, threshold = _mapper(profile, body.model, state.mappers, cfg.threshold_mappers)
         text, prompt, system = _conversation(state, body)
+        if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
+            await asyncio.to_thread(mapper.ledger.read)
         decision = await state.batcher.route(text)
-        return _Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapper.map(decision),
+        mapping = await asyncio.to_thread(mapper.map, decision)  # rules may read files (the ledger)
+        return _Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
                         (time.perf_counter() - t0) * 1000)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        d = await decide(request)
+        d = await decide(request, ChatRequest)
+        asked = d.body.output_tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         routing = {"request_id": request_id, **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)}
-        max_tokens = d.body.get("max_completion_tokens") or d.body.get("max_tokens")
         usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
         try:
             if d.mapping.abstain:
                 content, model = ABSTAIN_ANSWER, "abstain"
             elif d.mapping.escalate:
-                content, model, usage = await _escalate(state, d.mapper.escalation_url, d.body)
+                content, model, usage = await _escalate(state, d.mapper.escalation_url, d.body.plain_messages())
                 routing["escalated"] = True
             else:
                 targets = [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
                            if t in d.profile.allowed and t in d.mapper.models]
-                served = await state.backends.answer(targets, d.prompt, d.system,
-                                                     max_tokens if isinstance(max_tokens, int) else None)
+                served = await state.backends.answer(targets, d.prompt, d.system, asked and asked[1])
                 content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
                 usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
                 fallback_from = served.attempts
@@ -231,21 +272,24 @@ def create_app(state: ServerState) -> FastAPI:
                            {"Retry-After": str(int(max(state.backends.cooling().values(), default=5)) + 1)}) from None
         except Exception as exc:
             state.stats.record_error(d.profile.name)
-            raise APIError(502, f"{type(exc).__name__}: {exc}", "upstream_error", "server_error") from None
+            log.exception("upstream call failed for profile %s", d.profile.name)
+            raise APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error",
+                           "server_error") from None
         routing.update(model=model, served_by=tier or d.mapping.target, cost_usd=round(cost, 8),
                        fallback=bool(fallback_from), fallback_from=fallback_from)
         try:
-            d.mapper.record_spend(cost)
+            await asyncio.to_thread(d.mapper.record_spend, cost)
         except LedgerError as exc:
             # The answer is paid for: return it; the next request meets the unreadable ledger (503).
-            routing["budget_error"] = str(exc)
+            log.error("budget ledger: %s", exc)
+            routing["budget_error"] = f"budget ledger {exc.file or ''} cannot be read: spending stops from the next request"
         large_price = state.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
         state.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
                            total_ms=total_ms, cost_usd=cost, fell_back=bool(fallback_from), escalated=bool(routing.get("escalated")),
                            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
-        state.feedback.remember(ServedRequest(request_id, d.profile.name, d.text, tier if tier in TIERS else None,
-                                              d.profile.store_queries))
+        await asyncio.to_thread(state.feedback.remember, ServedRequest(
+            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
         if state.decision_log_path is not None:
             decision_log.append(state.decision_log_path, {
                 **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
@@ -254,9 +298,9 @@ def create_app(state: ServerState) -> FastAPI:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         headers = {"X-Router-Route": _header(routing), "X-Request-Id": request_id}
         created = int(time.time())
-        if d.body.get("stream"):
-            return StreamingResponse(_sse(request_id, created, model, content, routing, usage,
-                                          d.body.get("stream_options") or {}),
+        if d.body.stream:
+            include_usage = bool(d.body.stream_options and d.body.stream_options.include_usage)
+            return StreamingResponse(_sse(request_id, created, model, content, routing, usage, include_usage),
                                      media_type="text/event-stream", headers=headers)
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -266,10 +310,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/route")
     async def route(request: Request):
-        d = await decide(request)
+        d = await decide(request, Conversation)
         request_id = f"route-{uuid.uuid4().hex}"
         tier = d.mapping.target if d.mapping.target in TIERS else None
-        state.feedback.remember(ServedRequest(request_id, d.profile.name, d.text, tier, d.profile.store_queries))
+        await asyncio.to_thread(state.feedback.remember, ServedRequest(request_id, d.profile.name, d.text, tier,
+                                                                       d.profile.store_queries))
         state.stats.record(d.profile.name, policy=d.decision.policy, model=d.mapping.model, router_ms=d.router_ms,
                            total_ms=d.router_ms)
         return JSONResponse({"request_id": request_id, "model": d.mapping.model,
@@ -278,13 +323,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         profile = _profile(state, request)
-        body = await _body(request)
+        body = await _parse(state, request, FeedbackRequest)
         try:
-            return state.feedback.add(str(body.get("request_id")), grade=body.get("grade"), tier=body.get("tier"),
-                                      preferred_tier=body.get("preferred_tier"), profile=profile.name)
+            return await asyncio.to_thread(state.feedback.add, body.request_id, grade=body.grade, tier=body.tier,
+                                           preferred_tier=body.preferred_tier, profile=profile.name)
         except UnknownRequest:
-            raise APIError(404, f"no request {body.get('request_id')!r} served to this profile by this server "
-                                "(requests are remembered while it runs)", "unknown_request") from None
+            raise APIError(404, "no such request served to this profile", "unknown_request",
+                           param="request_id") from None
+        except FeedbackConflict as exc:
+            raise APIError(409, str(exc), "feedback_conflict") from None
         except FeedbackError as exc:
             raise APIError(400, str(exc), "invalid_feedback") from None
 
@@ -307,17 +354,19 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         r = state.router
-        return {"status": "ok", "router": r.adapter_dir, "mode": r.mode, "device": r.device,
-                "threshold": state.calibration.get("threshold"), "cooling_down": state.backends.cooling()}
+        return {"status": "ok", "router": getattr(r, "mode", None), "precision": getattr(r, "precision", "fp32"),
+                "device": r.device, "threshold": state.calibration.get("threshold"),
+                "cooling_down": state.backends.cooling()}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        _admin(state, request)
         return PlainTextResponse(state.stats.prometheus(), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-async def _sse(request_id, created, model, content, routing, usage, options):
+async def _sse(request_id, created, model, content, routing, usage, include_usage: bool):
     def chunk(delta, finish=None, **extra):
         return "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
                                       "model": model, "choices": [{"index": 0, "delta": delta,
@@ -330,51 +379,51 @@ async def _sse(request_id, created, model, content, routing, usage, options):
         yield chunk({"content": (" " if i else "") + " ".join(words[i:i + 8])})
         await asyncio.sleep(0)
     yield chunk({}, "stop")
-    if options.get("include_usage"):
+    if include_usage:
         yield "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
                                      "model": model, "choices": [], "usage": usage}) + "\n\n"
     yield "data: [DONE]\n\n"
 
 
-async def _escalate(state: ServerState, url: str, body: dict) -> tuple[str, str, dict]:
+async def _escalate(state: ServerState, url: str, messages: list[dict]) -> tuple[str, str, dict]:
     """The conversation to the llm-council endpoint (OpenAI chat format); its answer is returned."""
-    payload = json.dumps({"model": "council", "messages": body.get("messages") or
-                          [{"role": "user", "content": body.get("query", "")}]}).encode()
+    payload = json.dumps({"model": "council", "messages": messages}).encode()
 
     def post():
         req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=state.escalation_timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=state.config.escalation_timeout_s) as resp:
             return json.loads(resp.read())
 
     try:
         reply = await asyncio.to_thread(post)
         content = reply["choices"][0]["message"]["content"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RuntimeError(f"council escalation to {url} failed: {exc}") from None
+        log.error("council escalation to %s failed: %s", url, exc)
+        raise RuntimeError("the council escalation failed") from None
     usage = reply.get("usage") or {}
     return content, reply.get("model") or "llm-council", {"prompt_tokens": int(usage.get("prompt_tokens", 0)),
                                                           "completion_tokens": int(usage.get("completion_tokens", 0))}
 
 
 def build_state(adapter: str | Path, *, profiles_path: str | Path | None, feedback_dir: str | Path,
-                batching: bool = True, prefix_cache: bool = True, window_ms: float = 5.0, max_batch: int = 32,
-                cooldown_s: float = 30.0, decision_log_path: str | Path | None = None, router=None,
-                precision: str = "fast") -> ServerState:
+                config: ServingConfig = DEFAULTS, decision_log_path: str | Path | None = None,
+                router=None) -> ServerState:
     """Everything the server needs, loaded once: the router, the profiles, the backends."""
-    from router_pipeline import settings
     from router_pipeline.llm.roles import roles_for
     from router_pipeline.routing import RouterConfig, load_router
     from router_pipeline.serve.profiles import load_profiles
 
     roles = roles_for(settings.load())
-    router = router or load_router(adapter, RouterConfig(batch_size=max_batch, prefix_cache=prefix_cache,
-                                                         precision=precision))
+    router = router or load_router(adapter, RouterConfig(batch_size=config.max_batch, prefix_cache=config.prefix_cache,
+                                                         precision=config.precision))
     models = {"medium": roles.medium.model, "large": roles.large.model}
     profiles = load_profiles(profiles_path, calibration=router.calibration, default_models=models)
     return ServerState(
-        router=router, batcher=RouteBatcher(router, window_ms=window_ms, max_batch=max_batch if batching else 1),
-        profiles=profiles, backends=Backends(roles, cooldown_s=cooldown_s),
-        feedback=FeedbackStore(feedback_dir), stats=Stats(), calibration=router.calibration,
+        router=router, batcher=RouteBatcher(router, window_ms=config.window_ms,
+                                            max_batch=config.max_batch if config.batching else 1),
+        profiles=profiles, backends=Backends(roles, cooldown_s=config.cooldown_s,
+                                             local_max_output_tokens=config.local_max_output_tokens),
+        feedback=FeedbackStore(feedback_dir), stats=Stats(), calibration=router.calibration, config=config,
         decision_log_path=Path(decision_log_path) if decision_log_path else None)
 
 

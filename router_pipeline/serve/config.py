@@ -1,0 +1,38 @@
+"""Serving defaults, one owner: the server, the CLI's flags and the benchmarks read them here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    # Routing: concurrent requests share one router pass (serve/batcher.py).
+    batching: bool = True
+    window_ms: float = 5.0  # how long a query waits for others to share a pass
+    max_batch: int = 32
+    prefix_cache: bool = True  # LoRA routers: the fixed prompt prefix's KV cache
+    precision: str = "fast"  # head routers on Gemma: fast (bf16 weights, the exported encoder) or fp32
+    # Limits on what a caller may send.
+    max_body_bytes: int = 1_000_000  # enforced while the body is read
+    max_conversation_chars: int = 32_000  # the router reads the head and tail of a longer one
+    max_messages: int = 256
+    max_output_tokens: int = 8_192  # a request's max_tokens; more is a 400
+    local_max_output_tokens: int = 512  # what a local tier generates at most, whatever the caller asks
+    # Upstream models.
+    cooldown_s: float = 30.0  # how long a model that failed (429/5xx/timeout) is skipped
+    escalation_timeout_s: float = 120.0
+    # Process.
+    graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled
+    threshold_mappers: int = 256  # router-<threshold> mappers kept (least recently used dropped)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"serving setting {f.name} must be >= 0, got {value}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+
+
+DEFAULTS = ServingConfig()
