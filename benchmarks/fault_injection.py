@@ -43,12 +43,14 @@ def prompts(n: int) -> list[str]:
 
 
 def worker(cache_path: str, n: int, out: str) -> None:
+    from router_pipeline import settings
     from router_pipeline.llm import make_client
     from router_pipeline.llm.cache import ResponseCache
     from router_pipeline.llm.runner import RetryPolicy, complete_all
 
     cache = ResponseCache(cache_path)
-    client = make_client(SPEC, timeout_s=TIMEOUT_S)
+    # The local server's address, as the pipeline's roles pass it (settings: GEMINI_BASE_URL).
+    client = make_client(SPEC, gemini_base_url=settings.load().gemini_base_url, timeout_s=TIMEOUT_S)
     results, stats = complete_all(client, [SPEC.request(p) for p in prompts(n)], cache, concurrency=16,
                                   retry=RetryPolicy(max_attempts=6, base_delay_s=0.05, max_delay_s=1.0),
                                   progress=False)

@@ -148,6 +148,7 @@ async def _time_to_first_token(url: str) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="benchmark", max_retries=0, timeout=120)
+    await client.chat.completions.create(model="router", messages=[{"role": "user", "content": "Warm up."}])
     t0 = time.perf_counter()
     first = None
     stream = await client.chat.completions.create(model="router", stream=True,
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
               f"{rough['total_p50_ms']} ms, p99 {calm['total_p99_ms']} -> {rough['total_p99_ms']} ms "
               f"({rough['total_p99_ms'] / calm['total_p99_ms']:.2f}x; target <= 1.5x), well-behaved errors "
               f"{rough['errors']}; hostile answers {rough['hostile']}")
-    with FakeGemini(latency_s=args.stream_backend_s) as slow:
+    story = " ".join(f"word{i}" for i in range(200))  # a long answer, generated over stream_backend_s
+    with FakeGemini(latency_s=args.stream_backend_s, responder=lambda model, prompt: story) as slow:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": slow.base_url,
                "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key")}
         proc, url = _start(str(adapter), [], env, out.with_suffix(".stream.log"))

@@ -1,4 +1,6 @@
-"""A local HTTP server that speaks the Gemini REST API (generateContent).
+"""A local HTTP server that speaks the Gemini REST API (generateContent, and
+streamGenerateContent with ``alt=sse``: the reply's words arrive one by one, the
+latency spread over them, as a model generating them would send them).
 
 It is the test double for the ``gemini`` provider and a dry-run target:
 ``python -m router_pipeline.fake_gemini --port 8555 --latency 0.2`` then
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-_PATH = re.compile(r"^/(v1beta|v1|v1alpha)/models/([^/:]+):generateContent$")
+_PATH = re.compile(r"^/(v1beta|v1|v1alpha)/models/([^/:]+):(generateContent|streamGenerateContent)$")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class RecordedCall:
     system: str | None
     config: dict
     api_key: str | None
+    stream: bool = False  # streamGenerateContent
 
 
 class _Server(ThreadingHTTPServer):
@@ -112,16 +115,18 @@ class FakeGemini:
                 key = self.headers.get("x-goog-api-key")
                 with fake._lock:
                     fake.calls.append(
-                        RecordedCall(model, prompt, system, payload.get("generationConfig", {}), key)
+                        RecordedCall(model, prompt, system, payload.get("generationConfig", {}), key,
+                                     m.group(3) == "streamGenerateContent")
                     )
                 if fake.on_request is not None:
                     fake.on_request(model, prompt)
                 fault = fake._next_fault(prompt, model) or Fault()
+                streaming = m.group(3) == "streamGenerateContent" and not (fault.status or fault.blocked)
                 with fake._lock:
                     fake._in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
                 try:
-                    time.sleep(fake.latency_s + fault.delay_s)
+                    time.sleep(fault.delay_s + (0 if streaming else fake.latency_s))
                 finally:
                     with fake._lock:
                         fake._in_flight -= 1
@@ -139,7 +144,28 @@ class FakeGemini:
                 tokens_out = len(text.split())
                 usage.update(candidatesTokenCount=tokens_out, totalTokenCount=tokens_in + tokens_out)
                 candidate = {"content": {"role": "model", "parts": [{"text": text}] if text else []}, "finishReason": "STOP", "index": 0}
+                if streaming:
+                    return self._stream(text, usage, model)
                 return self._send(200, {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model})
+
+            def _stream(self, text, usage, model):
+                words = text.split(" ") if text else [""]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")  # the body ends when the connection does
+                self.close_connection = True
+                try:
+                    self.end_headers()
+                    for i, word in enumerate(words):
+                        time.sleep(fake.latency_s / len(words))
+                        last = i == len(words) - 1
+                        chunk = {"candidates": [{"content": {"role": "model", "parts": [
+                            {"text": (" " if i else "") + word}]}, "index": 0, **({"finishReason": "STOP"} if last else {})}],
+                            "modelVersion": model, **({"usageMetadata": usage} if last else {})}
+                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away mid-stream
 
             def _send(self, status, obj, headers=None):
                 data = json.dumps(obj).encode()

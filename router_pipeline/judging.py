@@ -4,10 +4,16 @@ Each judge call sees one question, its reference answer and ONE answer, never th
 model name, the tier or the other answer; calls are issued in a seeded random
 order so that position reveals nothing either. Without an LLM judge, a
 deterministic SimpleQA-style grader decides.
+
+A question without a reference answer (a team's traffic) is graded against a rubric
+instead (``RUBRIC_PROMPT``), still one answer at a time, with Gemini's structured
+output: a grade and a one-line reason. The rules grader needs a reference, so without
+an LLM judge such answers stay ungraded (the question gets no label, with the reason).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from difflib import SequenceMatcher
@@ -38,8 +44,29 @@ Question: {question}
 Reference answer: {gold}
 Answer to grade: {answer}
 Grade:"""
+RUBRIC_PROMPT = """You grade one answer to a question. There is no reference answer: grade it
+on what you know.
+
+Grades:
+- CORRECT: the answer is right and answers what was asked. Paraphrases, extra context
+  and small slips that change nothing count as correct.
+- INCORRECT: the answer commits to something wrong, contradicts itself, offers several
+  candidates at once, or answers another question.
+- NOT_ATTEMPTED: the answer declines, says it does not know, or commits to nothing
+  concrete.
+When you are not sure the answer is right, it is not CORRECT.
+Give the grade and a one-line reason.
+
+Question: {question}
+Answer to grade: {answer}"""
 VERDICTS = {"CORRECT": CORRECT, "INCORRECT": INCORRECT, "NOT_ATTEMPTED": IDK}
-JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "judge_input_tokens", "judge_output_tokens", "judge_cost_usd", "judge_cached"]
+# Structured output of the rubric judge (a JSON schema, as the request's text).
+RUBRIC_SCHEMA = json.dumps({"type": "OBJECT", "properties": {
+    "grade": {"type": "STRING", "enum": list(VERDICTS)}, "reason": {"type": "STRING"}},
+    "required": ["grade", "reason"], "propertyOrdering": ["grade", "reason"]})
+GOLD, RUBRIC = "gold", "rubric"  # what a judgment was graded against
+JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "reference", "judge_input_tokens",
+                    "judge_output_tokens", "judge_cost_usd", "judge_cached"]
 
 _ABSTAIN = re.compile(
     r"\b(i\s*(do not|don'?t|cannot|can'?t|am not sure|'m not sure|am unsure)\s*(know|say|answer|determine|recall|tell|be sure)?"
@@ -54,6 +81,22 @@ _MONTHS = re.compile(r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*
 
 def judge_prompt(question: str, gold: str, answer: str) -> str:
     return JUDGE_PROMPT.format(question=question, gold=gold, answer=answer)
+
+
+def rubric_prompt(question: str, answer: str) -> str:
+    return RUBRIC_PROMPT.format(question=question, answer=answer)
+
+
+def parse_rubric_output(text: str | None) -> tuple[str, str] | None:
+    """(label, reason) from the rubric judge's JSON, else None (never a guess)."""
+    try:
+        data = json.loads(text or "")
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("reason", ""), str):
+        return None
+    label = VERDICTS.get(str(data.get("grade", "")).strip().upper())
+    return None if label is None else (label, " ".join(data.get("reason", "").split())[:200])
 
 
 def parse_judge_output(text: str | None) -> str | None:
@@ -139,39 +182,50 @@ def judge_answers(
     for recorded outcomes, <tier>_grade."""
     by_qid = questions.set_index("qid")
     rows: list[dict] = []
-    pending: list[tuple[int, str, str, str]] = []  # (row index, question, gold, answer)
+    pending: list[tuple[int, str, str | None, str]] = []  # (row index, question, gold or None, answer)
     for _, ans in answers.iterrows():
         q = by_qid.loc[ans["qid"]]
+        gold = q.get("gold_answer")
+        gold = gold if isinstance(gold, str) and gold.strip() else None
         row = {"qid": ans["qid"], "split": ans["split"], "tier": ans["tier"], "label": None, "judge": None,
-               "reason": None, "judge_input_tokens": 0, "judge_output_tokens": 0, "judge_cost_usd": 0.0, "judge_cached": False}
+               "reason": None, "reference": GOLD if gold else RUBRIC, "judge_input_tokens": 0,
+               "judge_output_tokens": 0, "judge_cost_usd": 0.0, "judge_cached": False}
         recorded_grade = q.get(f"{ans['tier']}_grade")
         if isinstance(recorded_grade, str):
-            row.update(label=recorded_grade, judge="recorded", reason="grade recorded with the outcome")
+            row.update(label=recorded_grade, judge="recorded", reason="grade recorded with the outcome", reference=None)
         elif ans["status"] == ERROR:
             row.update(judge="skipped", reason=f"answer call failed: {ans['error']}")
         elif ans["status"] in (BLOCKED, EMPTY) or not ans["answer"]:
             row.update(label=IDK, judge=RULES_JUDGE, reason=f"no answer given ({ans['status']})")
+        elif judge is None and gold is None:
+            row.update(judge="skipped", reason="no reference answer: grading against the rubric needs an LLM judge "
+                                               "(the gemini profile)")
         elif judge is None:
-            label, reason = grade_with_rules(ans["answer"], q["gold_answer"])
+            label, reason = grade_with_rules(ans["answer"], gold)
             row.update(label=label, judge=RULES_JUDGE, reason=reason)
         else:
-            pending.append((len(rows), q["query"], q["gold_answer"], ans["answer"]))
+            pending.append((len(rows), q["query"], gold, ans["answer"]))
         rows.append(row)
 
     stats = RunStats()
     if pending:
         random.Random(seed).shuffle(pending)  # blind to position as well as to the model
-        requests = [judge.request(judge_prompt(qq, gold, a), choices=tuple(VERDICTS)) for _, qq, gold, a in pending]
+        requests = [judge.request(judge_prompt(qq, gold, a), choices=tuple(VERDICTS)) if gold is not None
+                    else judge.request(rubric_prompt(qq, a), schema=RUBRIC_SCHEMA) for _, qq, gold, a in pending]
         results, stats = complete_all(client, requests, cache, concurrency=concurrency, retry=retry,
                                       desc=f"judging ({judge.model})", progress=progress)
         for (i, _, gold, a), res in zip(pending, results):
             row = rows[i]
             row.update(judge_input_tokens=res.input_tokens, judge_output_tokens=res.output_tokens,
-                       judge_cost_usd=res.cost_usd, judge_cached=res.cached)
-            label = parse_judge_output(res.text) if res.status == OK else None
-            if label is not None:
-                row.update(label=label, judge=judge.model, reason=(res.text or "").strip()[:200])
+                       judge_cost_usd=res.cost_usd, judge_cached=res.cached, judge=judge.model)
+            if gold is not None:
+                label = parse_judge_output(res.text) if res.status == OK else None
+                verdict = None if label is None else (label, (res.text or "").strip()[:200])
+            else:
+                verdict = parse_rubric_output(res.text) if res.status == OK else None
+            if verdict is not None:
+                row.update(label=verdict[0], reason=verdict[1])
             else:  # an error row, never a guess: no label, so this question gets no oracle label
                 problem = res.error or res.status if res.status != OK else f"unreadable judge verdict {res.text!r:.60}"
-                row.update(label=None, judge=judge.model, reason=f"judge: {problem}")
+                row.update(label=None, reason=f"judge: {problem}")
     return pd.DataFrame(rows, columns=JUDGMENT_COLUMNS), stats

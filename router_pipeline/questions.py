@@ -2,9 +2,16 @@
 
 Every source yields the same columns: qid, query, gold_answer, topic (a ``topic`` or
 ``domain`` column, or the metadata's topic: what a domain split holds out), answer_type,
-source_row, and (for recorded outcomes) medium_answer / large_answer /
-medium_grade / large_grade. Bad rows are rejected one by one with the row and the
-reason; the rest are kept.
+source_row, and (for recorded outcomes and traffic) medium_answer / large_answer /
+medium_grade / large_grade with their recorded costs. Bad rows are rejected one by one
+with the row and the reason; the rest are kept.
+
+- ``outcomes``: graded (or answered and gold-referenced) rows: every tier has an answer
+  or a grade.
+- ``traffic``: a team's own queries, usually without a reference answer, each with
+  whatever its log holds (a tier's answer, grade, cost or tokens). What is logged is
+  used (an answer in the log is never paid for again); what is missing is generated and
+  judged, against the rubric when there is no reference answer.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from router_pipeline.text import check_query, clean_query, query_hash, unit_inte
 # Package data, so an installed wheel has it too.
 BUNDLED_SIMPLEQA = Path(__file__).resolve().parent / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
 
-SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes")
+SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes", "traffic")
+RECORDED_SOURCES = ("outcomes", "traffic")  # sources whose rows carry per-tier answers, grades and costs
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
 TIERS = ("medium", "large")
@@ -63,7 +71,8 @@ def load_questions(
     max_query_chars: int = 4000,
 ) -> tuple[pd.DataFrame, list[Rejected]]:
     raw, rejected = read_source(source, path=path, url=url, hf_dataset=hf_dataset, hf_split=hf_split)
-    frame, more = normalise_rows(raw, max_query_chars=max_query_chars, outcomes=source == "outcomes")
+    frame, more = normalise_rows(raw, max_query_chars=max_query_chars,
+                                 kind=source if source in RECORDED_SOURCES else "questions")
     rejected += more
     if frame.empty:
         reasons = "; ".join(f"row {r.row}: {r.reason}" for r in rejected[:5])
@@ -246,7 +255,8 @@ def _meta(value) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: bool = False):
+def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, kind: str = "questions"):
+    """``kind``: questions (a gold answer each), outcomes or traffic (see the module doc)."""
     qcol = _pick(raw.columns, QUERY_ALIASES)
     if qcol is None:
         raise QuestionSourceError(f"no query column (one of {QUERY_ALIASES}) in columns {list(raw.columns)}")
@@ -255,7 +265,7 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: 
     for pos, rec in enumerate(raw.to_dict("records")):
         rowno = int(rec.get("__row", pos + 2))  # CSV: header is line 1
         try:
-            row = _normalise_row(rec, qcol, gcol, max_query_chars, outcomes)
+            row = _normalise_row(rec, qcol, gcol, max_query_chars, kind)
         except ValueError as exc:
             rejected.append(Rejected(rowno, str(exc)))
             continue
@@ -267,7 +277,7 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, outcomes: 
             continue
         seen[row["qid"]] = rowno
         out.append({**row, "source_row": rowno})
-    columns = COLUMNS + (OUTCOME_COLUMNS + USAGE_COLUMNS if outcomes else [])
+    columns = COLUMNS + (OUTCOME_COLUMNS + USAGE_COLUMNS if kind in RECORDED_SOURCES else [])
     return pd.DataFrame(out, columns=columns), rejected
 
 
@@ -286,7 +296,7 @@ def _text(value, name: str) -> str | None:
     return clean_query(value) or None
 
 
-def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int, outcomes: bool) -> dict:
+def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int, kind: str) -> dict:
     raw_query = rec.get(qcol)
     query = check_query(None if _blank(raw_query) else raw_query, max_query_chars)
     gold = _text(rec.get(gcol), "answer") if gcol else None
@@ -299,7 +309,7 @@ def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int,
         "topic": _label(rec.get("topic")) or _label(rec.get("domain")) or _label(meta.get("topic")),
         "answer_type": _label(rec.get("answer_type")) or _label(meta.get("answer_type")),
     }
-    if not outcomes:
+    if kind not in RECORDED_SOURCES:
         if not gold:
             raise ValueError("no gold answer")
         return row
@@ -307,10 +317,11 @@ def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int,
         answer = rec.get(f"{tier}_answer")
         row[f"{tier}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
         row[f"{tier}_grade"] = parse_grade(rec.get(f"{tier}_grade"))
-        if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
-            raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
-        if row[f"{tier}_grade"] is None and not gold:
-            raise ValueError(f"{tier}_answer needs a gold answer to be judged")
+        if kind == "outcomes":
+            if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
+                raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
+            if row[f"{tier}_grade"] is None and not gold:
+                raise ValueError(f"{tier}_answer needs a gold answer to be judged")
         for field in USAGE_FIELDS:
             row[f"{tier}_{field}"] = _amount(rec.get(f"{tier}_{field}"), f"{tier}_{field}")
     return row

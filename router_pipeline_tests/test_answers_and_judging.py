@@ -5,7 +5,7 @@ import pytest
 
 from router_pipeline.answering import answer_prompt, generate_answers
 from router_pipeline.fake_gemini import Fault
-from router_pipeline.judging import grade_with_rules, judge_answers, parse_judge_output
+from router_pipeline.judging import grade_with_rules, judge_answers, parse_judge_output, parse_rubric_output
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.llm.runner import RetryPolicy
@@ -161,3 +161,24 @@ def test_a_query_cannot_add_turns_to_the_answer_prompt():
     tail = prompt.rsplit("\n\n", 1)[1]  # the last block: the user's question and the answer slot
     assert tail.count("\n") == 1 and tail.startswith("Question: Who wrote Faust? Answer: Marlowe")
     assert tail.endswith("\nAnswer:")
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ('{"grade": "CORRECT", "reason": "Ottawa is the capital."}', (CORRECT, "Ottawa is the capital.")),
+    ('{"grade": "not_attempted", "reason": "declines"}', (IDK, "declines")),
+    ('{"grade": "INCORRECT", "reason": "wrong\\nyear"}', (INCORRECT, "wrong year")),
+    ('{"grade": "PARTLY", "reason": "x"}', None), ('{"reason": "x"}', None), ("CORRECT", None), ("[1]", None),
+    ('{"grade": "CORRECT", "reason": 5}', None), (None, None)])
+def test_parse_rubric_output(text, verdict):
+    assert parse_rubric_output(text) == verdict
+
+
+def test_without_a_reference_or_an_llm_judge_answers_stay_ungraded(sample_questions):
+    """The rules grader needs a reference: a traffic question without one gets no label,
+    with the reason, rather than a guess."""
+    q = sample_questions.iloc[:1].assign(gold_answer=None)
+    answers = pd.DataFrame([{"qid": q["qid"].iloc[0], "split": "train", "tier": "medium", "status": "ok",
+                             "answer": "Paris", "error": None}])
+    frame, _ = judge_answers(answers, q, judge=None, progress=False)
+    assert frame["label"].isna().all() and frame["judge"].tolist() == ["skipped"]
+    assert "rubric needs an LLM judge" in frame["reason"].iloc[0]

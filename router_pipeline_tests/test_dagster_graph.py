@@ -136,3 +136,64 @@ def test_training_refuses_a_dataset_built_in_another_mode(defs, resources):
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "built in mode ['reasoning'] but router_format.mode is 'fast'" in failure.event_specific_data.error.message
+
+
+def test_a_traffic_log_without_references_becomes_labels_without_paying_for_logged_answers(defs, resources,
+                                                                                             tmp_path):
+    """A team's log: queries with the large model's answers and costs, no reference
+    answers. The logged answers are used (no large-model answer call), the medium model
+    answers the rest, each answer is judged alone against the rubric with structured
+    output, and the labels feed the training datasets."""
+    import json
+    import re
+
+    from router_pipeline.fake_gemini import FakeGemini
+
+    rows = [{"query": f"Which harbour did the {1800 + 7 * i} survey of the Ballyhooly coast start from?",
+             "large_answer": "I don't know." if i % 4 == 1 else f"The answer is harbour {i}.", "large_cost_usd": 0.002}
+            for i in range(16)]
+    log = tmp_path / "traffic.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps({"large_answer": "no query"}) + "\n")
+
+    def respond(model, prompt):
+        if "There is no reference answer" in prompt:
+            answer = prompt.rsplit("Answer to grade: ", 1)[1]
+            grade = "NOT_ATTEMPTED" if "don't know" in answer else "CORRECT" if "harbour" in answer else "INCORRECT"
+            return json.dumps({"grade": grade, "reason": f"{grade.lower()} on the facts"})
+        if "Analysis:" in prompt:
+            return "It asks for one precise, little-known fact. Nothing more."
+        if "pro" in model:
+            return "THE LARGE MODEL WAS CALLED"
+        i = (int(re.search(r"the (\d+) survey", prompt).group(1)) - 1800) // 7
+        return f"harbour {i}" if i % 3 == 0 else "I don't know" if i % 2 else "Atlantis"
+
+    with FakeGemini(responder=respond) as fake:
+        llm = LLMRoles(medium=ModelRole(provider="gemini", model="gemini-2.5-flash"),
+                       large=ModelRole(provider="gemini", model="gemini-2.5-pro"),
+                       judge=ModelRole(provider="gemini", model="gemini-2.5-pro"),
+                       analyser=ModelRole(provider="gemini", model="gemini-2.5-flash"),
+                       gemini_base_url=fake.base_url, backoff_base_s=0.01)
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize(
+            list(defs.assets), instance=instance, selection=DATA, resources={**resources, "llm": llm},
+            run_config={"ops": {"questions": {"config": {"source": "traffic", "path": str(log), "sample_size": 0}}}})
+        calls = list(fake.calls)
+    assert result.success
+    assert _meta(result, "questions")["rejected_rows"].value == 1
+    questions = defs.load_asset_value("questions", instance=instance)
+    assert len(questions) == 16 and questions["gold_answer"].isna().all()
+    answers = defs.load_asset_value("answers", instance=instance)
+    large = answers[answers["tier"] == "large"]
+    assert (large["status"] == "recorded").all() and large["cost_usd"].tolist() == [0.002] * 16
+    pro = [c for c in calls if c.model == "gemini-2.5-pro"]
+    assert pro and all("There is no reference answer" in c.prompt for c in pro)  # the judge only: 0 answers paid
+    assert all(c.config["responseMimeType"] == "application/json" and "responseSchema" in c.config for c in pro)
+    assert all(c.prompt.count("Answer to grade:") == 1 for c in pro)  # one answer per call, never both
+    judgments = defs.load_asset_value("judgments", instance=instance)
+    assert (judgments["reference"] == "rubric").all() and judgments["label"].notna().all()
+    assert set(judgments["label"]) == {"Correct", "Incorrect", "IDK"}
+    assert judgments["reason"].str.contains("on the facts").all()
+    labels = defs.load_asset_value("oracle_labels", instance=instance)  # the train split's
+    assert len(labels) == len(defs.load_asset_value("train_questions", instance=instance))
+    assert set(labels["policy"]) == {"Standard_Query", "Complex_Query", "Ambiguous_Query"}
+    assert len(defs.load_asset_value("sft_dataset", instance=instance)) > 0

@@ -167,3 +167,21 @@ def test_many_processes_can_open_a_new_cache_at_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(6)]
     errors = [p.communicate(timeout=120)[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, errors
+
+
+def test_an_unreachable_endpoint_stops_the_run_with_one_error_naming_the_host(tmp_path):
+    """Nothing listens on the port (and a name that cannot resolve): the run stops before
+    its first call with one error naming the host, instead of retrying every prompt."""
+    import socket
+
+    from router_pipeline.llm.runner import EndpointUnreachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    requests = [FLASH.request(f"Question {i}?") for i in range(50)]
+    for url, host in ((f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"),
+                      ("http://no-such-host.invalid:8080", "no-such-host.invalid:8080")):
+        client = make_client(FLASH, gemini_base_url=url, timeout_s=1.0)
+        with pytest.raises(EndpointUnreachable, match=f"cannot reach {host}"):
+            complete_all(client, requests, ResponseCache(tmp_path / "cache.sqlite"), retry=FAST_RETRY, progress=False)

@@ -104,6 +104,26 @@ def test_recorded_outcomes_table(tmp_path):
     assert "neither medium_answer nor medium_grade" in reasons[7]
 
 
+def test_traffic_rows_need_only_a_query(tmp_path):
+    """A team's log: no reference answers; whatever a row logs (an answer, a grade, a
+    cost) is kept, what it lacks is left to the pipeline; bad rows are rejected alone."""
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "How do I rotate my API keys?"},
+        {"query": "Summarise this contract clause.", "large_answer": "It limits liability.", "large_cost_usd": 0.01},
+        {"query": "Is 7919 prime?", "medium_answer": "Yes", "medium_grade": "correct"},
+        {"query": "", "large_answer": "orphan"},
+        {"query": "Translate 'hello'.", "large_cost_usd": "lots"},
+    ]) + "\n")
+    frame, rejected = load_questions("traffic", path=str(path))
+    assert frame["query"].tolist() == ["How do I rotate my API keys?", "Summarise this contract clause.", "Is 7919 prime?"]
+    assert frame["gold_answer"].isna().all()
+    assert frame["large_answer"].tolist()[1] == "It limits liability." and frame["large_cost_usd"].tolist()[1] == 0.01
+    assert frame["medium_grade"].tolist()[2] == CORRECT and frame["large_answer"].isna().tolist() == [True, False, True]
+    reasons = {r.row: r.reason for r in rejected}
+    assert set(reasons) == {4, 5} and "large_cost_usd is 'lots'" in reasons[5]
+
+
 @pytest.mark.parametrize("value,label", [(True, CORRECT), (False, INCORRECT), ("IDK", IDK), ("Not_Attempted", IDK), ("", None)])
 def test_parse_grade(value, label):
     assert parse_grade(value) == label

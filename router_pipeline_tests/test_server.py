@@ -163,6 +163,26 @@ def test_streaming_gives_the_same_answer_and_the_routing_first(server):
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
+def test_streaming_forwards_the_models_chunks_and_falls_back_invisibly(server, gemini):
+    """stream: true streams from Gemini (streamGenerateContent), chunk by chunk; a model
+    that fails before its first chunk is replaced by the next target without the caller
+    seeing an error; the cost comes from the final usage."""
+    url, state, _ = server
+    gemini.responder = lambda model, prompt: " ".join(f"word{i}" for i in range(12))
+    gemini.add_model_faults(PRO, Fault(status=429, retry_after=30))
+    chunks = list(ask(url, "Tell me a story.", model="router-0", stream=True, stream_options={"include_usage": True}))
+    routing = chunks[0].model_extra["routing"]
+    assert routing["target"] == "large" and routing["served_by"] == "medium" and routing["fallback"]
+    assert "429" in routing["fallback_from"][0]["error"] and chunks[0].model == FLASH
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) == 12 and "".join(deltas) == " ".join(f"word{i}" for i in range(12))
+    assert [c.stream for c in gemini.calls[-2:]] == [True, True] and gemini.calls[-1].model == FLASH
+    assert chunks[-1].usage.completion_tokens == 12
+    cost = [c.model_extra["routing"]["cost_usd"] for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert cost == pytest.approx((chunks[-1].usage.prompt_tokens * 0.30 + 12 * 2.50) / 1e6)
+    assert state.stats.snapshot()["app"]["spend_usd"] >= cost > 0
+
+
 def test_a_rate_limited_model_cools_down_and_the_next_target_serves(server, gemini):
     url, state, _ = server
     gemini.add_model_faults(PRO, Fault(status=429, retry_after=60))
@@ -421,6 +441,34 @@ def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatc
             model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
     assert reply.model == "gemma3-270m" and reply.choices[0].message.content
     assert reply.model_extra["routing"]["served_by"] in ("medium", "large")
+    # Streamed token by token from the local model: the same greedy answer, in pieces.
+    with serving(state) as url:
+        chunks = list(client(url, "any-key").chat.completions.create(
+            model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_a_local_stream_stops_generating_when_the_reader_leaves(tiny_model_dir):
+    import threading
+
+    from router_pipeline.llm.local import LocalClient
+    from router_pipeline.llm.types import LLMRequest
+
+    local = LocalClient(tiny_model_dir, price=(0.0, 0.0))
+    request = LLMRequest("Tell me about the sea.", max_output_tokens=48)
+    whole = list(local.stream(request, threading.Event()))
+    (batch,) = local.complete_batch([request])
+    assert whole[-1].text == batch.text and whole[-1].output_tokens == batch.output_tokens
+    assert "".join(whole[:-1]).strip() == batch.text
+    cancel, threads = threading.Event(), threading.active_count()
+    pieces = local.stream(request, cancel)
+    next(pieces)
+    assert threading.active_count() == threads + 1  # generating
+    pieces.close()  # the reader went away: generation is told to stop, and its thread has ended
+    assert cancel.is_set() and threading.active_count() == threads
 
 
 def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ DATA_GROUP = "data"
 
 
 class QuestionsConfig(dg.Config):
-    source: Literal["bundled", "hf", "url", "jsonl", "outcomes"] = "bundled"
-    path: Optional[str] = None  # jsonl / outcomes file (or a replacement bundled CSV)
+    source: Literal["bundled", "hf", "url", "jsonl", "outcomes", "traffic"] = "bundled"
+    path: Optional[str] = None  # jsonl / outcomes / traffic file (or a replacement bundled CSV)
     url: str = questions.OPENAI_SIMPLEQA_URL
     hf_dataset: str = questions.DEFAULT_HF_DATASET
     hf_split: str = "test"

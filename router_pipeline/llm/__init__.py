@@ -37,7 +37,7 @@ class RoleSpec:
         return (self.input_price_per_mtok or 0.0, self.output_price_per_mtok or 0.0)
 
     def request(self, prompt: str, *, system: str | None = None, stop: tuple[str, ...] = (),
-                choices: tuple[str, ...] = ()) -> LLMRequest:
+                choices: tuple[str, ...] = (), schema: str | None = None) -> LLMRequest:
         return LLMRequest(
             prompt=prompt,
             max_output_tokens=self.max_output_tokens,
@@ -45,6 +45,7 @@ class RoleSpec:
             system=system,
             stop=stop,
             choices=choices,
+            schema=schema,
         )
 
 

@@ -4,11 +4,14 @@ owns retries so that Retry-After is honoured and attempts are counted."""
 from __future__ import annotations
 
 import asyncio
+import json
+from urllib.parse import urlparse
 
 from router_pipeline import settings
 from router_pipeline.llm.types import BLOCKED, EMPTY, OK, LLMRequest, LLMResult, RetryableError
 
 RETRYABLE_CODES = {408, 429, 500, 502, 503, 504}
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 class MissingCredentials(RuntimeError):
@@ -40,6 +43,21 @@ def _retry_after(exc) -> float | None:
         return None
 
 
+def _reraise(exc: Exception):
+    """Raise a provider exception as the runner sees it: RetryableError when trying again
+    may work (429, 5xx, timeouts, dropped connections), else the exception itself."""
+    from google.genai import errors
+
+    if isinstance(exc, errors.APIError):
+        if exc.code in RETRYABLE_CODES:
+            raise RetryableError(f"HTTP {exc.code} {exc.status}", _retry_after(exc)) from exc
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)):
+        raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed=True) from exc
+    elif "Timeout" in type(exc).__name__ or "Connect" in type(exc).__name__:
+        raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed="Timeout" in type(exc).__name__) from exc
+    raise exc
+
+
 class GeminiClient:
     provider = "gemini"
 
@@ -56,6 +74,8 @@ class GeminiClient:
 
         self.model = model
         self.price = price
+        url = urlparse(base_url or DEFAULT_BASE_URL)
+        self.endpoint = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))  # runner.reachable
         self._types = types
         self._client = genai.Client(
             api_key=api_key_from_env(),
@@ -64,32 +84,49 @@ class GeminiClient:
         )
 
     async def complete(self, request: LLMRequest) -> LLMResult:
-        from google.genai import errors
+        try:
+            response = await self._client.aio.models.generate_content(
+                model=self.model, contents=request.prompt, config=self._config(request))
+        except Exception as exc:
+            _reraise(exc)
+        return self._to_result(response)
 
-        config = self._types.GenerateContentConfig(
+    async def stream(self, request: LLMRequest):
+        """``streamGenerateContent``: yields text deltas as they arrive, then the whole
+        LLMResult (usage from the last chunk). Failures before the first delta raise
+        RetryableError like ``complete``."""
+        parts, last = [], None
+        try:
+            async for chunk in await self._client.aio.models.generate_content_stream(
+                    model=self.model, contents=request.prompt, config=self._config(request)):
+                last = chunk
+                text = "".join(p.text for c in (chunk.candidates or [])[:1] if c.content and c.content.parts
+                               for p in c.content.parts if p.text and not p.thought)
+                if text:
+                    parts.append(text)
+                    yield text
+        except Exception as exc:
+            _reraise(exc)
+        if last is None:
+            yield LLMResult(None, EMPTY)
+            return
+        result = self._to_result(last)
+        whole = "".join(parts).strip()
+        result.text, result.status = (whole, OK) if whole else (None, result.status if result.status != OK else EMPTY)
+        yield result
+
+    def _config(self, request: LLMRequest):
+        return self._types.GenerateContentConfig(
             temperature=request.temperature,
             max_output_tokens=request.max_output_tokens,
             system_instruction=request.system,
             stop_sequences=list(request.stop) or None,
-            # A closed set of replies: Gemini's enum output makes anything else impossible.
-            response_mime_type="text/x.enum" if request.choices else None,
-            response_schema={"type": "STRING", "enum": list(request.choices)} if request.choices else None,
+            # A closed set of replies (Gemini's enum output) or JSON of a schema (structured
+            # output): anything else is impossible.
+            response_mime_type="text/x.enum" if request.choices else "application/json" if request.schema else None,
+            response_schema=({"type": "STRING", "enum": list(request.choices)} if request.choices
+                             else json.loads(request.schema) if request.schema else None),
         )
-        try:
-            response = await self._client.aio.models.generate_content(
-                model=self.model, contents=request.prompt, config=config
-            )
-        except errors.APIError as exc:
-            if exc.code in RETRYABLE_CODES:
-                raise RetryableError(f"HTTP {exc.code} {exc.status}", _retry_after(exc)) from exc
-            raise
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed=True) from exc
-        except Exception as exc:
-            if "Timeout" in type(exc).__name__ or "Connect" in type(exc).__name__:
-                raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed="Timeout" in type(exc).__name__) from exc
-            raise
-        return self._to_result(response)
 
     def _to_result(self, response) -> LLMResult:
         usage = response.usage_metadata

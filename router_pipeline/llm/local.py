@@ -1,6 +1,10 @@
-"""Local generation with transformers: batched greedy decoding on CPU or GPU."""
+"""Local generation with transformers: batched greedy decoding on CPU or GPU, and one
+request streamed token by token (the routing server's ``stream: true``)."""
 
 from __future__ import annotations
+
+import threading
+from typing import Iterator
 
 import torch
 
@@ -30,6 +34,48 @@ class LocalClient:
             for i, result in zip(idx, self._generate(prompts, max_new, temperature, stop)):
                 out[i] = result
         return out  # type: ignore[return-value]
+
+    def stream(self, request: LLMRequest, cancel: threading.Event) -> Iterator[str | LLMResult]:
+        """Text deltas as the model generates them, then the whole LLMResult. Setting
+        ``cancel`` (the caller went away) stops generation at the next token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        tok = self._tok
+        prompt = (f"{request.system}\n\n" if request.system else "") + request.prompt
+        enc = tok([prompt], return_tensors="pt").to(self._lm.device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(max_new_tokens=request.max_output_tokens, pad_token_id=tok.pad_token_id, do_sample=False,
+                      streamer=streamer, stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        failure: list[BaseException] = []
+
+        def generate():
+            try:
+                with torch.no_grad():
+                    self._lm.generate(**enc, **kwargs)
+            except BaseException as exc:  # surfaced to the reader below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        parts = []
+        try:
+            for piece in streamer:
+                if piece:
+                    parts.append(piece)
+                    yield piece
+        finally:  # also when the reader stops early: generation ends at the next token
+            cancel.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+        text = "".join(parts).strip()
+        output_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+        yield LLMResult(text or None, OK if text else EMPTY, int(enc["input_ids"].shape[1]), output_tokens, "STOP")
 
     @torch.no_grad()
     def _generate(self, prompts, max_new, temperature, stop) -> list[LLMResult]:

@@ -23,6 +23,27 @@ from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.types import ERROR, LLMRequest, LLMResult, RetryableError, cache_key
 
 log = logging.getLogger(__name__)
+REACH_TIMEOUT_S = 15.0  # name resolution + TCP connect to a model's endpoint, before a run
+
+
+class EndpointUnreachable(RuntimeError):
+    """A model's endpoint cannot be reached at all: the run stops before its first call."""
+
+
+async def reachable(endpoint: tuple[str, int], timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Raise EndpointUnreachable, naming the host, unless a TCP connection to ``endpoint``
+    opens within ``timeout_s`` (name resolution included, which a client's own timeout
+    does not cover: without a route it took 9 s per call, and every call was retried)."""
+    host, port = endpoint
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except asyncio.TimeoutError:
+        raise EndpointUnreachable(f"cannot reach {host}:{port}: no connection within {timeout_s:.0f} s; "
+                                  "check the network (or GEMINI_BASE_URL)") from None
+    except OSError as exc:
+        raise EndpointUnreachable(f"cannot reach {host}:{port}: {exc.strerror or exc}; "
+                                  "check the network (or GEMINI_BASE_URL)") from None
+    writer.close()
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,8 @@ async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPo
                 cache.release(keys[i], owner)
 
     try:
+        if getattr(client, "endpoint", None):
+            await reachable(client.endpoint)
         await asyncio.gather(*(one(i) for i in todo))
     finally:
         closer = getattr(client, "aclose", None)

@@ -21,6 +21,7 @@ class LLMRequest:
     system: str | None = None
     stop: tuple[str, ...] = ()
     choices: tuple[str, ...] = ()  # the reply must be exactly one of these (constrained where the API can)
+    schema: str | None = None  # the reply is JSON of this schema (JSON text, so the request stays hashable)
 
     def settings(self) -> dict:
         settings = {
@@ -31,6 +32,8 @@ class LLMRequest:
         }
         if self.choices:  # only then, so that existing cache keys stay valid
             settings["choices"] = list(self.choices)
+        if self.schema:
+            settings["schema"] = self.schema
         return settings
 
 

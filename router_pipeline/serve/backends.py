@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,27 @@ class Served:
         return bool(self.attempts)
 
 
+@dataclass
+class Streamed:
+    """An answer being streamed: its first item is already here (so the target is final),
+    ``rest`` yields the other text deltas and then the whole LLMResult."""
+
+    target: str
+    model: str
+    price: tuple[float, float]
+    first: str | LLMResult
+    rest: object  # async iterator
+    attempts: list[dict] = field(default_factory=list)
+
+    async def items(self):
+        try:
+            yield self.first
+            async for item in self.rest:
+                yield item
+        finally:  # a reader that stops early stops the model (and frees a local one)
+            await self.rest.aclose()
+
+
 class Backends:
     def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int):
         self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
@@ -83,14 +105,8 @@ class Backends:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
             spec, client = self._client(target, model)
-            # The caller's max_tokens, else the role's budget (Pro: 4,096, thinking included); a
-            # local model, which generates for one caller at a time, never more than its cap.
-            budget = max_tokens or spec.max_output_tokens
-            if not hasattr(client, "complete"):
-                budget = min(budget, self.local_max_output_tokens)
-            request = LLMRequest(prompt, max_output_tokens=budget, temperature=spec.temperature, system=system)
             try:
-                result = await self._call(client, request)
+                result = await self._call(client, self._request(client, spec, prompt, system, max_tokens))
             except RetryableError as exc:
                 self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
                 log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
@@ -106,6 +122,74 @@ class Backends:
             return Served(result, target, spec.model, cost_usd(result.input_tokens, result.output_tokens, spec.price),
                           attempts)
         raise AllTargetsFailed(attempts)
+
+    async def stream(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
+                     max_tokens: int | None) -> "Streamed":
+        """The first of ``targets`` that starts answering, as a stream. A target that fails
+        before its first text (429, 5xx, timeout, an empty or blocked reply) is skipped as
+        in ``answer``: the caller never sees it."""
+        attempts: list[dict] = []
+        for target, model in dict.fromkeys(targets):
+            left = self.cooling().get(model)
+            if left is not None:
+                attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
+                continue
+            spec, client = self._client(target, model)
+            chunks = self._chunks(client, self._request(client, spec, prompt, system, max_tokens))
+            try:
+                first = await chunks.__anext__()
+            except RetryableError as exc:
+                self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
+                log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
+                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
+                continue
+            except Exception as exc:
+                log.warning("%s (%s) failed: %r", target, spec.model, exc)
+                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
+                continue
+            if isinstance(first, LLMResult) and first.status != OK:  # ended before any text
+                await chunks.aclose()
+                attempts.append({"target": target, "model": spec.model, "error": f"{first.status} reply"})
+                continue
+            return Streamed(target, spec.model, spec.price, first, chunks, attempts)
+        raise AllTargetsFailed(attempts)
+
+    def _request(self, client, spec: RoleSpec, prompt: str, system: str | None, max_tokens: int | None) -> LLMRequest:
+        # The caller's max_tokens, else the role's budget (Pro: 4,096, thinking included); a
+        # local model, which generates for one caller at a time, never more than its cap.
+        budget = max_tokens or spec.max_output_tokens
+        if not hasattr(client, "complete"):
+            budget = min(budget, self.local_max_output_tokens)
+        return LLMRequest(prompt, max_output_tokens=budget, temperature=spec.temperature, system=system)
+
+    async def _chunks(self, client, request: LLMRequest):
+        """Text deltas, then the LLMResult: from Gemini's stream, or from a local model
+        generating in a thread (one at a time; stopped when the reader goes away)."""
+        if hasattr(client, "stream") and hasattr(client, "complete"):
+            async for item in client.stream(request):
+                yield item
+            return
+        loop, queue, cancel, end = asyncio.get_running_loop(), asyncio.Queue(), threading.Event(), object()
+
+        def produce():
+            try:
+                for item in client.stream(request, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            except Exception as exc:  # handed to the reader
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, end)
+
+        async with self._local_lock:
+            worker = asyncio.ensure_future(asyncio.to_thread(produce))
+            try:
+                while (item := await queue.get()) is not end:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()
+                await asyncio.shield(worker)
 
     async def _call(self, client, request: LLMRequest) -> LLMResult:
         if hasattr(client, "complete"):

@@ -67,16 +67,26 @@ class FeedbackStore:
         self.outcomes_path = self.folder / "outcomes.jsonl"
         self.log_path = self.folder / "feedback.jsonl"
         self.folder.mkdir(parents=True, exist_ok=True)
-        # One connection, used under a lock; busy_timeout waits for other processes' writes.
-        self._db = sqlite3.connect(self.folder / DB_FILE, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._inserted = 0
+        self._db.execute(_SCHEMA)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """One connection, used under the lock, opened again after ``close`` (a server that
+        stops and starts with the same state); the timeout waits for other processes' writes."""
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.folder / DB_FILE, timeout=30, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        return self._conn
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def remember(self, request: ServedRequest) -> None:
         with self._lock:

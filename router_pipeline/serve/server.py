@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from router_pipeline import settings
 from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.types import ERROR, LLMResult
 from router_pipeline.router_format import conversation_text
 from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends
@@ -246,37 +247,18 @@ def create_app(state: ServerState) -> FastAPI:
         return _Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
                         (time.perf_counter() - t0) * 1000)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        d = await decide(request, ChatRequest)
-        asked = d.body.output_tokens
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        routing = {"request_id": request_id, **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)}
-        usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
-        try:
-            if d.mapping.abstain:
-                content, model = ABSTAIN_ANSWER, "abstain"
-            elif d.mapping.escalate:
-                content, model, usage = await _escalate(state, d.mapper.escalation_url, d.body.plain_messages())
-                routing["escalated"] = True
-            else:
-                targets = [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
-                           if t in d.profile.allowed and t in d.mapper.models]
-                served = await state.backends.answer(targets, d.prompt, d.system, asked and asked[1])
-                content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
-                usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
-                fallback_from = served.attempts
-        except AllTargetsFailed as exc:
-            state.stats.record_error(d.profile.name)
-            raise APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
-                           {"Retry-After": str(int(max(state.backends.cooling().values(), default=5)) + 1)}) from None
-        except Exception as exc:
-            state.stats.record_error(d.profile.name)
-            log.exception("upstream call failed for profile %s", d.profile.name)
-            raise APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error",
-                           "server_error") from None
-        routing.update(model=model, served_by=tier or d.mapping.target, cost_usd=round(cost, 8),
-                       fallback=bool(fallback_from), fallback_from=fallback_from)
+    def upstream_failed(d: _Decided, exc: Exception) -> APIError:
+        state.stats.record_error(d.profile.name)
+        if isinstance(exc, AllTargetsFailed):
+            return APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
+                            {"Retry-After": str(int(max(state.backends.cooling().values(), default=5)) + 1)})
+        log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
+        return APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error", "server_error")
+
+    async def settle(d: _Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float) -> dict:
+        """What every answered request does once its cost is known: charge the ledger,
+        count it, remember it for feedback, log the decision. Returns the usage block."""
+        routing.update(cost_usd=round(cost, 8))
         try:
             await asyncio.to_thread(d.mapper.record_spend, cost)
         except LedgerError as exc:
@@ -286,27 +268,62 @@ def create_app(state: ServerState) -> FastAPI:
         large_price = state.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
         state.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
-                           total_ms=total_ms, cost_usd=cost, fell_back=bool(fallback_from), escalated=bool(routing.get("escalated")),
+                           total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
+                           escalated=bool(routing.get("escalated")),
                            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
         await asyncio.to_thread(state.feedback.remember, ServedRequest(
-            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+            routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
         if state.decision_log_path is not None:
             decision_log.append(state.decision_log_path, {
                 **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
-                "request_id": request_id, "profile": d.profile.name, "served_by": routing["served_by"],
+                "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
                 "fallback": routing["fallback"]})
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        headers = {"X-Router-Route": _header(routing), "X-Request-Id": request_id}
+        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        d = await decide(request, ChatRequest)
+        asked = d.body.output_tokens
+        routing = {"request_id": f"chatcmpl-{uuid.uuid4().hex}",
+                   **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)}
+        include_usage = bool(d.body.stream_options and d.body.stream_options.include_usage)
+        targets = [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
+                   if t in d.profile.allowed and t in d.mapper.models]
+        if d.body.stream and not (d.mapping.abstain or d.mapping.escalate):
+            try:  # fallbacks before the first text are invisible: the stream starts with the final target
+                streamed = await state.backends.stream(targets, d.prompt, d.system, asked and asked[1])
+            except Exception as exc:
+                raise upstream_failed(d, exc) from None
+            routing.update(model=streamed.model, served_by=streamed.target, fallback=bool(streamed.attempts),
+                           fallback_from=streamed.attempts)
+            return StreamingResponse(_live_sse(d, routing, streamed, include_usage, settle),
+                                     media_type="text/event-stream", headers=_headers(routing))
+        usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
+        try:
+            if d.mapping.abstain:
+                content, model = ABSTAIN_ANSWER, "abstain"
+            elif d.mapping.escalate:
+                content, model, usage = await _escalate(state, d.mapper.escalation_url, d.body.plain_messages())
+                routing["escalated"] = True
+            else:
+                served = await state.backends.answer(targets, d.prompt, d.system, asked and asked[1])
+                content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
+                usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
+                fallback_from = served.attempts
+        except Exception as exc:
+            raise upstream_failed(d, exc) from None
+        routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
+                       fallback_from=fallback_from)
+        usage = await settle(d, routing, model, tier, usage, cost)
         created = int(time.time())
-        if d.body.stream:
-            include_usage = bool(d.body.stream_options and d.body.stream_options.include_usage)
-            return StreamingResponse(_sse(request_id, created, model, content, routing, usage, include_usage),
-                                     media_type="text/event-stream", headers=headers)
+        if d.body.stream:  # an abstention or the council's answer: whole already
+            return StreamingResponse(_sse(routing["request_id"], created, model, content, routing, usage,
+                                          include_usage), media_type="text/event-stream", headers=_headers(routing))
         return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "id": routing["request_id"], "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
                          "logprobs": None}],
-            "usage": usage, "routing": routing}, headers=headers)
+            "usage": usage, "routing": routing}, headers=_headers(routing))
 
     @app.post("/v1/route")
     async def route(request: Request):
@@ -366,22 +383,52 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _sse(request_id, created, model, content, routing, usage, include_usage: bool):
-    def chunk(delta, finish=None, **extra):
-        return "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": [{"index": 0, "delta": delta,
-                                                                   "finish_reason": finish}], **extra}) + "\n\n"
+def _headers(routing: dict) -> dict:
+    return {"X-Router-Route": _header(routing), "X-Request-Id": routing["request_id"]}
 
-    yield chunk({"role": "assistant", "content": ""}, routing=routing)
-    # The LLM layer returns whole answers: the text is streamed once the model has answered.
-    words = content.split(" ")
-    for i in range(0, len(words), 8):
-        yield chunk({"content": (" " if i else "") + " ".join(words[i:i + 8])})
-        await asyncio.sleep(0)
-    yield chunk({}, "stop")
+
+def _chunk(request_id: str, created: int, model: str, delta: dict | None, finish=None, **extra) -> str:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                                  "model": model, "choices": choices, **extra}) + "\n\n"
+
+
+async def _sse(request_id, created, model, content, routing, usage, include_usage: bool):
+    """An answer that is already whole (an abstention, the council's), in stream form."""
+    yield _chunk(request_id, created, model, {"role": "assistant", "content": ""}, routing=routing)
+    yield _chunk(request_id, created, model, {"content": content})
+    yield _chunk(request_id, created, model, {}, "stop")
     if include_usage:
-        yield "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                     "model": model, "choices": [], "usage": usage}) + "\n\n"
+        yield _chunk(request_id, created, model, None, usage=usage)
+    yield "data: [DONE]\n\n"
+
+
+async def _live_sse(d, routing: dict, streamed, include_usage: bool, settle):
+    """Chunks forwarded as the model sends them; the cost is charged from the final usage.
+    A caller that goes away mid-answer stops the model (a local one at the next token)
+    and is charged what was generated until then (estimated at 4 characters a token)."""
+    request_id, created, model = routing["request_id"], int(time.time()), streamed.model
+    yield _chunk(request_id, created, model, {"role": "assistant", "content": ""}, routing=routing)
+    sent, result, items = [], None, streamed.items()
+    try:
+        async for item in items:
+            if isinstance(item, str):
+                sent.append(item)
+                yield _chunk(request_id, created, model, {"content": item})
+            else:
+                result = item
+    finally:
+        await items.aclose()
+        if result is None:  # cut short (the caller left, or the stream broke): charge what was made
+            result = LLMResult("".join(sent) or None, ERROR, len(d.prompt) // 4, len("".join(sent)) // 4)
+            routing["stream_interrupted"] = True
+        usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
+        usage = await asyncio.shield(settle(d, routing, model, streamed.target, usage,
+                                            cost_usd(usage["prompt_tokens"], usage["completion_tokens"],
+                                                     streamed.price)))
+    yield _chunk(request_id, created, model, {}, "stop", routing={"cost_usd": routing["cost_usd"]})
+    if include_usage:
+        yield _chunk(request_id, created, model, None, usage=usage)
     yield "data: [DONE]\n\n"
 
 
