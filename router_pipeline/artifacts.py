@@ -13,6 +13,7 @@ needs the other.
     <root>/router/                         the released router (adapter or head) + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
+    <root>/feedback/                       the routing server's requests.sqlite, feedback.jsonl, outcomes.jsonl
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class Artifacts:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+    @property
+    def feedback(self) -> Path:
+        """The routing server's default feedback folder (its outcomes feed the retrain)."""
+        return self.root / "feedback"
 
     @property
     def cache(self) -> Path:

@@ -1,6 +1,9 @@
-"""A local HTTP server that speaks the Gemini REST API (generateContent, and
-streamGenerateContent with ``alt=sse``: the reply's words arrive one by one, the
-latency spread over them, as a model generating them would send them).
+"""A local HTTP server that speaks the Gemini REST API: generateContent;
+streamGenerateContent with ``alt=sse`` (the reply's words arrive one by one, the
+latency spread over them, as a model generating them would send them); and the Batch
+API (``:batchGenerateContent`` with inlined requests, then ``GET batches/<id>``: the
+job runs for ``batch_polls`` polls, then answers every request, in reverse order, a
+request with a status fault as a failed item and one matching ``batch_drop`` not at all).
 
 It is the test double for the ``gemini`` provider and a dry-run target:
 ``python -m router_pipeline.fake_gemini --port 8555 --latency 0.2`` then
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-_PATH = re.compile(r"^/(v1beta|v1|v1alpha)/models/([^/:]+):(generateContent|streamGenerateContent)$")
+_PATH = re.compile(r"^/(v1beta|v1|v1alpha)/models/([^/:]+):(generateContent|streamGenerateContent|batchGenerateContent)$")
+_BATCH = re.compile(r"^/(v1beta|v1|v1alpha)/batches/([^/]+)$")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class RecordedCall:
     config: dict
     api_key: str | None
     stream: bool = False  # streamGenerateContent
+    batch: bool = False  # answered inside a batch job
 
 
 class _Server(ThreadingHTTPServer):
@@ -69,6 +74,9 @@ class FakeGemini:
     on_request: Callable[[str, str], None] | None = None  # (model, prompt) as each request arrives
     host: str = "127.0.0.1"
     port: int = 0
+    batch_polls: int = 2  # GETs of a batch job before it has ended
+    batch_drop: tuple[str, ...] = ()  # prompt substrings a batch job leaves out of its output
+    batch_jobs: dict[str, dict] = field(default_factory=dict)  # id -> {model, requests, polls, output}
 
     def add_faults(self, substring: str, *faults: Fault) -> None:
         self.faults.setdefault(substring, deque()).extend(faults)
@@ -97,6 +105,47 @@ class FakeGemini:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
+            def do_GET(self):
+                m = _BATCH.match(self.path.split("?")[0])
+                job = fake.batch_jobs.get(m.group(2)) if m else None
+                if job is None:
+                    return self._send(404, {"error": {"code": 404, "message": "no such batch", "status": "NOT_FOUND"}})
+                with fake._lock:
+                    job["polls"] += 1
+                    done = job["polls"] > fake.batch_polls
+                if not done:
+                    return self._send(200, {"name": f"batches/{m.group(2)}", "metadata": {
+                        "state": "BATCH_STATE_RUNNING", "model": f"models/{job['model']}"}})
+                if job["output"] is None:
+                    job["output"] = [item for r in reversed(job["requests"]) if (item := self._batch_item(job, r))]
+                return self._send(200, {"name": f"batches/{m.group(2)}", "metadata": {
+                    "state": "BATCH_STATE_SUCCEEDED", "model": f"models/{job['model']}",
+                    "output": {"inlinedResponses": {"inlinedResponses": job["output"]}}}})
+
+            def _batch_item(self, job, item):
+                request = item.get("request", {})
+                prompt = "".join(p.get("text", "") for c in request.get("contents", []) for p in c.get("parts", []))
+                if any(s in prompt for s in fake.batch_drop):
+                    return None
+                system = "".join(p.get("text", "") for p in (request.get("systemInstruction") or {}).get("parts", []))
+                with fake._lock:
+                    fake.calls.append(RecordedCall(job["model"], prompt, system or None,
+                                                   request.get("generationConfig", {}), None, batch=True))
+                if fake.on_request is not None:
+                    fake.on_request(job["model"], prompt)
+                fault = fake._next_fault(prompt, job["model"]) or Fault()
+                if fault.status:
+                    return {"error": {"code": fault.status, "message": "injected"}, "metadata": item.get("metadata")}
+                usage = {"promptTokenCount": len(prompt.split()) + len(system.split())}
+                if fault.blocked:
+                    return {"response": {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage},
+                            "metadata": item.get("metadata")}
+                text = fake.responder(job["model"], prompt)
+                usage.update(candidatesTokenCount=len(text.split()))
+                return {"response": {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                                     "finishReason": "STOP", "index": 0}], "usageMetadata": usage},
+                        "metadata": item.get("metadata")}
+
             def do_POST(self):
                 m = _PATH.match(self.path.split("?")[0])
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -107,6 +156,13 @@ class FakeGemini:
                 except json.JSONDecodeError:
                     return self._send(400, {"error": {"code": 400, "message": "bad json", "status": "INVALID_ARGUMENT"}})
                 model = m.group(2)
+                if m.group(3) == "batchGenerateContent":
+                    requests = payload["batch"]["inputConfig"]["requests"]["requests"]
+                    with fake._lock:
+                        job_id = f"job{len(fake.batch_jobs) + 1}"
+                        fake.batch_jobs[job_id] = {"model": model, "requests": requests, "polls": 0, "output": None}
+                    return self._send(200, {"name": f"batches/{job_id}", "metadata": {
+                        "state": "BATCH_STATE_PENDING", "model": f"models/{model}"}})
                 prompt = "".join(
                     p.get("text", "") for c in payload.get("contents", []) for p in c.get("parts", [])
                 )

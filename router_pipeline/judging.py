@@ -24,7 +24,7 @@ from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
 from router_pipeline.llm.types import BLOCKED, EMPTY, ERROR, OK
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
-from router_pipeline.text import normalise
+from router_pipeline.text import normalise, unit_interval
 
 RULES_JUDGE = "rules"
 JUDGE_PROMPT = """You grade one answer to a factual question against a reference answer.
@@ -65,8 +65,9 @@ RUBRIC_SCHEMA = json.dumps({"type": "OBJECT", "properties": {
     "grade": {"type": "STRING", "enum": list(VERDICTS)}, "reason": {"type": "STRING"}},
     "required": ["grade", "reason"], "propertyOrdering": ["grade", "reason"]})
 GOLD, RUBRIC = "gold", "rubric"  # what a judgment was graded against
-JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "reference", "judge_input_tokens",
-                    "judge_output_tokens", "judge_cost_usd", "judge_cached"]
+CHECK = "rubric check"  # a referenced answer graded against the rubric too (judge_answers' rubric_check)
+JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "reference", "rubric_label",
+                    "judge_input_tokens", "judge_output_tokens", "judge_cost_usd", "judge_cached"]
 
 _ABSTAIN = re.compile(
     r"\b(i\s*(do not|don'?t|cannot|can'?t|am not sure|'m not sure|am unsure)\s*(know|say|answer|determine|recall|tell|be sure)?"
@@ -177,18 +178,22 @@ def judge_answers(
     concurrency: int = 8,
     retry: RetryPolicy = RetryPolicy(),
     progress: bool = True,
+    rubric_check: int = 0,
 ) -> tuple[pd.DataFrame, RunStats]:
     """One judgment per answer row. ``questions`` needs qid, query, gold_answer and,
-    for recorded outcomes, <tier>_grade."""
+    for recorded outcomes, <tier>_grade. ``rubric_check``: up to this many answers that
+    have a reference (a seeded sample) are also graded against the rubric, as if they
+    had none; their ``rubric_label`` says how far labels made without references agree
+    with the reference-based ones."""
     by_qid = questions.set_index("qid")
     rows: list[dict] = []
-    pending: list[tuple[int, str, str | None, str]] = []  # (row index, question, gold or None, answer)
+    pending: list[tuple[int, str, str | None, str, str]] = []  # (row index, question, gold, answer, graded against)
     for _, ans in answers.iterrows():
         q = by_qid.loc[ans["qid"]]
         gold = q.get("gold_answer")
         gold = gold if isinstance(gold, str) and gold.strip() else None
         row = {"qid": ans["qid"], "split": ans["split"], "tier": ans["tier"], "label": None, "judge": None,
-               "reason": None, "reference": GOLD if gold else RUBRIC, "judge_input_tokens": 0,
+               "reason": None, "reference": GOLD if gold else RUBRIC, "rubric_label": None, "judge_input_tokens": 0,
                "judge_output_tokens": 0, "judge_cost_usd": 0.0, "judge_cached": False}
         recorded_grade = q.get(f"{ans['tier']}_grade")
         if isinstance(recorded_grade, str):
@@ -204,20 +209,27 @@ def judge_answers(
             label, reason = grade_with_rules(ans["answer"], gold)
             row.update(label=label, judge=RULES_JUDGE, reason=reason)
         else:
-            pending.append((len(rows), q["query"], gold, ans["answer"]))
+            pending.append((len(rows), q["query"], gold, ans["answer"], GOLD if gold else RUBRIC))
         rows.append(row)
+    checked = sorted((p for p in pending if p[4] == GOLD),
+                     key=lambda p: unit_interval("rubric-check", seed, f"{rows[p[0]]['qid']}:{rows[p[0]]['tier']}"))
+    pending += [(i, qq, None, a, CHECK) for i, qq, _, a, _ in checked[:rubric_check]]
 
     stats = RunStats()
     if pending:
         random.Random(seed).shuffle(pending)  # blind to position as well as to the model
         requests = [judge.request(judge_prompt(qq, gold, a), choices=tuple(VERDICTS)) if gold is not None
-                    else judge.request(rubric_prompt(qq, a), schema=RUBRIC_SCHEMA) for _, qq, gold, a in pending]
+                    else judge.request(rubric_prompt(qq, a), schema=RUBRIC_SCHEMA) for _, qq, gold, a, _ in pending]
         results, stats = complete_all(client, requests, cache, concurrency=concurrency, retry=retry,
                                       desc=f"judging ({judge.model})", progress=progress)
-        for (i, _, gold, a), res in zip(pending, results):
+        for (i, _, gold, a, kind), res in zip(pending, results):
             row = rows[i]
+            if kind == CHECK:  # the second opinion: recorded beside the label, never instead of it
+                verdict = parse_rubric_output(res.text) if res.status == OK else None
+                row.update(rubric_label=verdict and verdict[0], judge_cost_usd=row["judge_cost_usd"] + res.cost_usd)
+                continue
             row.update(judge_input_tokens=res.input_tokens, judge_output_tokens=res.output_tokens,
-                       judge_cost_usd=res.cost_usd, judge_cached=res.cached, judge=judge.model)
+                       judge_cost_usd=row["judge_cost_usd"] + res.cost_usd, judge_cached=res.cached, judge=judge.model)
             if gold is not None:
                 label = parse_judge_output(res.text) if res.status == OK else None
                 verdict = None if label is None else (label, (res.text or "").strip()[:200])

@@ -67,3 +67,20 @@ def cv_by_layer(grid, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def label_mix(quality, path: Path) -> Path:
+    """The policy mix of each source's labels, one stacked bar per source."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.5 * max(1, len(quality))), dpi=100)
+    left = [0.0] * len(quality)
+    for column in [c for c in quality.columns if c.startswith("share_")]:
+        values = quality[column].fillna(0).tolist()
+        ax.barh(quality["source"], values, left=left, label=column.removeprefix("share_"))
+        left = [a + b for a, b in zip(left, values)]
+    ax.set(title="Labels per source: policy mix", xlabel="share of labelled questions", xlim=(0, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

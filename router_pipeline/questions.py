@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
-from router_pipeline.text import check_query, clean_query, query_hash, unit_interval
+from router_pipeline.text import check_query, clean_query, normalise, query_hash, unit_interval
 
 # Package data, so an installed wheel has it too.
 BUNDLED_SIMPLEQA = Path(__file__).resolve().parent / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
@@ -37,7 +37,7 @@ RECORDED_SOURCES = ("outcomes", "traffic")  # sources whose rows carry per-tier 
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
 TIERS = ("medium", "large")
-COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]
+COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]  # + provenance (the source's name)
 OUTCOME_COLUMNS = [f"{t}_{k}" for t in TIERS for k in ("answer", "grade")]
 # Optional per tier: what the recorded call cost, as USD or as tokens (priced by the role).
 USAGE_FIELDS = ("cost_usd", "input_tokens", "output_tokens")
@@ -77,7 +77,81 @@ def load_questions(
     if frame.empty:
         reasons = "; ".join(f"row {r.row}: {r.reason}" for r in rejected[:5])
         raise QuestionSourceError(f"no valid question in source {source!r} ({reasons})")
+    frame["provenance"] = SourceSpec(source, path).name
     return stable_sample(frame, sample_size, sample_seed), rejected
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of a multi-source ``questions``; ``required: False`` skips a file that
+    does not exist yet (e.g. the server's feedback outcomes before any feedback)."""
+
+    source: str = "bundled"
+    path: str | None = None
+    required: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}:{Path(self.path).name}" if self.path else self.source
+
+
+@dataclass
+class Merged:
+    """Several sources as one set of questions, and what merging them found."""
+
+    frame: pd.DataFrame
+    rejected: list[Rejected]
+    per_source: pd.DataFrame  # source, rows read, kept, duplicates, conflicts, rejected
+    skipped: list[str]  # optional sources whose file does not exist
+
+
+LABEL_FIELDS = ("gold_answer", "medium_grade", "large_grade")  # what two copies of a query may disagree on
+
+
+def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: int = 0,
+                 max_query_chars: int = 4000) -> Merged:
+    """Every source's questions in one frame, each row with its ``provenance``. A query in
+    several sources (the same normalised query, hence the same qid) is kept once, from the
+    first source listed: the list's order is the precedence. Copies are counted as
+    duplicates, and as conflicts when a reference answer or a grade differs from the kept
+    row's. Question ids are query hashes, so the split of a question never changes as
+    sources are added."""
+    if not specs:
+        raise QuestionSourceError("no question source configured")
+    frames, rejected, stats, skipped = [], [], [], []
+    for spec in specs:
+        if spec.path and not spec.required and not Path(spec.path).exists():
+            skipped.append(spec.name)
+            continue
+        frame, bad = load_questions(spec.source, path=spec.path, max_query_chars=max_query_chars)
+        rejected += [Rejected(r.row, f"{spec.name}: {r.reason}") for r in bad]
+        frames.append(frame)
+        stats.append({"source": spec.name, "rows": len(frame), "rejected": len(bad)})
+    if not frames:
+        raise QuestionSourceError(f"none of the optional sources exists: {', '.join(skipped)}")
+    both = pd.concat(frames, ignore_index=True)
+    first = ~both["qid"].duplicated(keep="first")
+    kept = both[first].set_index("qid")
+    copies = both[~first]
+    clash = pd.Series(False, index=copies.index)
+    for field in (f for f in LABEL_FIELDS if f in both.columns):
+        mine, theirs = copies[field], kept.loc[copies["qid"], field].to_numpy()
+        known = mine.notna() & pd.notna(theirs)
+        differs = mine.map(_comparable) != pd.Series(theirs, index=copies.index).map(_comparable)
+        clash |= known & differs
+    for row in stats:
+        mine = copies["provenance"] == row["source"]
+        row.update(kept=int((both[first]["provenance"] == row["source"]).sum()), duplicates=int(mine.sum()),
+                   conflicts=int((mine & clash).sum()))
+    frame = both[first].reset_index(drop=True)
+    frame["conflicts"] = frame["qid"].map(copies[clash].groupby("qid").size()).fillna(0).astype(int)
+    return Merged(stable_sample(frame, sample_size, sample_seed), rejected,
+                  pd.DataFrame(stats, columns=["source", "rows", "kept", "duplicates", "conflicts", "rejected"]),
+                  skipped)
+
+
+def _comparable(value):
+    return normalise(value) if isinstance(value, str) else value
 
 
 def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAULT_HF_DATASET, hf_split="test"):

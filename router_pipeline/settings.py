@@ -19,6 +19,7 @@ never part of ``Settings`` (so they cannot end up in a repr, a log or metadata).
 | ROUTER_RETRAIN_CRON | ``retrain_cron`` of the weekly retrain | 0 3 * * 1 |
 | ROUTER_RETRAIN_SAMPLE_SIZE | ``retrain_sample_size`` (0 = every question) | 0 |
 | ROUTER_RETRAIN_COMPUTE | ``retrain_compute``: modal or local | modal |
+| ROUTER_RETRAIN_SOURCES | ``retrain_sources``: comma-separated ``source`` or ``source:path`` | bundled |
 | ROUTER_MODAL_HF_SECRET | ``modal_hf_secret``: the Modal Secret holding HF_TOKEN | huggingface |
 | ROUTER_MODAL_RUNS_ROOT, ROUTER_MODAL_DATASETS_ROOT | where Modal functions keep runs and datasets | their Volumes |
 | GEMINI_API_KEY / GOOGLE_API_KEY | ``gemini_api_key()`` (secret) | |
@@ -61,6 +62,7 @@ class Settings:
     retrain_cron: str = DEFAULT_RETRAIN_CRON
     retrain_sample_size: int = 0
     retrain_compute: str = "modal"
+    retrain_sources: tuple[tuple[str, str | None], ...] = (("bundled", None),)
     modal_hf_secret: str = "huggingface"
     modal_runs_root: str = "/vol/runs"
     modal_datasets_root: str = "/datasets"
@@ -86,6 +88,19 @@ def _choice(env: Mapping[str, str], var: str, default: str, choices: tuple[str, 
     return value
 
 
+def _sources(env: Mapping[str, str], var: str) -> tuple[tuple[str, str | None], ...]:
+    """``bundled,traffic:logs/q.jsonl`` -> (("bundled", None), ("traffic", "logs/q.jsonl"))."""
+    from router_pipeline.questions import SOURCES
+
+    out = []
+    for item in (env.get(var) or "bundled").split(","):
+        source, _, path = item.strip().partition(":")
+        if source not in SOURCES:
+            raise SettingsError(f"{var}: unknown source {source!r}; expected {', '.join(SOURCES)} (source or source:path)")
+        out.append((source, path or None))
+    return tuple(out)
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """The settings the environment gives now (``env``: a mapping to read instead)."""
     env = os.environ if env is None else env
@@ -102,6 +117,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         retrain_cron=env.get("ROUTER_RETRAIN_CRON") or DEFAULT_RETRAIN_CRON,
         retrain_sample_size=_int(env, "ROUTER_RETRAIN_SAMPLE_SIZE", 0, 0),
         retrain_compute=_choice(env, "ROUTER_RETRAIN_COMPUTE", "modal", COMPUTES),
+        retrain_sources=_sources(env, "ROUTER_RETRAIN_SOURCES"),
         modal_hf_secret=env.get("ROUTER_MODAL_HF_SECRET") or "huggingface",
         modal_runs_root=env.get("ROUTER_MODAL_RUNS_ROOT") or "/vol/runs",
         modal_datasets_root=env.get("ROUTER_MODAL_DATASETS_ROOT") or "/datasets",

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 from pathlib import Path
@@ -87,6 +88,12 @@ def oracle_responder(questions: pd.DataFrame):
     gold = {q: (qid, g) for q, qid, g in zip(questions["query"], questions["qid"], questions["gold_answer"])}
 
     def respond(model: str, prompt: str) -> str:
+        if "There is no reference answer" in prompt:  # the rubric judge knows the reference too
+            question = re.search(r"Question: (.*)\n", prompt).group(1)
+            ans = prompt.rsplit("Answer to grade: ", 1)[1]
+            grade = ("NOT_ATTEMPTED" if "don't know" in ans else
+                     "CORRECT" if normalise(gold[question][1]) == normalise(ans) else "INCORRECT")
+            return json.dumps({"grade": grade, "reason": "checked against what I know"})
         if "Answer to grade:" in prompt:
             ref = re.search(r"Reference answer: (.*)\n", prompt).group(1)
             ans = re.search(r"Answer to grade: (.*)\n", prompt).group(1)

@@ -67,6 +67,7 @@ def test_weekly_retraining_schedule_and_its_run_config(monkeypatch):
     monkeypatch.setenv("ROUTER_RETRAIN_SAMPLE_SIZE", "500")
     monkeypatch.setenv("ROUTER_RETRAIN_COMPUTE", "local")
     monkeypatch.setenv("ROUTER_RETRAIN_CRON", "30 4 * * 0")
+    monkeypatch.setenv("ROUTER_RETRAIN_SOURCES", "bundled,traffic:logs/queries.jsonl")
     defs = build_defs()  # the schedule takes the settings when the definitions are built
     schedule = defs.resolve_schedule_def("weekly_retraining")
     assert schedule.cron_schedule == "30 4 * * 0"
@@ -76,8 +77,15 @@ def test_weekly_retraining_schedule_and_its_run_config(monkeypatch):
         {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
     context = dg.build_schedule_context(scheduled_execution_time=__import__("datetime").datetime(2026, 11, 23, 3))
     request = schedule.evaluate_tick(context).run_requests[0]
-    assert request.run_config["ops"]["questions"]["config"]["sample_size"] == 500
+    questions = request.run_config["ops"]["questions"]["config"]
+    assert questions["sample_size"] == 500
+    # The configured sources, then the server's feedback outcomes once they exist.
+    assert [(q["source"], q["path"]) for q in questions["sources"][:2]] == \
+        [("bundled", None), ("traffic", "logs/queries.jsonl")]
+    assert questions["sources"][2]["source"] == "outcomes" and questions["sources"][2]["required"] is False
+    assert questions["sources"][2]["path"].endswith("feedback/outcomes.jsonl")
     assert request.run_config["resources"]["compute"]["config"]["where"] == "local"
+    assert request.run_config["resources"]["llm"]["config"]["batch"] is True  # a large label run: batch prices
     # The run config is valid for the job it launches (a real validation, not a lookup).
     assert dg.validate_run_config(job, request.run_config)
     bad = {**request.run_config, "resources": {"compute": {"config": {"where": "cloud"}}}}
@@ -89,3 +97,8 @@ def test_weekly_retraining_schedule_and_its_run_config(monkeypatch):
         build_defs()
     assert isinstance(err.value.__cause__, SettingsError)
     assert "ROUTER_RETRAIN_COMPUTE='cloud'; expected one of local, modal" in str(err.value.__cause__)
+    monkeypatch.setenv("ROUTER_RETRAIN_COMPUTE", "local")
+    monkeypatch.setenv("ROUTER_RETRAIN_SOURCES", "bundled,s3:bucket/x")
+    with pytest.raises(Exception) as err:
+        build_defs()
+    assert "ROUTER_RETRAIN_SOURCES: unknown source 's3'" in str(err.value.__cause__)

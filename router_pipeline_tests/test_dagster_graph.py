@@ -33,9 +33,16 @@ def test_gemini_profile_end_to_end_against_fake_server(fake_gemini, defs, resour
     frame, _ = load_questions(sample_size=24, sample_seed=3)
     result = dg.materialize(
         list(defs.assets), instance=instance, selection=DATA, resources={**resources, "llm": llm},
-        run_config={"ops": {"questions": {"config": {"sample_size": 24, "sample_seed": 3}}}},
+        run_config={"ops": {"questions": {"config": {"sample_size": 24, "sample_seed": 3}},
+                            "judgments": {"config": {"rubric_check": 8}}}},
     )
     assert result.success
+    # 8 referenced answers graded against the rubric too: their agreement is reported.
+    quality = _meta(result, "label_quality")
+    (row,) = quality["sources"].value.records
+    assert row.data["source"] == "bundled" and row.data["rubric_vs_gold_n"] == 8
+    assert row.data["rubric_vs_gold_agreement"] == 1.0  # this fake judges the same way with and without
+    assert row.data["graded_against_gold"] == 48 and "label_mix" in quality
     for key in DATA_KEYS:
         value = defs.load_asset_value(key, instance=instance)
         assert isinstance(value, pd.DataFrame) and len(value) > 0, key
@@ -197,3 +204,6 @@ def test_a_traffic_log_without_references_becomes_labels_without_paying_for_logg
     assert len(labels) == len(defs.load_asset_value("train_questions", instance=instance))
     assert set(labels["policy"]) == {"Standard_Query", "Complex_Query", "Ambiguous_Query"}
     assert len(defs.load_asset_value("sft_dataset", instance=instance)) > 0
+    (row,) = _meta(result, "label_quality")["sources"].value.records
+    assert row.data["source"] == "traffic:traffic.jsonl" and row.data["graded_against_rubric"] == 32
+    assert row.data["rubric_vs_gold_n"] == 0 and row.data["ungraded"] == 0

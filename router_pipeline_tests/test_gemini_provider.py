@@ -6,6 +6,7 @@ from router_pipeline.fake_gemini import FakeGemini, Fault
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.llm.gemini import MissingCredentials
+from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.runner import RetryPolicy, complete_all
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01)
@@ -185,3 +186,63 @@ def test_an_unreachable_endpoint_stops_the_run_with_one_error_naming_the_host(tm
         client = make_client(FLASH, gemini_base_url=url, timeout_s=1.0)
         with pytest.raises(EndpointUnreachable, match=f"cannot reach {host}"):
             complete_all(client, requests, ResponseCache(tmp_path / "cache.sqlite"), retry=FAST_RETRY, progress=False)
+
+
+def test_a_batch_job_is_matched_by_key_and_what_it_failed_is_called_online(tmp_path):
+    """Through the Batch API: results come back in reverse order, one item failed and one
+    left out; every request is settled, the two are called online, batch results cost
+    half the online price, and a second run pays nothing."""
+    with FakeGemini(responder=lambda m, p: f"answer to {p.split(':')[0]}", batch_drop=("item 3:",)) as fake:
+        fake.add_faults("item 5:", Fault(status=500))
+        client = make_client(FLASH, gemini_base_url=fake.base_url, timeout_s=5.0, batch=True, batch_poll_s=0.01)
+        cache = ResponseCache(tmp_path / "cache.sqlite")
+        requests = [FLASH.request(f"item {i}: what is {i} squared?") for i in range(8)]
+        results, stats = complete_all(client, requests, cache, retry=FAST_RETRY, progress=False)
+        assert [r.text for r in results] == [f"answer to item {i}" for i in range(8)]
+        assert len(fake.batch_jobs) == 1 and stats.batch_calls == 6 and stats.batch_retried_online == 2
+        online = [c.prompt for c in fake.calls if not c.batch]
+        assert sorted(online) == ["item 3: what is 3 squared?", "item 5: what is 5 squared?"]
+        full = cost_usd(results[0].input_tokens, results[0].output_tokens, FLASH.price)
+        assert results[0].cost_usd == pytest.approx(full / 2) and results[3].cost_usd == pytest.approx(full)
+        calls = len(fake.calls)
+        again, stats = complete_all(make_client(FLASH, gemini_base_url=fake.base_url, batch=True, batch_poll_s=0.01),
+                                    requests, cache, progress=False)
+        assert stats.cache_hits == 8 and len(fake.calls) == calls and len(fake.batch_jobs) == 1
+
+
+def test_a_run_killed_while_its_batch_job_is_pending_resumes_that_job(tmp_path):
+    """SIGKILL mid-poll, then a new run: it polls the job the first run submitted (its
+    name was stored before polling) and submits nothing twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+from router_pipeline.llm import RoleSpec, make_client
+from router_pipeline.llm.cache import ResponseCache
+from router_pipeline.llm.runner import complete_all
+spec = RoleSpec("gemini", "gemini-2.5-flash", max_output_tokens=32)
+client = make_client(spec, gemini_base_url=sys.argv[1], timeout_s=5.0, batch=True, batch_poll_s=0.05)
+complete_all(client, [spec.request(f"item {{i}}: what is {{i}} squared?") for i in range(20)],
+             ResponseCache({str(tmp_path / "cache.sqlite")!r}), progress=False)
+""")
+    with FakeGemini(batch_polls=10_000) as fake:  # the job stays pending until the test lets it end
+        proc = subprocess.Popen([sys.executable, str(script), fake.base_url],
+                                env={**os.environ, "GEMINI_API_KEY": "test-key-not-secret"})
+        for _ in range(600):
+            if any(job["polls"] >= 3 for job in fake.batch_jobs.values()):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert len(fake.batch_jobs) == 1 and not fake.calls  # submitted, polled, nothing answered yet
+        fake.batch_polls = 0  # the job ends at the next poll
+        client = make_client(FLASH, gemini_base_url=fake.base_url, timeout_s=5.0, batch=True, batch_poll_s=0.01)
+        requests = [FLASH.request(f"item {i}: what is {i} squared?") for i in range(20)]
+        results, stats = complete_all(client, requests, ResponseCache(tmp_path / "cache.sqlite"), progress=False)
+        assert len(fake.batch_jobs) == 1 and stats.batch_calls == 20 and all(r.status == "ok" for r in results)
+        assert len(fake.calls) == 20 and all(c.batch for c in fake.calls)  # each answered once, in the job

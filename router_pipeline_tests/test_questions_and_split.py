@@ -124,6 +124,40 @@ def test_traffic_rows_need_only_a_query(tmp_path):
     assert set(reasons) == {4, 5} and "large_cost_usd is 'lots'" in reasons[5]
 
 
+def test_several_sources_give_one_row_per_query_with_provenance(tmp_path):
+    """Outcomes and traffic overlapping on two queries (one with grades that disagree): each
+    query is kept once, from the first source listed; copies and conflicts are counted per
+    source; a missing optional source is skipped; adding a source never moves a split."""
+    from router_pipeline.questions import SourceSpec, load_sources
+    from router_pipeline.split import assign_split
+
+    outcomes = tmp_path / "outcomes.csv"
+    pd.DataFrame([{"query": "Who wrote Hamlet?", "medium_grade": "Correct", "large_grade": "Correct"},
+                  {"query": "Is 7919 prime?", "medium_grade": "Incorrect", "large_grade": "Correct"},
+                  {"query": "Capital of Peru?", "medium_grade": "Correct", "large_grade": "Correct"}]).to_csv(
+        outcomes, index=False)
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "who wrote  Hamlet?", "medium_grade": "Correct"},  # the same query, normalised; agrees
+        {"query": "Is 7919 prime?", "medium_grade": "Correct"},  # disagrees: a conflict
+        {"query": "How do I rotate my API keys?"}]) + "\n")
+    specs = [SourceSpec("outcomes", str(outcomes)), SourceSpec("traffic", str(traffic)),
+             SourceSpec("outcomes", str(tmp_path / "feedback.jsonl"), required=False)]
+    merged = load_sources(specs)
+    frame = merged.frame.set_index("query")
+    assert len(frame) == 4 and frame["provenance"].to_dict() == {
+        "Who wrote Hamlet?": "outcomes:outcomes.csv", "Is 7919 prime?": "outcomes:outcomes.csv",
+        "Capital of Peru?": "outcomes:outcomes.csv", "How do I rotate my API keys?": "traffic:traffic.jsonl"}
+    assert frame.loc["Is 7919 prime?", "medium_grade"] == INCORRECT  # the first source wins
+    stats = merged.per_source.set_index("source")
+    assert stats.loc["traffic:traffic.jsonl", ["rows", "kept", "duplicates", "conflicts"]].tolist() == [3, 1, 2, 1]
+    assert merged.skipped == ["outcomes:feedback.jsonl"]
+    alone = load_sources(specs[:1]).frame
+    assert assign_split(alone).tolist() == assign_split(merged.frame).iloc[:3].tolist()
+    with pytest.raises(QuestionSourceError, match="not found"):
+        load_sources([SourceSpec("traffic", str(tmp_path / "missing.jsonl"))])
+
+
 @pytest.mark.parametrize("value,label", [(True, CORRECT), (False, INCORRECT), ("IDK", IDK), ("Not_Attempted", IDK), ("", None)])
 def test_parse_grade(value, label):
     assert parse_grade(value) == label

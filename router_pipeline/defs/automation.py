@@ -12,8 +12,10 @@ weekly schedule.
   retrain spends Gemini and Modal GPU money and needs their credentials: an operator
   turns it on (UI toggle or ``dagster schedule start weekly_retraining``). Its run
   config comes from the settings when the definitions are built:
-  ROUTER_RETRAIN_SAMPLE_SIZE (default 0 = every question), ROUTER_RETRAIN_COMPUTE
-  (modal | local, default modal) and ROUTER_RETRAIN_CRON.
+  ROUTER_RETRAIN_SOURCES (default bundled; the routing server's feedback outcomes are
+  always added, last, when the file exists), ROUTER_RETRAIN_SAMPLE_SIZE (default 0 =
+  every question), ROUTER_RETRAIN_COMPUTE (modal | local, default modal) and
+  ROUTER_RETRAIN_CRON. Its Gemini calls go through the Batch API (half price).
 
 Why a schedule and a sensor, not declarative automation:
 - the retrain needs run config that differs from the defaults (every question, not
@@ -27,12 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import dagster as dg
 
 from router_pipeline import settings
+from router_pipeline.artifacts import Artifacts
 from router_pipeline.council import council_files
-from router_pipeline.defs.resources import CouncilInbox
+from router_pipeline.defs.resources import CouncilInbox, LLMRoles
+from router_pipeline.llm.roles import roles_for
+from router_pipeline.serve.feedback import OUTCOMES_FILE as FEEDBACK_OUTCOMES
 from router_pipeline.settings import Settings
 
 DATASETS = ["sft_dataset", "dpo_dataset"]
@@ -77,8 +83,13 @@ def council_sensor(context: dg.SensorEvaluationContext, council_inbox: CouncilIn
 
 
 def retraining_run_config(s: Settings) -> dict:
-    return {"ops": {"questions": {"config": {"sample_size": s.retrain_sample_size}}},
-            "resources": {"compute": {"config": {"where": s.retrain_compute}}}}
+    sources = [{"source": source, "path": path} for source, path in s.retrain_sources]
+    feedback = Artifacts(s.artifacts_dir).feedback / FEEDBACK_OUTCOMES
+    sources.append({"source": "outcomes", "path": str(feedback), "required": False})  # production feedback, once there is some
+    return {"ops": {"questions": {"config": {"sources": sources, "sample_size": s.retrain_sample_size}}},
+            # A full retrain is a large label run: Gemini calls go through the Batch API (half price).
+            "resources": {"compute": {"config": {"where": s.retrain_compute}},
+                          "llm": {"config": LLMRoles.of(replace(roles_for(s), batch=True)).model_dump(exclude_none=True)}}}
 
 
 def weekly_retraining_schedule(s: Settings) -> dg.ScheduleDefinition:

@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from router_pipeline import analysis, answering, judging, oracle, questions, split, training_data
+from router_pipeline import analysis, answering, judging, oracle, plots, questions, split, training_data
+from router_pipeline import label_quality as label_quality_module
 from router_pipeline.defs.metadata import distribution, preview, table
 from router_pipeline.defs.resources import ArtifactStore, LLMRoles, RouterFormat, TrainingCompute
 from router_pipeline.policies import LABELS, POLICIES
@@ -15,8 +16,20 @@ from router_pipeline.text import query_hash
 DATA_GROUP = "data"
 
 
+SourceName = Literal["bundled", "hf", "url", "jsonl", "outcomes", "traffic"]
+
+
+class SourceConfig(dg.Config):
+    source: SourceName = "bundled"
+    path: Optional[str] = None
+    required: bool = True  # False: a file that does not exist yet is skipped (noted in the metadata)
+
+
 class QuestionsConfig(dg.Config):
-    source: Literal["bundled", "hf", "url", "jsonl", "outcomes", "traffic"] = "bundled"
+    # Several sources at once (their order is the precedence for a query in more than
+    # one); when given, `source` and `path` are not used.
+    sources: Optional[list[SourceConfig]] = None
+    source: SourceName = "bundled"
     path: Optional[str] = None  # jsonl / outcomes / traffic file (or a replacement bundled CSV)
     url: str = questions.OPENAI_SIMPLEQA_URL
     hf_dataset: str = questions.DEFAULT_HF_DATASET
@@ -28,21 +41,34 @@ class QuestionsConfig(dg.Config):
 
 @dg.asset(name="questions", group_name=DATA_GROUP, kinds={"pandas"})
 def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg.Output[pd.DataFrame]:
-    """SimpleQA (or the configured source), normalised, validated and sampled."""
-    frame, rejected = questions.load_questions(
-        config.source, path=config.path, url=config.url, hf_dataset=config.hf_dataset,
-        hf_split=config.hf_split, sample_size=config.sample_size, sample_seed=config.sample_seed,
-        max_query_chars=config.max_query_chars,
-    )
+    """SimpleQA (or the configured sources), normalised, validated, merged and sampled;
+    each row keeps its provenance."""
+    merged = None
+    if config.sources:
+        merged = questions.load_sources(
+            [questions.SourceSpec(s.source, s.path, s.required) for s in config.sources],
+            sample_size=config.sample_size, sample_seed=config.sample_seed, max_query_chars=config.max_query_chars)
+        frame, rejected = merged.frame, merged.rejected
+    else:
+        frame, rejected = questions.load_questions(
+            config.source, path=config.path, url=config.url, hf_dataset=config.hf_dataset,
+            hf_split=config.hf_split, sample_size=config.sample_size, sample_seed=config.sample_seed,
+            max_query_chars=config.max_query_chars,
+        )
     for r in rejected[:20]:
         context.log.warning(f"rejected row {r.row}: {r.reason}")
     meta = {
         "rows": len(frame),
         "rejected_rows": len(rejected),
-        "source": config.source,
+        "source": ", ".join(frame["provenance"].unique()),
         "sample_size": config.sample_size,
-        "preview": preview(frame[["qid", "query", "gold_answer"]]),
+        "preview": preview(frame[["qid", "query", "gold_answer", "provenance"]]),
     }
+    if merged is not None:
+        meta.update(sources=table(merged.per_source), duplicates=int(merged.per_source["duplicates"].sum()),
+                    conflicts=int(merged.per_source["conflicts"].sum()))
+        if merged.skipped:
+            meta["skipped_sources"] = ", ".join(merged.skipped)
     if rejected:
         meta["rejected"] = table(pd.DataFrame([{"row": r.row, "reason": r.reason} for r in rejected[:200]]))
     if frame["topic"].notna().any():
@@ -145,6 +171,9 @@ def answers(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
 
 class JudgeConfig(dg.Config):
     seed: int = 0  # which answer the judge sees first when it grades both of a question
+    # Answers with a reference also graded against the rubric (an LLM judge only): how far
+    # labels made without references agree with reference-based ones (label_quality).
+    rubric_check: int = 0
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
@@ -157,7 +186,8 @@ def judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore, comp
     with artifacts.llm_cache() as cache:
         frame, stats = judging.judge_answers(answers, both, judge=roles.judge, client=roles.client("judge"),
                                              cache=cache, seed=config.seed, concurrency=roles.concurrency,
-                                             retry=roles.retry(), progress=compute.progress)
+                                             retry=roles.retry(), progress=compute.progress,
+                                             rubric_check=config.rubric_check)
     labels = pd.crosstab(frame["label"].fillna("ungraded"), frame["tier"]).reindex(
         list(LABELS) + ["ungraded"], fill_value=0).rename_axis("label")
     return dg.Output(frame, metadata={
@@ -169,6 +199,18 @@ def judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore, comp
         "judge_possibly_billed_retries": stats.possibly_billed_retries,
         "judge_cost_usd_this_run": round(stats.cost_usd, 6),
     })
+
+
+@dg.asset(group_name=DATA_GROUP, kinds={"pandas"})
+def label_quality(artifacts: ArtifactStore, questions: pd.DataFrame, judgments: pd.DataFrame,
+                  oracle_labels: pd.DataFrame, council_labels: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    """Per source: the policy mix of its labels, what they were graded against, how often
+    the rubric agrees with the reference (judgments.rubric_check), conflicting copies; and
+    how often the llm-council agrees with the oracle on the same query."""
+    frame, council = label_quality_module.label_quality(questions, judgments, oracle_labels, council_labels)
+    plot = plots.label_mix(frame, artifacts.layout().plots / "label_mix.png")
+    return dg.Output(frame, metadata={"sources": table(frame), **council,
+                                      "label_mix": dg.MetadataValue.md(plots.markdown_image(plot, "label mix"))})
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"})

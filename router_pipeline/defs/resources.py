@@ -107,6 +107,8 @@ class LLMRoles(dg.ConfigurableResource):
     max_attempts: int = _ROLES.max_attempts
     backoff_base_s: float = _ROLES.backoff_base_s
     local_batch_size: int = _ROLES.local_batch_size
+    batch: bool = _ROLES.batch  # Gemini calls through the Batch API (half price; the weekly retrain)
+    batch_poll_s: float = _ROLES.batch_poll_s
 
     @classmethod
     def of(cls, roles: Roles) -> "LLMRoles":

@@ -50,12 +50,14 @@ class RoleSpec:
 
 
 def make_client(spec: RoleSpec, *, gemini_base_url: str | None = None, timeout_s: float | None = None,
-                batch_size: int = 8):
-    """A client for a role; ``timeout_s`` None: a default that fits the model (Pro is slow)."""
+                batch_size: int = 8, batch: bool = False, batch_poll_s: float = 30.0):
+    """A client for a role; ``timeout_s`` None: a default that fits the model (Pro is slow).
+    ``batch``: a Gemini client's runs go through the Batch API (llm/batch.py)."""
     if spec.provider == "gemini":
         from router_pipeline.llm.gemini import GeminiClient
 
-        return GeminiClient(spec.model, price=spec.price, base_url=gemini_base_url, timeout_s=timeout_s)
+        return GeminiClient(spec.model, price=spec.price, base_url=gemini_base_url, timeout_s=timeout_s,
+                            batch=batch, batch_poll_s=batch_poll_s)
     from router_pipeline.llm.local import LocalClient
 
     return LocalClient(spec.model, price=spec.price, batch_size=batch_size)

@@ -8,6 +8,7 @@ gone (same host, dead pid) or that is older than CLAIM_TTL_S is stale and taken 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -35,6 +36,8 @@ class ResponseCache:
                     "created TEXT DEFAULT CURRENT_TIMESTAMP)"
                 )
                 self._db.execute("CREATE TABLE IF NOT EXISTS inflight (key TEXT PRIMARY KEY, owner TEXT NOT NULL, since REAL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS batch_jobs (name TEXT PRIMARY KEY, model TEXT NOT NULL, "
+                                 "keys TEXT NOT NULL, created REAL, finished REAL)")
                 self._db.commit()
                 break
             except sqlite3.OperationalError as exc:
@@ -83,6 +86,26 @@ class ResponseCache:
     def release(self, key: str, owner: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM inflight WHERE key = ? AND owner = ?", (key, owner))
+            self._db.commit()
+
+    # -- batch jobs: a job's name is stored before it is polled, so a run killed while the
+    # job is pending resumes it instead of submitting (and paying for) a second one.
+    def record_batch(self, name: str, model: str, keys: list[str]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO batch_jobs (name, model, keys, created) VALUES (?, ?, ?, ?)",
+                             (name, model, json.dumps(keys), time.time()))
+            self._db.commit()
+
+    def open_batches(self, model: str) -> list[tuple[str, list[str]]]:
+        """(name, keys) of this model's jobs not yet finished, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, keys FROM batch_jobs WHERE model = ? AND finished IS NULL "
+                                    "ORDER BY created", (model,)).fetchall()
+        return [(name, json.loads(keys)) for name, keys in rows]
+
+    def finish_batch(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE batch_jobs SET finished = ? WHERE name = ?", (time.time(), name))
             self._db.commit()
 
     def __len__(self) -> int:

@@ -12,6 +12,8 @@ from router_pipeline.llm.types import BLOCKED, EMPTY, OK, LLMRequest, LLMResult,
 
 RETRYABLE_CODES = {408, 429, 500, 502, 503, 504}
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+BATCH_DONE = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
+              "JOB_STATE_PARTIALLY_SUCCEEDED"}
 
 
 class MissingCredentials(RuntimeError):
@@ -68,12 +70,15 @@ class GeminiClient:
         price: tuple[float, float],
         base_url: str | None = None,
         timeout_s: float | None = None,
+        batch: bool = False,
+        batch_poll_s: float = 30.0,
     ):
         from google import genai
         from google.genai import types
 
         self.model = model
         self.price = price
+        self.batch, self.batch_poll_s = batch, batch_poll_s  # runs through the Batch API (runner, llm/batch.py)
         url = urlparse(base_url or DEFAULT_BASE_URL)
         self.endpoint = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))  # runner.reachable
         self._types = types
@@ -114,6 +119,39 @@ class GeminiClient:
         whole = "".join(parts).strip()
         result.text, result.status = (whole, OK) if whole else (None, result.status if result.status != OK else EMPTY)
         yield result
+
+    # -- Batch API (llm/batch.py drives it) --------------------------------------
+    async def batch_create(self, keyed: list[tuple[str, LLMRequest]]) -> str:
+        """Submit one batch job of inlined requests, each tagged with its key; its name."""
+        src = [self._types.InlinedRequest(contents=r.prompt, config=self._config(r), metadata={"key": key})
+               for key, r in keyed]
+        try:
+            job = await self._client.aio.batches.create(model=self.model, src=src,
+                                                        config={"display_name": f"router-pipeline {len(src)}"})
+        except Exception as exc:
+            _reraise(exc)
+        return job.name
+
+    async def batch_get(self, name: str) -> tuple[str, dict[str, LLMResult] | None]:
+        """(state, {key: result} once the job has ended). A request the job failed comes
+        back as an ERROR result; one missing from the output is absent."""
+        try:
+            job = await self._client.aio.batches.get(name=name)
+        except Exception as exc:
+            _reraise(exc)
+        state = str(getattr(job.state, "name", job.state))
+        if state not in BATCH_DONE:
+            return state, None
+        out = {}
+        for item in (job.dest.inlined_responses if job.dest and job.dest.inlined_responses else []):
+            key = (item.metadata or {}).get("key")
+            if key is None:
+                continue
+            if item.error is not None or item.response is None:
+                out[key] = LLMResult.failed(f"batch item failed: {getattr(item.error, 'message', None) or 'no response'}")
+            else:
+                out[key] = self._to_result(item.response)
+        return state, out
 
     def _config(self, request: LLMRequest):
         return self._types.GenerateContentConfig(

@@ -30,6 +30,8 @@ class Roles:
     max_attempts: int = 6
     backoff_base_s: float = 1.0
     local_batch_size: int = 16
+    batch: bool = False  # Gemini roles through the Batch API: half price, hours not seconds (large runs)
+    batch_poll_s: float = 30.0
 
     def spec(self, role: str) -> RoleSpec | None:
         if role not in ROLES:
@@ -51,7 +53,7 @@ class Roles:
 
     def client_for(self, spec: RoleSpec):
         return make_client(spec, gemini_base_url=self.gemini_base_url, timeout_s=self.timeout_s,
-                           batch_size=self.local_batch_size)
+                           batch_size=self.local_batch_size, batch=self.batch, batch_poll_s=self.batch_poll_s)
 
     def retry(self) -> RetryPolicy:
         return RetryPolicy(max_attempts=self.max_attempts, base_delay_s=self.backoff_base_s)

@@ -68,6 +68,8 @@ class RunStats:
     possibly_billed_retries: int = 0  # retries after a timeout: the provider may have billed the first try
     waited_for_other_runs: int = 0  # results another run was already paying for, taken from the cache
     errors: int = 0
+    batch_calls: int = 0  # of ``calls``, those a Batch API job answered (at batch prices)
+    batch_retried_online: int = 0  # requests a batch job failed or left out, then called online
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0  # paid in this run (cache hits cost nothing)
@@ -136,8 +138,17 @@ def complete_all(
                 stats.waited_for_other_runs += 1
                 bar.update(1)
 
-            asyncio.run(_run_async(client, requests, todo, settle, concurrency, retry,
-                                   cache, keys, taken_from_other_run))
+            def from_batch(i: int, result: LLMResult) -> None:  # priced and cached by llm/batch.py
+                results[i] = result
+                stats.calls += 1
+                stats.batch_calls += 1
+                stats.input_tokens += result.input_tokens
+                stats.output_tokens += result.output_tokens
+                stats.cost_usd += result.cost_usd
+                bar.update(1)
+
+            asyncio.run(_run_all(client, requests, todo, settle, concurrency, retry, cache, keys,
+                                 taken_from_other_run, from_batch, stats, desc, progress))
     finally:
         bar.close()
     stats.wall_s = time.perf_counter() - start
@@ -145,6 +156,30 @@ def complete_all(
 
 
 CLAIM_POLL_S = 0.5
+
+
+async def _run_all(client, requests, todo, settle, concurrency, retry, cache, keys, taken, from_batch, stats,
+                   desc, progress) -> None:
+    """Batch first when the client asks for it (and a cache holds the job names), then
+    online for the rest: what the job failed or left out, or everything."""
+    try:
+        if getattr(client, "endpoint", None):
+            await reachable(client.endpoint)
+        if getattr(client, "batch", False) and cache is not None:
+            from router_pipeline.llm.batch import run_batch
+
+            keyed = {keys[i]: requests[i] for i in todo}
+            settled = await run_batch(client, keyed, cache, poll_s=client.batch_poll_s, progress=progress, desc=desc)
+            for i in todo:
+                if keys[i] in settled:
+                    from_batch(i, settled[keys[i]])
+            todo = [i for i in todo if keys[i] not in settled]
+            stats.batch_retried_online = len(todo)
+        await _run_async(client, requests, todo, settle, concurrency, retry, cache, keys, taken)
+    finally:
+        closer = getattr(client, "aclose", None)
+        if closer is not None:
+            await closer()
 
 
 async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPolicy,
@@ -169,14 +204,7 @@ async def _run_async(client, requests, todo, settle, concurrency, retry: RetryPo
             finally:
                 cache.release(keys[i], owner)
 
-    try:
-        if getattr(client, "endpoint", None):
-            await reachable(client.endpoint)
-        await asyncio.gather(*(one(i) for i in todo))
-    finally:
-        closer = getattr(client, "aclose", None)
-        if closer is not None:
-            await closer()
+    await asyncio.gather(*(one(i) for i in todo))
 
 
 async def _with_retries(client, request: LLMRequest, retry: RetryPolicy) -> LLMResult:

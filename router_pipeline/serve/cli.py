@@ -226,7 +226,7 @@ def serve(args) -> int:
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
                      graceful_shutdown_s=args.graceful_shutdown_s)
     state = build_state(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
-                        feedback_dir=args.feedback_dir or Artifacts.from_settings().root / "feedback")
+                        feedback_dir=args.feedback_dir or Artifacts.from_settings().feedback)
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
               file=sys.stderr)

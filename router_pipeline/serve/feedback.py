@@ -35,6 +35,7 @@ from router_pipeline.text import query_hash
 TIERS = ("medium", "large")
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
 DB_FILE = "requests.sqlite"
+OUTCOMES_FILE = "outcomes.jsonl"  # what the pipeline's `outcomes` source reads
 _SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
     store_query INTEGER NOT NULL, grades TEXT NOT NULL DEFAULT '{}', written INTEGER NOT NULL DEFAULT 0)"""
@@ -64,7 +65,7 @@ class ServedRequest:
 class FeedbackStore:
     def __init__(self, folder: str | Path, capacity: int = 100_000):
         self.folder, self.capacity = Path(folder), capacity
-        self.outcomes_path = self.folder / "outcomes.jsonl"
+        self.outcomes_path = self.folder / OUTCOMES_FILE
         self.log_path = self.folder / "feedback.jsonl"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = None
