@@ -9,7 +9,9 @@ with the row and the reason; the rest are kept.
 - ``outcomes``: graded (or answered and gold-referenced) rows: every tier has an answer
   or a grade.
 - ``traffic``: a team's own queries, usually without a reference answer, each with
-  whatever its log holds (a tier's answer, grade, cost or tokens). What is logged is
+  whatever its log holds (a tier's answer, grade, cost or tokens); or the routing
+  server's ``requests.sqlite``, whose stored queries (profiles with ``store_queries``)
+  become rows. What is logged is
   used (an answer in the log is never paid for again); what is missing is generated and
   judged, against the rubric when there is no reference answer.
 """
@@ -175,12 +177,27 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
         raise QuestionSourceError(f"{source} path {file} is a directory, not a file")
     if file.suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(file)
+    if file.suffix == ".sqlite" and source == "traffic":
+        return _read_served_queries(file), []
     if file.suffix == ".parquet":
         try:
             return pd.read_parquet(file), []
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise QuestionSourceError(f"{file} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     return _read_csv(file)
+
+
+def _read_served_queries(file: Path) -> pd.DataFrame:
+    """The queries the routing server stored (its feedback folder's requests.sqlite): only
+    those of profiles that allow storing queries are there as text."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as db:
+            rows = db.execute("SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise QuestionSourceError(f"{file} is not the routing server's request database ({exc})") from None
+    return pd.DataFrame({"query": [r[0] for r in rows]})
 
 
 def _physical_lines(file: Path) -> list[tuple[int, str | None]]:

@@ -124,6 +124,24 @@ def test_traffic_rows_need_only_a_query(tmp_path):
     assert set(reasons) == {4, 5} and "large_cost_usd is 'lots'" in reasons[5]
 
 
+def test_the_queries_the_server_stored_are_a_traffic_source(tmp_path):
+    """requests.sqlite of the routing server: the stored queries (profiles that allow it)
+    become traffic rows; the others are not there as text."""
+    from router_pipeline.serve.feedback import FeedbackStore, ServedRequest
+
+    store = FeedbackStore(tmp_path / "feedback")
+    store.remember(ServedRequest("r1", "app", "How do I rotate my API keys?", "large", store_query=True))
+    store.remember(ServedRequest("r2", "private", "My salary is 90k, is that fair?", "medium", store_query=False))
+    store.remember(ServedRequest("r3", "app", "Is 7919 prime?", "medium", store_query=True))
+    store.close()
+    frame, rejected = load_questions("traffic", path=str(tmp_path / "feedback" / "requests.sqlite"))
+    assert frame["query"].tolist() == ["How do I rotate my API keys?", "Is 7919 prime?"] and not rejected
+    assert frame["provenance"].unique().tolist() == ["traffic:requests.sqlite"]
+    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(QuestionSourceError, match="not the routing server's request database"):
+        load_questions("traffic", path=str(tmp_path / "broken.sqlite"))
+
+
 def test_several_sources_give_one_row_per_query_with_provenance(tmp_path):
     """Outcomes and traffic overlapping on two queries (one with grades that disagree): each
     query is kept once, from the first source listed; copies and conflicts are counted per
