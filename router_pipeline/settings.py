@@ -26,6 +26,7 @@ never part of ``Settings`` (so they cannot end up in a repr, a log or metadata).
 | MODAL_TOKEN_ID + MODAL_TOKEN_SECRET | ``modal_credentials_present()`` (secret) | ~/.modal.toml |
 | the ``keys_env`` of a serving profile | ``secret(var)``: that profile's API keys | |
 | ROUTER_ADMIN_KEY | ``secret(var)``: the routing server's admin key (/metrics) | |
+| ROUTER_DATABASE_URL | ``secret(var)``: the routing server's PostgreSQL state database | |
 """
 
 from __future__ import annotations

@@ -127,3 +127,41 @@ def mmlu_outcomes():
     if not MMLU_OUTCOMES.exists():
         pytest.skip(f"the shared MMLU outcomes are not at {MMLU_OUTCOMES}")
     return MMLU_OUTCOMES
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free loopback port, from Debian's package
+    (.ci/run installs it and sets ROUTER_TEST_POSTGRES=required, so CI never skips).
+    Run as the postgres user when the tests run as root: PostgreSQL refuses root."""
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    as_root = os.geteuid() == 0
+    if not bins or (as_root and not shutil.which("runuser")):
+        if os.environ.get("ROUTER_TEST_POSTGRES") == "required":
+            pytest.fail("PostgreSQL is required here (ROUTER_TEST_POSTGRES=required) but its binaries are missing")
+        pytest.skip("PostgreSQL's server binaries (Debian's postgresql package) are not installed")
+    bindir = Path(bins[-1]).parent
+    data = Path(tempfile.mkdtemp(prefix="router-pg-"))
+    as_pg = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(data, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(as_pg + [str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
+                            f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

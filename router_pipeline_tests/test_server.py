@@ -544,3 +544,24 @@ def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, t
         proc.wait(30)
     frame, rejected = load_questions("outcomes", path=str(feedback_dir / "outcomes.jsonl"), sample_size=0)
     assert not rejected and sorted(frame["query"]) == sorted(q for q, _ in served)
+
+
+def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, postgres_url, tmp_path, monkeypatch):
+    """Behind a load balancer: a request answered by replica A gets its feedback through
+    replica B, because both keep their request memory in the same PostgreSQL."""
+    from router_pipeline.serve.database import Database
+
+    Database(postgres_url).execute("DROP TABLE IF EXISTS requests")
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
+    config = replace(DEFAULTS, database=postgres_url)
+    replicas = [build_state(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / name, config=config,
+                            router=router) for name in ("a", "b")]
+    with serving(replicas[0]) as url_a, serving(replicas[1]) as url_b:
+        request_id = ask(url_a, "Who chaired the 1890 Ballyhooly fair?").model_extra["routing"]["request_id"]
+        code, body = _post(url_b, "/v1/feedback", json.dumps({"request_id": request_id,
+                                                              "preferred_tier": "large"}).encode())
+    assert code == 200 and body["outcome_row"]
+    frame, _ = load_questions("outcomes", path=str(tmp_path / "b" / "outcomes.jsonl"), sample_size=0)
+    assert frame["query"].tolist() == ["Who chaired the 1890 Ballyhooly fair?"]

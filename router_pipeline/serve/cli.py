@@ -31,6 +31,7 @@ def default_router_dir() -> Path | None:
     return Artifacts.from_settings().default_router()
 
 
+DATABASE_VAR = "ROUTER_DATABASE_URL"  # a PostgreSQL URL may hold a password: an environment variable, not a flag
 PRECISION_HELP = ("head routers on Gemma: fast (bf16 weights where the CPU has bf16 units; the release's "
                   "exported encoder) or fp32, the reference")
 
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long a model that failed (429/5xx/timeout) is skipped")
     s.add_argument("--max-output-tokens", type=int, default=DEFAULTS.max_output_tokens,
                    help="the most a request's max_tokens may ask for (more is a 400)")
+    s.add_argument("--database", help="state database: a postgresql:// URL shared by several hosts (default: "
+                                      f"${DATABASE_VAR}, else SQLite in the feedback folder)")
     s.add_argument("--graceful-shutdown-s", type=float, default=DEFAULTS.graceful_shutdown_s,
                    help="after SIGTERM, how long requests in flight may finish before they are cancelled")
     return p
@@ -213,6 +216,7 @@ def _human(out: dict) -> str:
 def serve(args) -> int:
     import uvicorn
 
+    from router_pipeline import settings
     from router_pipeline.artifacts import Artifacts
     from router_pipeline.serve.server import build_state, create_app
 
@@ -224,7 +228,8 @@ def serve(args) -> int:
     config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
                      window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
-                     graceful_shutdown_s=args.graceful_shutdown_s)
+                     graceful_shutdown_s=args.graceful_shutdown_s,
+                     database=args.database or settings.secret(DATABASE_VAR))
     state = build_state(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
                         feedback_dir=args.feedback_dir or Artifacts.from_settings().feedback)
     if state.profiles.open:
@@ -241,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     from router_pipeline.serve.mapper import MapperConfigError
     from router_pipeline.serve.profiles import ProfileError
     from router_pipeline.routing import RouterOutputError
+    from router_pipeline.serve.database import DatabaseError
 
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
         return run(args)
-    except (MapperConfigError, ProfileError, RouterOutputError, ValueError, OSError) as exc:
+    except (MapperConfigError, ProfileError, RouterOutputError, DatabaseError, ValueError, OSError) as exc:
         # User errors (bad files, configs, ledgers, paths) end in one line, never a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

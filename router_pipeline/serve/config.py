@@ -22,6 +22,9 @@ class ServingConfig:
     # Upstream models.
     cooldown_s: float = 30.0  # how long a model that failed (429/5xx/timeout) is skipped
     escalation_timeout_s: float = 120.0
+    # State: None -> SQLite in the feedback folder; a postgresql:// URL for several hosts
+    # (from --database, else ROUTER_DATABASE_URL: it may hold a password).
+    database: str | None = None
     # Process.
     graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled
     threshold_mappers: int = 256  # router-<threshold> mappers kept (least recently used dropped)

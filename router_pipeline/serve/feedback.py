@@ -13,23 +13,25 @@ large_grade) once both grades are known and its profile allows storing queries:
 Feedback for a grade a tier already has, with another grade, is a conflict: refused,
 and the stored grades (and the outcomes row) stay as they were.
 
-Served requests are remembered in SQLite (``requests.sqlite`` in the feedback folder,
-WAL), the most recent ``capacity`` of them: feedback for a request served before a
-restart or a crash, or by another server process on the same host, still lands. A
-query's text is stored only for profiles that allow it (its hash otherwise).
+Served requests are remembered in a database (serve/database.py: SQLite,
+``requests.sqlite`` in the feedback folder, or PostgreSQL), the most recent ``capacity``
+of them: feedback for a request served before a restart or a crash, or by another
+server process (another host, with PostgreSQL), still lands. A query's text is stored
+only for profiles that allow it (its hash otherwise). The feedback log and the outcomes
+rows are files in the feedback folder of the server that took the feedback.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from router_pipeline.policies import LABELS
 from router_pipeline.serve import decision_log
+from router_pipeline.serve.database import Database
 from router_pipeline.text import query_hash
 
 TIERS = ("medium", "large")
@@ -38,7 +40,8 @@ DB_FILE = "requests.sqlite"
 OUTCOMES_FILE = "outcomes.jsonl"  # what the pipeline's `outcomes` source reads
 _SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
-    store_query INTEGER NOT NULL, grades TEXT NOT NULL DEFAULT '{}', written INTEGER NOT NULL DEFAULT 0)"""
+    store_query INTEGER NOT NULL, grades TEXT NOT NULL DEFAULT '{}', written INTEGER NOT NULL DEFAULT 0,
+    served_at BIGINT NOT NULL)"""
 
 
 class FeedbackError(ValueError):
@@ -63,43 +66,31 @@ class ServedRequest:
 
 
 class FeedbackStore:
-    def __init__(self, folder: str | Path, capacity: int = 100_000):
+    """``database``: None for SQLite in the feedback folder (requests.sqlite), or a
+    postgresql:// URL shared by several server hosts."""
+
+    def __init__(self, folder: str | Path, capacity: int = 100_000, database: str | None = None):
         self.folder, self.capacity = Path(folder), capacity
         self.outcomes_path = self.folder / OUTCOMES_FILE
         self.log_path = self.folder / "feedback.jsonl"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._db = Database(database or self.folder / DB_FILE)
         self._inserted = 0
         self._db.execute(_SCHEMA)
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        """One connection, used under the lock, opened again after ``close`` (a server that
-        stops and starts with the same state); the timeout waits for other processes' writes."""
-        if self._conn is None:
-            self._conn = sqlite3.connect(self.folder / DB_FILE, timeout=30, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        return self._conn
-
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()  # opened again on next use (a server that stops and starts with the same state)
 
     def remember(self, request: ServedRequest) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO requests (request_id, profile, query, query_hash, tier, store_query) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (request.request_id, request.profile, request.query if request.store_query else None,
-                 query_hash(request.query), request.tier, int(request.store_query)))
-            self._inserted += 1
-            if self._inserted % 1000 == 0:  # keep the most recent `capacity`
-                self._db.execute("DELETE FROM requests WHERE rowid <= (SELECT MAX(rowid) FROM requests) - ?",
-                                 (self.capacity,))
+        self._db.execute(
+            "INSERT INTO requests (request_id, profile, query, query_hash, tier, store_query, served_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+            (request.request_id, request.profile, request.query if request.store_query else None,
+             query_hash(request.query), request.tier, int(request.store_query), time.time_ns()))
+        self._inserted += 1
+        if self._inserted % 1000 == 0:  # keep the most recent `capacity`
+            self._db.execute("DELETE FROM requests WHERE served_at < (SELECT served_at FROM requests "
+                             "ORDER BY served_at DESC LIMIT 1 OFFSET ?)", (self.capacity,))
 
     def add(self, request_id: str, *, grade: str | None = None, tier: str | None = None,
             preferred_tier: str | None = None, profile: str) -> dict:
@@ -110,19 +101,13 @@ class FeedbackStore:
             raise FeedbackError(f"preferred_tier must be one of {TIERS}")
         if grade is not None and grade not in LABELS:
             raise FeedbackError(f"grade must be one of {LABELS}")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # one writer across processes from read to update
-            try:
-                result = self._add(request_id, grade, tier, preferred_tier, profile)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
+        with self._db.transaction():  # one writer across processes and hosts from read to update
+            return self._add(request_id, grade, tier, preferred_tier, profile)
 
     def _add(self, request_id, grade, tier, preferred_tier, profile) -> dict:
-        row = self._db.execute("SELECT profile, query, query_hash, tier, store_query, grades, written FROM requests "
-                               "WHERE request_id = ?", (request_id,)).fetchone()
+        rows = self._db.execute("SELECT profile, query, query_hash, tier, store_query, grades, written FROM requests "
+                                "WHERE request_id = ?" + (" FOR UPDATE" if self._db.postgres else ""), (request_id,))
+        row = rows[0] if rows else None
         if row is None or row[0] != profile:  # a caller sees its own requests only
             raise UnknownRequest(request_id)
         _, query, qhash, served_tier, store_query, grades_json, written = row

@@ -41,6 +41,7 @@ from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
+from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
@@ -222,6 +223,13 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
                                        "code": exc.code}}, status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(DatabaseError)
+    async def database_error(request: Request, exc: DatabaseError):
+        log.error("%s", exc)
+        return JSONResponse({"error": {"message": "the server's state database is unavailable; try again later",
+                                       "type": "server_error", "param": None, "code": "database_unavailable"}},
+                            status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(LedgerError)
     async def ledger_error(request: Request, exc: LedgerError):
         # Money state that cannot be read stops spending (fail closed), with the file named.
@@ -271,8 +279,12 @@ def create_app(state: ServerState) -> FastAPI:
                            total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
                            escalated=bool(routing.get("escalated")),
                            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
-        await asyncio.to_thread(state.feedback.remember, ServedRequest(
-            routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+        try:
+            await asyncio.to_thread(state.feedback.remember, ServedRequest(
+                routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+        except DatabaseError as exc:  # the answer is paid for: return it; only its feedback is lost
+            log.error("request memory: %s", exc)
+            routing["feedback_unavailable"] = True
         if state.decision_log_path is not None:
             decision_log.append(state.decision_log_path, {
                 **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
@@ -470,7 +482,7 @@ def build_state(adapter: str | Path, *, profiles_path: str | Path | None, feedba
                                             max_batch=config.max_batch if config.batching else 1),
         profiles=profiles, backends=Backends(roles, cooldown_s=config.cooldown_s,
                                              local_max_output_tokens=config.local_max_output_tokens),
-        feedback=FeedbackStore(feedback_dir), stats=Stats(), calibration=router.calibration, config=config,
+        feedback=FeedbackStore(feedback_dir, database=config.database), stats=Stats(), calibration=router.calibration, config=config,
         decision_log_path=Path(decision_log_path) if decision_log_path else None)
 
 

@@ -1,0 +1,53 @@
+"""The routing server's state database, against real servers: SQLite (one file, several
+processes of one host) and PostgreSQL (several hosts), two replicas each."""
+
+import concurrent.futures
+import json
+
+import pytest
+
+from router_pipeline.serve.database import Database, DatabaseError, describe
+from router_pipeline.serve.feedback import FeedbackConflict, FeedbackStore, ServedRequest, UnknownRequest
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "shared" / "requests.sqlite")
+    url = request.getfixturevalue("postgres_url")
+    Database(url).execute("DROP TABLE IF EXISTS requests")  # a fresh table per test
+    return url
+
+
+def test_two_replicas_share_request_memory_and_one_outcome_row_lands(database, tmp_path):
+    """A request served by replica A gets its feedback through replica B; sixteen
+    concurrent feedbacks through both replicas write exactly one outcomes row; a
+    contradicting one is a conflict."""
+    (tmp_path / "shared").mkdir(exist_ok=True)
+    a = FeedbackStore(tmp_path / "a", database=database)
+    b = FeedbackStore(tmp_path / "b", database=database)
+    a.remember(ServedRequest("r1", "app", "Who wrote Hamlet?", "large", store_query=True))
+    a.remember(ServedRequest("r2", "private", "My salary question", "medium", store_query=False))
+    with pytest.raises(UnknownRequest):
+        b.add("r1", grade="Correct", profile="private")  # another profile's request
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: (a, b)[i % 2].add("r1", preferred_tier="large", profile="app"), range(16)))
+    assert sum(r["outcome_row"] for r in results) == 1
+    rows = [json.loads(line) for d in ("a", "b") if (tmp_path / d / "outcomes.jsonl").exists()
+            for line in (tmp_path / d / "outcomes.jsonl").read_text().splitlines()]
+    assert [(r["query"], r["medium_grade"], r["large_grade"]) for r in rows] == [("Who wrote Hamlet?", "Incorrect", "Correct")]
+    with pytest.raises(FeedbackConflict):
+        a.add("r1", preferred_tier="medium", profile="app")
+    assert not b.add("r2", grade="Correct", profile="private")["query_stored"]
+    stored = Database(database).execute("SELECT request_id, query FROM requests ORDER BY request_id")
+    assert stored == [("r1", "Who wrote Hamlet?"), ("r2", None)]  # a private query is never stored as text
+    a.close()
+    b.close()
+
+
+def test_an_unreachable_database_is_a_clear_error_without_the_password():
+    db = Database("postgresql://router:s3cret-pw@127.0.0.1:1/state")
+    with pytest.raises(DatabaseError) as err:
+        db.execute("SELECT 1")
+    assert "postgresql://router@127.0.0.1:1/state" in str(err.value) and "s3cret" not in str(err.value)
+    assert describe("postgresql://u:p@h:5/db") == "postgresql://u@h:5/db"
