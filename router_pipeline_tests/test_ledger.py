@@ -67,3 +67,22 @@ def test_a_writer_killed_mid_update_never_loses_the_previous_total(tmp_path):
         last = total
     assert last > 0.05
     assert json.loads(path.read_text())["total"] == pytest.approx(last)
+
+
+def test_reservations_make_the_budget_check_and_the_spend_one_step(tmp_path, monkeypatch):
+    from router_pipeline.serve import ledger as ledger_module
+
+    led = BudgetLedger(tmp_path / "b.json", "total")
+    first = led.admit(1.0, 0.8)
+    assert first and led.committed() == pytest.approx(0.8)
+    second = led.admit(1.0, 0.8)  # 0.8 < 1.0 committed: admitted, and now over
+    assert second and led.admit(1.0, 0.1) is None
+    led.settle(first, 0.05)  # the first request cost 0.05, not its 0.8 upper bound
+    led.release(second)  # the second spent nothing (every model failed)
+    assert led.spent() == pytest.approx(0.05) and led.committed() == pytest.approx(0.05)
+    stale = led.admit(1.0, 0.9)
+    monkeypatch.setattr(ledger_module, "RESERVATION_TTL_S", 0.0)  # its request ended long ago
+    assert led.committed() == pytest.approx(0.05) and led.admit(1.0, 0.1) is not None and stale
+    (tmp_path / "b.json.reserved").write_text("{garbage")
+    with pytest.raises(LedgerError, match="reservations .* unreadable"):
+        led.admit(1.0, 0.1)

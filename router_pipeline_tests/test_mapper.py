@@ -158,6 +158,8 @@ def test_yaml_file_with_preset_override(tmp_path):
     ("rules: [{kind: policy, map: {Easy_Query: medium}}]", "bad keys ['Easy_Query']"),
     ("rules: [{kind: math, target: huge}]", "target 'huge'"),
     ("rules: [{kind: budget, limit_usd: 1, target: medium}]", "needs a 'budget' section"),
+    ("budget: {ledger: b.json}\nrules: [{kind: budget, limit_usd: 5e-05, target: medium}]",
+     "limit_usd must be a number, got '5e-05' (YAML needs a dot"),
     ("preset: cheapest", "unknown preset"),
     ("rules: [unclosed", "not valid YAML"),
     ("- just\n- a list", "must be a mapping"),

@@ -565,3 +565,64 @@ def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, pos
     assert code == 200 and body["outcome_row"]
     frame, _ = load_questions("outcomes", path=str(tmp_path / "b" / "outcomes.jsonl"), sample_size=0)
     assert frame["query"].tolist() == ["Who chaired the 1890 Ballyhooly fair?"]
+
+
+def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_most(router, tmp_path, monkeypatch):
+    """24 concurrent requests through two `router-pipeline serve` processes that share a
+    profile's budget: every request would go to the large model, and the budget check
+    and the reservation of its cost are one locked step, so the large model's spend ends
+    within one request's cost of the limit; the ledger holds every cent charged."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
+    ledger = tmp_path / "shared_budget.json"
+    limit = 5e-5  # about 1.5 large-model answers here
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(f"""
+profiles:
+  metered:
+    keys_env: TEST_KEYS_METERED
+    mapper:
+      budget: {{ledger: "{ledger}", period: total}}
+      fallback: medium
+      rules:
+        - {{kind: budget, limit_usd: {limit:.8f}, target: medium}}
+        - {{kind: threshold, at_least: 0.0, target: large}}
+""")
+    with FakeGemini(latency_s=0.3) as fake:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+        servers = []
+        for name in ("a", "b"):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            servers.append((subprocess.Popen(
+                [str(Path(sys.executable).with_name("router-pipeline")), "serve", "--adapter", router.adapter_dir,
+                 "--port", str(port), "--profiles", str(profiles), "--feedback-dir", str(tmp_path / name)],
+                stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}"))
+        try:
+            for proc, url in servers:
+                for _ in range(600):
+                    assert proc.poll() is None, "a server exited while starting"
+                    try:
+                        urllib.request.urlopen(f"{url}/health", timeout=1)
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:
+                replies = list(pool.map(lambda i: ask(servers[i % 2][1], f"Question {i}?", profile="metered"),
+                                        range(24)))
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait(30)
+    costs = [(r.model, r.model_extra["routing"]["cost_usd"]) for r in replies]
+    large = [c for m, c in costs if m == PRO]
+    assert large and len(large) < 24 and any(m == FLASH for m, _ in costs)
+    assert sum(large) <= limit + max(large)  # within one request's cost of the limit
+    assert json.loads(ledger.read_text())["total"] == pytest.approx(sum(c for _, c in costs))

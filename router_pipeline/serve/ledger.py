@@ -13,14 +13,18 @@ less than it holds:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
 import math
 import os
+import time
+import uuid
 from pathlib import Path
 
 PERIODS = ("total", "day", "month")
+RESERVATION_TTL_S = 900.0  # a reservation older than this is dropped: its request has ended (or its process died)
 
 
 class LedgerError(ValueError):
@@ -71,23 +75,32 @@ class BudgetLedger:
             raise LedgerError(f"{where} holds invalid amounts {bad!r} (expected finite numbers >= 0)", self.path.name)
         return {k: float(v) for k, v in data.items()}
 
-    def _update(self, change) -> dict[str, float]:
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on the sidecar ``.lock`` file, across processes of this host."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, path: Path, data: dict) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+    def _update(self, change) -> dict[str, float]:
+        with self._locked():
             data = self.read()
             change(data)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(data, indent=2, sort_keys=True))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename itself survives a power cut
-            finally:
-                os.close(dir_fd)
+            self._write(self.path, data)
             return data
 
     def spent(self) -> float:
@@ -103,3 +116,65 @@ class BudgetLedger:
             data[key] = round(data.get(key, 0.0) + float(usd), 10)
 
         return self._update(bump)[key]
+
+    # -- reservations: a budget check and the spend it allows are one step -----------
+    # A request that may spend reserves an upper bound of its cost while it runs, in the
+    # same locked step as the check; the check counts spend plus live reservations. So
+    # processes charging one budget together exceed it by one request's cost at most.
+    @property
+    def _reserved_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserved")
+
+    def _reservations(self) -> dict[str, list]:
+        """id -> [usd, period key, unix time], the expired ones dropped."""
+        if not self._reserved_path.exists():
+            return {}
+        try:
+            data = json.loads(self._reserved_path.read_text(encoding="utf-8"))
+            now = time.time()
+            return {k: v for k, v in data.items() if now - float(v[2]) < RESERVATION_TTL_S}
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeDecodeError):
+            raise LedgerError(f"budget reservations {self._reserved_path} are unreadable; spending is stopped "
+                              "until the file is fixed or deleted", self._reserved_path.name) from None
+
+    def committed(self) -> float:
+        """This period's spend plus what requests in flight have reserved."""
+        key = self.key()
+        return self.spent() + sum(float(v[0]) for v in self._reservations().values() if v[1] == key)
+
+    def admit(self, limit_usd: float, estimate_usd: float) -> str | None:
+        """Reserve ``estimate_usd`` when the period's committed spend is below the limit;
+        the reservation's id, or None (the budget is used up)."""
+        key = self.key()
+        with self._locked():
+            committed = self.read().get(key, 0.0)
+            reserved = self._reservations()
+            committed += sum(float(v[0]) for v in reserved.values() if v[1] == key)
+            if committed >= limit_usd:
+                return None
+            rid = uuid.uuid4().hex
+            reserved[rid] = [float(estimate_usd), key, time.time()]
+            self._write(self._reserved_path, reserved)
+            return rid
+
+    def settle(self, reservation: str | None, usd: float) -> float:
+        """Replace a reservation by the spend it became (None: a spend without one)."""
+        if not _valid_amount(usd):
+            raise LedgerError(f"spend must be a finite number >= 0, got {usd!r}")
+        key = self.key()
+        with self._locked():
+            data = self.read()
+            if reservation is not None:
+                reserved = self._reservations()
+                if reserved.pop(reservation, None) is not None:
+                    self._write(self._reserved_path, reserved)
+            data[key] = round(data.get(key, 0.0) + float(usd), 10)
+            self._write(self.path, data)
+            return data[key]
+
+    def release(self, reservation: str) -> None:
+        """Drop a reservation whose request spent nothing (every model failed)."""
+        with self._locked():
+            reserved = self._reservations()
+            if reserved.pop(reservation, None) is not None:
+                self._write(self._reserved_path, reserved)

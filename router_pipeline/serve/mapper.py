@@ -216,10 +216,13 @@ class PolicyMapper:
             raise MapperConfigError("a budget rule needs a 'budget' section (ledger file, period)")
 
     # -- mapping ------------------------------------------------------------
-    def map(self, decision) -> Mapping:
-        """``decision`` is a RouteDecision (or anything with query, policy, confidence)."""
+    def map(self, decision, *, over_budget: bool = False) -> Mapping:
+        """``decision`` is a RouteDecision (or anything with query, policy, confidence).
+        ``over_budget``: the budget was found used up when this request tried to reserve
+        its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read."""
         for rule in self.rules:
-            reason = self._match(rule, decision)
+            reason = ("the budget was used up by requests in flight" if over_budget and rule.kind == "budget"
+                      else self._match(rule, decision))
             if reason is None:
                 continue
             target = rule.map.get(decision.policy) if rule.kind == "policy" else rule.target
@@ -244,7 +247,7 @@ class PolicyMapper:
             m = MATH.search(q)
             return f"looks like maths ({m.group(0)!r})" if m else None
         if rule.kind == "budget":
-            spent = self.ledger.spent()
+            spent = self.ledger.committed()  # spend plus what requests in flight reserved
             return f"spent ${spent:.4f} of ${rule.limit_usd:.2f} this {self.ledger.period}" if spent >= rule.limit_usd else None
         if rule.kind == "threshold":
             p = d.p_large
@@ -256,9 +259,15 @@ class PolicyMapper:
             return f"confidence {conf:.2f} < {rule.below:.2f}" if conf < rule.below else None
         return f"policy {d.policy}" if d.policy in rule.map else None
 
-    def record_spend(self, usd: float) -> float | None:
-        """Add a call's cost to the persisted budget (no-op without a budget)."""
-        return self.ledger.add(usd) if self.ledger is not None else None
+    def record_spend(self, usd: float, reservation: str | None = None) -> float | None:
+        """Add a call's cost to the persisted budget, in place of its reservation (no-op
+        without a budget)."""
+        return self.ledger.settle(reservation, usd) if self.ledger is not None else None
+
+    def budget_limit(self) -> float | None:
+        """The tightest budget rule's limit (None without a budget rule)."""
+        limits = [r.limit_usd for r in self.rules if r.kind == "budget"]
+        return min(limits) if limits else None
 
     def describe(self) -> dict:
         return {"models": self.models, "fallback": self.fallback,
@@ -315,6 +324,10 @@ def _rule(raw, index: int) -> Rule:
     for key in ("keywords", "patterns"):
         if key in fields:
             fields[key] = tuple(fields[key])
+    for key in ("min_chars", "limit_usd", "below", "at_least"):  # YAML reads 5e-05 (no dot) as text
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], (int, float))):
+            raise MapperConfigError(f"{where} ({kind}): {key} must be a number, got {fields[key]!r}"
+                                    + (" (YAML needs a dot: 5.0e-05)" if isinstance(fields[key], str) else ""))
     try:
         return Rule(**fields)
     except TypeError as exc:

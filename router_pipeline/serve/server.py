@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -263,12 +264,34 @@ def create_app(state: ServerState) -> FastAPI:
         log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
         return APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error", "server_error")
 
-    async def settle(d: _Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float) -> dict:
+    async def reserve(d: _Decided, asked: int | None) -> str | None:
+        """Reserve an upper bound of this request's cost in its profile's budget, in the same
+        locked step as the budget check; when the budget is used up meanwhile, map again
+        as over budget. The reservation's id (None: no budget, or nothing to reserve)."""
+        limit = d.mapper.budget_limit()
+        budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
+        if limit is None or d.mapping.model is None or d.mapping.rule in budget_rules:
+            return None
+        spec = state.backends.roles.spec_for(d.mapping.target, d.mapping.model)
+        # Prompt tokens at 2 characters each and the whole output budget: above what it can cost.
+        estimate = cost_usd(len(d.prompt) // 2 + 1, asked or spec.max_output_tokens, spec.price)
+        reservation = await asyncio.to_thread(d.mapper.ledger.admit, limit, estimate)
+        if reservation is None:
+            d.mapping = await asyncio.to_thread(d.mapper.map, d.decision, over_budget=True)
+        return reservation
+
+    async def release(d: _Decided, reservation: str | None) -> None:
+        if reservation is not None:
+            with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
+                await asyncio.to_thread(d.mapper.ledger.release, reservation)
+
+    async def settle(d: _Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
+                     reservation: str | None = None) -> dict:
         """What every answered request does once its cost is known: charge the ledger,
         count it, remember it for feedback, log the decision. Returns the usage block."""
         routing.update(cost_usd=round(cost, 8))
         try:
-            await asyncio.to_thread(d.mapper.record_spend, cost)
+            await asyncio.to_thread(d.mapper.record_spend, cost, reservation)
         except LedgerError as exc:
             # The answer is paid for: return it; the next request meets the unreadable ledger (503).
             log.error("budget ledger: %s", exc)
@@ -296,6 +319,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         d = await decide(request, ChatRequest)
         asked = d.body.output_tokens
+        reservation = await reserve(d, asked and asked[1])
         routing = {"request_id": f"chatcmpl-{uuid.uuid4().hex}",
                    **_routing_info(d.decision, d.mapping, d.threshold, d.router_ms)}
         include_usage = bool(d.body.stream_options and d.body.stream_options.include_usage)
@@ -305,10 +329,12 @@ def create_app(state: ServerState) -> FastAPI:
             try:  # fallbacks before the first text are invisible: the stream starts with the final target
                 streamed = await state.backends.stream(targets, d.prompt, d.system, asked and asked[1])
             except Exception as exc:
+                await release(d, reservation)
                 raise upstream_failed(d, exc) from None
             routing.update(model=streamed.model, served_by=streamed.target, fallback=bool(streamed.attempts),
                            fallback_from=streamed.attempts)
-            return StreamingResponse(_live_sse(d, routing, streamed, include_usage, settle),
+            charge = functools.partial(settle, reservation=reservation)
+            return StreamingResponse(_live_sse(d, routing, streamed, include_usage, charge),
                                      media_type="text/event-stream", headers=_headers(routing))
         usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
         try:
@@ -323,10 +349,11 @@ def create_app(state: ServerState) -> FastAPI:
                 usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
                 fallback_from = served.attempts
         except Exception as exc:
+            await release(d, reservation)
             raise upstream_failed(d, exc) from None
         routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
                        fallback_from=fallback_from)
-        usage = await settle(d, routing, model, tier, usage, cost)
+        usage = await settle(d, routing, model, tier, usage, cost, reservation)
         created = int(time.time())
         if d.body.stream:  # an abstention or the council's answer: whole already
             return StreamingResponse(_sse(routing["request_id"], created, model, content, routing, usage,
