@@ -1,4 +1,5 @@
-"""Serving defaults, one owner: the server, the CLI's flags and the benchmarks read them here."""
+"""Serving defaults, one owner: the server and the ``serve`` command's flags read them
+here (the request bodies' own bounds are declared in serve/schemas.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ class ServingConfig:
     # Limits on what a caller may send.
     max_body_bytes: int = 1_000_000  # enforced while the body is read
     max_conversation_chars: int = 32_000  # the router reads the head and tail of a longer one
-    max_messages: int = 256
     max_output_tokens: int = 8_192  # a request's max_tokens; more is a 400
     local_max_output_tokens: int = 512  # what a local tier generates at most, whatever the caller asks
     # Upstream models.
