@@ -235,7 +235,7 @@ def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(grad
 
     from router_pipeline.definitions import build_defs
     from router_pipeline.serve.cli import main
-    from router_pipeline.serve.server import build_state
+    from router_pipeline.serve.gateway import build_gateway
     from router_pipeline_tests.support import serving
 
     result = dg.materialize(
@@ -254,7 +254,7 @@ def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(grad
     assert [r["probabilities"][COMPLEX] for r in routed] == pytest.approx(list(scored.loc[TEST, f"{name}_p_large"]),
                                                                           abs=1e-6)
 
-    state = build_state(artifacts / "router", profiles_path=None, feedback_dir=tmp_path / "feedback")
+    state = build_gateway(artifacts / "router", profiles_path=None, feedback_dir=tmp_path / "feedback")
     with serving(state) as url:
         for query in TEST:
             body = json.dumps({"model": "router", "messages": [{"role": "user", "content": query}]}).encode()

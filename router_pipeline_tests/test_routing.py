@@ -180,20 +180,30 @@ def test_cli_applies_the_calibrated_threshold_by_default(fast_adapter, tmp_path,
     assert json.loads(capsys.readouterr().out)["rule"] == "privacy"  # a preset is still an explicit choice
 
 
-def test_cli_answer_through_gemini_records_spend(fast_adapter, fake_gemini, sample_questions, tmp_path, monkeypatch, capsys):
+def test_cli_answer_goes_through_the_gateway_and_records_spend(fast_adapter, sample_questions, tmp_path, monkeypatch,
+                                                              capsys):
+    """`answer` answers as the server does (the gateway): the conversation to the chosen
+    model, its cost charged to the mapper's budget; a model that fails falls back."""
+    from router_pipeline.fake_gemini import FakeGemini, Fault
     from router_pipeline.serve.cli import main
 
-    monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
-    monkeypatch.setenv("GEMINI_BASE_URL", fake_gemini.base_url)
     mapper = tmp_path / "mapper.yaml"
     mapper.write_text("preset: balanced\nbudget: {ledger: spend.json, period: total}\n")
     query = sample_questions["query"].iloc[0]
-    rc = main(["answer", query, "--adapter", fast_adapter, "--mapper", str(mapper), "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["model"] == "gemini-2.5-pro" and out["answer_status"] == "ok"
-    assert out["answer"] and out["cost_usd"] > 0 and out["input_tokens"] > 0
-    assert json.loads((tmp_path / "spend.json").read_text())["total"] == pytest.approx(out["cost_usd"])
-    assert [c.model for c in fake_gemini.calls] == ["gemini-2.5-pro"]
+    with FakeGemini(responder=lambda model, prompt: f"{model} says 42") as fake:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("ROUTER_PIPELINE_ARTIFACTS", str(tmp_path / "artifacts"))
+        rc = main(["answer", query, "--adapter", fast_adapter, "--mapper", str(mapper), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0 and out["model"] == "gemini-2.5-pro" and out["answer"] == "gemini-2.5-pro says 42"
+        assert out["cost_usd"] > 0 and out["input_tokens"] > 0 and out["answer_status"] == "ok"
+        assert json.loads((tmp_path / "spend.json").read_text())["total"] == pytest.approx(out["cost_usd"])
+        assert [(c.model, c.prompt) for c in fake.calls] == [("gemini-2.5-pro", query)]
+        fake.add_model_faults("gemini-2.5-pro", Fault(status=503))
+        rc = main(["answer", query, "--adapter", fast_adapter, "--mapper", str(mapper), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0 and out["model"] == "gemini-2.5-flash" and "HTTP 503" in out["fallback_from"][0]["error"]
 
 
 def test_cli_without_a_router_says_what_to_do(capsys):

@@ -20,7 +20,7 @@ from router_pipeline.questions import load_questions
 from router_pipeline.routing import Router, RouterConfig
 from router_pipeline.serve.mapper import evaluated_spec
 from router_pipeline.serve.config import DEFAULTS
-from router_pipeline.serve.server import build_state
+from router_pipeline.serve.gateway import build_gateway
 from router_pipeline.training import TrainConfig, train_sft
 from router_pipeline.training_data import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
@@ -109,7 +109,7 @@ profiles:
       escalation: {{url: "{council.url}"}}
       rules: [{{kind: low_confidence, below: 1.01, target: escalate}}]
 """)
-    state = build_state(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
+    state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
                         config=replace(DEFAULTS, window_ms=100), router=router,
                         decision_log_path=tmp_path / "requests.jsonl")
     with serving(state) as url:
@@ -435,7 +435,7 @@ def test_concurrent_requests_share_router_passes_and_show_in_stats(server, monke
 def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatch):
     """A fresh clone after the main job: no key, no network, the Gemma tiers answer."""
     monkeypatch.delenv("ROUTER_PIPELINE_PROFILE", raising=False)
-    state = build_state(router.adapter_dir, profiles_path=None, feedback_dir=tmp_path, router=router)
+    state = build_gateway(router.adapter_dir, profiles_path=None, feedback_dir=tmp_path, router=router)
     with serving(state) as url:
         reply = client(url, "any-key").chat.completions.create(
             model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
@@ -556,7 +556,7 @@ def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, pos
     profiles = tmp_path / "profiles.yaml"
     profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
     config = replace(DEFAULTS, database=postgres_url)
-    replicas = [build_state(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / name, config=config,
+    replicas = [build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / name, config=config,
                             router=router) for name in ("a", "b")]
     with serving(replicas[0]) as url_a, serving(replicas[1]) as url_b:
         request_id = ask(url_a, "Who chaired the 1890 Ballyhooly fair?").model_extra["routing"]["request_id"]

@@ -1,7 +1,8 @@
 """`router-pipeline route`, `answer` and `serve`.
 
 route:  query -> router decision -> policy mapper -> which model, and why.
-answer: the same, then the chosen model answers (cached; spend goes to the budget).
+answer: the same, then the chosen model answers, through the gateway the server uses
+        (serve/gateway.py: fallbacks, cooldowns, the budget reserved and charged).
 serve:  the OpenAI-compatible routing server (serve/server.py).
 Queries come as arguments, or one per line on stdin with ``-``.
 """
@@ -9,9 +10,9 @@ Queries come as arguments, or one per line on stdin with ``-``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,26 +131,35 @@ def _mapper(args, roles, router):
     return PolicyMapper.from_dict(spec, default_models=_profile_models(roles))
 
 
-def _answer(query: str, spec, roles):
-    from router_pipeline.answering import STOP, answer_prompt
+async def _answers(router, mapper, queries: list[str], log_path: str | None) -> list:
+    """Each query through the gateway, as the server answers a chat request: the same
+    routing, mapping, backends (fallbacks, cooldowns), budget reservation and charging.
+    One (decision, answer or the error a caller would get) per query."""
     from router_pipeline.artifacts import Artifacts
-    from router_pipeline.llm.cache import ResponseCache
-    from router_pipeline.llm.runner import complete_all
+    from router_pipeline.serve.gateway import APIError, build_gateway
+    from router_pipeline.serve.profiles import OPEN, Profile, Profiles
+    from router_pipeline.serve.schemas import ChatRequest
 
-    client = roles.client_for(spec)
-    cache = ResponseCache(Artifacts.from_settings().cache)
+    profile = Profile(OPEN, mapper)
+    gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True),
+                            feedback_dir=Artifacts.from_settings().feedback, decision_log_path=log_path)
+    await gateway.start()
+    out = []
     try:
-        [result], _ = complete_all(client, [spec.request(answer_prompt(query, spec.prompt_style), stop=STOP)], cache,
-                                   retry=roles.retry(), progress=False)
+        for query in queries:
+            d = await gateway.decide(profile, ChatRequest(messages=[{"role": "user", "content": query}]))
+            try:
+                out.append((d, await gateway.answer(d)))
+            except APIError as exc:  # this query's models all failed: the others still run
+                out.append((d, exc))
     finally:
-        cache.close()
-    return result
+        await gateway.stop()
+    return out
 
 
 def run(args) -> int:
-    from router_pipeline.serve import decision_log
-    from router_pipeline.serve.mapper import ABSTAIN_ANSWER
     from router_pipeline import settings
+    from router_pipeline.serve import decision_log
     from router_pipeline.llm.roles import roles_for
     from router_pipeline.routing import Router, RouterConfig, load_router
 
@@ -171,32 +181,37 @@ def run(args) -> int:
     config = RouterConfig(mode=args.mode, fallback=args.fallback, precision=args.precision)
     router = Router(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
-    decisions = router.route_batch(queries, with_reasoning=args.reasoning)
     status = 1 if bad else 0
-    for d in decisions:
-        mapping = mapper.map(d)
-        out = {"query": d.query, "policy": d.policy, "probabilities": d.probabilities, "parse_ok": d.parse_ok,
-               "parse_error": d.parse_error, "fallback_used": d.fallback_used, "model": mapping.model,
-               "target": mapping.target, "rule": mapping.rule, "why": mapping.reason, "reasoning": d.reasoning,
-               "route_latency_ms": round(d.latency_ms, 2)}
-        cost, latency = 0.0, d.latency_ms
-        if args.command == "answer":
-            t0 = time.perf_counter()
-            if mapping.abstain:
-                out.update(answer=ABSTAIN_ANSWER, answer_status="abstained")
+    if args.command == "answer":
+        if args.reasoning:
+            print("error: --reasoning is for `route`; `answer` answers as the server does", file=sys.stderr)
+            return EXIT_USAGE
+        for d, answered in asyncio.run(_answers(router, mapper, queries, args.log)):
+            out = _decision(d.decision, d.mapping)
+            if isinstance(answered, Exception):
+                out.update(answer=None, answer_status="error", answer_error=answered.message, cost_usd=0.0)
+                status = 1
             else:
-                result = _answer(d.query, roles.spec_for(mapping.target, mapping.model), roles)
-                cost = result.cost_usd if not result.cached else 0.0
-                out.update(answer=result.text, answer_status=result.status, answer_error=result.error,
-                           input_tokens=result.input_tokens, output_tokens=result.output_tokens, cached=result.cached)
-                mapper.record_spend(cost)
-                status = status or (1 if result.status == "error" else 0)
-            latency += (time.perf_counter() - t0) * 1000
-            out["cost_usd"] = cost
+                r = answered.routing
+                out.update(model=answered.model, answer=answered.content, answer_status="ok",
+                           input_tokens=answered.usage["prompt_tokens"], output_tokens=answered.usage["completion_tokens"],
+                           cost_usd=r.get("cost_usd", 0.0), fallback_from=r.get("fallback_from", []))
+            print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
+        return status
+    for d in router.route_batch(queries, with_reasoning=args.reasoning):
+        mapping = mapper.map(d)
+        out = _decision(d, mapping)
         if args.log:
-            decision_log.append(args.log, decision_log.decision_record(d, mapping, latency_ms=latency, cost_usd=cost))
+            decision_log.append(args.log, decision_log.decision_record(d, mapping, latency_ms=d.latency_ms, cost_usd=0.0))
         print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
     return status
+
+
+def _decision(d, mapping) -> dict:
+    return {"query": d.query, "policy": d.policy, "probabilities": d.probabilities, "parse_ok": d.parse_ok,
+            "parse_error": d.parse_error, "fallback_used": d.fallback_used, "model": mapping.model,
+            "target": mapping.target, "rule": mapping.rule, "why": mapping.reason, "reasoning": d.reasoning,
+            "route_latency_ms": round(d.latency_ms, 2)}
 
 
 def _human(out: dict) -> str:
@@ -218,7 +233,8 @@ def serve(args) -> int:
 
     from router_pipeline import settings
     from router_pipeline.artifacts import Artifacts
-    from router_pipeline.serve.server import build_state, create_app
+    from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline.serve.server import create_app
 
     adapter = args.adapter or default_router_dir()
     if adapter is None:
@@ -230,7 +246,7 @@ def serve(args) -> int:
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
                      graceful_shutdown_s=args.graceful_shutdown_s,
                      database=args.database or settings.secret(DATABASE_VAR))
-    state = build_state(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
+    state = build_gateway(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
                         feedback_dir=args.feedback_dir or Artifacts.from_settings().feedback)
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",

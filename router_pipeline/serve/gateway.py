@@ -1,0 +1,367 @@
+"""The request path, without HTTP: a conversation and a caller's profile in; the decision,
+the answer (whole, or as a stream of text), its cost and what happened (fallbacks,
+escalation, budget) out. The routing server (serve/server.py) is a FastAPI layer over it
+and ``router-pipeline answer`` calls it too, so both route, map, answer and charge the
+same way.
+
+A request goes: ``decide`` (its profile's mapper, or a ``router-<threshold>`` one; the
+conversation routed through the batcher; the mapper's rules applied in a worker thread,
+since they may read the ledger) -> ``answer`` or ``stream`` (an upper bound of its cost
+reserved in the budget in the same locked step as the budget check; the backends with
+fallbacks and cooldowns; the council for escalations) -> ``settle`` (the cost charged in
+place of the reservation, stats, request memory for feedback, the decision log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from router_pipeline import settings
+from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.types import ERROR, LLMResult
+from router_pipeline.router_format import conversation_text
+from router_pipeline.serve import decision_log
+from router_pipeline.serve.backends import AllTargetsFailed, Backends
+from router_pipeline.serve.batcher import RouteBatcher
+from router_pipeline.serve.config import DEFAULTS, ServingConfig
+from router_pipeline.serve.database import DatabaseError
+from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.ledger import LedgerError
+from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
+from router_pipeline.serve.profiles import Profile, Profiles
+from router_pipeline.serve.schemas import ChatRequest, Conversation
+from router_pipeline.serve.stats import Stats
+from router_pipeline.text import check_query
+
+log = logging.getLogger(__name__)
+ROUTER_MODEL = "router"
+TIERS = ("medium", "large")
+
+
+class APIError(Exception):
+    """What a caller is told: an HTTP-style status, a message without internals, a code
+    and the field at fault (OpenAI's error object)."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error", headers=None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers or {}
+        self.param = param
+
+
+@dataclass
+class Decided:
+    """A request routed and mapped."""
+
+    t0: float
+    profile: Profile
+    body: Conversation
+    mapper: PolicyMapper
+    threshold: float | None
+    text: str  # what the router read
+    prompt: str  # what the answering model reads
+    system: str | None
+    decision: object
+    mapping: object
+    router_ms: float
+
+    @property
+    def asked(self) -> int | None:
+        """The caller's output budget (max_completion_tokens, else max_tokens)."""
+        tokens = self.body.output_tokens if isinstance(self.body, ChatRequest) else None
+        return tokens and tokens[1]
+
+
+@dataclass
+class Answered:
+    content: str | None
+    model: str
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens
+    routing: dict  # what happened: the decision, the rule, the model, fallbacks, cost
+
+
+@dataclass
+class Gateway:
+    router: object  # routing.Router or heads.HeadRouter (routing.load_router)
+    batcher: RouteBatcher
+    profiles: Profiles
+    backends: Backends
+    feedback: FeedbackStore
+    stats: Stats
+    calibration: dict
+    config: ServingConfig = DEFAULTS
+    decision_log_path: Path | None = None
+    mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.feedback.close()
+
+    # -- deciding ---------------------------------------------------------------
+    async def decide(self, profile: Profile, body: Conversation) -> Decided:
+        t0 = time.perf_counter()
+        tokens = body.output_tokens if isinstance(body, ChatRequest) else None
+        if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
+            raise APIError(400, f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
+                           "invalid_field", param=tokens[0])
+        mapper, threshold = self._mapper(profile, body.model)
+        text, prompt, system = self._conversation(body)
+        if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
+            await asyncio.to_thread(mapper.ledger.read)
+        decision = await self.batcher.route(text)
+        mapping = await asyncio.to_thread(mapper.map, decision)  # rules may read files (the ledger)
+        return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
+                       (time.perf_counter() - t0) * 1000)
+
+    def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None]:
+        if model in (None, ROUTER_MODEL):
+            return profile.mapper, None
+        threshold = -1.0
+        if model.startswith(ROUTER_MODEL + "-") and len(model) <= 32:
+            with contextlib.suppress(ValueError):
+                threshold = float(model[len(ROUTER_MODEL) + 1:])
+        if not 0.0 <= threshold <= 1.0:  # NaN included
+            shown = model if len(model) <= 64 else model[:64] + "..."
+            raise APIError(404, f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
+                                f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'",
+                           "model_not_found", param="model")
+        key = (profile.name, threshold)
+        if key in self.mappers:
+            self.mappers.move_to_end(key)
+        else:
+            self.mappers[key] = _threshold_mapper(profile.mapper, threshold)
+            while len(self.mappers) > self.config.threshold_mappers:
+                self.mappers.popitem(last=False)
+        return self.mappers[key], threshold
+
+    def _conversation(self, body: Conversation) -> tuple[str, str, str | None]:
+        """(routing text, prompt for the answering model, system text)."""
+        messages = body.plain_messages()
+        try:
+            conversation = conversation_text(messages)
+            text = check_query(conversation, self.config.max_conversation_chars)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", "invalid_messages", param="messages") from None
+        system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")
+                           and m["content"]) or None
+        return text, conversation, system
+
+    def routing(self, d: Decided, prefix: str) -> dict:
+        return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
+                "probabilities": {k: round(v, 4) for k, v in d.decision.probabilities.items()},
+                "p_complex": round(d.decision.p_large, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
+                "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
+                "router_ms": round(d.router_ms, 2)}
+
+    async def route(self, d: Decided) -> dict:
+        """The decision only (the caller calls the model): remembered for feedback, counted."""
+        routing = self.routing(d, "route")
+        tier = d.mapping.target if d.mapping.target in TIERS else None
+        await asyncio.to_thread(self.feedback.remember, ServedRequest(routing["request_id"], d.profile.name, d.text,
+                                                                      tier, d.profile.store_queries))
+        self.stats.record(d.profile.name, policy=d.decision.policy, model=d.mapping.model, router_ms=d.router_ms,
+                          total_ms=d.router_ms)
+        return {"model": d.mapping.model, **routing}
+
+    # -- answering --------------------------------------------------------------
+    def _targets(self, d: Decided) -> list[tuple[str, str]]:
+        return [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
+                if t in d.profile.allowed and t in d.mapper.models]
+
+    async def answer(self, d: Decided) -> Answered:
+        """The whole answer: an abstention, the council's, or the first target's that answers."""
+        reservation = await self._reserve(d)
+        routing = self.routing(d, "chatcmpl")
+        usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
+        try:
+            if d.mapping.abstain:
+                content, model = ABSTAIN_ANSWER, "abstain"
+            elif d.mapping.escalate:
+                content, model, usage = await self._escalate(d.mapper.escalation_url, d.body.plain_messages())
+                routing["escalated"] = True
+            else:
+                served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked)
+                content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
+                usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
+                fallback_from = served.attempts
+        except Exception as exc:
+            await self._release(d, reservation)
+            raise self._upstream_failed(d, exc) from None
+        routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
+                       fallback_from=fallback_from)
+        usage = await self._settle(d, routing, model, tier, usage, cost, reservation)
+        return Answered(content, model, usage, routing)
+
+    async def stream(self, d: Decided):
+        """(routing, items): the answer as the model sends it. ``items`` yields text deltas,
+        then the usage block once the cost is charged. A fallback before the first text is
+        invisible; a caller that leaves mid-answer stops the model (a local one at the next
+        token) and is charged what was generated (4 characters a token)."""
+        reservation = await self._reserve(d)
+        routing = self.routing(d, "chatcmpl")
+        try:
+            streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked)
+        except Exception as exc:
+            await self._release(d, reservation)
+            raise self._upstream_failed(d, exc) from None
+        routing.update(model=streamed.model, served_by=streamed.target, fallback=bool(streamed.attempts),
+                       fallback_from=streamed.attempts)
+
+        async def items():
+            sent, result, chunks = [], None, streamed.items()
+            try:
+                async for item in chunks:
+                    if isinstance(item, str):
+                        sent.append(item)
+                        yield item
+                    else:
+                        result = item
+            finally:
+                await chunks.aclose()
+                if result is None:  # cut short (the caller left, or the stream broke): charge what was made
+                    result = LLMResult("".join(sent) or None, ERROR, len(d.prompt) // 4, len("".join(sent)) // 4)
+                    routing["stream_interrupted"] = True
+                usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
+                usage = await asyncio.shield(self._settle(
+                    d, routing, streamed.model, streamed.target, usage,
+                    cost_usd(usage["prompt_tokens"], usage["completion_tokens"], streamed.price), reservation))
+            yield usage
+
+        return routing, items()
+
+    def _upstream_failed(self, d: Decided, exc: Exception) -> APIError:
+        self.stats.record_error(d.profile.name)
+        if isinstance(exc, AllTargetsFailed):
+            return APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
+                            {"Retry-After": str(int(max(self.backends.cooling().values(), default=5)) + 1)})
+        log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
+        return APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error", "server_error")
+
+    async def _escalate(self, url: str, messages: list[dict]) -> tuple[str, str, dict]:
+        """The conversation to the llm-council endpoint (OpenAI chat format); its answer."""
+        payload = json.dumps({"model": "council", "messages": messages}).encode()
+
+        def post():
+            req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=self.config.escalation_timeout_s) as resp:
+                return json.loads(resp.read())
+
+        try:
+            reply = await asyncio.to_thread(post)
+            content = reply["choices"][0]["message"]["content"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            log.error("council escalation to %s failed: %s", url, exc)
+            raise RuntimeError("the council escalation failed") from None
+        usage = reply.get("usage") or {}
+        return content, reply.get("model") or "llm-council", {"prompt_tokens": int(usage.get("prompt_tokens", 0)),
+                                                              "completion_tokens": int(usage.get("completion_tokens", 0))}
+
+    # -- charging ---------------------------------------------------------------
+    async def _reserve(self, d: Decided) -> str | None:
+        """Reserve an upper bound of this request's cost in its profile's budget, in the same
+        locked step as the budget check; when the budget is used up meanwhile, map again
+        as over budget. The reservation's id (None: no budget, or nothing to reserve)."""
+        limit = d.mapper.budget_limit()
+        budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
+        if limit is None or d.mapping.model is None or d.mapping.rule in budget_rules:
+            return None
+        spec = self.backends.roles.spec_for(d.mapping.target, d.mapping.model)
+        # Prompt tokens at 2 characters each and the whole output budget: above what it can cost.
+        estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
+        reservation = await asyncio.to_thread(d.mapper.ledger.admit, limit, estimate)
+        if reservation is None:
+            d.mapping = await asyncio.to_thread(d.mapper.map, d.decision, over_budget=True)
+        return reservation
+
+    async def _release(self, d: Decided, reservation: str | None) -> None:
+        if reservation is not None:
+            with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
+                await asyncio.to_thread(d.mapper.ledger.release, reservation)
+
+    async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
+                      reservation: str | None) -> dict:
+        """What every answered request does once its cost is known: charge the ledger,
+        count it, remember it for feedback, log the decision. Returns the usage block."""
+        routing.update(cost_usd=round(cost, 8))
+        try:
+            await asyncio.to_thread(d.mapper.record_spend, cost, reservation)
+        except LedgerError as exc:
+            # The answer is paid for: return it; the next request meets the unreadable ledger (503).
+            log.error("budget ledger: %s", exc)
+            routing["budget_error"] = f"budget ledger {exc.file or ''} cannot be read: spending stops from the next request"
+        large_price = self.backends.roles.spec_for("large", d.mapper.models["large"]).price
+        total_ms = (time.perf_counter() - d.t0) * 1000
+        self.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+                          total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
+                          escalated=bool(routing.get("escalated")),
+                          large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
+        try:
+            await asyncio.to_thread(self.feedback.remember, ServedRequest(
+                routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+        except DatabaseError as exc:  # the answer is paid for: return it; only its feedback is lost
+            log.error("request memory: %s", exc)
+            routing["feedback_unavailable"] = True
+        if self.decision_log_path is not None:
+            decision_log.append(self.decision_log_path, {
+                **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
+                "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
+                "fallback": routing["fallback"]})
+        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+    # -- feedback ---------------------------------------------------------------
+    async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:
+        try:
+            return await asyncio.to_thread(self.feedback.add, request_id, profile=profile.name, **grades)
+        except UnknownRequest:
+            raise APIError(404, "no such request served to this profile", "unknown_request",
+                           param="request_id") from None
+        except FeedbackConflict as exc:
+            raise APIError(409, str(exc), "feedback_conflict") from None
+        except FeedbackError as exc:
+            raise APIError(400, str(exc), "invalid_feedback") from None
+
+
+def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
+    """The profile's mapper with its threshold set (inserted before the first policy rule
+    when it has none): privacy, budget and other rules stay as they are."""
+    rule = Rule("threshold", "large", name=f"threshold_{threshold:g}", at_least=threshold)
+    rules = [replace(r, at_least=threshold, name=rule.name) if r.kind == "threshold" else r for r in mapper.rules]
+    if not any(r.kind == "threshold" for r in rules):
+        first_policy = next((i for i, r in enumerate(rules) if r.kind == "policy"), len(rules))
+        rules.insert(first_policy, rule)
+    return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url)
+
+
+def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | None = None,
+                  feedback_dir: str | Path, config: ServingConfig = DEFAULTS,
+                  decision_log_path: str | Path | None = None, router=None, profiles: Profiles | None = None) -> Gateway:
+    """Everything a request needs, loaded once: the router, the profiles, the backends."""
+    from router_pipeline.llm.roles import roles_for
+    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.serve.profiles import load_profiles
+
+    roles = roles_for(settings.load())
+    router = router or load_router(adapter, RouterConfig(batch_size=config.max_batch, prefix_cache=config.prefix_cache,
+                                                         precision=config.precision))
+    models = {"medium": roles.medium.model, "large": roles.large.model}
+    profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
+    return Gateway(
+        router=router, batcher=RouteBatcher(router, window_ms=config.window_ms,
+                                            max_batch=config.max_batch if config.batching else 1),
+        profiles=profiles, backends=Backends(roles, cooldown_s=config.cooldown_s,
+                                             local_max_output_tokens=config.local_max_output_tokens),
+        feedback=FeedbackStore(feedback_dir, database=config.database), stats=Stats(), calibration=router.calibration,
+        config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None)
