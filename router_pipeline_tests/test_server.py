@@ -626,3 +626,48 @@ profiles:
     assert large and len(large) < 24 and any(m == FLASH for m, _ in costs)
     assert sum(large) <= limit + max(large)  # within one request's cost of the limit
     assert json.loads(ledger.read_text())["total"] == pytest.approx(sum(c for _, c in costs))
+
+
+def test_two_replicas_on_one_postgresql_charging_one_budget_exceed_it_by_one_request_at_most(
+        router, postgres_url, tmp_path, monkeypatch):
+    """The budget lives in the shared PostgreSQL (--database): two replicas, 24 concurrent
+    Pro-bound requests, a limit of about 1.5 answers; the check and the reservation are
+    one transaction with the period's row locked, so the Pro spend ends within one
+    request of the limit, and the database holds every cent charged."""
+    from router_pipeline.serve.database import Database
+
+    db = Database(postgres_url)
+    for table in ("requests", "spend", "reservations"):
+        db.execute(f"DROP TABLE IF EXISTS {table}")
+    monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
+    limit = 5e-5
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(f"""
+profiles:
+  metered:
+    keys_env: TEST_KEYS_METERED
+    mapper:
+      budget: {{ledger: team_budget.json, period: month}}
+      fallback: medium
+      rules:
+        - {{kind: budget, limit_usd: {limit:.8f}, target: medium}}
+        - {{kind: threshold, at_least: 0.0, target: large}}
+""")
+    with FakeGemini(latency_s=0.3) as fake:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
+        config = replace(DEFAULTS, database=postgres_url)
+        replicas = [build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / name,
+                                  config=config, router=router) for name in ("a", "b")]
+        with serving(replicas[0]) as url_a, serving(replicas[1]) as url_b:
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:
+                replies = list(pool.map(lambda i: ask((url_a, url_b)[i % 2], f"Question {i}?", profile="metered"),
+                                        range(24)))
+    costs = [(r.model, r.model_extra["routing"]["cost_usd"]) for r in replies]
+    large = [c for m, c in costs if m == PRO]
+    assert large and any(m == FLASH for m, _ in costs)
+    assert sum(large) <= limit + max(large)
+    ((spent,),) = db.execute("SELECT usd FROM spend WHERE ledger = 'team_budget.json'")
+    assert spent == pytest.approx(sum(c for _, c in costs))
+    assert not (tmp_path / "team_budget.json").exists()  # nothing went to a local file
+    assert db.execute("SELECT COUNT(*) FROM reservations") == [(0,)]  # every reservation settled

@@ -178,3 +178,74 @@ class BudgetLedger:
             reserved = self._reservations()
             if reserved.pop(reservation, None) is not None:
                 self._write(self._reserved_path, reserved)
+
+
+_LEDGER_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS spend (ledger TEXT NOT NULL, period TEXT NOT NULL, "
+    "usd DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (ledger, period))",
+    "CREATE TABLE IF NOT EXISTS reservations (id TEXT PRIMARY KEY, ledger TEXT NOT NULL, period TEXT NOT NULL, "
+    "usd DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL)",
+)
+
+
+class DatabaseLedger(BudgetLedger):
+    """The same ledger in the server's state database (serve/database.py), for replicas on
+    several hosts: spend per (ledger, period) and the live reservations, each check and
+    reservation one transaction with the period's row locked. ``name`` is the ledger
+    file's name in the mapper config, so profiles that named one file share one budget."""
+
+    def __init__(self, db, name: str, period: str = "month"):
+        super().__init__(Path(name), period)
+        self.db, self.name = db, name
+        for statement in _LEDGER_SCHEMA:
+            db.execute(statement)
+
+    def read(self) -> dict[str, float]:
+        return {period: float(usd) for period, usd in self.db.execute(
+            "SELECT period, usd FROM spend WHERE ledger = ?", (self.name,))}
+
+    def _reserved(self, key: str) -> float:
+        rows = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM reservations WHERE ledger = ? AND period = ? "
+                               "AND at > ?", (self.name, key, time.time() - RESERVATION_TTL_S))
+        return float(rows[0][0])
+
+    def committed(self) -> float:
+        key = self.key()
+        return self.read().get(key, 0.0) + self._reserved(key)
+
+    @contextlib.contextmanager
+    def _row(self, key: str):
+        """The period's spend row, locked until the transaction ends."""
+        self.db.execute("INSERT INTO spend (ledger, period, usd) VALUES (?, ?, 0) ON CONFLICT (ledger, period) "
+                        "DO NOTHING", (self.name, key))
+        with self.db.transaction():
+            rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?"
+                                   + (" FOR UPDATE" if self.db.postgres else ""), (self.name, key))
+            yield float(rows[0][0])
+
+    def admit(self, limit_usd: float, estimate_usd: float) -> str | None:
+        key = self.key()
+        with self._row(key) as spent:
+            if spent + self._reserved(key) >= limit_usd:
+                return None
+            rid = uuid.uuid4().hex
+            self.db.execute("INSERT INTO reservations (id, ledger, period, usd, at) VALUES (?, ?, ?, ?, ?)",
+                            (rid, self.name, key, float(estimate_usd), time.time()))
+            return rid
+
+    def settle(self, reservation: str | None, usd: float) -> float:
+        if not _valid_amount(usd):
+            raise LedgerError(f"spend must be a finite number >= 0, got {usd!r}")
+        key = self.key()
+        with self._row(key) as spent:
+            if reservation is not None:
+                self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+            total = round(spent + float(usd), 10)
+            self.db.execute("UPDATE spend SET usd = ? WHERE ledger = ? AND period = ?", (total, self.name, key))
+            return total
+
+    def add(self, usd: float) -> float:
+        return self.settle(None, usd)
+
+    def release(self, reservation: str) -> None:
+        self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
