@@ -430,6 +430,12 @@ def test_concurrent_requests_share_router_passes_and_show_in_stats(server, monke
     assert 'router_model_requests_total{profile="app",model=' in metrics and "router_overhead_ms" in metrics
     lines = (Path(state.decision_log_path)).read_text().splitlines()
     assert len(lines) == 8 and "Question number" not in lines[0]  # the log holds hashes, not queries
+    # The counters are in the state database: another process on it (or this one restarted) sees them.
+    again = build_gateway(None, profiles_path=None, feedback_dir=state.feedback.folder, router=state.router)
+    counted = again.stats.snapshot()["app"]
+    assert (counted["requests"], counted["models"], counted["spend_usd"]) == \
+        (8, app["models"], pytest.approx(app["spend_usd"]))
+    assert counted["router_latency_ms"]["p50"] is None  # latencies are each process's own
 
 
 def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatch):

@@ -78,6 +78,11 @@ class FeedbackStore:
         self._inserted = 0
         self._db.execute(_SCHEMA)
 
+    @property
+    def db(self) -> Database:
+        """The state database (shared with the stats counters)."""
+        return self._db
+
     def close(self) -> None:
         self._db.close()  # opened again on next use (a server that stops and starts with the same state)
 

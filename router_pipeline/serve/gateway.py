@@ -172,8 +172,8 @@ class Gateway:
         tier = d.mapping.target if d.mapping.target in TIERS else None
         await asyncio.to_thread(self.feedback.remember, ServedRequest(routing["request_id"], d.profile.name, d.text,
                                                                       tier, d.profile.store_queries))
-        self.stats.record(d.profile.name, policy=d.decision.policy, model=d.mapping.model, router_ms=d.router_ms,
-                          total_ms=d.router_ms)
+        await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy, model=d.mapping.model,
+                                router_ms=d.router_ms, total_ms=d.router_ms)
         return {"model": d.mapping.model, **routing}
 
     # -- answering --------------------------------------------------------------
@@ -199,7 +199,7 @@ class Gateway:
                 fallback_from = served.attempts
         except Exception as exc:
             await self._release(d, reservation)
-            raise self._upstream_failed(d, exc) from None
+            raise await self._upstream_failed(d, exc) from None
         routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
                        fallback_from=fallback_from)
         usage = await self._settle(d, routing, model, tier, usage, cost, reservation)
@@ -216,7 +216,7 @@ class Gateway:
             streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked)
         except Exception as exc:
             await self._release(d, reservation)
-            raise self._upstream_failed(d, exc) from None
+            raise await self._upstream_failed(d, exc) from None
         routing.update(model=streamed.model, served_by=streamed.target, fallback=bool(streamed.attempts),
                        fallback_from=streamed.attempts)
 
@@ -242,8 +242,8 @@ class Gateway:
 
         return routing, items()
 
-    def _upstream_failed(self, d: Decided, exc: Exception) -> APIError:
-        self.stats.record_error(d.profile.name)
+    async def _upstream_failed(self, d: Decided, exc: Exception) -> APIError:
+        await asyncio.to_thread(self.stats.record_error, d.profile.name)
         if isinstance(exc, AllTargetsFailed):
             return APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
                             {"Retry-After": str(int(max(self.backends.cooling().values(), default=5)) + 1)})
@@ -304,10 +304,11 @@ class Gateway:
             routing["budget_error"] = f"budget ledger {exc.file or ''} cannot be read: spending stops from the next request"
         large_price = self.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
-        self.stats.record(d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
-                          total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
-                          escalated=bool(routing.get("escalated")),
-                          large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
+        await asyncio.to_thread(
+            self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+            total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
+            escalated=bool(routing.get("escalated")),
+            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
         try:
             await asyncio.to_thread(self.feedback.remember, ServedRequest(
                 routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
@@ -363,10 +364,11 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         for profile in profiles.profiles.values():
             if profile.mapper.ledger is not None:
                 profile.mapper.ledger = DatabaseLedger(db, profile.mapper.ledger.path.name, profile.mapper.ledger.period)
+    feedback = FeedbackStore(feedback_dir, database=config.database)
     return Gateway(
         router=router, batcher=RouteBatcher(router, window_ms=config.window_ms,
                                             max_batch=config.max_batch if config.batching else 1),
         profiles=profiles, backends=Backends(roles, cooldown_s=config.cooldown_s,
                                              local_max_output_tokens=config.local_max_output_tokens),
-        feedback=FeedbackStore(feedback_dir, database=config.database), stats=Stats(), calibration=router.calibration,
+        feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None)

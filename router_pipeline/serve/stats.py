@@ -1,6 +1,10 @@
 """What the server has done, per caller profile: requests, policies, models, spend,
 savings against always calling the large model, latency. Served as JSON
-(``/v1/stats``) and in Prometheus' text format (``/metrics``)."""
+(``/v1/stats``) and in Prometheus' text format (``/metrics``).
+
+With a state database (serve/database.py) the counters live there too, so they survive
+restarts and add up over the processes (and, on PostgreSQL, the hosts) that share it;
+latency percentiles are this process's recent requests."""
 
 from __future__ import annotations
 
@@ -34,10 +38,27 @@ def _percentiles(values) -> dict:
     return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)}
 
 
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS stats (profile TEXT NOT NULL, metric TEXT NOT NULL, key TEXT NOT NULL, "
+           "value DOUBLE PRECISION NOT NULL, PRIMARY KEY (profile, metric, key))")
+_ADD = ("INSERT INTO stats (profile, metric, key, value) VALUES (?, ?, ?, ?) ON CONFLICT (profile, metric, key) "
+        "DO UPDATE SET value = stats.value + excluded.value")
+COUNTERS = ("requests", "errors", "fallbacks", "escalations", "spend_usd", "large_equivalent_usd")
+
+
 class Stats:
-    def __init__(self):
+    def __init__(self, db=None):
         self._lock = threading.Lock()
         self._by_profile: dict[str, _ProfileStats] = {}
+        self.db = db
+        if db is not None:
+            db.execute(_SCHEMA)
+
+    def _persist(self, profile: str, increments: list[tuple[str, str, float]]) -> None:
+        if self.db is not None:
+            with self.db.transaction():
+                for metric, key, value in increments:
+                    if value:
+                        self.db.execute(_ADD, (profile, metric, key, float(value)))
 
     def _p(self, profile: str) -> _ProfileStats:
         return self._by_profile.setdefault(profile, _ProfileStats())
@@ -56,15 +77,37 @@ class Stats:
             p.escalations += int(escalated)
             p.router_ms.append(router_ms)
             p.total_ms.append(total_ms)
+        self._persist(profile, [("requests", "", 1), ("policies", policy, 1), ("models", model or "none", 1),
+                                ("spend_usd", "", cost_usd), ("large_equivalent_usd", "", large_equivalent_usd),
+                                ("fallbacks", "", int(fell_back)), ("escalations", "", int(escalated))])
 
     def record_error(self, profile: str) -> None:
         with self._lock:
             self._p(profile).errors += 1
+        self._persist(profile, [("errors", "", 1)])
+
+    def _counters(self) -> dict[str, _ProfileStats]:
+        """Profile -> counters: from the database when there is one (every process that
+        shares it), with this process's latency windows."""
+        if self.db is None:
+            return self._by_profile
+        out: dict[str, _ProfileStats] = {}
+        for profile, metric, key, value in self.db.execute("SELECT profile, metric, key, value FROM stats"):
+            p = out.setdefault(profile, _ProfileStats())
+            if metric in ("policies", "models"):
+                getattr(p, metric)[key] = int(value)
+            elif metric in COUNTERS:
+                setattr(p, metric, value if metric.endswith("usd") else int(value))
+        for name, mine in self._by_profile.items():
+            p = out.setdefault(name, _ProfileStats())
+            p.router_ms, p.total_ms = mine.router_ms, mine.total_ms
+        return out
 
     def snapshot(self) -> dict:
+        counters = self._counters()
         with self._lock:
             out = {}
-            for name, p in self._by_profile.items():
+            for name, p in counters.items():
                 saved = p.large_equivalent_usd - p.spend_usd
                 out[name] = {
                     "requests": p.requests, "errors": p.errors, "fallbacks": p.fallbacks,
