@@ -573,6 +573,22 @@ def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, pos
     assert frame["query"].tolist() == ["Who chaired the 1890 Ballyhooly fair?"]
 
 
+def _budget_profiles(path, ledger: str, period: str, limit: float) -> None:
+    """A 'metered' profile whose every request would go to the large model, until its
+    budget's limit moves it to the medium one."""
+    path.write_text(f"""
+profiles:
+  metered:
+    keys_env: TEST_KEYS_METERED
+    mapper:
+      budget: {{ledger: {ledger}, period: {period}}}
+      fallback: medium
+      rules:
+        - {{kind: budget, limit_usd: {limit:.8f}, target: medium}}
+        - {{kind: threshold, at_least: 0.0, target: large}}
+""")
+
+
 def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_most(router, tmp_path, monkeypatch):
     """24 concurrent requests through two `router-pipeline serve` processes that share a
     profile's budget: every request would go to the large model, and the budget check
@@ -587,17 +603,7 @@ def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_mo
     ledger = tmp_path / "shared_budget.json"
     limit = 5e-5  # about 1.5 large-model answers here
     profiles = tmp_path / "profiles.yaml"
-    profiles.write_text(f"""
-profiles:
-  metered:
-    keys_env: TEST_KEYS_METERED
-    mapper:
-      budget: {{ledger: "{ledger}", period: total}}
-      fallback: medium
-      rules:
-        - {{kind: budget, limit_usd: {limit:.8f}, target: medium}}
-        - {{kind: threshold, at_least: 0.0, target: large}}
-""")
+    _budget_profiles(profiles, f'"{ledger}"', "total", limit)
     with FakeGemini(latency_s=0.3) as fake:
         monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
         monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
@@ -648,17 +654,7 @@ def test_two_replicas_on_one_postgresql_charging_one_budget_exceed_it_by_one_req
     monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
     limit = 5e-5
     profiles = tmp_path / "profiles.yaml"
-    profiles.write_text(f"""
-profiles:
-  metered:
-    keys_env: TEST_KEYS_METERED
-    mapper:
-      budget: {{ledger: team_budget.json, period: month}}
-      fallback: medium
-      rules:
-        - {{kind: budget, limit_usd: {limit:.8f}, target: medium}}
-        - {{kind: threshold, at_least: 0.0, target: large}}
-""")
+    _budget_profiles(profiles, "team_budget.json", "month", limit)
     with FakeGemini(latency_s=0.3) as fake:
         monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
         monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
