@@ -183,7 +183,6 @@ class HeadRouter:
         self.calibration = read_calibration(self.path)
         self.device = getattr(self.encoder, "device", "cpu")
         self.precision = getattr(self.encoder, "precision", "fp32")
-        self.adapter_dir = str(self.path)
 
     @property
     def name(self) -> str:

@@ -30,7 +30,7 @@ class LocalClient:
         for i, r in enumerate(requests):
             groups.setdefault((r.max_output_tokens, r.temperature, r.stop, r.system), []).append(i)
         for (max_new, temperature, stop, system), idx in groups.items():
-            prompts = [(f"{system}\n\n" if system else "") + requests[i].prompt for i in idx]
+            prompts = [_with_system(system, requests[i].prompt) for i in idx]
             for i, result in zip(idx, self._generate(prompts, max_new, temperature, stop)):
                 out[i] = result
         return out  # type: ignore[return-value]
@@ -45,8 +45,7 @@ class LocalClient:
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         tok = self._tok
-        prompt = (f"{request.system}\n\n" if request.system else "") + request.prompt
-        enc = tok([prompt], return_tensors="pt").to(self._lm.device)
+        enc = tok([_with_system(request.system, request.prompt)], return_tensors="pt").to(self._lm.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(max_new_tokens=request.max_output_tokens, pad_token_id=tok.pad_token_id, do_sample=False,
                       streamer=streamer, stopping_criteria=StoppingCriteriaList([Cancelled()]))
@@ -101,3 +100,8 @@ class LocalClient:
             output_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
             results.append(LLMResult(text or None, OK if text else EMPTY, input_tokens, output_tokens, "STOP"))
         return results
+
+
+def _with_system(system: str | None, prompt: str) -> str:
+    """A base model has no system turn: the system text goes first."""
+    return (f"{system}\n\n" if system else "") + prompt
