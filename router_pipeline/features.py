@@ -9,7 +9,7 @@
   offline).
 
 The router sees each query as ``router_format.router_query`` makes it (trimmed, head +
-tail of long queries), the same text in training and serving.
+tail of long queries) and ``cut_tokens`` bounds it, the same in training and serving.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from router_pipeline.router_format import router_query
+from router_pipeline.router_format import cut_tokens, router_query
 
 Pooling = Literal["mean", "last", "mean+last"]
 POOLINGS = ("mean", "last", "mean+last")
@@ -118,7 +118,8 @@ class GemmaStates:
         texts = [router_query(q) for q in queries]
         width = self.model.config.hidden_size * (2 if self.spec.pooling == "mean+last" else 1)
         out = {layer: np.zeros((len(texts), width), dtype=np.float32) for layer in layers}
-        batches = token_batches([len(ids) for ids in self.tokenizer(texts)["input_ids"]], batch_size)
+        ids = [cut_tokens(x) for x in self.tokenizer(texts)["input_ids"]]
+        batches = token_batches([len(x) for x in ids], batch_size)
         # The raw output of each named block, caught by hooks: transformers' hidden_states
         # gives the final-normed state in its last entry, a different scale from the others.
         caught: dict[int, object] = {}
@@ -128,7 +129,7 @@ class GemmaStates:
             for layer in layers]
         try:
             for idx in tqdm(batches, desc="encoding", disable=not progress, leave=False):
-                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+                enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
                 with torch.no_grad():
                     self.model(**enc)
                 mask = enc["attention_mask"].unsqueeze(-1).float()

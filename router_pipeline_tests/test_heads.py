@@ -185,3 +185,25 @@ def test_token_batches_keep_a_long_query_from_padding_the_short_ones():
     assert [1] in batches  # the long one alone
     assert all(len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
     assert token_batches([], 4) == []
+
+
+def test_a_query_of_many_tokens_is_read_as_its_head_and_tail(tiny_model_dir):
+    """1,200 characters of digits are 1,200 tokens: the encoder reads ROUTER_MAX_TOKENS of
+    them (head with BOS, and tail), the same state as the model gives on those ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from router_pipeline.router_format import ROUTER_MAX_TOKENS, cut_tokens, router_query
+
+    query = " ".join(str(i) for i in range(1000, 1400))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(router_query(query))["input_ids"]
+    assert len(ids) > ROUTER_MAX_TOKENS
+    cut = cut_tokens(ids)
+    assert len(cut) == ROUTER_MAX_TOKENS and cut[0] == ids[0] and cut[-1] == ids[-1]
+    enc = GemmaStates(GemmaSpec(tiny_model_dir, layer=1), precision="fp32")
+    got = enc.encode([query, "Who wrote Hamlet?"])
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        h = full.model(input_ids=torch.tensor([cut]), output_hidden_states=True).hidden_states[1][0]
+    np.testing.assert_allclose(got[0], h[1:].mean(0).numpy(), atol=1e-4)
