@@ -13,7 +13,7 @@ needs the other.
     <root>/router/                         the released router (adapter or head) + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
-    <root>/feedback/                       the routing server's requests.sqlite, feedback.jsonl, outcomes.jsonl
+    <root>/feedback/                       the routing server's state database requests.sqlite
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ with the row and the reason; the rest are kept.
   or a grade.
 - ``traffic``: a team's own queries, usually without a reference answer, each with
   whatever its log holds (a tier's answer, grade, cost or tokens); or the routing
-  server's ``requests.sqlite``, whose stored queries (profiles with ``store_queries``)
-  become rows. What is logged is
+  server's state database ``requests.sqlite``, whose stored queries (profiles with
+  ``store_queries``) become rows. ``outcomes`` reads its feedback's outcomes rows. What is logged is
   used (an answer in the log is never paid for again); what is missing is generated and
   judged, against the rubric when there is no reference answer.
 """
@@ -177,8 +177,8 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
         raise QuestionSourceError(f"{source} path {file} is a directory, not a file")
     if file.suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(file)
-    if file.suffix == ".sqlite" and source == "traffic":
-        return _read_served_queries(file), []
+    if file.suffix == ".sqlite":
+        return _read_state_database(file, source), []
     if file.suffix == ".parquet":
         try:
             return pd.read_parquet(file), []
@@ -187,17 +187,24 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
     return _read_csv(file)
 
 
-def _read_served_queries(file: Path) -> pd.DataFrame:
-    """The queries the routing server stored (its feedback folder's requests.sqlite): only
-    those of profiles that allow storing queries are there as text."""
+def _read_state_database(file: Path, source: str) -> pd.DataFrame:
+    """The routing server's state database (its feedback folder's requests.sqlite):
+    ``outcomes`` reads the rows its feedback completed; ``traffic`` the queries it stored
+    (only profiles that allow storing queries have them as text)."""
     import sqlite3
 
+    sql = {"outcomes": "SELECT query, medium_grade, large_grade FROM outcomes ORDER BY timestamp, request_id",
+           "traffic": "SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid"}.get(source)
+    if sql is None:
+        raise QuestionSourceError(f"{file}: a .sqlite file is the routing server's state database, read by the "
+                                  f"outcomes or traffic source, not by {source!r}")
     try:
         with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as db:
-            rows = db.execute("SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid").fetchall()
+            cursor = db.execute(sql)
+            names = [c[0] for c in cursor.description]
+            return pd.DataFrame(cursor.fetchall(), columns=names)
     except sqlite3.DatabaseError as exc:
-        raise QuestionSourceError(f"{file} is not the routing server's request database ({exc})") from None
-    return pd.DataFrame({"query": [r[0] for r in rows]})
+        raise QuestionSourceError(f"{file} is not the routing server's state database ({exc})") from None
 
 
 def _physical_lines(file: Path) -> list[tuple[int, str | None]]:

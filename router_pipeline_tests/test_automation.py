@@ -83,7 +83,7 @@ def test_weekly_retraining_schedule_and_its_run_config(monkeypatch):
     assert [(q["source"], q["path"]) for q in questions["sources"][:2]] == \
         [("bundled", None), ("traffic", "logs/queries.jsonl")]
     assert questions["sources"][2]["source"] == "outcomes" and questions["sources"][2]["required"] is False
-    assert questions["sources"][2]["path"].endswith("feedback/outcomes.jsonl")
+    assert questions["sources"][2]["path"].endswith("feedback/requests.sqlite")
     assert request.run_config["resources"]["compute"]["config"]["where"] == "local"
     assert request.run_config["resources"]["llm"]["config"]["batch"] is True  # a large label run: batch prices
     # The run config is valid for the job it launches (a real validation, not a lookup).

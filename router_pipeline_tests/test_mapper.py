@@ -1,10 +1,10 @@
-import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from router_pipeline.serve.database import Database
 from router_pipeline.serve.ledger import BudgetLedger
 from router_pipeline.serve.mapper import ABSTAIN, MapperConfigError, PolicyMapper
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
@@ -119,23 +119,25 @@ def test_budget_rule_switches_when_spent(tmp_path):
     spec = {"budget": {"ledger": "spend.json", "period": "total"},
             "rules": [{"kind": "budget", "limit_usd": 0.01, "target": "medium"}, POLICY]}
     m = PolicyMapper.from_dict(spec, base_dir=tmp_path)
+    m.ledger.bind(Database(tmp_path / "state.sqlite"))
     assert m.map(decision(policy=COMPLEX)).target == "large"
     m.record_spend(0.004)
     m.record_spend(0.006)
     got = m.map(decision(policy=COMPLEX))
     assert (got.target, got.rule) == ("medium", "budget") and "$0.0100" in got.reason
+    assert m.describe()["budget"] == {"ledger": "spend.json", "period": "total"}  # a name, not a path
 
 
 def test_budget_spend_persists_across_processes(tmp_path):
-    ledger = tmp_path / "ledger.json"
+    state = tmp_path / "state.sqlite"
     script = textwrap.dedent(f"""
+        from router_pipeline.serve.database import Database
         from router_pipeline.serve.ledger import BudgetLedger
-        BudgetLedger({str(ledger)!r}, "month").add(0.25)
+        BudgetLedger("team", "month").bind(Database({str(state)!r})).add(0.25)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
-    assert BudgetLedger(ledger, "month").spent() == pytest.approx(1.0)
-    data = json.loads(ledger.read_text())
+    data = BudgetLedger("team", "month").bind(Database(state)).read()
     assert list(data.values()) == [1.0] and len(next(iter(data))) == 7  # keyed by YYYY-MM
 
 

@@ -138,7 +138,7 @@ def test_the_queries_the_server_stored_are_a_traffic_source(tmp_path):
     assert frame["query"].tolist() == ["How do I rotate my API keys?", "Is 7919 prime?"] and not rejected
     assert frame["provenance"].unique().tolist() == ["traffic:requests.sqlite"]
     (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
-    with pytest.raises(QuestionSourceError, match="not the routing server's request database"):
+    with pytest.raises(QuestionSourceError, match="not the routing server's state database"):
         load_questions("traffic", path=str(tmp_path / "broken.sqlite"))
 
 

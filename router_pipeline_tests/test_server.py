@@ -3,6 +3,7 @@ Gemini-protocol servers as the medium and large models."""
 
 import concurrent.futures
 import contextlib
+import datetime as dt
 import json
 import threading
 import urllib.request
@@ -18,6 +19,8 @@ from router_pipeline.fake_gemini import Fault, FakeGemini
 from router_pipeline.policies import POLICIES
 from router_pipeline.questions import load_questions
 from router_pipeline.routing import Router, RouterConfig
+from router_pipeline.serve import cli
+from router_pipeline.serve.database import Database
 from router_pipeline.serve.mapper import evaluated_spec
 from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.gateway import build_gateway
@@ -223,8 +226,8 @@ def test_a_budget_that_runs_out_moves_the_profile_to_the_medium_model(server, tm
     url, _, _ = server
     first = ask(url, profile="frugal")
     assert first.model == PRO and first.model_extra["routing"]["rule"] == "threshold"
-    ledger = json.loads((tmp_path / "frugal_budget.json").read_text())  # money state is on disk
-    assert sum(ledger.values()) == pytest.approx(first.model_extra["routing"]["cost_usd"])
+    ((spent,),) = _state(tmp_path / "feedback").execute("SELECT SUM(usd) FROM spend WHERE ledger = 'frugal_budget.json'")
+    assert spent == pytest.approx(first.model_extra["routing"]["cost_usd"])  # money state is in the state database
     second = ask(url, "Another question?", profile="frugal")
     assert second.model == FLASH and second.model_extra["routing"]["rule"] == "budget"
     assert "spent $" in second.model_extra["routing"]["reason"]
@@ -242,14 +245,14 @@ def test_feedback_becomes_a_row_of_the_outcomes_source(server, tmp_path):
         return json.loads(urllib.request.urlopen(req).read())
 
     assert feedback({"request_id": request_id, "preferred_tier": "large"})["outcome_row"]
-    frame, rejected = load_questions("outcomes", path=str(tmp_path / "feedback" / "outcomes.jsonl"), sample_size=0)
+    frame, rejected = load_questions("outcomes", path=str(tmp_path / "feedback" / "requests.sqlite"), sample_size=0)
     assert not rejected and frame["query"].tolist() == [query]
     assert (frame["medium_grade"].iloc[0], frame["large_grade"].iloc[0]) == ("Incorrect", "Correct")
     # A profile that may not store queries: the feedback is logged (by hash), no outcomes row.
     private = ask(url, "My private question?", profile="private").model_extra["routing"]["request_id"]
     assert not feedback({"request_id": private, "grade": "Correct"}, profile="private")["outcome_row"]
-    log = (tmp_path / "feedback" / "feedback.jsonl").read_text()
-    assert "My private question" not in log and len(log.splitlines()) == 2
+    log = _state(tmp_path / "feedback").execute("SELECT * FROM feedback")
+    assert "My private question" not in str(log) and len(log) == 2
     # Another profile cannot grade this request; a bad grade is a 400 naming the choices.
     with pytest.raises(urllib.error.HTTPError) as err:
         feedback({"request_id": request_id, "grade": "Correct"}, profile="private")
@@ -260,7 +263,7 @@ def test_feedback_becomes_a_row_of_the_outcomes_source(server, tmp_path):
     # Contradicting feedback is a 409 and the row keeps its grades; a huge id is not echoed.
     code, err = _post(url, "/v1/feedback", json.dumps({"request_id": request_id, "preferred_tier": "medium"}).encode())
     assert code == 409 and "medium: Incorrect, now Correct" in err["message"]
-    assert len((tmp_path / "feedback" / "outcomes.jsonl").read_text().splitlines()) == 1
+    assert _state(tmp_path / "feedback").execute("SELECT large_grade FROM outcomes") == [("Correct",)]
     code, err = _post(url, "/v1/feedback", json.dumps({"request_id": "r" * 900_000, "grade": "Correct"}).encode())
     assert code == 400 and err["param"] == "request_id" and len(err["message"]) < 300
 
@@ -290,6 +293,11 @@ def test_low_confidence_escalates_to_the_council(server):
     assert reply.choices[0].message.content == "The council says 42." and reply.model == "llm-council"
     assert reply.model_extra["routing"]["escalated"] and reply.model_extra["routing"]["target"] == "escalate"
     assert council.received[0]["messages"][0]["content"] == "What is the meaning of it all?"
+
+
+def _state(folder: Path) -> Database:
+    """A server's SQLite state database, opened beside it."""
+    return Database(folder / "requests.sqlite")
 
 
 def _post(url, path, data: bytes, profile="app", headers=None):
@@ -380,18 +388,27 @@ def test_a_pathological_query_is_answered_and_system_parts_reach_the_model(serve
 
 
 def test_an_unreadable_ledger_stops_spending_without_a_budget_rule(server, gemini, tmp_path):
-    """The metered profile records its spend but has no budget rule: a broken ledger is
-    a 503 naming the file (not its path), and nothing is paid upstream."""
+    """The metered profile records its spend but has no budget rule: an older ledger file
+    that cannot be read, or a state database that fails, is a 503 naming the budget (not
+    a path), and nothing is paid upstream."""
     url, _, _ = server
+    legacy = tmp_path / "metered_spend.json"  # an older version's ledger, to be taken over
+    legacy.write_text("garbage{")
+
+    def refused():
+        calls = len(gemini.calls)
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(url, "Another question?", profile="metered")
+        assert err.value.status_code == 503 and "metered_spend.json" in str(err.value)
+        assert str(tmp_path) not in str(err.value) and len(gemini.calls) == calls
+
+    refused()
+    legacy.write_text('{"%s": 0.5}' % dt.datetime.now(dt.timezone.utc).strftime("%Y-%m"))  # a person restores it
     first = ask(url, profile="metered")
-    assert json.loads((tmp_path / "metered_spend.json").read_text())  # spend recorded
-    (tmp_path / "metered_spend.json").write_text("garbage{")
-    calls = len(gemini.calls)
-    with pytest.raises(openai.InternalServerError) as err:
-        ask(url, "Another question?", profile="metered")
-    assert err.value.status_code == 503 and "metered_spend.json" in str(err.value)
-    assert str(tmp_path) not in str(err.value) and len(gemini.calls) == calls
-    assert first.model_extra["routing"]["cost_usd"] > 0
+    ((spent,),) = _state(tmp_path / "feedback").execute("SELECT usd FROM spend WHERE ledger = 'metered_spend.json'")
+    assert first.model_extra["routing"]["cost_usd"] > 0 and spent == pytest.approx(0.5 + first.model_extra["routing"]["cost_usd"])
+    _state(tmp_path / "feedback").execute("DROP TABLE spend")  # the database fails
+    refused()
 
 
 def test_metrics_need_the_admin_key_and_health_shows_no_paths(server, router, monkeypatch):
@@ -548,7 +565,7 @@ def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, t
     finally:
         proc.terminate()
         proc.wait(30)
-    frame, rejected = load_questions("outcomes", path=str(feedback_dir / "outcomes.jsonl"), sample_size=0)
+    frame, rejected = load_questions("outcomes", path=str(feedback_dir / "requests.sqlite"), sample_size=0)
     assert not rejected and sorted(frame["query"]) == sorted(q for q, _ in served)
 
 
@@ -557,7 +574,8 @@ def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, pos
     replica B, because both keep their request memory in the same PostgreSQL."""
     from router_pipeline.serve.database import Database
 
-    Database(postgres_url).execute("DROP TABLE IF EXISTS requests")
+    for table in ("requests", "feedback", "outcomes"):
+        Database(postgres_url).execute(f"DROP TABLE IF EXISTS {table}")
     monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
     profiles = tmp_path / "profiles.yaml"
     profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
@@ -569,7 +587,10 @@ def test_two_replicas_on_one_postgresql_share_their_requests(router, gemini, pos
         code, body = _post(url_b, "/v1/feedback", json.dumps({"request_id": request_id,
                                                               "preferred_tier": "large"}).encode())
     assert code == 200 and body["outcome_row"]
-    frame, _ = load_questions("outcomes", path=str(tmp_path / "b" / "outcomes.jsonl"), sample_size=0)
+    export = tmp_path / "outcomes.jsonl"  # the retrain reads a PostgreSQL state database's outcomes as an export
+    assert cli.main(["export-outcomes", "--database", postgres_url, "--feedback-dir", str(tmp_path / "c"),
+                     "--out", str(export)]) == 0
+    frame, _ = load_questions("outcomes", path=str(export), sample_size=0)
     assert frame["query"].tolist() == ["Who chaired the 1890 Ballyhooly fair?"]
 
 
@@ -590,20 +611,20 @@ profiles:
 
 
 def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_most(router, tmp_path, monkeypatch):
-    """24 concurrent requests through two `router-pipeline serve` processes that share a
-    profile's budget: every request would go to the large model, and the budget check
-    and the reservation of its cost are one locked step, so the large model's spend ends
-    within one request's cost of the limit; the ledger holds every cent charged."""
+    """24 concurrent requests through two `router-pipeline serve` processes on one SQLite
+    state database (one host's workers) that share a profile's budget: every request
+    would go to the large model, and the budget check and the reservation of its cost
+    are one transaction, so the large model's spend ends within one request's cost of the
+    limit; the database holds every cent charged."""
     import socket
     import subprocess
     import sys
     import time
 
     monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
-    ledger = tmp_path / "shared_budget.json"
     limit = 5e-5  # about 1.5 large-model answers here
     profiles = tmp_path / "profiles.yaml"
-    _budget_profiles(profiles, f'"{ledger}"', "total", limit)
+    _budget_profiles(profiles, "shared_budget", "total", limit)
     with FakeGemini(latency_s=0.3) as fake:
         monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
         monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
@@ -615,7 +636,7 @@ def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_mo
                 port = s.getsockname()[1]
             servers.append((subprocess.Popen(
                 [str(Path(sys.executable).with_name("router-pipeline")), "serve", "--adapter", router.adapter_dir,
-                 "--port", str(port), "--profiles", str(profiles), "--feedback-dir", str(tmp_path / name)],
+                 "--port", str(port), "--profiles", str(profiles), "--feedback-dir", str(tmp_path / "state")],
                 stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}"))
         try:
             for proc, url in servers:
@@ -637,7 +658,8 @@ def test_two_server_processes_charging_one_budget_exceed_it_by_one_request_at_mo
     large = [c for m, c in costs if m == PRO]
     assert large and len(large) < 24 and any(m == FLASH for m, _ in costs)
     assert sum(large) <= limit + max(large)  # within one request's cost of the limit
-    assert json.loads(ledger.read_text())["total"] == pytest.approx(sum(c for _, c in costs))
+    ((spent,),) = _state(tmp_path / "state").execute("SELECT usd FROM spend WHERE ledger = 'shared_budget'")
+    assert spent == pytest.approx(sum(c for _, c in costs))
 
 
 def test_two_replicas_on_one_postgresql_charging_one_budget_exceed_it_by_one_request_at_most(

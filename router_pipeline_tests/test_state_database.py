@@ -7,7 +7,8 @@ import json
 import pytest
 
 from router_pipeline.serve.database import Database, DatabaseError, describe
-from router_pipeline.serve.feedback import FeedbackConflict, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.feedback import (FeedbackConflict, FeedbackStore, ServedRequest, UnknownRequest,
+                                            export_outcomes, outcome_rows)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -15,7 +16,8 @@ def database(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "shared" / "requests.sqlite")
     url = request.getfixturevalue("postgres_url")
-    Database(url).execute("DROP TABLE IF EXISTS requests")  # a fresh table per test
+    for table in ("requests", "feedback", "outcomes"):  # fresh tables per test
+        Database(url).execute(f"DROP TABLE IF EXISTS {table}")
     return url
 
 
@@ -33,12 +35,14 @@ def test_two_replicas_share_request_memory_and_one_outcome_row_lands(database, t
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: (a, b)[i % 2].add("r1", preferred_tier="large", profile="app"), range(16)))
     assert sum(r["outcome_row"] for r in results) == 1
-    rows = [json.loads(line) for d in ("a", "b") if (tmp_path / d / "outcomes.jsonl").exists()
-            for line in (tmp_path / d / "outcomes.jsonl").read_text().splitlines()]
+    assert export_outcomes(b.db, tmp_path / "export" / "outcomes.jsonl") == 1  # what the outcomes source reads
+    rows = [json.loads(line) for line in (tmp_path / "export" / "outcomes.jsonl").read_text().splitlines()]
     assert [(r["query"], r["medium_grade"], r["large_grade"]) for r in rows] == [("Who wrote Hamlet?", "Incorrect", "Correct")]
+    assert len(Database(database).execute("SELECT * FROM feedback")) == 16  # every feedback, recorded once
     with pytest.raises(FeedbackConflict):
         a.add("r1", preferred_tier="medium", profile="app")
     assert not b.add("r2", grade="Correct", profile="private")["query_stored"]
+    assert len(outcome_rows(a.db)) == 1  # the conflict changed nothing
     stored = Database(database).execute("SELECT request_id, query FROM requests ORDER BY request_id")
     assert stored == [("r1", "Who wrote Hamlet?"), ("r2", None)]  # a private query is never stored as text
     a.close()

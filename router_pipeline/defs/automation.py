@@ -12,8 +12,9 @@ weekly schedule.
   retrain spends Gemini and Modal GPU money and needs their credentials: an operator
   turns it on (UI toggle or ``dagster schedule start weekly_retraining``). Its run
   config comes from the settings when the definitions are built:
-  ROUTER_RETRAIN_SOURCES (default bundled; the routing server's feedback outcomes are
-  always added, last, when the file exists), ROUTER_RETRAIN_SAMPLE_SIZE (default 0 =
+  ROUTER_RETRAIN_SOURCES (default bundled; the outcomes of the routing server's feedback
+  are always added, last, from its SQLite state database when it exists; with PostgreSQL,
+  list the file ``router-pipeline export-outcomes`` writes), ROUTER_RETRAIN_SAMPLE_SIZE (default 0 =
   every question), ROUTER_RETRAIN_COMPUTE (modal | local, default modal) and
   ROUTER_RETRAIN_CRON. Its Gemini calls go through the Batch API (half price).
 
@@ -38,7 +39,7 @@ from router_pipeline.artifacts import Artifacts
 from router_pipeline.council import council_files
 from router_pipeline.defs.resources import CouncilInbox, LLMRoles
 from router_pipeline.llm.roles import roles_for
-from router_pipeline.serve.feedback import OUTCOMES_FILE as FEEDBACK_OUTCOMES
+from router_pipeline.serve.database import STATE_FILE
 from router_pipeline.settings import Settings
 
 DATASETS = ["sft_dataset", "dpo_dataset"]
@@ -84,7 +85,7 @@ def council_sensor(context: dg.SensorEvaluationContext, council_inbox: CouncilIn
 
 def retraining_run_config(s: Settings) -> dict:
     sources = [{"source": source, "path": path} for source, path in s.retrain_sources]
-    feedback = Artifacts(s.artifacts_dir).feedback / FEEDBACK_OUTCOMES
+    feedback = Artifacts(s.artifacts_dir).feedback / STATE_FILE  # the routing server's state database
     sources.append({"source": "outcomes", "path": str(feedback), "required": False})  # production feedback, once there is some
     return {"ops": {"questions": {"config": {"sources": sources, "sample_size": s.retrain_sample_size}}},
             # A full retrain is a large label run: Gemini calls go through the Batch API (half price).

@@ -4,6 +4,8 @@ route:  query -> router decision -> policy mapper -> which model, and why.
 answer: the same, then the chosen model answers, through the gateway the server uses
         (serve/gateway.py: fallbacks, cooldowns, the budget reserved and charged).
 serve:  the OpenAI-compatible routing server (serve/server.py).
+export-outcomes: the outcomes rows of the server's feedback as JSONL (the ``outcomes``
+        source reads it; needed with a PostgreSQL state database).
 Queries come as arguments, or one per line on stdin with ``-``.
 """
 
@@ -66,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
     s.add_argument("--profiles", help="caller profiles (YAML/JSON): API keys -> mapper, budget, models; "
                                       "default: no key needed, the calibrated threshold for everyone")
-    s.add_argument("--feedback-dir", help="where feedback.jsonl and outcomes.jsonl go (default: <artifacts>/feedback)")
+    s.add_argument("--feedback-dir", help="the state database's folder (SQLite: request memory, feedback, outcomes, "
+                                          "budgets, counters; default: <artifacts>/feedback)")
     s.add_argument("--log", help="append one JSON line per request to this file")
     s.add_argument("--batch-window-ms", type=float, default=DEFAULTS.window_ms,
                    help="how long a query waits for others to share a pass")
@@ -82,7 +85,30 @@ def _parser() -> argparse.ArgumentParser:
                                       f"${DATABASE_VAR}, else SQLite in the feedback folder)")
     s.add_argument("--graceful-shutdown-s", type=float, default=DEFAULTS.graceful_shutdown_s,
                    help="after SIGTERM, how long requests in flight may finish before they are cancelled")
+    s = sub.add_parser("export-outcomes", help="write the outcomes rows of the server's feedback as JSONL")
+    s.add_argument("--out", required=True, help="the JSONL file to write (replaced whole)")
+    s.add_argument("--feedback-dir", help="the SQLite state database's folder (default: <artifacts>/feedback)")
+    s.add_argument("--database", help=f"a postgresql:// state database (default: ${DATABASE_VAR})")
     return p
+
+
+def _state(args) -> tuple[Path, str | None]:
+    """(feedback folder, PostgreSQL URL or None): the state database these flags name."""
+    from router_pipeline import settings
+    from router_pipeline.artifacts import Artifacts
+
+    return (Path(getattr(args, "feedback_dir", None) or Artifacts.from_settings().feedback),
+            getattr(args, "database", None) or settings.secret(DATABASE_VAR))
+
+
+def export(args) -> int:
+    from router_pipeline.serve.feedback import FeedbackStore, export_outcomes
+
+    folder, url = _state(args)
+    store = FeedbackStore(folder, database=url)
+    n = export_outcomes(store.db, args.out)
+    print(f"{n} outcomes rows from {store.db.name} -> {args.out}")
+    return 0
 
 
 def _queries(args) -> tuple[list[str], list[str]]:
@@ -131,18 +157,17 @@ def _mapper(args, roles, router):
     return PolicyMapper.from_dict(spec, default_models=_profile_models(roles))
 
 
-async def _answers(router, mapper, queries: list[str], log_path: str | None) -> list:
+async def _answers(router, mapper, queries: list[str], log_path: str | None, folder: Path, url: str | None) -> list:
     """Each query through the gateway, as the server answers a chat request: the same
     routing, mapping, backends (fallbacks, cooldowns), budget reservation and charging.
     One (decision, answer or the error a caller would get) per query."""
-    from router_pipeline.artifacts import Artifacts
     from router_pipeline.serve.gateway import APIError, build_gateway
     from router_pipeline.serve.profiles import OPEN, Profile, Profiles
     from router_pipeline.serve.schemas import ChatRequest
 
     profile = Profile(OPEN, mapper)
-    gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True),
-                            feedback_dir=Artifacts.from_settings().feedback, decision_log_path=log_path)
+    gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
+                            config=replace(DEFAULTS, database=url), decision_log_path=log_path)
     await gateway.start()
     out = []
     try:
@@ -181,12 +206,13 @@ def run(args) -> int:
     config = RouterConfig(mode=args.mode, fallback=args.fallback, precision=args.precision)
     router = Router(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
+    folder, url = _state(args)
     status = 1 if bad else 0
     if args.command == "answer":
         if args.reasoning:
             print("error: --reasoning is for `route`; `answer` answers as the server does", file=sys.stderr)
             return EXIT_USAGE
-        for d, answered in asyncio.run(_answers(router, mapper, queries, args.log)):
+        for d, answered in asyncio.run(_answers(router, mapper, queries, args.log, folder, url)):
             out = _decision(d.decision, d.mapping)
             if isinstance(answered, Exception):
                 out.update(answer=None, answer_status="error", answer_error=answered.message, cost_usd=0.0)
@@ -198,6 +224,10 @@ def run(args) -> int:
                            cost_usd=r.get("cost_usd", 0.0), fallback_from=r.get("fallback_from", []))
             print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
         return status
+    if mapper.ledger is not None:  # a budget rule reads the spend the server and `answer` record
+        from router_pipeline.serve.database import state_database
+
+        mapper.ledger.bind(state_database(folder, url))
     for d in router.route_batch(queries, with_reasoning=args.reasoning):
         mapping = mapper.map(d)
         out = _decision(d, mapping)
@@ -231,8 +261,6 @@ def _human(out: dict) -> str:
 def serve(args) -> int:
     import uvicorn
 
-    from router_pipeline import settings
-    from router_pipeline.artifacts import Artifacts
     from router_pipeline.serve.gateway import build_gateway
     from router_pipeline.serve.server import create_app
 
@@ -241,13 +269,14 @@ def serve(args) -> int:
         print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
               file=sys.stderr)
         return EXIT_USAGE
+    folder, url = _state(args)
     config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
                      window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
                      graceful_shutdown_s=args.graceful_shutdown_s,
-                     database=args.database or settings.secret(DATABASE_VAR))
+                     database=url)
     state = build_gateway(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
-                        feedback_dir=args.feedback_dir or Artifacts.from_settings().feedback)
+                          feedback_dir=folder)
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
               file=sys.stderr)
@@ -268,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "export-outcomes":
+            return export(args)
         return run(args)
     except (MapperConfigError, ProfileError, RouterOutputError, DatabaseError, ValueError, OSError) as exc:
         # User errors (bad files, configs, ledgers, paths) end in one line, never a traceback.

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+STATE_FILE = "requests.sqlite"  # the default state database, in the server's feedback folder
 
 
 class DatabaseError(RuntimeError):
@@ -29,6 +30,14 @@ def describe(url: str) -> str:
     parts = urlsplit(url)
     host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
     return f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}{parts.path}"
+
+
+def state_database(folder: str | Path, url: str | None = None) -> "Database":
+    """The serving state database: ``url`` (PostgreSQL) when given, else SQLite in ``folder``."""
+    if url:
+        return Database(url)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Database(Path(folder) / STATE_FILE)
 
 
 class Database:

@@ -1,9 +1,9 @@
 """Feedback on served requests, turned into rows the pipeline's ``outcomes`` source reads,
 so that the weekly retrain learns from production traffic.
 
-Every feedback is appended to ``feedback.jsonl`` (with the query's hash, never its
-text). A request becomes a row of ``outcomes.jsonl`` (query, medium_grade,
-large_grade) once both grades are known and its profile allows storing queries:
+Every feedback is recorded (with the query's hash, never its text). A request becomes an
+outcomes row (query, medium_grade, large_grade) once both grades are known and its
+profile allows storing queries:
 
 - ``preferred_tier: medium`` -> medium Correct, large Correct (the medium model sufficed)
 - ``preferred_tier: large``  -> medium Incorrect, large Correct (it needed the large model)
@@ -13,12 +13,13 @@ large_grade) once both grades are known and its profile allows storing queries:
 Feedback for a grade a tier already has, with another grade, is a conflict: refused,
 and the stored grades (and the outcomes row) stay as they were.
 
-Served requests are remembered in a database (serve/database.py: SQLite,
-``requests.sqlite`` in the feedback folder, or PostgreSQL), the most recent ``capacity``
-of them: feedback for a request served before a restart or a crash, or by another
-server process (another host, with PostgreSQL), still lands. A query's text is stored
-only for profiles that allow it (its hash otherwise). The feedback log and the outcomes
-rows are files in the feedback folder of the server that took the feedback.
+All of it is in the state database (serve/database.py: SQLite, ``requests.sqlite`` in
+the feedback folder, or PostgreSQL), one transaction per feedback: the most recent
+``capacity`` served requests, the feedback and the outcomes rows. Feedback for a request
+served before a restart or a crash, or by another server process (another host, with
+PostgreSQL), still lands. A query's text is stored only for profiles that allow it (its
+hash otherwise). The pipeline's ``outcomes`` source reads the SQLite file directly, or
+the JSONL that ``export_outcomes`` writes (``router-pipeline export-outcomes``).
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router_pipeline.policies import LABELS
-from router_pipeline.serve import decision_log
-from router_pipeline.serve.database import Database
+from router_pipeline.serve.database import Database, state_database
 from router_pipeline.text import query_hash
 
 TIERS = ("medium", "large")
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
-DB_FILE = "requests.sqlite"
-OUTCOMES_FILE = "outcomes.jsonl"  # what the pipeline's `outcomes` source reads
-_SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
+OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
     store_query INTEGER NOT NULL, grades TEXT NOT NULL DEFAULT '{}', written INTEGER NOT NULL DEFAULT 0,
-    served_at BIGINT NOT NULL)"""
+    served_at BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS feedback (
+    timestamp TEXT NOT NULL, request_id TEXT NOT NULL, profile TEXT NOT NULL, query_hash TEXT NOT NULL,
+    grade TEXT, tier TEXT, preferred_tier TEXT)""",
+    """CREATE TABLE IF NOT EXISTS outcomes (
+    query TEXT NOT NULL, medium_grade TEXT NOT NULL, large_grade TEXT NOT NULL, request_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL, timestamp TEXT NOT NULL)""",
+)
 
 
 class FeedbackError(ValueError):
@@ -71,12 +78,10 @@ class FeedbackStore:
 
     def __init__(self, folder: str | Path, capacity: int = 100_000, database: str | None = None):
         self.folder, self.capacity = Path(folder), capacity
-        self.outcomes_path = self.folder / OUTCOMES_FILE
-        self.log_path = self.folder / "feedback.jsonl"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = Database(database or self.folder / DB_FILE)
+        self._db = state_database(self.folder, database)
         self._inserted = 0
-        self._db.execute(_SCHEMA)
+        for statement in _SCHEMA:
+            self._db.execute(statement)
 
     @property
     def db(self) -> Database:
@@ -132,16 +137,33 @@ class FeedbackStore:
                                    + "); grades are final once given")
         grades.update(new)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        decision_log.append(self.log_path, {"timestamp": now, "request_id": request_id, "profile": profile,
-                                            "query_hash": qhash, "grade": grade, "tier": tier,
-                                            "preferred_tier": preferred_tier})
+        self._db.execute("INSERT INTO feedback (timestamp, request_id, profile, query_hash, grade, tier, "
+                         "preferred_tier) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (now, request_id, profile, qhash, grade, tier, preferred_tier))
         outcome = None
         if store_query and not written and all(t in grades for t in TIERS):
-            outcome = {"query": query, "medium_grade": grades["medium"], "large_grade": grades["large"],
-                       "request_id": request_id, "profile": profile, "timestamp": now}
-            decision_log.append(self.outcomes_path, outcome)
+            outcome = (query, grades["medium"], grades["large"], request_id, profile, now)
+            self._db.execute(f"INSERT INTO outcomes ({', '.join(OUTCOME_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?)", outcome)
             written = 1
         self._db.execute("UPDATE requests SET grades = ?, written = ? WHERE request_id = ?",
                          (json.dumps(grades), int(written), request_id))
         return {"request_id": request_id, "grades": grades, "outcome_row": outcome is not None,
                 "query_stored": bool(store_query)}
+
+
+def outcome_rows(db: Database) -> list[dict]:
+    """Every outcomes row, oldest first."""
+    rows = db.execute(f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id")
+    return [dict(zip(OUTCOME_FIELDS, row)) for row in rows]
+
+
+def export_outcomes(db: Database, path: str | Path) -> int:
+    """The outcomes rows as JSONL (what the ``outcomes`` source reads), written whole or not
+    at all; the number of rows."""
+    path = Path(path)
+    rows = outcome_rows(db)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return len(rows)

@@ -34,9 +34,9 @@ from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
-from router_pipeline.serve.database import Database, DatabaseError
+from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
-from router_pipeline.serve.ledger import DatabaseLedger, LedgerError
+from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, Profiles
 from router_pipeline.serve.schemas import ChatRequest, Conversation
@@ -359,12 +359,10 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
                                                          precision=config.precision))
     models = {"medium": roles.medium.model, "large": roles.large.model}
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
-    if config.database:  # budgets in the shared database, so that replicas on several hosts share them too
-        db = Database(config.database)
-        for profile in profiles.profiles.values():
-            if profile.mapper.ledger is not None:
-                profile.mapper.ledger = DatabaseLedger(db, profile.mapper.ledger.path.name, profile.mapper.ledger.period)
     feedback = FeedbackStore(feedback_dir, database=config.database)
+    for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them
+        if profile.mapper.ledger is not None:
+            profile.mapper.ledger.bind(feedback.db)
     return Gateway(
         router=router, batcher=RouteBatcher(router, window_ms=config.window_ms,
                                             max_batch=config.max_batch if config.batching else 1),

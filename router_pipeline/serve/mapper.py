@@ -176,12 +176,12 @@ class PolicyMapper:
         if spec.get("budget"):
             b = spec["budget"]
             if not isinstance(b, dict) or not isinstance(b.get("ledger", ""), str):
-                raise MapperConfigError(f"'budget' must be a mapping like {{ledger: budget.json, period: month}}, got {b!r}")
+                raise MapperConfigError(f"'budget' must be a mapping like {{ledger: team, period: month}}, got {b!r}")
             path = Path(b.get("ledger", "budget_ledger.json"))
             if not path.is_absolute():
                 path = (base_dir or _default_ledger_dir()) / path
-            try:
-                ledger = BudgetLedger(path, b.get("period", "month"))
+            try:  # the spend is in the state database; a .json file of that name is an older ledger to take over
+                ledger = BudgetLedger(path.name, b.get("period", "month"), legacy=path if path.suffix == ".json" else None)
             except LedgerError as exc:
                 raise MapperConfigError(str(exc)) from None
         escalation_url = None
@@ -213,7 +213,7 @@ class PolicyMapper:
         if self.fallback == ESCALATE:
             raise MapperConfigError("the fallback must be a model alias or 'abstain'")
         if any(r.kind == "budget" for r in self.rules) and self.ledger is None:
-            raise MapperConfigError("a budget rule needs a 'budget' section (ledger file, period)")
+            raise MapperConfigError("a budget rule needs a 'budget' section (ledger: its name, period)")
 
     # -- mapping ------------------------------------------------------------
     def map(self, decision, *, over_budget: bool = False) -> Mapping:
@@ -272,7 +272,7 @@ class PolicyMapper:
     def describe(self) -> dict:
         return {"models": self.models, "fallback": self.fallback,
                 "rules": [{"name": r.label, "kind": r.kind, "target": r.target or r.map} for r in self.rules],
-                "budget": {"ledger": str(self.ledger.path), "period": self.ledger.period} if self.ledger else None}
+                "budget": {"ledger": self.ledger.name, "period": self.ledger.period} if self.ledger else None}
 
 
 def load_spec(path: str | Path) -> dict:

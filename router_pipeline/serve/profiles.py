@@ -15,7 +15,7 @@ text of its queries may be stored with feedback.
         store_queries: true                    # feedback rows keep the query text (training data)
       analytics:
         keys_file: keys/analytics.txt
-        mapper: {preset: quality_first, budget: {ledger: analytics_budget.json, period: day},
+        mapper: {preset: quality_first, budget: {ledger: analytics, period: day},
                  rules: [...]}
 
 Keys are compared by SHA-256 digest in constant time; they are never logged, and
