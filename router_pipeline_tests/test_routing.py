@@ -186,9 +186,10 @@ def test_cli_answer_goes_through_the_gateway_and_records_spend(fast_adapter, sam
     model, its cost charged to the mapper's budget; a model that fails falls back."""
     from router_pipeline.fake_gemini import FakeGemini, Fault
     from router_pipeline.serve.cli import main
+    from router_pipeline.serve.database import Database
 
     mapper = tmp_path / "mapper.yaml"
-    mapper.write_text("preset: balanced\nbudget: {ledger: spend.json, period: total}\n")
+    mapper.write_text("preset: balanced\nbudget: {ledger: cli, period: total}\n")
     query = sample_questions["query"].iloc[0]
     with FakeGemini(responder=lambda model, prompt: f"{model} says 42") as fake:
         monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
@@ -198,7 +199,8 @@ def test_cli_answer_goes_through_the_gateway_and_records_spend(fast_adapter, sam
         out = json.loads(capsys.readouterr().out)
         assert rc == 0 and out["model"] == "gemini-2.5-pro" and out["answer"] == "gemini-2.5-pro says 42"
         assert out["cost_usd"] > 0 and out["input_tokens"] > 0 and out["answer_status"] == "ok"
-        assert json.loads((tmp_path / "spend.json").read_text())["total"] == pytest.approx(out["cost_usd"])
+        state = Database(tmp_path / "artifacts" / "feedback" / "requests.sqlite")  # where the server charges too
+        assert state.execute("SELECT usd FROM spend WHERE ledger = 'cli'") == [(pytest.approx(out["cost_usd"]),)]
         assert [(c.model, c.prompt) for c in fake.calls] == [("gemini-2.5-pro", query)]
         fake.add_model_faults("gemini-2.5-pro", Fault(status=503))
         rc = main(["answer", query, "--adapter", fast_adapter, "--mapper", str(mapper), "--json"])
