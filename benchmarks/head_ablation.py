@@ -7,7 +7,9 @@ by domain; the validation slice held out), then fits each variant on the trainin
 rows with the pipeline's own code (head_training.fit_selected: cross-validation on
 the training rows, calibration on out-of-fold predictions) and scores it on the test
 rows: APGR with a paired-bootstrap 95% interval against the default recipe and
-against MiniLM logistic, ECE of P(Complex_Query), and the policy mix it decides.
+against MiniLM logistic, ECE of P(Complex_Query), and the policy mix it decides. Two
+variants use more of Gemma (blocks 3, 6 and 9 side by side) and both encoders
+(the mean of the default recipe's and the MiniLM baseline's probabilities).
 
     python benchmarks/head_ablation.py                    # MMLU dev outcomes, split by question
     python benchmarks/head_ablation.py --split domain
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
     feats = {("gemma", layer, pool): x[:, sl] for layer, x in by_layer.items()
              for pool, sl in (("mean", slice(0, width)), ("last", slice(width, None)), ("mean+last", slice(None)))}
     feats[("minilm", 0, "mean")] = minilm
+    feats[("gemma", 0, "mean 3+6+9")] = np.concatenate([by_layer[layer][:, :width] for layer in (3, 6, 9)], axis=1)
     print(f"encoded: Gemma to block {max(LAYERS)} {gemma_s:.0f} s, MiniLM {minilm_s:.0f} s", flush=True)
 
     d = HeadConfig()
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
                                             cv=cv, folds=d.folds, seed=d.seed)
         x = feats[(encoder, params["layer"], pool)][test]
         proba = head.proba(x) if calibrated else head.raw_proba(x)
-        return {"params": params, "cv_auc": auc, "proba": proba,
+        return {"params": params, "cv_auc": auc, "proba": proba, "head": head,
                 "policy": head.decide(proba) if calibrated else [["Standard_Query", "Complex_Query",
                                                                   "Ambiguous_Query"][i] for i in proba.argmax(1)]}
 
@@ -97,9 +100,15 @@ def main(argv=None) -> int:
         "Gemma block 9, mean, C by CV": variant("gemma", [9], "mean", d.c_values),
         "Gemma mean+last, block and C by CV": variant("gemma", list(d.layers), "mean+last", d.c_values),
         "Gemma mean, block and C by CV, uncalibrated": variant("gemma", list(d.layers), "mean", d.c_values, False),
+        "Gemma mean of blocks 3, 6 and 9 side by side, C by CV": variant("gemma", [0], "mean 3+6+9", d.c_values),
         "Gemma mean, block and C by CV (default recipe)": variant("gemma", list(d.layers), "mean", d.c_values),
     }
     default, baseline = "Gemma mean, block and C by CV (default recipe)", "MiniLM logistic, C by CV (the baseline now)"
+    # Both encoders: the mean of the default recipe's and the MiniLM baseline's calibrated probabilities.
+    both = (variants[default]["proba"] + variants[baseline]["proba"]) / 2
+    variants["Average of the default recipe and MiniLM (C by CV)"] = {
+        "params": {"of": [variants[default]["params"], variants[baseline]["params"]]}, "cv_auc": float("nan"),
+        "proba": both, "policy": variants[default]["head"].decide(both)}  # the same training labels' priors
     oracle = [p == COMPLEX for p in ev.oracle_policies(test_table)]
     rows = []
     for name, v in variants.items():
