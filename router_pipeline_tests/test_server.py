@@ -233,6 +233,31 @@ def test_a_budget_that_runs_out_moves_the_profile_to_the_medium_model(server, tm
     assert "spent $" in second.model_extra["routing"]["reason"]
 
 
+def test_a_stream_whose_budget_runs_out_in_flight_is_not_answered_by_a_model(router, gemini, tmp_path, monkeypatch):
+    """The budget check at mapping time passed, but requests in flight used the budget up
+    before this one could reserve its cost: mapped again, its budget rule abstains, and a
+    streamed request gets the abstention, not a paid model's answer."""
+    from router_pipeline.serve.mapper import ABSTAIN_ANSWER
+
+    monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("""
+profiles:
+  metered:
+    keys_env: TEST_KEYS_METERED
+    mapper:
+      budget: {ledger: team, period: total}
+      rules: [{kind: budget, limit_usd: 1.0, target: abstain}, {kind: threshold, at_least: 0.0, target: large}]
+""")
+    state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback", router=router)
+    ledger = state.profiles.profiles["metered"].mapper.ledger
+    monkeypatch.setattr(ledger, "admit", lambda limit, estimate: None)  # used up by requests in flight
+    with serving(state) as url:
+        stream = ask(url, profile="metered", stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == ABSTAIN_ANSWER and gemini.calls == []
+
+
 def test_feedback_becomes_a_row_of_the_outcomes_source(server, tmp_path):
     url, _, _ = server
     query = "Who was the first woman to chair the Bengal Legislative Council?"

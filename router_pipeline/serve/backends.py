@@ -95,26 +95,33 @@ class Backends:
         now = time.monotonic()
         return {m: round(until - now, 1) for m, until in self._cooling.items() if until > now}
 
-    async def answer(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
-                     max_tokens: int | None) -> Served:
-        """The first of ``targets`` (alias, model id) that answers."""
-        attempts: list[dict] = []
-        for target, model in dict.fromkeys(targets):  # in order, each once
+    def _available(self, targets: list[tuple[str, str]], attempts: list[dict]):
+        """(target, model, spec, client) of each target not cooling down, in order, each
+        once; the ones cooling down are noted in ``attempts``."""
+        for target, model in dict.fromkeys(targets):
             left = self.cooling().get(model)
             if left is not None:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
-            spec, client = self._client(target, model)
+            yield (target, model, *self._client(target, model))
+
+    def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict]) -> None:
+        if isinstance(exc, RetryableError):
+            self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
+            log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
+        else:  # a provider error that retrying the same model would not fix
+            log.warning("%s (%s) failed: %r", target, spec.model, exc)
+        attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
+
+    async def answer(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
+                     max_tokens: int | None) -> Served:
+        """The first of ``targets`` (alias, model id) that answers."""
+        attempts: list[dict] = []
+        for target, model, spec, client in self._available(targets, attempts):
             try:
                 result = await self._call(client, self._request(client, spec, prompt, system, max_tokens))
-            except RetryableError as exc:
-                self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
-                log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
-                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
-                continue
-            except Exception as exc:  # a provider error that retrying the same model would not fix
-                log.warning("%s (%s) failed: %r", target, spec.model, exc)
-                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
+            except Exception as exc:
+                self._failed(target, model, spec, exc, attempts)
                 continue
             if result.status != OK:
                 attempts.append({"target": target, "model": spec.model, "error": f"{result.status} reply"})
@@ -129,23 +136,12 @@ class Backends:
         before its first text (429, 5xx, timeout, an empty or blocked reply) is skipped as
         in ``answer``: the caller never sees it."""
         attempts: list[dict] = []
-        for target, model in dict.fromkeys(targets):
-            left = self.cooling().get(model)
-            if left is not None:
-                attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
-                continue
-            spec, client = self._client(target, model)
+        for target, model, spec, client in self._available(targets, attempts):
             chunks = self._chunks(client, self._request(client, spec, prompt, system, max_tokens))
             try:
                 first = await chunks.__anext__()
-            except RetryableError as exc:
-                self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
-                log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
-                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
-                continue
             except Exception as exc:
-                log.warning("%s (%s) failed: %r", target, spec.model, exc)
-                attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
+                self._failed(target, model, spec, exc, attempts)
                 continue
             if isinstance(first, LLMResult) and first.status != OK:  # ended before any text
                 await chunks.aclose()

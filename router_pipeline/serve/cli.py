@@ -143,7 +143,7 @@ def _mapper(args, roles, router):
 
     if args.mapper:
         spec = load_spec(args.mapper)
-        try:  # a budget ledger path is relative to the mapper file
+        try:  # an older JSON ledger of the budget is looked for beside the mapper file
             return PolicyMapper.from_dict(spec, base_dir=Path(args.mapper).parent,
                                           default_models=_profile_models(roles))
         except MapperConfigError as exc:
@@ -170,9 +170,10 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
                             config=replace(DEFAULTS, database=url), decision_log_path=log_path)
     await gateway.start()
     out = []
-    try:
-        for query in queries:
-            d = await gateway.decide(profile, ChatRequest(messages=[{"role": "user", "content": query}]))
+    try:  # routed together (the batcher shares passes), then answered one by one
+        decided = await asyncio.gather(*(gateway.decide(profile, ChatRequest(messages=[{"role": "user", "content": q}]))
+                                         for q in queries))
+        for d in decided:
             try:
                 out.append((d, await gateway.answer(d)))
             except APIError as exc:  # this query's models all failed: the others still run
@@ -194,6 +195,9 @@ def run(args) -> int:
     if not queries:
         print("error: no valid query given", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "answer" and args.reasoning:
+        print("error: --reasoning is for `route`; `answer` answers as the server does", file=sys.stderr)
+        return EXIT_USAGE
     if args.log and Path(args.log).is_dir():
         print(f"error: --log {args.log} is a directory; give a file to append decisions to", file=sys.stderr)
         return EXIT_USAGE
@@ -209,9 +213,6 @@ def run(args) -> int:
     folder, url = _state(args)
     status = 1 if bad else 0
     if args.command == "answer":
-        if args.reasoning:
-            print("error: --reasoning is for `route`; `answer` answers as the server does", file=sys.stderr)
-            return EXIT_USAGE
         for d, answered in asyncio.run(_answers(router, mapper, queries, args.log, folder, url)):
             out = _decision(d.decision, d.mapping)
             if isinstance(answered, Exception):

@@ -37,6 +37,7 @@ from router_pipeline.text import query_hash
 TIERS = ("medium", "large")
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
 OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
+OUTCOMES_QUERY = f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id"  # oldest first
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
@@ -153,7 +154,7 @@ class FeedbackStore:
 
 def outcome_rows(db: Database) -> list[dict]:
     """Every outcomes row, oldest first."""
-    rows = db.execute(f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id")
+    rows = db.execute(OUTCOMES_QUERY)
     return [dict(zip(OUTCOME_FIELDS, row)) for row in rows]
 
 

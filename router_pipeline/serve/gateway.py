@@ -35,7 +35,8 @@ from router_pipeline.serve.backends import AllTargetsFailed, Backends
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.feedback import (TIERS, FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest,
+                                            UnknownRequest)
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, Profiles
@@ -45,7 +46,6 @@ from router_pipeline.text import check_query
 
 log = logging.getLogger(__name__)
 ROUTER_MODEL = "router"
-TIERS = ("medium", "large")
 
 
 class APIError(Exception):
@@ -74,6 +74,8 @@ class Decided:
     decision: object
     mapping: object
     router_ms: float
+    reserved: bool = False  # the budget was checked and the cost reserved (reserve)
+    reservation: str | None = None
 
     @property
     def asked(self) -> int | None:
@@ -120,7 +122,7 @@ class Gateway:
         mapper, threshold = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
-            await asyncio.to_thread(mapper.ledger.read)
+            await asyncio.to_thread(mapper.ledger.spent)
         decision = await self.batcher.route(text)
         mapping = await asyncio.to_thread(mapper.map, decision)  # rules may read files (the ledger)
         return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
@@ -169,9 +171,7 @@ class Gateway:
     async def route(self, d: Decided) -> dict:
         """The decision only (the caller calls the model): remembered for feedback, counted."""
         routing = self.routing(d, "route")
-        tier = d.mapping.target if d.mapping.target in TIERS else None
-        await asyncio.to_thread(self.feedback.remember, ServedRequest(routing["request_id"], d.profile.name, d.text,
-                                                                      tier, d.profile.store_queries))
+        await self._remember(d, routing["request_id"], d.mapping.target)
         await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy, model=d.mapping.model,
                                 router_ms=d.router_ms, total_ms=d.router_ms)
         return {"model": d.mapping.model, **routing}
@@ -183,7 +183,7 @@ class Gateway:
 
     async def answer(self, d: Decided) -> Answered:
         """The whole answer: an abstention, the council's, or the first target's that answers."""
-        reservation = await self._reserve(d)
+        reservation = await self.reserve(d)
         routing = self.routing(d, "chatcmpl")
         usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
         try:
@@ -209,8 +209,9 @@ class Gateway:
         """(routing, items): the answer as the model sends it. ``items`` yields text deltas,
         then the usage block once the cost is charged. A fallback before the first text is
         invisible; a caller that leaves mid-answer stops the model (a local one at the next
-        token) and is charged what was generated (4 characters a token)."""
-        reservation = await self._reserve(d)
+        token) and is charged what was generated (4 characters a token). A caller that
+        branches on the mapping (abstain, escalate: answered whole) reserves first."""
+        reservation = await self.reserve(d)
         routing = self.routing(d, "chatcmpl")
         try:
             streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked)
@@ -270,10 +271,16 @@ class Gateway:
                                                               "completion_tokens": int(usage.get("completion_tokens", 0))}
 
     # -- charging ---------------------------------------------------------------
-    async def _reserve(self, d: Decided) -> str | None:
+    async def reserve(self, d: Decided) -> str | None:
         """Reserve an upper bound of this request's cost in its profile's budget, in the same
         locked step as the budget check; when the budget is used up meanwhile, map again
-        as over budget. The reservation's id (None: no budget, or nothing to reserve)."""
+        as over budget (the mapping may change: read it after this). Once per request.
+        The reservation's id (None: no budget, or nothing to reserve)."""
+        if not d.reserved:
+            d.reserved, d.reservation = True, await self._reserve(d)
+        return d.reservation
+
+    async def _reserve(self, d: Decided) -> str | None:
         limit = d.mapper.budget_limit()
         budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
         if limit is None or d.mapping.model is None or d.mapping.rule in budget_rules:
@@ -310,8 +317,7 @@ class Gateway:
             escalated=bool(routing.get("escalated")),
             large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
         try:
-            await asyncio.to_thread(self.feedback.remember, ServedRequest(
-                routing["request_id"], d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+            await self._remember(d, routing["request_id"], tier)
         except DatabaseError as exc:  # the answer is paid for: return it; only its feedback is lost
             log.error("request memory: %s", exc)
             routing["feedback_unavailable"] = True
@@ -321,6 +327,11 @@ class Gateway:
                 "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
                 "fallback": routing["fallback"]})
         return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+    async def _remember(self, d: Decided, request_id: str, tier: str | None) -> None:
+        """The request, for feedback (its tier when medium or large served it)."""
+        await asyncio.to_thread(self.feedback.remember, ServedRequest(
+            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
 
     # -- feedback ---------------------------------------------------------------
     async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:

@@ -117,17 +117,29 @@ class BudgetLedger:
                     self.db.execute("INSERT INTO spend (ledger, period, usd) VALUES (?, ?, ?)", (self.name, period, usd))
         self._adopted = True
 
-    def read(self) -> dict[str, float]:
-        """Every period's spend ({} before the first)."""
+    @contextlib.contextmanager
+    def _ready(self):
+        """Bound, the older ledger file taken over, database failures as LedgerError."""
         if self.db is None:
             raise RuntimeError(f"budget ledger {self.name} is not bound to a state database")
         with self._guard():
             self._adopt()
+            yield
+
+    def read(self) -> dict[str, float]:
+        """Every period's spend ({} before the first)."""
+        with self._ready():
             return {period: float(usd) for period, usd in self.db.execute(
                 "SELECT period, usd FROM spend WHERE ledger = ?", (self.name,))}
 
+    def _spent(self, key: str) -> float:
+        rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?", (self.name, key))
+        return float(rows[0][0]) if rows else 0.0
+
     def spent(self) -> float:
-        return self.read().get(self.key(), 0.0)
+        """This period's spend."""
+        with self._ready():
+            return self._spent(self.key())
 
     def _reserved(self, key: str) -> float:
         rows = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM reservations WHERE ledger = ? AND period = ? "
@@ -137,21 +149,18 @@ class BudgetLedger:
     def committed(self) -> float:
         """This period's spend plus what requests in flight have reserved."""
         key = self.key()
-        spent = self.read().get(key, 0.0)
-        with self._guard():
-            return spent + self._reserved(key)
+        with self._ready():
+            return self._spent(key) + self._reserved(key)
 
     @contextlib.contextmanager
     def _row(self, key: str):
         """The period's spend row, locked until the transaction ends."""
-        self.read()  # fails closed on an unreadable database or legacy file
-        with self._guard():
+        with self._ready(), self.db.transaction():
             self.db.execute("INSERT INTO spend (ledger, period, usd) VALUES (?, ?, 0) ON CONFLICT (ledger, period) "
                             "DO NOTHING", (self.name, key))
-            with self.db.transaction():
-                rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?"
-                                       + (" FOR UPDATE" if self.db.postgres else ""), (self.name, key))
-                yield float(rows[0][0])
+            rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?"
+                                   + (" FOR UPDATE" if self.db.postgres else ""), (self.name, key))
+            yield float(rows[0][0])
 
     def admit(self, limit_usd: float, estimate_usd: float) -> str | None:
         """Reserve ``estimate_usd`` when the period's committed spend is below the limit;
@@ -183,5 +192,5 @@ class BudgetLedger:
 
     def release(self, reservation: str) -> None:
         """Drop a reservation whose request spent nothing (every model failed)."""
-        with self._guard():
+        with self._ready():
             self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))

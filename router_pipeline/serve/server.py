@@ -17,6 +17,7 @@ Callers authenticate with ``Authorization: Bearer <key>`` (serve/profiles.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -160,6 +161,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         profile = _profile(gateway, request)
         body = await _parse(gateway, request, ChatRequest)
         d = await gateway.decide(profile, body)
+        await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream and not (d.mapping.abstain or d.mapping.escalate):
             routing, texts = await gateway.stream(d)
@@ -191,7 +193,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/v1/stats")
     async def stats(request: Request):
         profile = _profile(gateway, request)
-        snapshot = gateway.stats.snapshot()
+        snapshot = await asyncio.to_thread(gateway.stats.snapshot)  # a database read
         by_profile = snapshot if gateway.profiles.open else {profile.name: snapshot.get(profile.name, {})}
         return {"profiles": by_profile, "batches": gateway.batcher.batches, "routed": gateway.batcher.routed,
                 "cooling_down": gateway.backends.cooling()}
@@ -214,7 +216,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request):
         _admin(gateway, request)
-        return PlainTextResponse(gateway.stats.prometheus(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await asyncio.to_thread(gateway.stats.prometheus),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 

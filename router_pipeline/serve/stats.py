@@ -2,9 +2,9 @@
 savings against always calling the large model, latency. Served as JSON
 (``/v1/stats``) and in Prometheus' text format (``/metrics``).
 
-With a state database (serve/database.py) the counters live there too, so they survive
-restarts and add up over the processes (and, on PostgreSQL, the hosts) that share it;
-latency percentiles are this process's recent requests."""
+The counters live in the state database (serve/database.py), so they survive restarts
+and add up over the processes (and, on PostgreSQL, the hosts) that share it; latency
+percentiles are this process's recent requests."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class _ProfileStats:
     models: Counter = field(default_factory=Counter)
     spend_usd: float = 0.0
     large_equivalent_usd: float = 0.0  # what the same tokens would have cost on the large model
-    router_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
-    total_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    router_ms: list = field(default_factory=list)
+    total_ms: list = field(default_factory=list)
 
 
 def _percentiles(values) -> dict:
@@ -46,51 +46,37 @@ COUNTERS = ("requests", "errors", "fallbacks", "escalations", "spend_usd", "larg
 
 
 class Stats:
-    def __init__(self, db=None):
+    """Counters in the state database; latency windows in this process."""
+
+    def __init__(self, db):
         self._lock = threading.Lock()
-        self._by_profile: dict[str, _ProfileStats] = {}
+        self._latency: dict[str, tuple[deque, deque]] = {}  # profile -> (router_ms, total_ms)
         self.db = db
-        if db is not None:
-            db.execute(_SCHEMA)
+        db.execute(_SCHEMA)
 
     def _persist(self, profile: str, increments: list[tuple[str, str, float]]) -> None:
-        if self.db is not None:
-            with self.db.transaction():
-                for metric, key, value in increments:
-                    if value:
-                        self.db.execute(_ADD, (profile, metric, key, float(value)))
-
-    def _p(self, profile: str) -> _ProfileStats:
-        return self._by_profile.setdefault(profile, _ProfileStats())
+        with self.db.transaction():
+            for metric, key, value in increments:
+                if value:
+                    self.db.execute(_ADD, (profile, metric, key, float(value)))
 
     def record(self, profile: str, *, policy: str, model: str | None, router_ms: float, total_ms: float,
                cost_usd: float = 0.0, large_equivalent_usd: float = 0.0, fell_back: bool = False,
                escalated: bool = False) -> None:
         with self._lock:
-            p = self._p(profile)
-            p.requests += 1
-            p.policies[policy] += 1
-            p.models[model or "none"] += 1
-            p.spend_usd += cost_usd
-            p.large_equivalent_usd += large_equivalent_usd
-            p.fallbacks += int(fell_back)
-            p.escalations += int(escalated)
-            p.router_ms.append(router_ms)
-            p.total_ms.append(total_ms)
+            router, total = self._latency.setdefault(profile, (deque(maxlen=WINDOW), deque(maxlen=WINDOW)))
+            router.append(router_ms)
+            total.append(total_ms)
         self._persist(profile, [("requests", "", 1), ("policies", policy, 1), ("models", model or "none", 1),
                                 ("spend_usd", "", cost_usd), ("large_equivalent_usd", "", large_equivalent_usd),
                                 ("fallbacks", "", int(fell_back)), ("escalations", "", int(escalated))])
 
     def record_error(self, profile: str) -> None:
-        with self._lock:
-            self._p(profile).errors += 1
         self._persist(profile, [("errors", "", 1)])
 
     def _counters(self) -> dict[str, _ProfileStats]:
-        """Profile -> counters: from the database when there is one (every process that
-        shares it), with this process's latency windows."""
-        if self.db is None:
-            return self._by_profile
+        """Profile -> counters from the database (every process that shares it), with this
+        process's latency windows."""
         out: dict[str, _ProfileStats] = {}
         for profile, metric, key, value in self.db.execute("SELECT profile, metric, key, value FROM stats"):
             p = out.setdefault(profile, _ProfileStats())
@@ -98,28 +84,27 @@ class Stats:
                 getattr(p, metric)[key] = int(value)
             elif metric in COUNTERS:
                 setattr(p, metric, value if metric.endswith("usd") else int(value))
-        for name, mine in self._by_profile.items():
-            p = out.setdefault(name, _ProfileStats())
-            p.router_ms, p.total_ms = mine.router_ms, mine.total_ms
+        with self._lock:
+            for name, (router, total) in self._latency.items():
+                p = out.setdefault(name, _ProfileStats())
+                p.router_ms, p.total_ms = list(router), list(total)
         return out
 
     def snapshot(self) -> dict:
-        counters = self._counters()
-        with self._lock:
-            out = {}
-            for name, p in counters.items():
-                saved = p.large_equivalent_usd - p.spend_usd
-                out[name] = {
-                    "requests": p.requests, "errors": p.errors, "fallbacks": p.fallbacks,
-                    "escalations": p.escalations, "policies": dict(p.policies), "models": dict(p.models),
-                    "spend_usd": round(p.spend_usd, 8),
-                    "always_large_usd": round(p.large_equivalent_usd, 8),
-                    "savings_usd": round(saved, 8),
-                    "savings_share": round(saved / p.large_equivalent_usd, 4) if p.large_equivalent_usd else None,
-                    "router_latency_ms": _percentiles(p.router_ms),
-                    "total_latency_ms": _percentiles(p.total_ms),
-                }
-            return out
+        out = {}
+        for name, p in self._counters().items():
+            saved = p.large_equivalent_usd - p.spend_usd
+            out[name] = {
+                "requests": p.requests, "errors": p.errors, "fallbacks": p.fallbacks,
+                "escalations": p.escalations, "policies": dict(p.policies), "models": dict(p.models),
+                "spend_usd": round(p.spend_usd, 8),
+                "always_large_usd": round(p.large_equivalent_usd, 8),
+                "savings_usd": round(saved, 8),
+                "savings_share": round(saved / p.large_equivalent_usd, 4) if p.large_equivalent_usd else None,
+                "router_latency_ms": _percentiles(p.router_ms),
+                "total_latency_ms": _percentiles(p.total_ms),
+            }
+        return out
 
     def prometheus(self) -> str:
         """Prometheus text exposition format (version 0.0.4)."""
