@@ -65,7 +65,6 @@ RUBRIC_SCHEMA = json.dumps({"type": "OBJECT", "properties": {
     "grade": {"type": "STRING", "enum": list(VERDICTS)}, "reason": {"type": "STRING"}},
     "required": ["grade", "reason"], "propertyOrdering": ["grade", "reason"]})
 GOLD, RUBRIC = "gold", "rubric"  # what a judgment was graded against
-CHECK = "rubric check"  # a referenced answer graded against the rubric too (judge_answers' rubric_check)
 JUDGMENT_COLUMNS = ["qid", "split", "tier", "label", "judge", "reason", "reference", "rubric_label",
                     "judge_input_tokens", "judge_output_tokens", "judge_cost_usd", "judge_cached"]
 
@@ -209,11 +208,11 @@ def judge_answers(
             label, reason = grade_with_rules(ans["answer"], gold)
             row.update(label=label, judge=RULES_JUDGE, reason=reason)
         else:
-            pending.append((len(rows), q["query"], gold, ans["answer"], GOLD if gold else RUBRIC))
+            pending.append((len(rows), q["query"], gold, ans["answer"], False))
         rows.append(row)
-    checked = sorted((p for p in pending if p[4] == GOLD),
+    checked = sorted((p for p in pending if p[2] is not None),
                      key=lambda p: unit_interval("rubric-check", seed, f"{rows[p[0]]['qid']}:{rows[p[0]]['tier']}"))
-    pending += [(i, qq, None, a, CHECK) for i, qq, _, a, _ in checked[:rubric_check]]
+    pending += [(i, qq, None, a, True) for i, qq, _, a, _ in checked[:rubric_check]]  # graded again, by the rubric
 
     stats = RunStats()
     if pending:
@@ -222,19 +221,22 @@ def judge_answers(
                     else judge.request(rubric_prompt(qq, a), schema=RUBRIC_SCHEMA) for _, qq, gold, a, _ in pending]
         results, stats = complete_all(client, requests, cache, concurrency=concurrency, retry=retry,
                                       desc=f"judging ({judge.model})", progress=progress)
-        for (i, _, gold, a, kind), res in zip(pending, results):
+        for (i, _, gold, a, check), res in zip(pending, results):
             row = rows[i]
-            if kind == CHECK:  # the second opinion: recorded beside the label, never instead of it
-                verdict = parse_rubric_output(res.text) if res.status == OK else None
-                row.update(rubric_label=verdict and verdict[0], judge_cost_usd=row["judge_cost_usd"] + res.cost_usd)
-                continue
-            row.update(judge_input_tokens=res.input_tokens, judge_output_tokens=res.output_tokens,
-                       judge_cost_usd=row["judge_cost_usd"] + res.cost_usd, judge_cached=res.cached, judge=judge.model)
-            if gold is not None:
-                label = parse_judge_output(res.text) if res.status == OK else None
-                verdict = None if label is None else (label, (res.text or "").strip()[:200])
+            if res.status != OK:
+                verdict = None
+            elif gold is None:
+                verdict = parse_rubric_output(res.text)
             else:
-                verdict = parse_rubric_output(res.text) if res.status == OK else None
+                label = parse_judge_output(res.text)
+                verdict = None if label is None else (label, (res.text or "").strip()[:200])
+            row.update(judge_input_tokens=row["judge_input_tokens"] + res.input_tokens,
+                       judge_output_tokens=row["judge_output_tokens"] + res.output_tokens,
+                       judge_cost_usd=row["judge_cost_usd"] + res.cost_usd)
+            if check:  # the second opinion: recorded beside the label, never instead of it
+                row.update(rubric_label=verdict and verdict[0])
+                continue
+            row.update(judge_cached=res.cached, judge=judge.model)
             if verdict is not None:
                 row.update(label=verdict[0], reason=verdict[1])
             else:  # an error row, never a guess: no label, so this question gets no oracle label

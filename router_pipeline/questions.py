@@ -111,7 +111,8 @@ LABEL_FIELDS = ("gold_answer", "medium_grade", "large_grade")  # what two copies
 
 
 def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: int = 0,
-                 max_query_chars: int = 4000) -> Merged:
+                 max_query_chars: int = 4000, url: str = OPENAI_SIMPLEQA_URL, hf_dataset: str = DEFAULT_HF_DATASET,
+                 hf_split: str = "test") -> Merged:
     """Every source's questions in one frame, each row with its ``provenance``. A query in
     several sources (the same normalised query, hence the same qid) is kept once, from the
     first source listed: the list's order is the precedence. Copies are counted as
@@ -125,7 +126,8 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
         if spec.path and not spec.required and not Path(spec.path).exists():
             skipped.append(spec.name)
             continue
-        frame, bad = load_questions(spec.source, path=spec.path, max_query_chars=max_query_chars)
+        frame, bad = load_questions(spec.source, path=spec.path, url=url, hf_dataset=hf_dataset, hf_split=hf_split,
+                                    max_query_chars=max_query_chars)
         rejected += [Rejected(r.row, f"{spec.name}: {r.reason}") for r in bad]
         frames.append(frame)
         stats.append({"source": spec.name, "rows": len(frame), "rejected": len(bad)})
@@ -133,7 +135,7 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
         raise QuestionSourceError(f"none of the optional sources exists: {', '.join(skipped)}")
     both = pd.concat(frames, ignore_index=True)
     first = ~both["qid"].duplicated(keep="first")
-    kept = both[first].set_index("qid")
+    kept = both[first].set_index("qid")  # qid -> the row kept
     copies = both[~first]
     clash = pd.Series(False, index=copies.index)
     for field in (f for f in LABEL_FIELDS if f in both.columns):
@@ -141,11 +143,11 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
         known = mine.notna() & pd.notna(theirs)
         differs = mine.map(_comparable) != pd.Series(theirs, index=copies.index).map(_comparable)
         clash |= known & differs
+    frame = both[first].reset_index(drop=True)
     for row in stats:
         mine = copies["provenance"] == row["source"]
-        row.update(kept=int((both[first]["provenance"] == row["source"]).sum()), duplicates=int(mine.sum()),
+        row.update(kept=int((frame["provenance"] == row["source"]).sum()), duplicates=int(mine.sum()),
                    conflicts=int((mine & clash).sum()))
-    frame = both[first].reset_index(drop=True)
     frame["conflicts"] = frame["qid"].map(copies[clash].groupby("qid").size()).fillna(0).astype(int)
     return Merged(stable_sample(frame, sample_size, sample_seed), rejected,
                   pd.DataFrame(stats, columns=["source", "rows", "kept", "duplicates", "conflicts", "rejected"]),
@@ -193,7 +195,9 @@ def _read_state_database(file: Path, source: str) -> pd.DataFrame:
     (only profiles that allow storing queries have them as text)."""
     import sqlite3
 
-    sql = {"outcomes": "SELECT query, medium_grade, large_grade FROM outcomes ORDER BY timestamp, request_id",
+    from router_pipeline.serve.feedback import OUTCOMES_QUERY
+
+    sql = {"outcomes": OUTCOMES_QUERY,
            "traffic": "SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid"}.get(source)
     if sql is None:
         raise QuestionSourceError(f"{file}: a .sqlite file is the routing server's state database, read by the "

@@ -16,7 +16,7 @@ from router_pipeline.text import query_hash
 DATA_GROUP = "data"
 
 
-SourceName = Literal["bundled", "hf", "url", "jsonl", "outcomes", "traffic"]
+SourceName = Literal[questions.SOURCES]  # type: ignore[valid-type]  # the one list of sources
 
 
 class SourceConfig(dg.Config):
@@ -43,18 +43,12 @@ class QuestionsConfig(dg.Config):
 def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg.Output[pd.DataFrame]:
     """SimpleQA (or the configured sources), normalised, validated, merged and sampled;
     each row keeps its provenance."""
-    merged = None
-    if config.sources:
-        merged = questions.load_sources(
-            [questions.SourceSpec(s.source, s.path, s.required) for s in config.sources],
-            sample_size=config.sample_size, sample_seed=config.sample_seed, max_query_chars=config.max_query_chars)
-        frame, rejected = merged.frame, merged.rejected
-    else:
-        frame, rejected = questions.load_questions(
-            config.source, path=config.path, url=config.url, hf_dataset=config.hf_dataset,
-            hf_split=config.hf_split, sample_size=config.sample_size, sample_seed=config.sample_seed,
-            max_query_chars=config.max_query_chars,
-        )
+    specs = [questions.SourceSpec(s.source, s.path, s.required) for s in config.sources or []] or \
+        [questions.SourceSpec(config.source, config.path)]
+    merged = questions.load_sources(specs, sample_size=config.sample_size, sample_seed=config.sample_seed,
+                                    max_query_chars=config.max_query_chars, url=config.url,
+                                    hf_dataset=config.hf_dataset, hf_split=config.hf_split)
+    frame, rejected = merged.frame, merged.rejected
     for r in rejected[:20]:
         context.log.warning(f"rejected row {r.row}: {r.reason}")
     meta = {
@@ -64,11 +58,10 @@ def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg
         "sample_size": config.sample_size,
         "preview": preview(frame[["qid", "query", "gold_answer", "provenance"]]),
     }
-    if merged is not None:
-        meta.update(sources=table(merged.per_source), duplicates=int(merged.per_source["duplicates"].sum()),
-                    conflicts=int(merged.per_source["conflicts"].sum()))
-        if merged.skipped:
-            meta["skipped_sources"] = ", ".join(merged.skipped)
+    meta.update(sources=table(merged.per_source), duplicates=int(merged.per_source["duplicates"].sum()),
+                conflicts=int(merged.per_source["conflicts"].sum()))
+    if merged.skipped:
+        meta["skipped_sources"] = ", ".join(merged.skipped)
     if rejected:
         meta["rejected"] = table(pd.DataFrame([{"row": r.row, "reason": r.reason} for r in rejected[:200]]))
     if frame["topic"].notna().any():

@@ -105,8 +105,7 @@ class GeminiClient:
             async for chunk in await self._client.aio.models.generate_content_stream(
                     model=self.model, contents=request.prompt, config=self._config(request)):
                 last = chunk
-                text = "".join(p.text for c in (chunk.candidates or [])[:1] if c.content and c.content.parts
-                               for p in c.content.parts if p.text and not p.thought)
+                text = _answer_text(chunk.candidates[0]) if chunk.candidates else ""
                 if text:
                     parts.append(text)
                     yield text
@@ -176,9 +175,7 @@ class GeminiClient:
             return LLMResult(None, BLOCKED, input_tokens, output_tokens, finish_reason=str(feedback.block_reason))
         candidate = response.candidates[0] if response.candidates else None
         finish = str(candidate.finish_reason.value if hasattr(candidate.finish_reason, "value") else candidate.finish_reason) if candidate and candidate.finish_reason else None
-        text = ""
-        if candidate is not None and candidate.content is not None and candidate.content.parts:
-            text = "".join(p.text for p in candidate.content.parts if p.text and not p.thought)
+        text = _answer_text(candidate) if candidate is not None else ""
         if not text.strip():
             status = BLOCKED if finish in {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII"} else EMPTY
             return LLMResult(None, status, input_tokens, output_tokens, finish_reason=finish)
@@ -188,3 +185,10 @@ class GeminiClient:
         close = getattr(self._client.aio, "aclose", None)
         if close is not None:
             await close()
+
+
+def _answer_text(candidate) -> str:
+    """A candidate's answer text: its parts joined as they are (thoughts left out)."""
+    if candidate.content is None or not candidate.content.parts:
+        return ""
+    return "".join(p.text for p in candidate.content.parts if p.text and not p.thought)

@@ -47,8 +47,8 @@ class LocalClient:
         tok = self._tok
         enc = tok([_with_system(request.system, request.prompt)], return_tensors="pt").to(self._lm.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(max_new_tokens=request.max_output_tokens, pad_token_id=tok.pad_token_id, do_sample=False,
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        kwargs = dict(self._gen_kwargs(request.max_output_tokens, request.temperature, request.stop), streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
         failure: list[BaseException] = []
 
         def generate():
@@ -76,19 +76,23 @@ class LocalClient:
         output_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
         yield LLMResult(text or None, OK if text else EMPTY, int(enc["input_ids"].shape[1]), output_tokens, "STOP")
 
-    @torch.no_grad()
-    def _generate(self, prompts, max_new, temperature, stop) -> list[LLMResult]:
-        tok = self._tok
-        enc = tok(prompts, return_tensors="pt", padding=True)
-        kwargs = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+    def _gen_kwargs(self, max_new: int, temperature: float, stop) -> dict:
+        """generate()'s settings for a request, streamed or not."""
+        kwargs = dict(max_new_tokens=max_new, pad_token_id=self._tok.pad_token_id)
         if temperature > 0:
             torch.manual_seed(self.seed)
             kwargs.update(do_sample=True, temperature=temperature)
         else:
             kwargs.update(do_sample=False)
         if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=tok)
-        generated = self._lm.generate(**enc.to(self._lm.device), **kwargs)
+            kwargs.update(stop_strings=list(stop), tokenizer=self._tok)
+        return kwargs
+
+    @torch.no_grad()
+    def _generate(self, prompts, max_new, temperature, stop) -> list[LLMResult]:
+        tok = self._tok
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        generated = self._lm.generate(**enc.to(self._lm.device), **self._gen_kwargs(max_new, temperature, stop))
         results = []
         width = enc["input_ids"].shape[1]
         for row, mask in zip(generated, enc["attention_mask"]):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
+from router_pipeline.llm.batch import BATCH_DISCOUNT, run_batch
 from router_pipeline.llm.cache import ResponseCache, new_owner
 from router_pipeline.llm.pricing import cost_usd
 from router_pipeline.llm.types import ERROR, LLMRequest, LLMResult, RetryableError, cache_key
@@ -105,8 +106,10 @@ def complete_all(
 
     bar = tqdm(total=len(requests), initial=stats.cache_hits, desc=desc, disable=not progress, leave=False)
 
-    def settle(i: int, result: LLMResult) -> None:
-        result.cost_usd = cost_usd(result.input_tokens, result.output_tokens, client.price)
+    def settle(i: int, result: LLMResult, batch: bool = False) -> None:
+        """Price a paid result (a Batch API one at the batch discount), cache it, count it."""
+        result.cost_usd = cost_usd(result.input_tokens, result.output_tokens, client.price) * \
+            (BATCH_DISCOUNT if batch else 1.0)
         if cache is not None:
             cache.put(keys[i], result)  # at once: an interrupted run keeps what it paid for
         results[i] = result
@@ -117,6 +120,7 @@ def complete_all(
         stats.input_tokens += result.input_tokens
         stats.output_tokens += result.output_tokens
         stats.cost_usd += result.cost_usd
+        stats.batch_calls += batch
         bar.update(1)
 
     try:
@@ -138,17 +142,8 @@ def complete_all(
                 stats.waited_for_other_runs += 1
                 bar.update(1)
 
-            def from_batch(i: int, result: LLMResult) -> None:  # priced and cached by llm/batch.py
-                results[i] = result
-                stats.calls += 1
-                stats.batch_calls += 1
-                stats.input_tokens += result.input_tokens
-                stats.output_tokens += result.output_tokens
-                stats.cost_usd += result.cost_usd
-                bar.update(1)
-
             asyncio.run(_run_all(client, requests, todo, settle, concurrency, retry, cache, keys,
-                                 taken_from_other_run, from_batch, stats, desc, progress))
+                                 taken_from_other_run, stats, desc, progress))
     finally:
         bar.close()
     stats.wall_s = time.perf_counter() - start
@@ -158,7 +153,7 @@ def complete_all(
 CLAIM_POLL_S = 0.5
 
 
-async def _run_all(client, requests, todo, settle, concurrency, retry, cache, keys, taken, from_batch, stats,
+async def _run_all(client, requests, todo, settle, concurrency, retry, cache, keys, taken, stats,
                    desc, progress) -> None:
     """Batch first when the client asks for it (and a cache holds the job names), then
     online for the rest: what the job failed or left out, or everything."""
@@ -166,13 +161,17 @@ async def _run_all(client, requests, todo, settle, concurrency, retry, cache, ke
         if getattr(client, "endpoint", None):
             await reachable(client.endpoint)
         if getattr(client, "batch", False) and cache is not None:
-            from router_pipeline.llm.batch import run_batch
-
-            keyed = {keys[i]: requests[i] for i in todo}
-            settled = await run_batch(client, keyed, cache, poll_s=client.batch_poll_s, progress=progress, desc=desc)
+            keyed, by_key = {}, {}
             for i in todo:
-                if keys[i] in settled:
-                    from_batch(i, settled[keys[i]])
+                keyed[keys[i]] = requests[i]
+                by_key.setdefault(keys[i], []).append(i)
+
+            def on_result(key: str, result: LLMResult) -> None:
+                for i in by_key[key]:
+                    settle(i, result, batch=True)
+
+            settled = await run_batch(client, keyed, cache, on_result=on_result, poll_s=client.batch_poll_s,
+                                      progress=progress, desc=desc)
             todo = [i for i in todo if keys[i] not in settled]
             stats.batch_retried_online = len(todo)
         await _run_async(client, requests, todo, settle, concurrency, retry, cache, keys, taken)
