@@ -7,9 +7,12 @@ by domain; the validation slice held out), then fits each variant on the trainin
 rows with the pipeline's own code (head_training.fit_selected: cross-validation on
 the training rows, calibration on out-of-fold predictions) and scores it on the test
 rows: APGR with a paired-bootstrap 95% interval against the default recipe and
-against MiniLM logistic, ECE of P(Complex_Query), and the policy mix it decides. Two
+against MiniLM logistic, ECE of P(Complex_Query), and the policy mix it decides. The
+classifier (shrinkage LDA or logistic regression) is varied on both encoders; two
 variants use more of Gemma (blocks 3, 6 and 9 side by side) and both encoders
 (the mean of the default recipe's and the MiniLM baseline's probabilities).
+benchmarks/crossfit_quality.py scores the main variants on every row, with tighter
+intervals.
 
     python benchmarks/head_ablation.py                    # MMLU dev outcomes, split by question
     python benchmarks/head_ablation.py --split domain
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
 
     from router_pipeline import evaluation as ev
     from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
-    from router_pipeline.head_training import HeadConfig, _cv_possible, fit_selected
+    from router_pipeline.head_training import HeadConfig, _cv_possible, fit_selected, grid
     from router_pipeline.heads import p_complex
     from router_pipeline.policies import COMPLEX, oracle_cell
     from router_pipeline.questions import load_questions
@@ -79,10 +82,12 @@ def main(argv=None) -> int:
     d = HeadConfig()
     y = list(policies[train])
     cv = _cv_possible(y, d.folds)
+    C, LDA = ("logistic", [{"c": c} for c in d.c_values]), ("lda", grid("lda", d))
 
-    def variant(encoder, layers, pool, c_values, calibrated=True):
-        grid = [{"layer": layer, "c": c} for layer in layers for c in c_values]
-        head, params, _, auc = fit_selected(lambda q: feats[(encoder, q["layer"], pool)][train], y, "logistic", grid,
+    def variant(encoder, layers, pool, fit, calibrated=True):
+        classifier, hyper = fit
+        tried = [{"layer": layer, **h} for layer in layers for h in hyper]
+        head, params, _, auc = fit_selected(lambda q: feats[(encoder, q["layer"], pool)][train], y, classifier, tried,
                                             cv=cv, folds=d.folds, seed=d.seed)
         x = feats[(encoder, params["layer"], pool)][test]
         proba = head.proba(x) if calibrated else head.raw_proba(x)
@@ -90,20 +95,26 @@ def main(argv=None) -> int:
                 "policy": head.decide(proba) if calibrated else [["Standard_Query", "Complex_Query",
                                                                   "Ambiguous_Query"][i] for i in proba.argmax(1)]}
 
+    one = ("logistic", [{"c": 1.0}])
     variants = {
-        "MiniLM logistic, C=1 (the old baseline)": variant("minilm", [0], "mean", [1.0]),
-        "MiniLM logistic, C by CV (the baseline now)": variant("minilm", [0], "mean", d.c_values),
-        "Gemma block 18, last position, C=1 (frozen probe as first measured)": variant("gemma", [18], "last", [1.0]),
-        "Gemma block 18, mean, C by CV": variant("gemma", [18], "mean", d.c_values),
-        "Gemma block 9, last position, C by CV": variant("gemma", [9], "last", d.c_values),
-        "Gemma block 9, mean, C=1": variant("gemma", [9], "mean", [1.0]),
-        "Gemma block 9, mean, C by CV": variant("gemma", [9], "mean", d.c_values),
-        "Gemma mean+last, block and C by CV": variant("gemma", list(d.layers), "mean+last", d.c_values),
-        "Gemma mean, block and C by CV, uncalibrated": variant("gemma", list(d.layers), "mean", d.c_values, False),
-        "Gemma mean of blocks 3, 6 and 9 side by side, C by CV": variant("gemma", [0], "mean 3+6+9", d.c_values),
-        "Gemma mean, block and C by CV (default recipe)": variant("gemma", list(d.layers), "mean", d.c_values),
+        "MiniLM logistic, C=1 (the old baseline)": variant("minilm", [0], "mean", one),
+        "MiniLM logistic, C by CV (the baseline now)": variant("minilm", [0], "mean", C),
+        "MiniLM LDA, shrinkage by CV": variant("minilm", [0], "mean", LDA),
+        "Gemma block 18, last position, C=1 (frozen probe as first measured)": variant("gemma", [18], "last", one),
+        "Gemma block 18, mean, C by CV": variant("gemma", [18], "mean", C),
+        "Gemma block 9, last position, C by CV": variant("gemma", [9], "last", C),
+        "Gemma block 9, mean, C=1": variant("gemma", [9], "mean", one),
+        "Gemma block 9, mean, C by CV": variant("gemma", [9], "mean", C),
+        "Gemma mean+last, block and C by CV": variant("gemma", list(d.layers), "mean+last", C),
+        "Gemma mean of blocks 3, 6 and 9 side by side, C by CV": variant("gemma", [0], "mean 3+6+9", C),
+        "Gemma mean, block and C by CV, logistic (previous recipe)": variant("gemma", list(d.layers), "mean", C),
+        "Gemma block 3, mean, LDA, shrinkage by CV": variant("gemma", [3], "mean", LDA),
+        "Gemma mean, block and shrinkage by CV, LDA, uncalibrated": variant("gemma", list(d.layers), "mean", LDA,
+                                                                             False),
+        "Gemma mean, block and shrinkage by CV, LDA (default recipe)": variant("gemma", list(d.layers), "mean", LDA),
     }
-    default, baseline = "Gemma mean, block and C by CV (default recipe)", "MiniLM logistic, C by CV (the baseline now)"
+    default = "Gemma mean, block and shrinkage by CV, LDA (default recipe)"
+    baseline = "MiniLM logistic, C by CV (the baseline now)"
     # Both encoders: the mean of the default recipe's and the MiniLM baseline's calibrated probabilities.
     both = (variants[default]["proba"] + variants[baseline]["proba"]) / 2
     variants["Average of the default recipe and MiniLM (C by CV)"] = {

@@ -7,6 +7,10 @@ against scikit-learn's own in the tests.
 
 - ``logistic``: standardised features, multinomial logistic regression with balanced
   class weights (each policy counts as much as the others, whatever its share).
+- ``lda``: standardised features, linear discriminant analysis with a shrunk shared
+  covariance (the policies' means, decorrelated by a covariance pulled towards the
+  identity). Stored and served exactly like ``logistic``: it is the same softmax over
+  linear scores, only fitted differently.
 - ``knn``: cosine k-nearest neighbours, votes weighted by 1 / distance.
 
 Probabilities are calibrated (``calibrate``): a temperature and a bias per policy on
@@ -34,7 +38,8 @@ from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
 
 HEAD_FILE = "head.npz"
-CLASSIFIERS = ("logistic", "knn")
+CLASSIFIERS = ("logistic", "lda", "knn")
+LINEAR = ("logistic", "lda")  # a softmax over linear scores of the standardised features
 HEAD_KIND = "head"
 
 
@@ -65,7 +70,7 @@ class Head:
         x = np.asarray(x, dtype=np.float64)
         if len(self.classes) == 1:
             p = np.ones((len(x), 1))
-        elif self.classifier == "logistic":
+        elif self.classifier in LINEAR:
             z = (x - self.arrays["mean"]) / self.arrays["scale"]
             logits = z @ self.arrays["coef"].T + self.arrays["intercept"]
             if logits.shape[1] == 1:  # scikit-learn's binary form: one column for classes[1]
@@ -134,9 +139,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, k: int = 5,
-             seed: int = 0) -> Head:
-    """Fit a head on (features, oracle policies)."""
+def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, shrinkage: float = 0.5,
+             k: int = 5, seed: int = 0) -> Head:
+    """Fit a head on (features, oracle policies): ``c`` is logistic's inverse
+    regularisation, ``shrinkage`` LDA's (0 the sample covariance, 1 the identity)."""
     if classifier not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {classifier!r}; expected one of {CLASSIFIERS}")
     if len(policies) == 0:
@@ -151,14 +157,18 @@ def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 
         return Head(classifier, classes, {}, k)
     if classifier == "knn":
         return Head("knn", classes, {"train": x.astype(np.float32), "labels": y}, k)
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.linear_model import LogisticRegression
 
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-12] = 1.0
-    model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
+    if classifier == "lda":
+        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage)
+    else:
+        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
     model.fit((x - mean) / scale, y)
-    return Head("logistic", classes, {"mean": mean, "scale": scale, "coef": model.coef_,
-                                      "intercept": model.intercept_}, k)
+    return Head(classifier, classes, {"mean": mean, "scale": scale, "coef": np.atleast_2d(model.coef_),
+                                      "intercept": np.atleast_1d(model.intercept_)}, k)
 
 
 class HeadRouter:

@@ -53,12 +53,15 @@ def cost_quality_curves(curves: dict, points: dict, path: Path, title: str = "Co
 
 
 def cv_by_layer(grid, path: Path) -> Path:
-    """Cross-validated AUC of the Gemma head against the layer it reads, one line per C."""
+    """Cross-validated AUC of the Gemma head against the layer it reads, one line per value
+    of its classifier's hyper-parameter (LDA's shrinkage, or logistic's C)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for c, rows in grid.groupby("c"):
+    hyper = "shrinkage" if "shrinkage" in grid else "c"
+    for value, rows in grid.groupby(hyper):
         rows = rows.sort_values("layer")
-        ax.plot(rows["layer"], rows["cv_auc"], marker="o", markersize=4, label=f"C={c:g}")
+        ax.plot(rows["layer"], rows["cv_auc"], marker="o", markersize=4,
+                label=f"{'shrinkage' if hyper == 'shrinkage' else 'C'}={value:g}")
     ax.set(title="Gemma head: cross-validated AUC of P(Complex_Query)", xlabel="layer (blocks run)",
            ylabel="out-of-fold ROC AUC")
     ax.grid(alpha=0.3)

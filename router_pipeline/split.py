@@ -81,6 +81,28 @@ def validation_mask(qids: pd.Series, fraction: float, seed: int = 42, domains: p
     return held_out(qids, domains, fraction, seed, "validation")
 
 
+def outer_folds(questions: pd.DataFrame, folds: int = 5, seed: int = 42, by: str = "question") -> np.ndarray:
+    """The fold (0..folds-1) of every question for cross-fitting, where each question is a
+    test row once: by question, a seeded hash of the qid; by domain, whole domains, the
+    largest first, each to the fold with the fewest rows so far (ties by a seeded hash)."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    domains = _domains(questions, by)
+    if domains is None:
+        return questions["qid"].map(lambda q: int(unit_interval("fold", seed, q) * folds)).to_numpy()
+    if domains.isna().any():
+        raise SplitError(f"{int(domains.isna().sum())} questions have no domain (topic): a domain split needs one "
+                         "per question")
+    sizes = domains.value_counts()
+    if len(sizes) < folds:
+        raise SplitError(f"{folds} folds by domain need at least {folds} domains; found {len(sizes)}")
+    rows, fold_of = np.zeros(folds), {}
+    for d in sorted(sizes.index, key=lambda d: (-sizes[d], unit_interval("fold", seed, str(d)))):
+        fold_of[d] = int(np.argmin(rows))
+        rows[fold_of[d]] += sizes[d]
+    return domains.map(fold_of).to_numpy()
+
+
 def ratio_tolerance(n: int, test_fraction: float) -> float:
     """Allowed deviation of the observed test share: 4 binomial standard errors, at
     least 2 points (a hash split is random, not exact, on small samples)."""

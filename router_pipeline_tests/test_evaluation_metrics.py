@@ -149,6 +149,30 @@ def test_paired_bootstrap_interval():
     assert 0 < better["lo"] < better["diff"] < better["hi"] and better["resamples"] == 300
 
 
+def test_cross_fitted_apgr_never_ranks_two_folds_together():
+    """Cross-fitted APGR is the row-weighted mean of each fold's own APGR: shifting one
+    fold's scores (another model's scale) changes nothing, while pooling them would."""
+    rng = np.random.default_rng(5)
+    n = 400
+    table = outcomes(list(rng.choice(["Correct", "Incorrect"], n, p=[0.6, 0.4])),
+                     list(rng.choice(["Correct", "Incorrect"], n, p=[0.85, 0.15])))
+    med, large = (table["medium_label"] == "Correct").to_numpy(), (table["large_label"] == "Correct").to_numpy()
+    folds = np.repeat([0, 1, 2], [100, 100, 200])
+    scores = ev.oracle_scores(table) + rng.normal(0, 1.0, n)
+    by_hand = sum(len(i) / n * ev.apgr_weighted(scores[i], med[i], large[i])
+                  for i in (np.arange(100), np.arange(100, 200), np.arange(200, 400)))
+    assert ev.crossfit_apgr(scores, med, large, folds) == pytest.approx(by_hand)
+    shifted = scores + np.where(folds == 2, 10.0, 0.0)
+    assert ev.crossfit_apgr(shifted, med, large, folds) == pytest.approx(by_hand)
+    assert ev.apgr_weighted(shifted, med, large) != pytest.approx(by_hand)
+    other = rng.random(n)
+    d = ev.paired_bootstrap(table, shifted, other, resamples=300, folds=folds)
+    assert d["diff"] == pytest.approx(by_hand - ev.crossfit_apgr(other, med, large, folds))
+    assert d["lo"] < d["diff"] < d["hi"] and d["resamples"] == 300
+    same = ev.paired_bootstrap(table, shifted, scores, resamples=200, folds=folds)  # one ranking within every fold
+    assert same["diff"] == pytest.approx(0) and same["lo"] == pytest.approx(0) and same["hi"] == pytest.approx(0)
+
+
 def test_calibration_error_policy_mix_and_collapse():
     rng = np.random.default_rng(5)
     p = rng.random(5000)

@@ -19,19 +19,26 @@ def labelled(sample_questions):
     return queries, MiniLM().encode(queries), policies
 
 
-def test_numpy_logistic_head_matches_scikit_learn(labelled):
+def test_numpy_linear_heads_match_scikit_learn(labelled, tmp_path):
+    """Logistic and shrinkage-LDA heads, stored as arrays, give scikit-learn's own
+    probabilities, with 3 policies and with 2, also after a save and load."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.linear_model import LogisticRegression
 
     _, x, policies = labelled
     for labels in (policies, [COMPLEX if p == COMPLEX else STANDARD for p in policies]):  # 3 classes, then 2
-        head = fit_head("logistic", x, labels, c=0.5)
-        z = (x - head.arrays["mean"]) / head.arrays["scale"]
-        ref = LogisticRegression(C=0.5, max_iter=3000, class_weight="balanced", random_state=0).fit(z, labels)
-        expected = ref.predict_proba(z)
-        got = head.proba(x)
-        for j, c in enumerate(ref.classes_):
-            np.testing.assert_allclose(got[:, POLICIES.index(c)], expected[:, j], atol=1e-6)
-        assert np.allclose(got.sum(1), 1)
+        for classifier, hyper, ref in (
+                ("logistic", {"c": 0.5}, LogisticRegression(C=0.5, max_iter=3000, class_weight="balanced",
+                                                            random_state=0)),
+                ("lda", {"shrinkage": 0.7}, LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.7))):
+            head = fit_head(classifier, x, labels, **hyper)
+            z = (x - head.arrays["mean"]) / head.arrays["scale"]
+            expected = ref.fit(z, labels).predict_proba(z)
+            head.save(tmp_path / "head.npz")
+            for got in (head.proba(x), Head.load(tmp_path / "head.npz", classifier, head.classes, 5).proba(x)):
+                for j, c in enumerate(ref.classes_):
+                    np.testing.assert_allclose(got[:, POLICIES.index(c)], expected[:, j], atol=1e-6)
+                assert np.allclose(got.sum(1), 1)
 
 
 def test_numpy_knn_head_matches_scikit_learn(labelled):
@@ -118,7 +125,7 @@ def real_gemma_router(gemma_path, tmp_path_factory):
               [f"Who was the mayor of the village of Ballyhooly in {y}?" for y in range(1901, 1931)]
     policies = [STANDARD] * 30 + [COMPLEX] * 20 + [AMBIGUOUS] * 10
     examples = pd.DataFrame({"query": queries, "policy": policies})
-    cfg = HeadConfig(layers=(3, 9), c_values=(0.1,), heads=("gemma",), folds=3)
+    cfg = HeadConfig(layers=(3, 9), shrinkages=(0.9,), heads=("gemma",), folds=3)
     (result,) = train_head_routers(examples, cfg, {"gemma": tmp_path_factory.mktemp("heads") / "gemma"},
                                    log=lambda _: None)
     return result

@@ -5,7 +5,7 @@ import pytest
 
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
 from router_pipeline.questions import QuestionSourceError, load_questions, parse_grade
-from router_pipeline.split import assign_split, ratio_tolerance, split_questions
+from router_pipeline.split import assign_split, outer_folds, ratio_tolerance, split_questions
 
 
 def test_bundled_simpleqa_loads_whole():
@@ -219,6 +219,26 @@ def test_domain_split_holds_out_whole_domains_for_test_and_validation(mmlu_outco
     # The same split again: stable; and by question it mixes domains as before.
     assert set(split_questions(questions, 0.2, 42, by="domain")[1]["qid"]) == set(test["qid"])
     assert set(split_questions(questions, 0.2, 42)[1]["topic"]) > test_domains
+
+
+def test_cross_fitting_folds_score_every_question_once(mmlu_outcomes):
+    """Outer folds for cross-fitting: by question, stable per question; by domain, a
+    domain held out in a fold never appears in that fold's training rows."""
+    from router_pipeline.split import SplitError
+
+    questions, _ = load_questions("outcomes", path=str(mmlu_outcomes), sample_size=0)
+    by_question = outer_folds(questions, 5, 42)
+    assert set(by_question) == set(range(5)) and min(pd.Series(by_question).value_counts()) > len(questions) / 10
+    assert (outer_folds(questions.iloc[::-1], 5, 42) == by_question[::-1]).all()  # a row's fold is its own
+    by_domain = outer_folds(questions, 5, 42, by="domain")
+    assert set(by_domain) == set(range(5))
+    for fold in range(5):
+        held, train = questions["topic"][by_domain == fold], questions["topic"][by_domain != fold]
+        assert len(held) and set(held).isdisjoint(train)
+    sizes = pd.Series(by_domain).value_counts()
+    assert sizes.max() - sizes.min() <= questions["topic"].value_counts().max()
+    with pytest.raises(SplitError, match="20 folds by domain need at least 20 domains; found 19"):
+        outer_folds(questions, 20, 42, by="domain")
 
 
 def test_domain_split_needs_a_domain_per_question():

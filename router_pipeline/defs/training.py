@@ -135,6 +135,8 @@ class HeadRoutersConfig(dg.Config):
     allow_hub: bool = _H.allow_hub
     layers: list[int] = list(_H.layers)  # Gemma layers tried by cross-validation
     pooling: Literal["mean", "last", "mean+last"] = _H.pooling
+    gemma_classifier: Literal["lda", "logistic"] = _H.gemma_classifier
+    shrinkages: list[float] = list(_H.shrinkages)  # LDA's covariance shrinkage tried by cross-validation
     c_values: list[float] = list(_H.c_values)
     knn_k: list[int] = list(_H.knn_k)
     folds: int = _H.folds
