@@ -57,11 +57,10 @@ def cv_by_layer(grid, path: Path) -> Path:
     of its classifier's hyper-parameter (LDA's shrinkage, or logistic's C)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    hyper = "shrinkage" if "shrinkage" in grid else "c"
+    hyper, label = ("shrinkage", "shrinkage") if "shrinkage" in grid else ("c", "C")
     for value, rows in grid.groupby(hyper):
         rows = rows.sort_values("layer")
-        ax.plot(rows["layer"], rows["cv_auc"], marker="o", markersize=4,
-                label=f"{'shrinkage' if hyper == 'shrinkage' else 'C'}={value:g}")
+        ax.plot(rows["layer"], rows["cv_auc"], marker="o", markersize=4, label=f"{label}={value:g}")
     ax.set(title="Gemma head: cross-validated AUC of P(Complex_Query)", xlabel="layer (blocks run)",
            ylabel="out-of-fold ROC AUC")
     ax.grid(alpha=0.3)
