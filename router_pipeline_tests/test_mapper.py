@@ -46,9 +46,24 @@ def test_privacy_forces_local_model(query, hit):
     assert got.target == "local" and got.model == "gemma3-270m" and got.rule == "privacy" and hit in got.reason
 
 
-def test_privacy_ignores_plain_queries_and_years():
+@pytest.mark.parametrize("query", [
+    "In which year, 1987 or 1988, did the Berlin Wall speech happen?",
+    # Year ranges and scores (SimpleQA and MMLU questions once sent to the local model as phone numbers)
+    "What team finished with 38 points at the end of the 2021-2022 Premier League season?",
+    "Toronto mayors Sir Adam Wilson (Mayor from 1859-1861), John George Bowes (Mayor from 1861-1864)",
+    "The vote was 232 - 190 in favour.",
+])
+def test_privacy_ignores_plain_queries_years_and_ranges(query):
     m = mapper([{"kind": "privacy", "target": "local"}, POLICY])
-    assert m.map(decision("In which year, 1987 or 1988, did the Berlin Wall speech happen?")).rule == "policy"
+    assert m.map(decision(query)).rule == "policy"
+
+
+@pytest.mark.parametrize("query", ["Call 555-123-4567", "My number is (555) 123-4567", "+1 (555) 123-4567",
+                                   "Ring 01 23 45 67 89", "Berlin 030 123456"])
+def test_privacy_finds_phone_numbers_of_nine_digits_or_more(query):
+    m = mapper([{"kind": "privacy", "target": "local"}, POLICY])
+    got = m.map(decision(query))
+    assert got.rule == "privacy" and "phone" in got.reason
 
 
 def test_keyword_override_whole_words_case_insensitive():
