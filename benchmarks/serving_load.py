@@ -6,7 +6,10 @@ Gemini-protocol server (both tiers, ``--backend-latency-ms`` each), then sends
 ``--requests`` chat completions with the `openai` client at ``--concurrency``, once per
 configuration (``--configs``), side by side in one run. The first configuration runs a
 second time with hostile clients beside the load (32 KB digit strings, bodies declared
-as 100 MB, ``max_tokens: 100000``). Prints, per run: throughput, the router's overhead
+as 100 MB, ``max_tokens: 100000``, queries holding a phone number, which the privacy
+rule keeps on the local model: it generates on the router's CPU cores). The load's
+profile maps as serving does by default (the router's calibrated threshold), after the
+privacy rule every preset starts with. Prints, per run: throughput, the router's overhead
 (arrival to decision, queueing included: the ``routing.router_ms`` each reply carries)
 p50/p95/p99, the end-to-end latency p50/p95/p99/max, ``errors N``; the well-behaved
 clients' p99 with and without the hostile mix; how long SIGTERM takes to stop the
@@ -48,7 +51,9 @@ CONFIGS = {
 SHORT = {"default": "batching+prefix", "batching": "batching only", "prefix": "prefix only", "neither": "neither",
          "fp32": "fp32", "w0": "window 0 ms", "w2": "window 2 ms", "w10": "window 10 ms", "b8": "max batch 8",
          "b64": "max batch 64"}
-HOSTILE = ("32 KB digits", "100 MB body", "max_tokens 100000")
+HOSTILE = ("32 KB digits", "100 MB body", "max_tokens 100000", "private -> local model")
+PRIVATE = "Call me back on 555-123-4567 and write a very long essay on everything."
+KEY_ENV, KEY = "ROUTER_BENCH_KEYS", "benchmark"  # the load profile's API key (not a secret)
 HOSTILE_PAUSE_S = 0.1  # each hostile client sends up to 10 requests/s: bad requests, not a flood (a proxy's job)
 
 
@@ -58,10 +63,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _profiles(adapter: str, out: Path) -> Path:
+    """The load's profile: the router's calibrated threshold (else the balanced preset),
+    after the privacy rule every preset has, which sends private queries to the local model."""
+    from router_pipeline.routing import read_calibration
+    from router_pipeline.serve.mapper import evaluated_spec
+
+    calibration = read_calibration(adapter)
+    mapper = ({"fallback": "medium", "rules": [{"kind": "privacy", "target": "local"},
+                                               *evaluated_spec(calibration)["rules"]]}
+              if calibration else {"preset": "balanced"})
+    path = out.with_suffix(".profiles.json")
+    path.write_text(json.dumps({"profiles": {"load": {"keys_env": KEY_ENV, "mapper": mapper}}}))
+    return path
+
+
 def _start(adapter: str, flags: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     exe = Path(sys.executable).with_name("router-pipeline")
-    proc = subprocess.Popen([str(exe), "serve", "--adapter", adapter, "--port", str(port), *flags], env=env,
+    proc = subprocess.Popen([str(exe), "serve", "--adapter", adapter, "--port", str(port), "--profiles",
+                             str(_profiles(adapter, log)), *flags], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -83,7 +104,8 @@ async def _hostile(url: str, kind: str, stop: asyncio.Event, codes: dict) -> Non
         if kind == "100 MB body":  # declares 100 MB, sends 1 MB, waits for the answer
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                         f"\r\nContent-Length: 100000000\r\n\r\n".encode() + b"x" * 1_000_000)
+                         f"\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 100000000\r\n\r\n".encode()
+                         + b"x" * 1_000_000)
             try:
                 await writer.drain()
                 status = (await asyncio.wait_for(reader.readline(), 30)).split()[1].decode()
@@ -91,8 +113,9 @@ async def _hostile(url: str, kind: str, stop: asyncio.Event, codes: dict) -> Non
                 status = "dropped"
             writer.close()
         else:
-            body = {"model": "router", "messages": [{"role": "user", "content": "1" * 32_000 if kind == "32 KB digits"
-                                                     else "Write a very long essay on everything."}]}
+            content = {"32 KB digits": "1" * 32_000, "private -> local model": PRIVATE}.get(
+                kind, "Write a very long essay on everything.")
+            body = {"model": "router", "messages": [{"role": "user", "content": content}]}
             if kind == "max_tokens 100000":
                 body["max_tokens"] = 100_000
             status = str(await asyncio.to_thread(_post_status, f"{url}/v1/chat/completions", body))
@@ -103,18 +126,20 @@ async def _hostile(url: str, kind: str, stop: asyncio.Event, codes: dict) -> Non
 
 def _post_status(url: str, body: dict) -> int:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
+    except OSError:  # no answer within 60 s: the client gives up (and the server stops its model)
+        return "timeout"
 
 
 async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = False) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="benchmark", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
     gate = asyncio.Semaphore(concurrency)
     router_ms, total_ms, errors = [], [], []
 
@@ -147,7 +172,7 @@ async def _time_to_first_token(url: str) -> dict:
     """A streamed answer: seconds to the first content chunk and to the last."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="benchmark", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
     await client.chat.completions.create(model="router", messages=[{"role": "user", "content": "Warm up."}])
     t0 = time.perf_counter()
     first = None
@@ -202,7 +227,7 @@ def main(argv=None) -> int:
     results = {}
     with FakeGemini(latency_s=args.backend_latency_ms / 1000) as fake:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": fake.base_url,
-               "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key")}
+               "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key"), KEY_ENV: KEY}
         for name in names:
             proc, url = _start(str(adapter), CONFIGS[name], env, out.with_suffix(f".{name.split()[0]}.log"))
             runs = [(name, False)] + ([(f"{name} + hostile", True)] if name == names[0] and not args.no_hostile else [])
@@ -225,7 +250,7 @@ def main(argv=None) -> int:
     story = " ".join(f"word{i}" for i in range(200))  # a long answer, generated over stream_backend_s
     with FakeGemini(latency_s=args.stream_backend_s, responder=lambda model, prompt: story) as slow:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": slow.base_url,
-               "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key")}
+               "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key"), KEY_ENV: KEY}
         proc, url = _start(str(adapter), [], env, out.with_suffix(".stream.log"))
         try:
             ttft = asyncio.run(_time_to_first_token(url))

@@ -499,6 +499,31 @@ def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatc
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_a_local_model_a_profile_may_use_is_loaded_before_serving(router, gemini, gemma_path, tmp_path,
+                                                                   monkeypatch, caplog):
+    """Loading a local model holds the interpreter for seconds: it happens when the
+    server starts, not when the first private query arrives with others in flight."""
+    import logging
+
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    monkeypatch.setenv("TEST_KEYS_PRIVATE", KEYS["private"])
+    remote = tmp_path / "remote.yaml"
+    remote.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP}\n")
+    private = tmp_path / "private.yaml"  # the balanced preset keeps private queries on the local model
+    private.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP}\n"
+                       "  private: {keys_env: TEST_KEYS_PRIVATE, mapper: {preset: balanced}}\n")
+    with caplog.at_level(logging.INFO, logger="router_pipeline.serve.gateway"):
+        build_gateway(router.adapter_dir, profiles_path=remote, feedback_dir=tmp_path / "a", router=router)
+        assert "loaded before serving" not in caplog.text  # Gemini only: nothing to load
+        state = build_gateway(router.adapter_dir, profiles_path=private, feedback_dir=tmp_path / "b", router=router)
+        assert "local models loaded before serving: gemma3-270m" in caplog.text
+    with serving(state) as url:
+        reply = client(url, "private").chat.completions.create(
+            model="router", messages=[{"role": "user", "content": "My number is 555-123-4567. Who am I?"}],
+            max_tokens=4)
+    assert reply.model == "gemma3-270m" and reply.model_extra["routing"]["rule"] == "privacy"
+
+
 def test_a_local_stream_stops_generating_when_the_reader_leaves(tiny_model_dir):
     import threading
 
@@ -517,6 +542,45 @@ def test_a_local_stream_stops_generating_when_the_reader_leaves(tiny_model_dir):
     assert threading.active_count() == threads + 1  # generating
     pieces.close()  # the reader went away: generation is told to stop, and its thread has ended
     assert cancel.is_set() and threading.active_count() == threads
+
+
+def test_a_local_model_runs_no_forward_pass_while_a_routing_pass_runs(tiny_model_dir):
+    """The server's local tier shares the CPU with the router: before every forward pass
+    (each token, each chunk of a long prompt) it waits for the batcher's ``idle`` event,
+    and answers the same once routing is idle."""
+    import threading
+
+    from router_pipeline.llm.local import PREFILL_CHUNK, LocalClient
+    from router_pipeline.llm.types import LLMRequest
+
+    local = LocalClient(tiny_model_dir, price=(0.0, 0.0))
+    request = LLMRequest("Tell me about the sea. " * (PREFILL_CHUNK // 4), max_output_tokens=12)  # > 1 chunk
+    alone = list(local.stream(request, threading.Event()))
+    steps = []  # the tokens each forward pass reads
+    local._lm.register_forward_hook(lambda _m, _a, kw, _o: steps.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    idle, got = threading.Event(), []  # clear: a routing pass is running
+    worker = threading.Thread(target=lambda: got.extend(local.stream(request, threading.Event(), wait_for=idle)),
+                              daemon=True)
+    try:
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and steps == []  # waiting before its first pass
+    finally:
+        idle.set()
+    worker.join(60)
+    assert not worker.is_alive() and got[-1].text == alone[-1].text
+    prompt = local._tok([request.prompt], return_tensors="pt")["input_ids"].shape[1]
+    chunks = [PREFILL_CHUNK] * (prompt // PREFILL_CHUNK) + [prompt % PREFILL_CHUNK] * bool(prompt % PREFILL_CHUNK)
+    assert len(chunks) >= 2 and steps[:len(chunks)] == chunks  # the prompt read in chunks,
+    assert set(steps[len(chunks):]) == {1}  # then one token per pass
+
+    cancel = threading.Event()  # a caller leaving while the model waits ends the wait
+    waiting = threading.Thread(target=lambda: list(local.stream(request, cancel, wait_for=threading.Event())),
+                               daemon=True)
+    waiting.start()
+    cancel.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
 
 
 def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, tmp_path, monkeypatch):

@@ -10,6 +10,12 @@ import torch
 
 from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult
 
+PREFILL_CHUNK = 256  # prompt tokens per forward pass when the stream gives way to other work
+
+
+class _Stopped(Exception):
+    """The stream's reader went away while the model waited for its turn."""
+
 
 class LocalClient:
     provider = "local"
@@ -35,29 +41,46 @@ class LocalClient:
                 out[i] = result
         return out  # type: ignore[return-value]
 
-    def stream(self, request: LLMRequest, cancel: threading.Event) -> Iterator[str | LLMResult]:
+    def stream(self, request: LLMRequest, cancel: threading.Event,
+               wait_for: threading.Event | None = None) -> Iterator[str | LLMResult]:
         """Text deltas as the model generates them, then the whole LLMResult. Setting
-        ``cancel`` (the caller went away) stops generation at the next token."""
+        ``cancel`` (the caller went away) stops generation at the next forward pass.
+        With ``wait_for`` (work that must come first on the same CPU), every forward pass
+        waits until it is set: each token, and each ``PREFILL_CHUNK`` tokens of the prompt
+        (a 32 KB prompt read in one pass held the CPU for seconds)."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        class Cancelled(StoppingCriteria):
+        class Cancelled(StoppingCriteria):  # called after every token
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        def take_turn(*_):  # before every forward pass
+            while not wait_for.wait(0.1):
+                if cancel.is_set():
+                    raise _Stopped
 
         tok = self._tok
         enc = tok([_with_system(request.system, request.prompt)], return_tensors="pt").to(self._lm.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(self._gen_kwargs(request.max_output_tokens, request.temperature, request.stop), streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        if wait_for is not None:
+            kwargs["prefill_chunk_size"] = PREFILL_CHUNK
         failure: list[BaseException] = []
 
         def generate():
+            hook = self._lm.register_forward_pre_hook(take_turn) if wait_for is not None else None
             try:
                 with torch.no_grad():
                     self._lm.generate(**enc, **kwargs)
+            except _Stopped:  # the reader has gone
+                streamer.end()
             except BaseException as exc:  # surfaced to the reader below
                 failure.append(exc)
                 streamer.end()
+            finally:
+                if hook is not None:
+                    hook.remove()
 
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()

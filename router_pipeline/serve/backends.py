@@ -77,25 +77,38 @@ class Streamed:
 
 
 class Backends:
-    def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int):
+    def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int,
+                 local_waits_for: threading.Event | None = None):
+        """``local_waits_for``: a local model runs each forward pass only once this is
+        set (the batcher's ``idle``: routing comes first on a shared CPU)."""
         self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
+        self.local_waits_for = local_waits_for
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
-        self._local_lock = asyncio.Lock()  # a local model generates one batch at a time
+        self._local_lock = asyncio.Lock()  # a local model generates one answer at a time
+        self._making = threading.Lock()  # a client is made once, even when two requests ask together
 
     def _client(self, alias: str, model: str):
         key = (alias if alias in ("medium", "large") else "", model)
-        if key not in self._clients:
-            spec = self.roles.spec_for(alias, model)
-            self._clients[key] = (spec, self.roles.client_for(spec))
+        with self._making:
+            if key not in self._clients:
+                spec = self.roles.spec_for(alias, model)
+                self._clients[key] = (spec, self.roles.client_for(spec))
         return self._clients[key]
+
+    def preload_local(self, targets: list[tuple[str, str]]) -> list[str]:
+        """Load now the local models among ``targets`` (alias, model id); returns their ids.
+        Loading one (its 262k-token tokenizer is parsed in Python, holding the interpreter)
+        stalled every request in flight for about 4 s when the first private query came."""
+        local = [(a, m) for a, m in dict.fromkeys(targets) if self.roles.spec_for(a, m).provider == "local"]
+        return [self._client(a, m)[0].model for a, m in local]
 
     def cooling(self) -> dict[str, float]:
         """model -> seconds left in its cooldown."""
         now = time.monotonic()
         return {m: round(until - now, 1) for m, until in self._cooling.items() if until > now}
 
-    def _available(self, targets: list[tuple[str, str]], attempts: list[dict]):
+    async def _available(self, targets: list[tuple[str, str]], attempts: list[dict]):
         """(target, model, spec, client) of each target not cooling down, in order, each
         once; the ones cooling down are noted in ``attempts``."""
         for target, model in dict.fromkeys(targets):
@@ -103,7 +116,9 @@ class Backends:
             if left is not None:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
-            yield (target, model, *self._client(target, model))
+            # In a thread: a local model's first use loads its weights (seconds of a stalled
+            # event loop, for every caller, if done here).
+            yield (target, model, *await asyncio.to_thread(self._client, target, model))
 
     def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict]) -> None:
         if isinstance(exc, RetryableError):
@@ -117,7 +132,7 @@ class Backends:
                      max_tokens: int | None) -> Served:
         """The first of ``targets`` (alias, model id) that answers."""
         attempts: list[dict] = []
-        for target, model, spec, client in self._available(targets, attempts):
+        async for target, model, spec, client in self._available(targets, attempts):
             try:
                 result = await self._call(client, self._request(client, spec, prompt, system, max_tokens))
             except Exception as exc:
@@ -136,7 +151,7 @@ class Backends:
         before its first text (429, 5xx, timeout, an empty or blocked reply) is skipped as
         in ``answer``: the caller never sees it."""
         attempts: list[dict] = []
-        for target, model, spec, client in self._available(targets, attempts):
+        async for target, model, spec, client in self._available(targets, attempts):
             chunks = self._chunks(client, self._request(client, spec, prompt, system, max_tokens))
             try:
                 first = await chunks.__anext__()
@@ -169,7 +184,7 @@ class Backends:
 
         def produce():
             try:
-                for item in client.stream(request, cancel):
+                for item in client.stream(request, cancel, wait_for=self.local_waits_for):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except Exception as exc:  # handed to the reader
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -190,6 +205,6 @@ class Backends:
     async def _call(self, client, request: LLMRequest) -> LLMResult:
         if hasattr(client, "complete"):
             return await client.complete(request)
-        async with self._local_lock:
-            (result,) = await asyncio.to_thread(client.complete_batch, [request])
+        # A local model: the streamed path (the one that yields to routing), read to its end.
+        *_, result = [item async for item in self._chunks(client, request)]
         return result

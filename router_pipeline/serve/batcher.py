@@ -4,11 +4,17 @@ A request's query waits at most ``window_ms`` for others (or until ``max_batch``
 are waiting), then one worker thread routes the batch. The router's model is used by
 that one thread only, so the event loop never blocks on it and two passes never
 run at once. ``max_batch=1`` turns batching off (one pass per request).
+
+``idle`` is clear while a pass runs: a local model answering on the same CPU cores
+waits on it before each forward pass (serve/backends.py), so routing, which every
+request waits for, comes first: without it, one client whose queries went to the
+local model doubled everyone else's routing time (benchmarks/serving_load.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,6 +33,8 @@ class RouteBatcher:
         self._worker: asyncio.Task | None = None
         self.batches = 0
         self.routed = 0
+        self.idle = threading.Event()
+        self.idle.set()
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -62,7 +70,7 @@ class RouteBatcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                decisions = await asyncio.to_thread(self.router.route_batch, [p.query for p in batch])
+                decisions = await asyncio.to_thread(self._pass, [p.query for p in batch])
             except Exception as exc:  # one bad batch fails its requests, never the worker
                 for p in batch:
                     if not p.future.done():
@@ -73,3 +81,10 @@ class RouteBatcher:
             for p, d in zip(batch, decisions):
                 if not p.future.done():
                     p.future.set_result(d)
+
+    def _pass(self, queries: list[str]):
+        self.idle.clear()
+        try:
+            return self.router.route_batch(queries)
+        finally:
+            self.idle.set()

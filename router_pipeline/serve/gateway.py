@@ -357,6 +357,14 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
     return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url)
 
 
+def reachable(profile: Profile) -> list[tuple[str, str]]:
+    """(alias, model id) of every model the profile's requests may be answered by: its
+    rules' and mapper's targets and its fallbacks, among the aliases it allows."""
+    m = profile.mapper
+    aliases = [t for r in m.rules for t in (r.target, *r.map.values())] + [m.fallback, *profile.fallbacks]
+    return [(a, m.models[a]) for a in dict.fromkeys(aliases) if a in profile.allowed and a in m.models]
+
+
 def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | None = None,
                   feedback_dir: str | Path, config: ServingConfig = DEFAULTS,
                   decision_log_path: str | Path | None = None, router=None, profiles: Profiles | None = None) -> Gateway:
@@ -374,10 +382,12 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
     for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them
         if profile.mapper.ledger is not None:
             profile.mapper.ledger.bind(feedback.db)
+    batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
+    backends = Backends(roles, cooldown_s=config.cooldown_s, local_max_output_tokens=config.local_max_output_tokens,
+                        local_waits_for=batcher.idle)
+    if loaded := backends.preload_local([t for p in profiles.profiles.values() for t in reachable(p)]):
+        log.info("local models loaded before serving: %s", ", ".join(loaded))
     return Gateway(
-        router=router, batcher=RouteBatcher(router, window_ms=config.window_ms,
-                                            max_batch=config.max_batch if config.batching else 1),
-        profiles=profiles, backends=Backends(roles, cooldown_s=config.cooldown_s,
-                                             local_max_output_tokens=config.local_max_output_tokens),
+        router=router, batcher=batcher, profiles=profiles, backends=backends,
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None)
