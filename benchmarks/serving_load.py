@@ -219,6 +219,11 @@ def main(argv=None) -> int:
     if adapter is None:
         print("error: no router: run the main job (released_router) or pass --adapter", file=sys.stderr)
         return 2
+    from router_pipeline.routing import read_calibration
+
+    if not read_calibration(adapter):
+        print(f"note: {adapter} has no router_calibration.json: the load is mapped by the balanced preset, "
+              "not the threshold its evaluation scored", flush=True)
     names = [SHORT[c.strip()] for c in args.configs.split(",")]
     questions = list(load_questions(sample_size=0)[0]["query"])
     queries = [questions[i % len(questions)] for i in range(args.requests)]

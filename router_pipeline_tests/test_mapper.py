@@ -187,3 +187,18 @@ def test_bad_config_names_the_problem(tmp_path, text, message):
     with pytest.raises(MapperConfigError, match="bad.yaml") as err:
         PolicyMapper.from_file(path)
     assert message in str(err.value)
+
+
+def test_a_router_without_calibration_is_served_with_the_balanced_preset_and_a_warning(caplog):
+    import logging
+
+    from router_pipeline.serve.profiles import OPEN, load_profiles
+
+    models = {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro"}
+    with caplog.at_level(logging.WARNING, logger="router_pipeline.serve.profiles"):
+        calibrated = load_profiles(None, calibration={"threshold": 0.3}, default_models=models)
+        assert "no calibration" not in caplog.text
+        bare = load_profiles(None, calibration={}, default_models=models)
+    assert "no calibration (router_calibration.json)" in caplog.text
+    assert [r.kind for r in calibrated.profiles[OPEN].mapper.rules] == ["threshold", "policy"]
+    assert [r.kind for r in bare.profiles[OPEN].mapper.rules] == ["privacy", "low_confidence", "policy"]

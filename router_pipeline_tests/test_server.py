@@ -512,9 +512,10 @@ def test_a_local_model_a_profile_may_use_is_loaded_before_serving(router, gemini
     private = tmp_path / "private.yaml"  # the balanced preset keeps private queries on the local model
     private.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP}\n"
                        "  private: {keys_env: TEST_KEYS_PRIVATE, mapper: {preset: balanced}}\n")
-    with caplog.at_level(logging.INFO, logger="router_pipeline.serve.gateway"):
+    with caplog.at_level(logging.INFO, logger="router_pipeline.serve"):
         build_gateway(router.adapter_dir, profiles_path=remote, feedback_dir=tmp_path / "a", router=router)
         assert "loaded before serving" not in caplog.text  # Gemini only: nothing to load
+        assert "no calibration" not in caplog.text  # the released router's threshold maps the requests
         state = build_gateway(router.adapter_dir, profiles_path=private, feedback_dir=tmp_path / "b", router=router)
         assert "local models loaded before serving: gemma3-270m" in caplog.text
     with serving(state) as url:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from router_pipeline import settings
 from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec
 
 OPEN = "default"  # the profile of a server started without a profiles file
+log = logging.getLogger(__name__)
 
 
 class ProfileError(ValueError):
@@ -103,6 +105,10 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
     the calibrated threshold. ``calibration`` is the released router's."""
     default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
+    if not calibration:  # e.g. a head folder copied without its evaluation: easy to miss, and it routes differently
+        log.warning("the router has no calibration (router_calibration.json): profiles without a mapper use the "
+                    "balanced preset (private queries to the local model, low confidence to the large one), not "
+                    "the threshold the evaluation scored")
     if path is None:
         mapper = PolicyMapper.from_dict(default_spec, default_models=default_models)
         return Profiles({OPEN: Profile(OPEN, mapper)}, open=True)
