@@ -124,7 +124,7 @@ async def _hostile(url: str, kind: str, stop: asyncio.Event, codes: dict) -> Non
         await asyncio.sleep(HOSTILE_PAUSE_S)
 
 
-def _post_status(url: str, body: dict) -> int:
+def _post_status(url: str, body: dict) -> int | str:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     try:
@@ -132,8 +132,10 @@ def _post_status(url: str, body: dict) -> int:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
-    except OSError:  # no answer within 60 s: the client gives up (and the server stops its model)
+    except TimeoutError:  # no answer within 60 s: the client gives up
         return "timeout"
+    except OSError as exc:  # refused or reset
+        return type(exc).__name__
 
 
 async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = False) -> dict:

@@ -189,16 +189,27 @@ def test_bad_config_names_the_problem(tmp_path, text, message):
     assert message in str(err.value)
 
 
-def test_a_router_without_calibration_is_served_with_the_balanced_preset_and_a_warning(caplog):
+def test_a_router_without_calibration_is_served_with_the_balanced_preset_and_a_warning(caplog, tmp_path,
+                                                                                       monkeypatch):
     import logging
 
     from router_pipeline.serve.profiles import OPEN, load_profiles
 
     models = {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro"}
+    monkeypatch.setenv("TEST_KEYS_A", "key-a")
+    monkeypatch.setenv("TEST_KEYS_B", "key-b")
+    own = tmp_path / "own.yaml"  # every profile brings its mapper: nothing falls back to the preset
+    own.write_text("profiles:\n  a: {keys_env: TEST_KEYS_A, mapper: {preset: cost_first}}\n")
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("profiles:\n  a: {keys_env: TEST_KEYS_A, mapper: {preset: cost_first}}\n"
+                     "  b: {keys_env: TEST_KEYS_B}\n")
     with caplog.at_level(logging.WARNING, logger="router_pipeline.serve.profiles"):
         calibrated = load_profiles(None, calibration={"threshold": 0.3}, default_models=models)
+        load_profiles(own, calibration={}, default_models=models)
         assert "no calibration" not in caplog.text
+        load_profiles(mixed, calibration={}, default_models=models)
+        assert "profile(s) b use the balanced preset" in caplog.text
         bare = load_profiles(None, calibration={}, default_models=models)
-    assert "no calibration (router_calibration.json)" in caplog.text
+    assert f"no calibration (router_calibration.json): profile(s) {OPEN} use" in caplog.text
     assert [r.kind for r in calibrated.profiles[OPEN].mapper.rules] == ["threshold", "policy"]
     assert [r.kind for r in bare.profiles[OPEN].mapper.rules] == ["privacy", "low_confidence", "policy"]

@@ -557,8 +557,9 @@ def test_a_local_model_runs_no_forward_pass_while_a_routing_pass_runs(tiny_model
     local = LocalClient(tiny_model_dir, price=(0.0, 0.0))
     request = LLMRequest("Tell me about the sea. " * (PREFILL_CHUNK // 4), max_output_tokens=12)  # > 1 chunk
     alone = list(local.stream(request, threading.Event()))
-    steps = []  # the tokens each forward pass reads
-    local._lm.register_forward_hook(lambda _m, _a, kw, _o: steps.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    steps = []  # the tokens each forward pass reads (the model is cached: the hook is removed below)
+    counting = local._lm.register_forward_hook(lambda _m, _a, kw, _o: steps.append(kw["input_ids"].shape[1]),
+                                               with_kwargs=True)
     idle, got = threading.Event(), []  # clear: a routing pass is running
     worker = threading.Thread(target=lambda: got.extend(local.stream(request, threading.Event(), wait_for=idle)),
                               daemon=True)
@@ -566,9 +567,17 @@ def test_a_local_model_runs_no_forward_pass_while_a_routing_pass_runs(tiny_model
         worker.start()
         worker.join(1.0)
         assert worker.is_alive() and steps == []  # waiting before its first pass
+        # The model is shared (cached): another caller's passes do not wait on this stream's turn.
+        other = threading.Thread(target=local.complete_batch, args=([LLMRequest("Hello", max_output_tokens=2)],),
+                                 daemon=True)
+        other.start()
+        other.join(30)
+        assert not other.is_alive() and worker.is_alive()  # answered, while the stream still waits
+        steps.clear()
     finally:
         idle.set()
     worker.join(60)
+    counting.remove()
     assert not worker.is_alive() and got[-1].text == alone[-1].text
     prompt = local._tok([request.prompt], return_tensors="pt")["input_ids"].shape[1]
     chunks = [PREFILL_CHUNK] * (prompt // PREFILL_CHUNK) + [prompt % PREFILL_CHUNK] * bool(prompt % PREFILL_CHUNK)
@@ -582,6 +591,7 @@ def test_a_local_model_runs_no_forward_pass_while_a_routing_pass_runs(tiny_model
     cancel.set()
     waiting.join(10)
     assert not waiting.is_alive()
+    assert not local._lm._forward_pre_hooks  # each stream removes its hook, cancelled or not
 
 
 def test_sigterm_under_load_exits_and_feedback_survives_kill_9(router, gemini, tmp_path, monkeypatch):

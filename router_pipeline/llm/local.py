@@ -44,17 +44,20 @@ class LocalClient:
     def stream(self, request: LLMRequest, cancel: threading.Event,
                wait_for: threading.Event | None = None) -> Iterator[str | LLMResult]:
         """Text deltas as the model generates them, then the whole LLMResult. Setting
-        ``cancel`` (the caller went away) stops generation at the next forward pass.
+        ``cancel`` (the caller went away) stops generation after the current token.
         With ``wait_for`` (work that must come first on the same CPU), every forward pass
         waits until it is set: each token, and each ``PREFILL_CHUNK`` tokens of the prompt
-        (a 32 KB prompt read in one pass held the CPU for seconds)."""
+        (a 32 KB prompt read in one pass held the CPU for seconds); a cancel while it
+        waits stops it at once."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         class Cancelled(StoppingCriteria):  # called after every token
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        def take_turn(*_):  # before every forward pass
+        def take_turn(*_):  # before every forward pass of this stream's thread
+            if threading.get_ident() != owner:  # the model is shared (cached): not another caller's pass
+                return
             while not wait_for.wait(0.1):
                 if cancel.is_set():
                     raise _Stopped
@@ -67,8 +70,11 @@ class LocalClient:
         if wait_for is not None:
             kwargs["prefill_chunk_size"] = PREFILL_CHUNK
         failure: list[BaseException] = []
+        owner = None
 
         def generate():
+            nonlocal owner
+            owner = threading.get_ident()
             hook = self._lm.register_forward_pre_hook(take_turn) if wait_for is not None else None
             try:
                 with torch.no_grad():
@@ -95,7 +101,7 @@ class LocalClient:
             thread.join()
         if failure:
             raise failure[0]
-        text = "".join(parts).strip()
+        text = _until_stop("".join(parts), request.stop)
         output_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
         yield LLMResult(text or None, OK if text else EMPTY, int(enc["input_ids"].shape[1]), output_tokens, "STOP")
 
@@ -119,14 +125,18 @@ class LocalClient:
         results = []
         width = enc["input_ids"].shape[1]
         for row, mask in zip(generated, enc["attention_mask"]):
-            text = tok.decode(row[width:], skip_special_tokens=True)
-            for s in stop:
-                text = text.split(s, 1)[0]
-            text = text.strip()
+            text = _until_stop(tok.decode(row[width:], skip_special_tokens=True), stop)
             input_tokens = int(mask.sum())
             output_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
             results.append(LLMResult(text or None, OK if text else EMPTY, input_tokens, output_tokens, "STOP"))
         return results
+
+
+def _until_stop(text: str, stop) -> str:
+    """The answer before its first stop string, stripped (generation stops after it)."""
+    for s in stop or ():
+        text = text.split(s, 1)[0]
+    return text.strip()
 
 
 def _with_system(system: str | None, prompt: str) -> str:

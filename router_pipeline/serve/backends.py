@@ -88,8 +88,12 @@ class Backends:
         self._local_lock = asyncio.Lock()  # a local model generates one answer at a time
         self._making = threading.Lock()  # a client is made once, even when two requests ask together
 
+    @staticmethod
+    def _key(alias: str, model: str) -> tuple[str, str]:
+        return (alias if alias in ("medium", "large") else "", model)
+
     def _client(self, alias: str, model: str):
-        key = (alias if alias in ("medium", "large") else "", model)
+        key = self._key(alias, model)
         with self._making:
             if key not in self._clients:
                 spec = self.roles.spec_for(alias, model)
@@ -116,9 +120,10 @@ class Backends:
             if left is not None:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
-            # In a thread: a local model's first use loads its weights (seconds of a stalled
-            # event loop, for every caller, if done here).
-            yield (target, model, *await asyncio.to_thread(self._client, target, model))
+            made = self._clients.get(self._key(target, model))
+            # A client not made yet is made in a thread: a local model's first use loads its
+            # weights (seconds of a stalled event loop, for every caller, if done here).
+            yield (target, model, *(made or await asyncio.to_thread(self._client, target, model)))
 
     def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict]) -> None:
         if isinstance(exc, RetryableError):

@@ -105,11 +105,9 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
     the calibrated threshold. ``calibration`` is the released router's."""
     default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
-    if not calibration:  # e.g. a head folder copied without its evaluation: easy to miss, and it routes differently
-        log.warning("the router has no calibration (router_calibration.json): profiles without a mapper use the "
-                    "balanced preset (private queries to the local model, low confidence to the large one), not "
-                    "the threshold the evaluation scored")
     if path is None:
+        if not calibration:
+            _uncalibrated([OPEN])
         mapper = PolicyMapper.from_dict(default_spec, default_models=default_models)
         return Profiles({OPEN: Profile(OPEN, mapper)}, open=True)
     path = Path(path)
@@ -142,4 +140,13 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
             str(name), mapper, allowed=_targets(name, raw, "allowed", Profile.allowed),
             fallbacks=_targets(name, raw, "fallbacks", Profile.fallbacks),
             store_queries=bool(raw.get("store_queries", False)), key_digests=digests)
+    if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
+        _uncalibrated(defaulted)
     return Profiles(profiles)
+
+
+def _uncalibrated(names: list[str]) -> None:
+    # E.g. a head router folder copied without its evaluation: easy to miss, and it routes differently.
+    log.warning("the router has no calibration (router_calibration.json): profile(s) %s use the balanced preset "
+                "(private queries to the local model, low confidence to the large one), not the threshold the "
+                "evaluation scored", ", ".join(names))
