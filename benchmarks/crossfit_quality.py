@@ -12,8 +12,9 @@ folds' models are never ranked together); intervals are paired bootstraps of the
 within their folds.
 
 Besides the pipeline's candidates (router: the Gemma head; logistic and k-NN on MiniLM)
-it scores two ablations: the Gemma head fitted by logistic regression (the previous
-recipe), and LDA on MiniLM (is the gain the classifier's or the encoder's?).
+it scores three ablations: the Gemma head fitted by logistic regression (the previous
+recipe), LDA on MiniLM (is the gain the classifier's or the encoder's?), and the Gemma
+head on block 3 only (does reading more blocks, three times the routing cost, earn it?).
 
     python benchmarks/crossfit_quality.py                   # MMLU dev outcomes, by question and by domain
     python benchmarks/crossfit_quality.py my.csv --split domain
@@ -34,7 +35,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
 NAMES = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
-         "gemma_logistic": "Gemma head by logistic regression (previous recipe)", "minilm_lda": "LDA on MiniLM"}
+         "gemma_logistic": "Gemma head by logistic regression (previous recipe)", "minilm_lda": "LDA on MiniLM",
+         "gemma_block3": "Gemma head on block 3 only"}
 BASELINES = ("logistic", "knn")
 
 
@@ -64,16 +66,22 @@ def main(argv=None) -> int:
     print(f"{args.outcomes}: {len(questions)} questions, encoded in {time.perf_counter() - t0:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})", flush=True)
 
+    chosen = []  # the router head's params in each fold
+
     def fit_fold(train: np.ndarray) -> dict:
         """Every candidate and ablation fitted on the ``train`` rows: name -> (head, features it reads)."""
         rows = {"gemma": {layer: x[train] for layer, x in feats["gemma"].items()}, "minilm": feats["minilm"][train]}
         y = list(policies[train])
-        out = {name: (f.head, _features(feats, name, f.params)) for name, f in fit_heads(rows, y, config, cv=True).items()}
+        fitted = fit_heads(rows, y, config, cv=True)
+        out = {name: (f.head, _features(feats, name, f.params)) for name, f in fitted.items()}
+        chosen.append(fitted["gemma"].params)
         f = fit_heads(rows, y, replace(config, gemma_classifier="logistic", heads=("gemma",)), cv=True)["gemma"]
         out["gemma_logistic"] = (f.head, _features(feats, "gemma", f.params))
         head, *_ = fit_selected(lambda _: rows["minilm"], y, "lda", grid("lda", config), cv=True,
                                 folds=config.folds, seed=config.seed)
         out["minilm_lda"] = (head, feats["minilm"])
+        f = fit_heads(rows, y, replace(config, layers=(3,), heads=("gemma",)), cv=True)["gemma"]
+        out["gemma_block3"] = (f.head, _features(feats, "gemma", f.params))
         return out
 
     splits = ("question", "domain") if args.split == "both" else (args.split,)
@@ -88,8 +96,8 @@ def main(argv=None) -> int:
             for name, (head, x) in fit_fold(~held).items():
                 proba = head.proba(x[held])
                 scores[name][held], decided[name][held] = p_complex(proba), head.decide(proba)
-            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows) "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows, router's head "
+                  f"{chosen[-1]}) {time.perf_counter() - t0:.0f} s", flush=True)
         rng = np.random.default_rng(0)
         random = np.mean([ev.crossfit_apgr(rng.random(len(folds)), med, large, folds) for _ in range(20)])
         rows = []
