@@ -70,6 +70,9 @@ def _profiles(adapter: str, out: Path) -> Path:
     from router_pipeline.serve.mapper import evaluated_spec
 
     calibration = read_calibration(adapter)
+    if not calibration:
+        print(f"note: {adapter} has no router_calibration.json: the load is mapped by the balanced preset, "
+              "not the threshold its evaluation scored", flush=True)
     mapper = ({"fallback": "medium", "rules": [{"kind": "privacy", "target": "local"},
                                                *evaluated_spec(calibration)["rules"]]}
               if calibration else {"preset": "balanced"})
@@ -78,11 +81,11 @@ def _profiles(adapter: str, out: Path) -> Path:
     return path
 
 
-def _start(adapter: str, flags: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def _start(adapter: str, profiles: Path, flags: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     exe = Path(sys.executable).with_name("router-pipeline")
     proc = subprocess.Popen([str(exe), "serve", "--adapter", adapter, "--port", str(port), "--profiles",
-                             str(_profiles(adapter, log)), *flags], env=env,
+                             str(profiles), *flags], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -221,22 +224,18 @@ def main(argv=None) -> int:
     if adapter is None:
         print("error: no router: run the main job (released_router) or pass --adapter", file=sys.stderr)
         return 2
-    from router_pipeline.routing import read_calibration
-
-    if not read_calibration(adapter):
-        print(f"note: {adapter} has no router_calibration.json: the load is mapped by the balanced preset, "
-              "not the threshold its evaluation scored", flush=True)
     names = [SHORT[c.strip()] for c in args.configs.split(",")]
     questions = list(load_questions(sample_size=0)[0]["query"])
     queries = [questions[i % len(questions)] for i in range(args.requests)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    profiles = _profiles(str(adapter), out)
     results = {}
     with FakeGemini(latency_s=args.backend_latency_ms / 1000) as fake:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": fake.base_url,
                "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key"), KEY_ENV: KEY}
         for name in names:
-            proc, url = _start(str(adapter), CONFIGS[name], env, out.with_suffix(f".{name.split()[0]}.log"))
+            proc, url = _start(str(adapter), profiles, CONFIGS[name], env, out.with_suffix(f".{name.split()[0]}.log"))
             runs = [(name, False)] + ([(f"{name} + hostile", True)] if name == names[0] and not args.no_hostile else [])
             try:
                 asyncio.run(_load(url, queries[:min(64, len(queries))], args.concurrency))  # warm-up
@@ -258,7 +257,7 @@ def main(argv=None) -> int:
     with FakeGemini(latency_s=args.stream_backend_s, responder=lambda model, prompt: story) as slow:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": slow.base_url,
                "GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "benchmark-key"), KEY_ENV: KEY}
-        proc, url = _start(str(adapter), [], env, out.with_suffix(".stream.log"))
+        proc, url = _start(str(adapter), profiles, [], env, out.with_suffix(".stream.log"))
         try:
             ttft = asyncio.run(_time_to_first_token(url))
         finally:

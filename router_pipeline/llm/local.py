@@ -56,7 +56,7 @@ class LocalClient:
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def take_turn(*_):  # before every forward pass of this stream's thread
-            if threading.get_ident() != owner:  # the model is shared (cached): not another caller's pass
+            if threading.current_thread() is not thread:  # the model is shared (cached): not another caller's pass
                 return
             while not wait_for.wait(0.1):
                 if cancel.is_set():
@@ -70,11 +70,8 @@ class LocalClient:
         if wait_for is not None:
             kwargs["prefill_chunk_size"] = PREFILL_CHUNK
         failure: list[BaseException] = []
-        owner = None
 
         def generate():
-            nonlocal owner
-            owner = threading.get_ident()
             hook = self._lm.register_forward_pre_hook(take_turn) if wait_for is not None else None
             try:
                 with torch.no_grad():

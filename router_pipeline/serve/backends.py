@@ -105,7 +105,9 @@ class Backends:
         Loading one (its 262k-token tokenizer is parsed in Python, holding the interpreter)
         stalled every request in flight for about 4 s when the first private query came."""
         local = [(a, m) for a, m in dict.fromkeys(targets) if self.roles.spec_for(a, m).provider == "local"]
-        return [self._client(a, m)[0].model for a, m in local]
+        for alias, model in local:
+            self._client(alias, model)
+        return [m for _, m in local]
 
     def cooling(self) -> dict[str, float]:
         """model -> seconds left in its cooldown."""

@@ -178,8 +178,7 @@ class Gateway:
 
     # -- answering --------------------------------------------------------------
     def _targets(self, d: Decided) -> list[tuple[str, str]]:
-        return [(t, d.mapper.models[t]) for t in [d.mapping.target, *d.profile.fallbacks]
-                if t in d.profile.allowed and t in d.mapper.models]
+        return servable(d.profile, d.mapper, [d.mapping.target, *d.profile.fallbacks])
 
     async def answer(self, d: Decided) -> Answered:
         """The whole answer: an abstention, the council's, or the first target's that answers."""
@@ -357,12 +356,17 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
     return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url)
 
 
+def servable(profile: Profile, mapper: PolicyMapper, aliases: list[str]) -> list[tuple[str, str]]:
+    """(alias, model id) of ``aliases`` that may answer for the profile, in order, each once."""
+    return [(a, mapper.models[a]) for a in dict.fromkeys(aliases) if a in profile.allowed and a in mapper.models]
+
+
 def reachable(profile: Profile) -> list[tuple[str, str]]:
-    """(alias, model id) of every model the profile's requests may be answered by: its
-    rules' and mapper's targets and its fallbacks, among the aliases it allows."""
+    """Every model the profile's requests may be answered by: its rules' and mapper's
+    targets and its fallbacks."""
     m = profile.mapper
-    aliases = [t for r in m.rules for t in (r.target, *r.map.values())] + [m.fallback, *profile.fallbacks]
-    return [(a, m.models[a]) for a in dict.fromkeys(aliases) if a in profile.allowed and a in m.models]
+    return servable(profile, m, [t for r in m.rules for t in (r.target, *r.map.values())]
+                    + [m.fallback, *profile.fallbacks])
 
 
 def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | None = None,
