@@ -12,9 +12,12 @@ folds' models are never ranked together); intervals are paired bootstraps of the
 within their folds.
 
 Besides the pipeline's candidates (router: the Gemma head; logistic and k-NN on MiniLM)
-it scores three ablations: the Gemma head fitted by logistic regression (the previous
-recipe), LDA on MiniLM (is the gain the classifier's or the encoder's?), and the Gemma
-head on block 3 only (does reading more blocks, three times the routing cost, earn it?).
+it scores four ablations: the Gemma head fitted by logistic regression (an older
+recipe), LDA on MiniLM (is the gain the classifier's or the encoder's?), the Gemma head
+on the block with the best CV AUC whatever it costs (the previous recipe: does the
+router's cheapest block within one standard error lose anything?), and the router's own
+head under the earlier calibration (a temperature over all three policies, which
+reorders queries by P(Complex_Query)).
 
     python benchmarks/crossfit_quality.py                   # MMLU dev outcomes, by question and by domain
     python benchmarks/crossfit_quality.py my.csv --split domain
@@ -35,8 +38,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
 NAMES = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
-         "gemma_logistic": "Gemma head by logistic regression (previous recipe)", "minilm_lda": "LDA on MiniLM",
-         "gemma_block3": "Gemma head on block 3 only"}
+         "gemma_logistic": "Gemma head by logistic regression (older recipe)", "minilm_lda": "LDA on MiniLM",
+         "gemma_best_auc": "Gemma head, block by best CV AUC whatever it costs (previous recipe)",
+         "gemma_temperature": "Gemma head, earlier calibration (one temperature over all policies)"}
 BASELINES = ("logistic", "knn")
 
 
@@ -50,8 +54,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from router_pipeline import evaluation as ev
-    from router_pipeline.head_training import HeadConfig, encode, fit_heads, fit_selected, grid
-    from router_pipeline.heads import p_complex
+    from router_pipeline.head_training import HeadConfig, cross_validate, encode, fit_heads, fit_selected, grid
+    from router_pipeline.heads import fit_head, p_complex
     from router_pipeline.policies import COMPLEX, CORRECT, oracle_cell
     from router_pipeline.questions import load_questions
     from router_pipeline.split import outer_folds
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     print(f"{args.outcomes}: {len(questions)} questions, encoded in {time.perf_counter() - t0:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})", flush=True)
 
-    chosen = []  # the router head's params in each fold
+    chosen, best_auc = [], []  # the router head's params in each fold, and the best-AUC ablation's
 
     def fit_fold(train: np.ndarray) -> dict:
         """Every candidate and ablation fitted on the ``train`` rows: name -> (head, features it reads)."""
@@ -80,8 +84,15 @@ def main(argv=None) -> int:
         head, *_ = fit_selected(lambda _: rows["minilm"], y, "lda", grid("lda", config), cv=True,
                                 folds=config.folds, seed=config.seed)
         out["minilm_lda"] = (head, feats["minilm"])
-        f = fit_heads(rows, y, replace(config, layers=(3,), heads=("gemma",)), cv=True)["gemma"]
-        out["gemma_block3"] = (f.head, _features(feats, "gemma", f.params))
+        f = fit_heads(rows, y, replace(config, cheapest_layer=False, heads=("gemma",)), cv=True)["gemma"]
+        out["gemma_best_auc"] = (f.head, _features(feats, "gemma", f.params))
+        best_auc.append(f.params)
+        router = fitted["gemma"]
+        x = rows["gemma"][router.params["layer"]]
+        _, oof, _ = cross_validate(x, y, config.gemma_classifier, folds=config.folds, seed=config.seed,
+                                   shrinkage=router.params["shrinkage"])
+        head = fit_head(config.gemma_classifier, x, y, shrinkage=router.params["shrinkage"])
+        out["gemma_temperature"] = (_temperature_calibrated(head, oof, y), _features(feats, "gemma", router.params))
         return out
 
     splits = ("question", "domain") if args.split == "both" else (args.split,)
@@ -97,7 +108,7 @@ def main(argv=None) -> int:
                 proba = head.proba(x[held])
                 scores[name][held], decided[name][held] = p_complex(proba), head.decide(proba)
             print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows, router's head "
-                  f"{chosen[-1]}) {time.perf_counter() - t0:.0f} s", flush=True)
+                  f"{chosen[-1]}, best-AUC head {best_auc[-1]}) {time.perf_counter() - t0:.0f} s", flush=True)
         rng = np.random.default_rng(0)
         random = np.mean([ev.crossfit_apgr(rng.random(len(folds)), med, large, folds) for _ in range(20)])
         rows = []
@@ -131,6 +142,28 @@ def main(argv=None) -> int:
     (out / "crossfit_quality.json").write_text(json.dumps(report, indent=1, default=float))
     print(f"wrote {out / 'crossfit_quality.json'}")
     return 0
+
+
+def _temperature_calibrated(head, oof: np.ndarray, policies: list[str]):
+    """The earlier calibration, for the ablation: one temperature over all three
+    policies' log-probabilities and a bias per policy (minimum log-loss on the
+    out-of-fold predictions). Head.proba still reads heads calibrated this way."""
+    from scipy.optimize import minimize
+
+    from router_pipeline.heads import _scaled
+    from router_pipeline.policies import POLICIES
+
+    y = np.array([POLICIES.index(p) for p in policies])
+    prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
+
+    def loss(theta):
+        q = _scaled(oof, float(np.exp(theta[0])), np.concatenate([[0.0], theta[1:]]))
+        return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
+
+    theta = minimize(loss, np.zeros(len(POLICIES)), method="L-BFGS-B").x
+    head.arrays.update(temperature=np.array(float(np.exp(theta[0]))), bias=np.concatenate([[0.0], theta[1:]]),
+                       prior=prior)
+    return head
 
 
 def _features(feats: dict, name: str, params: dict) -> np.ndarray:

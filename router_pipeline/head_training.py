@@ -2,8 +2,9 @@
 hyper-parameters by cross-validation on the training rows, fit, save.
 
 Candidates (artifacts.HEADS):
-- ``gemma``: shrinkage-LDA head on a frozen Gemma hidden state; the layer and the
-  shrinkage are chosen by 5-fold cross-validation;
+- ``gemma``: shrinkage-LDA head on a frozen Gemma hidden state; the shrinkage and the
+  layer are chosen by 5-fold cross-validation, the layer as the fewest blocks within one
+  standard error of the best (fit_selected's ``cost``);
 - ``logistic``: logistic head on MiniLM sentence embeddings (regularisation by CV);
 - ``knn``: cosine k-NN on MiniLM embeddings (k by CV).
 
@@ -38,6 +39,9 @@ class HeadConfig:
     base_model: str = "gemma3-270m"
     allow_hub: bool = False
     layers: tuple[int, ...] = (3, 6, 9, 12)  # Gemma layers tried (the state after this many blocks)
+    # Serve the fewest blocks whose CV AUC is within one standard error of the best
+    # (routing cost grows with the blocks read); False: the best CV AUC whatever it costs.
+    cheapest_layer: bool = True
     pooling: str = "mean"
     # The Gemma head's classifier. Shrinkage LDA ranks better than logistic regression on
     # Gemma's states on the development file (README: "Choosing the recipe").
@@ -77,17 +81,21 @@ def grid(classifier: str, config: HeadConfig) -> list[dict]:
 
 
 def cross_validate(x: np.ndarray, policies: list[str], classifier: str, *, folds: int, seed: int,
-                   **hyper) -> tuple[float, np.ndarray]:
-    """(out-of-fold ROC AUC of P(Complex_Query), out-of-fold P(policy)), stratified
-    seeded folds."""
+                   **hyper) -> tuple[float, np.ndarray, float]:
+    """(out-of-fold ROC AUC of P(Complex_Query), out-of-fold P(policy), standard error of
+    that AUC across the folds), stratified seeded folds."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
     strata = np.array(policies)
+    complex_ = strata == COMPLEX
     oof = np.zeros((len(strata), len(POLICIES)))
+    fold_aucs = []
     for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, strata):
         oof[held] = fit_head(classifier, x[train], list(strata[train]), seed=seed, **hyper).proba(x[held])
-    return float(roc_auc_score(strata == COMPLEX, p_complex(oof))), oof
+        fold_aucs.append(roc_auc_score(complex_[held], p_complex(oof[held])))
+    se = float(np.std(fold_aucs, ddof=1) / math.sqrt(folds))
+    return float(roc_auc_score(complex_, p_complex(oof))), oof, se
 
 
 def _cv_possible(policies: list[str], folds: int) -> bool:
@@ -97,23 +105,33 @@ def _cv_possible(policies: list[str], folds: int) -> bool:
 
 
 def fit_selected(x_for, policies: list[str], classifier: str, grid: list[dict], *, cv: bool, folds: int,
-                 seed: int) -> tuple[Head, dict, list[dict], float]:
+                 seed: int, cost: str | None = None) -> tuple[Head, dict, list[dict], float]:
     """Cross-validate every params of ``grid`` (``x_for(params)`` gives the features),
-    fit the best on every row and calibrate it on its out-of-fold predictions. Without
-    enough rows for cross-validation: the first params, uncalibrated."""
-    scored, best, best_oof = [], None, None
+    fit the chosen one on every row and calibrate it on its out-of-fold predictions.
+
+    The chosen params have the best CV AUC; with ``cost`` (a key of the params whose
+    smaller values are cheaper to serve, e.g. the Gemma block), the cheapest value whose
+    best AUC is within one standard error of the best overall, then its best params (the
+    one-standard-error rule: a difference smaller than the folds' noise does not earn
+    its serving cost). Ties go to the earlier params. Without enough rows for
+    cross-validation: the first params, uncalibrated."""
+    scored, oofs = [], []
     for params in grid:
         fit_params = {k: v for k, v in params.items() if k in HYPER}
-        auc, oof = (cross_validate(x_for(params), policies, classifier, folds=folds, seed=seed, **fit_params)
-                    if cv else (math.nan, None))
-        scored.append({**params, "cv_auc": auc})
-        if best is None or auc > best["cv_auc"]:
-            best, best_oof = scored[-1], oof
-    params = {k: v for k, v in best.items() if k != "cv_auc"}
+        auc, oof, se = (cross_validate(x_for(params), policies, classifier, folds=folds, seed=seed, **fit_params)
+                        if cv else (math.nan, None, math.nan))
+        scored.append({**params, "cv_auc": auc, "cv_se": se})
+        oofs.append(oof)
+    best = 0 if not cv else max(range(len(grid)), key=lambda i: (scored[i]["cv_auc"], -i))
+    if cv and cost is not None:
+        floor = scored[best]["cv_auc"] - scored[best]["cv_se"]
+        cheapest = min(s[cost] for s in scored if s["cv_auc"] >= floor)
+        best = max((i for i, s in enumerate(scored) if s[cost] == cheapest), key=lambda i: (scored[i]["cv_auc"], -i))
+    params = {k: v for k, v in scored[best].items() if k not in ("cv_auc", "cv_se")}
     head = fit_head(classifier, x_for(params), policies, seed=seed, **{k: v for k, v in params.items() if k in HYPER})
-    if best_oof is not None:
-        calibrate(head, best_oof, policies)
-    return head, params, scored, best["cv_auc"]
+    if oofs[best] is not None:
+        calibrate(head, oofs[best], policies)
+    return head, params, scored, scored[best]["cv_auc"]
 
 
 @dataclass
@@ -154,7 +172,7 @@ def fit_heads(feats: dict, policies: list[str], config: HeadConfig, *, cv: bool)
             tried = [{"layer": layer, **hyper}
                      for layer, hyper in itertools.product(config.layers, grid(config.gemma_classifier, config))]
             chosen = fit_selected(lambda p: by_layer[p["layer"]], policies, config.gemma_classifier, tried, cv=cv,
-                                  folds=config.folds, seed=config.seed)
+                                  folds=config.folds, seed=config.seed, cost="layer" if config.cheapest_layer else None)
         else:
             chosen = fit_selected(lambda p: feats["minilm"], policies, name, grid(name, config), cv=cv,
                                   folds=config.folds, seed=config.seed)

@@ -13,9 +13,13 @@ against scikit-learn's own in the tests.
   linear scores, only fitted differently.
 - ``knn``: cosine k-nearest neighbours, votes weighted by 1 / distance.
 
-Probabilities are calibrated (``calibrate``): a temperature and a bias per policy on
-the log-probabilities, fitted on out-of-fold predictions of the training rows, so
-P(Complex_Query) matches how often such queries need the strong model. The decided
+Probabilities are calibrated (``calibrate``) on out-of-fold predictions of the training
+rows, so that P(Complex_Query) matches how often such queries need the strong model,
+without reordering the queries: P(Complex_Query) is a monotone (Platt) map of the raw
+one, and the rest is shared between the other two policies by a temperature and a bias
+on their log-probabilities. (A temperature over all three policies, the earlier form,
+ranks queries by P(Complex_Query) against the others' mix: on the development file that
+cost 0.012-0.020 APGR, intervals clear of 0.) The decided
 policy is the one most over-represented against its share of the training labels
 (argmax P(policy) / prior(policy)): a calibrated router that is unsure still tells the
 three policies apart instead of always naming the most common one.
@@ -57,7 +61,10 @@ class Head:
         p = self.raw_proba(x)
         if "temperature" not in self.arrays:
             return p
-        return _scaled(p, float(self.arrays["temperature"]), self.arrays["bias"])
+        if "complex_scale" not in self.arrays:  # calibrated by an earlier release: read as it was fitted
+            return _scaled(p, float(self.arrays["temperature"]), self.arrays["bias"])
+        return _calibrated(p, float(self.arrays["complex_scale"]), float(self.arrays["temperature"]),
+                           self.arrays["bias"])
 
     def decide(self, proba: np.ndarray) -> list[str]:
         """The policy per row: argmax of P(policy) / prior(policy) when the priors are
@@ -115,23 +122,47 @@ def _scaled(p: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
+def _calibrated(p: np.ndarray, scale: float, temperature: float, bias: np.ndarray) -> np.ndarray:
+    """P(Complex_Query) = sigmoid(scale * logit(raw P(Complex_Query)) + bias[Complex]),
+    monotone in the raw one (scale > 0); the rest goes to the other policies by a
+    temperature and their biases on their log-probabilities."""
+    from scipy.special import expit  # the sigmoid, without overflow or a lost tail
+
+    c = POLICIES.index(COMPLEX)
+    raw = np.clip(p[:, c], 1e-300, 1 - 1e-15)  # wide: a sure head's extreme odds keep their order
+    p_c = expit(scale * (np.log(raw) - np.log1p(-raw)) + bias[c])
+    rest = np.log(np.maximum(p, 1e-300)) / temperature + bias
+    rest[:, c] = -np.inf
+    rest = np.exp(rest - rest.max(axis=1, keepdims=True))
+    out = rest / rest.sum(axis=1, keepdims=True) * (1 - p_c)[:, None]
+    out[:, c] = p_c
+    return out
+
+
 def calibrate(head: Head, oof_proba: np.ndarray, policies: list[str]) -> Head:
-    """Fit the temperature and per-policy biases on out-of-fold P(policy) of the training
-    rows (minimum log-loss), and record the training labels' policy shares as priors."""
+    """Fit the calibration (``_calibrated``) on out-of-fold P(policy) of the training rows
+    by minimum log-loss, and record the training labels' policy shares as priors. A
+    policy absent from the labels keeps P = 0."""
     from scipy.optimize import minimize
 
     y = np.array([POLICIES.index(p) for p in policies])
     prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
     present = prior > 0
+    c = POLICIES.index(COMPLEX)
+    others = [i for i in range(len(POLICIES)) if i != c]
+
+    def unpack(theta):  # theta: log scale, log temperature, Complex's bias, the second other policy's bias
+        bias = np.zeros(len(POLICIES))
+        bias[c], bias[others[1]] = theta[2], theta[3]
+        bias[~present] = -50.0
+        return float(np.exp(theta[0])), float(np.exp(theta[1])), bias
 
     def loss(theta):
-        bias = np.where(present, np.concatenate([[0.0], theta[1:]]), -50.0)  # absent policies stay at 0
-        q = _scaled(oof_proba, float(np.exp(theta[0])), bias)
+        q = _calibrated(oof_proba, *unpack(theta))
         return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
 
-    fit = minimize(loss, np.zeros(len(POLICIES)), method="L-BFGS-B")
-    bias = np.where(present, np.concatenate([[0.0], fit.x[1:]]), -50.0)
-    head.arrays.update(temperature=np.array(float(np.exp(fit.x[0]))), bias=bias, prior=prior)
+    scale, temperature, bias = unpack(minimize(loss, np.zeros(4), method="L-BFGS-B").x)
+    head.arrays.update(complex_scale=np.array(scale), temperature=np.array(temperature), bias=bias, prior=prior)
     return head
 
 

@@ -63,6 +63,64 @@ def test_single_class_and_bad_labels():
         fit_head("svm", x, [STANDARD] * 4)
 
 
+def test_the_fewest_blocks_within_one_standard_error_are_chosen():
+    """A deeper block whose CV AUC is better by less than the folds' noise does not earn
+    its routing cost; one better beyond that noise does. The rule only decides between
+    layers: each layer keeps its own best shrinkage."""
+    from router_pipeline.head_training import fit_selected
+
+    rng = np.random.default_rng(0)
+    policies = [POLICIES[i % 3] for i in range(300)]
+    signal = np.array([p == COMPLEX for p in policies], float)[:, None] * np.eye(6)[0]
+
+    noise = rng.normal(size=signal.shape)
+    x = {3: noise + signal, 9: noise + 1.1 * signal, 12: noise + 4 * signal}  # the same rows, more signal
+    tried = [{"layer": layer, "shrinkage": s} for layer in (3, 9) for s in (0.9, 0.1)]
+
+    def choose(grid, cost):
+        return fit_selected(lambda p: x[p["layer"]], policies, "lda", grid, cv=True, folds=5, seed=0, cost=cost)
+
+    _, plain, scored, _ = choose(tried, None)
+    auc = {(g["layer"], g["shrinkage"]): g["cv_auc"] for g in scored}
+    assert plain["layer"] == 9 and max(auc.values()) - max(v for (l, _), v in auc.items() if l == 3) < scored[0]["cv_se"]
+    _, cheap, _, cheap_auc = choose(tried, "layer")
+    assert cheap["layer"] == 3 and cheap_auc == max(v for (l, _), v in auc.items() if l == 3)
+    _, strong, _, _ = choose(tried + [{"layer": 12, "shrinkage": 0.9}], "layer")
+    assert strong["layer"] == 12
+
+
+def test_calibration_fixes_an_overconfident_head_without_reordering_queries():
+    """An overconfident head (LDA on Gemma's states is: P near 0 or 1) is calibrated on
+    its out-of-fold predictions: P(Complex_Query) then matches how often queries are
+    Complex_Query, the queries keep their order by it (what APGR and the threshold read),
+    and a policy absent from the labels keeps P = 0."""
+    from router_pipeline.evaluation import expected_calibration_error
+    from router_pipeline.heads import calibrate, p_complex
+
+    rng = np.random.default_rng(0)
+    truth = rng.dirichlet([2, 1, 1], size=4000)  # the true P(policy), in POLICIES order
+    labels = [POLICIES[rng.choice(3, p=t)] for t in truth]
+    raw = truth ** 4 / (truth ** 4).sum(1, keepdims=True)  # the same ranking, far too sure
+
+    def identity_head():  # a linear head whose raw P(policy) on the features log(p) is p
+        return Head("logistic", list(POLICIES), {"mean": np.zeros(3), "scale": np.ones(3), "coef": np.eye(3),
+                                                 "intercept": np.zeros(3)})
+
+    x = np.log(raw)
+    head = calibrate(identity_head(), raw, labels)
+    np.testing.assert_allclose(head.raw_proba(x), raw, atol=1e-9)
+    got, is_complex = head.proba(x), np.array(labels) == COMPLEX
+    assert expected_calibration_error(p_complex(raw), is_complex) > 0.08
+    assert expected_calibration_error(p_complex(got), is_complex) < 0.03
+    assert (np.diff(p_complex(got)[np.argsort(p_complex(raw))]) >= 0).all()  # the same order
+    assert np.allclose(got.sum(1), 1)
+
+    never_ambiguous = [STANDARD if p == AMBIGUOUS else p for p in labels]
+    head = calibrate(identity_head(), raw, never_ambiguous)
+    assert np.allclose(head.proba(x)[:, POLICIES.index(AMBIGUOUS)], 0, atol=1e-9)
+    assert head.decide(head.proba(x)).count(AMBIGUOUS) == 0
+
+
 def test_saved_head_router_routes_as_the_fitted_head(labelled, tmp_path):
     queries, x, policies = labelled
     head = fit_head("logistic", x, policies, c=1.0)

@@ -134,6 +134,7 @@ class HeadRoutersConfig(dg.Config):
     base_model: str = _H.base_model
     allow_hub: bool = _H.allow_hub
     layers: list[int] = list(_H.layers)  # Gemma layers tried by cross-validation
+    cheapest_layer: bool = _H.cheapest_layer  # the fewest blocks within one standard error of the best CV AUC
     pooling: Literal["mean", "last", "mean+last"] = _H.pooling
     gemma_classifier: Literal["lda", "logistic"] = _H.gemma_classifier
     shrinkages: list[float] = list(_H.shrinkages)  # LDA's covariance shrinkage tried by cross-validation
@@ -174,7 +175,7 @@ def head_routers(context: dg.AssetExecutionContext, config: HeadRoutersConfig, a
             "cross_validation": table(grid.round(4))}
     gemma = next((r for r in results if r.name == "gemma"), None)
     if gemma is not None and len(cfg.layers) > 1 and not grid["cv_auc"].isna().all():
-        plot = cv_by_layer(grid[grid["head"] == "gemma"], layout.plots / "gemma_head_cv.png")
+        plot = cv_by_layer(grid[grid["head"] == "gemma"], gemma.params, layout.plots / "gemma_head_cv.png")
         meta["gemma_cv_by_layer"] = dg.MetadataValue.md(markdown_image(plot, "CV AUC by Gemma layer"))
     return dg.Output(summary, metadata=meta)
 
