@@ -120,6 +120,11 @@ def test_calibration_fixes_an_overconfident_head_without_reordering_queries():
     assert np.allclose(head.proba(x)[:, POLICIES.index(AMBIGUOUS)], 0, atol=1e-9)
     assert head.decide(head.proba(x)).count(AMBIGUOUS) == 0
 
+    earlier = identity_head()  # calibrated by an earlier release: one temperature over all policies
+    earlier.arrays.update(temperature=np.array(2.0), bias=np.zeros(3), prior=np.full(3, 1 / 3))
+    p = np.array([[0.64, 0.16, 0.20]])
+    np.testing.assert_allclose(earlier.proba(np.log(p)), [np.sqrt(p[0]) / np.sqrt(p[0]).sum()], atol=1e-9)
+
 
 def test_saved_head_router_routes_as_the_fitted_head(labelled, tmp_path):
     queries, x, policies = labelled
