@@ -94,7 +94,8 @@ def cross_validate(x: np.ndarray, policies: list[str], classifier: str, *, folds
     for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, strata):
         oof[held] = fit_head(classifier, x[train], list(strata[train]), seed=seed, **hyper).proba(x[held])
         fold_aucs.append(roc_auc_score(complex_[held], p_complex(oof[held])))
-    se = float(np.std(fold_aucs, ddof=1) / math.sqrt(folds))
+    finite = np.array(fold_aucs)[np.isfinite(fold_aucs)]  # a fold of one class has no AUC
+    se = float(np.std(finite, ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
     return float(roc_auc_score(complex_, p_complex(oof))), oof, se
 
 
@@ -123,7 +124,7 @@ def fit_selected(x_for, policies: list[str], classifier: str, grid: list[dict], 
         scored.append({**params, "cv_auc": auc, "cv_se": se})
         oofs.append(oof)
     best = 0 if not cv else max(range(len(grid)), key=lambda i: (scored[i]["cv_auc"], -i))
-    if cv and cost is not None:
+    if cv and cost is not None and math.isfinite(scored[best]["cv_auc"] - scored[best]["cv_se"]):
         floor = scored[best]["cv_auc"] - scored[best]["cv_se"]
         cheapest = min(s[cost] for s in scored if s["cv_auc"] >= floor)
         best = max((i for i, s in enumerate(scored) if s[cost] == cheapest), key=lambda i: (scored[i]["cv_auc"], -i))

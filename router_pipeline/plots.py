@@ -52,10 +52,11 @@ def cost_quality_curves(curves: dict, points: dict, path: Path, title: str = "Co
     return path
 
 
-def cv_by_layer(grid, chosen: dict, path: Path) -> Path:
+def cv_by_layer(grid, chosen: dict, path: Path, one_se: bool = True) -> Path:
     """Cross-validated AUC of the Gemma head against the layer it reads, one line per value
     of its classifier's hyper-parameter (LDA's shrinkage, or logistic's C), with the best
-    AUC's one-standard-error floor and the params chosen."""
+    AUC's one-standard-error floor (when ``one_se``, the rule the block was chosen by) and
+    the params chosen."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     hyper, label = ("shrinkage", "shrinkage") if "shrinkage" in grid else ("c", "C")
@@ -63,7 +64,7 @@ def cv_by_layer(grid, chosen: dict, path: Path) -> Path:
         rows = rows.sort_values("layer")
         ax.plot(rows["layer"], rows["cv_auc"], marker="o", markersize=4, label=f"{label}={value:g}")
     best = grid.loc[grid["cv_auc"].idxmax()]
-    if "cv_se" in grid and best["cv_se"] == best["cv_se"]:
+    if one_se and "cv_se" in grid and best["cv_se"] == best["cv_se"]:
         ax.axhline(best["cv_auc"] - best["cv_se"], color="grey", linestyle=":", label="best - 1 SE")
     pick = grid[(grid["layer"] == chosen["layer"]) & (grid[hyper] == chosen[hyper])]
     ax.scatter(pick["layer"], pick["cv_auc"], s=120, facecolors="none", edgecolors="black", zorder=5, label="chosen")

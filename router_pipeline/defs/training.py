@@ -175,7 +175,8 @@ def head_routers(context: dg.AssetExecutionContext, config: HeadRoutersConfig, a
             "cross_validation": table(grid.round(4))}
     gemma = next((r for r in results if r.name == "gemma"), None)
     if gemma is not None and len(cfg.layers) > 1 and not grid["cv_auc"].isna().all():
-        plot = cv_by_layer(grid[grid["head"] == "gemma"], gemma.params, layout.plots / "gemma_head_cv.png")
+        plot = cv_by_layer(grid[grid["head"] == "gemma"], gemma.params, layout.plots / "gemma_head_cv.png",
+                           one_se=cfg.cheapest_layer)
         meta["gemma_cv_by_layer"] = dg.MetadataValue.md(markdown_image(plot, "CV AUC by Gemma layer"))
     return dg.Output(summary, metadata=meta)
 
