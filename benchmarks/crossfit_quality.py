@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from router_pipeline import evaluation as ev
-    from router_pipeline.head_training import HeadConfig, cross_validate, encode, fit_heads, fit_selected, grid
-    from router_pipeline.heads import fit_head, p_complex
+    from router_pipeline.head_training import HYPER, HeadConfig, cross_validate, encode, fit_heads, fit_selected, grid
+    from router_pipeline.heads import calibrate, fit_head, p_complex
     from router_pipeline.policies import COMPLEX, CORRECT, oracle_cell
     from router_pipeline.questions import load_questions
     from router_pipeline.split import outer_folds
@@ -84,16 +84,21 @@ def main(argv=None) -> int:
         head, *_ = fit_selected(lambda _: rows["minilm"], y, "lda", grid("lda", config), cv=True,
                                 folds=config.folds, seed=config.seed)
         out["minilm_lda"] = (head, feats["minilm"])
-        f = fit_heads(rows, y, replace(config, cheapest_layer=False, heads=("gemma",)), cv=True)["gemma"]
-        out["gemma_best_auc"] = (f.head, _features(feats, "gemma", f.params))
-        best_auc.append(f.params)
+        # The router's grid already holds every block's CV AUC: refit only the params each ablation reads.
         router = fitted["gemma"]
-        x = rows["gemma"][router.params["layer"]]
-        _, oof, _ = cross_validate(x, y, config.gemma_classifier, folds=config.folds, seed=config.seed,
-                                   shrinkage=router.params["shrinkage"])
-        head = fit_head(config.gemma_classifier, x, y, shrinkage=router.params["shrinkage"])
-        out["gemma_temperature"] = (_temperature_calibrated(head, oof, y), _features(feats, "gemma", router.params))
+        best = {k: v for k, v in max(router.grid, key=lambda g: g["cv_auc"]).items() if k not in ("cv_auc", "cv_se")}
+        best_auc.append(best)
+        out["gemma_best_auc"] = (refit(rows, y, best, calibrate), _features(feats, "gemma", best))
+        out["gemma_temperature"] = (refit(rows, y, router.params, _temperature_calibrated),
+                                    _features(feats, "gemma", router.params))
         return out
+
+    def refit(rows: dict, y: list[str], params: dict, calibrate_with):
+        """The Gemma head at ``params``, fitted on ``rows`` and calibrated by ``calibrate_with``
+        on its out-of-fold predictions, as fit_selected does for the params it chooses."""
+        x, hyper = rows["gemma"][params["layer"]], {k: v for k, v in params.items() if k in HYPER}
+        _, oof, _ = cross_validate(x, y, config.gemma_classifier, folds=config.folds, seed=config.seed, **hyper)
+        return calibrate_with(fit_head(config.gemma_classifier, x, y, seed=config.seed, **hyper), oof, y)
 
     splits = ("question", "domain") if args.split == "both" else (args.split,)
     report = {"outcomes": args.outcomes, "questions": len(questions), "encode_s": seconds}
