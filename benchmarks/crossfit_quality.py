@@ -11,13 +11,11 @@ held-out fold. A router's APGR is each fold's APGR weighted by its rows (scores 
 folds' models are never ranked together); intervals are paired bootstraps of the rows
 within their folds.
 
-Besides the pipeline's candidates (router: the Gemma head; logistic and k-NN on MiniLM)
-it scores four ablations: the Gemma head fitted by logistic regression (an older
-recipe), LDA on MiniLM (is the gain the classifier's or the encoder's?), the Gemma head
-on the block with the best CV AUC whatever it costs (the previous recipe: does the
-router's cheapest block within one standard error lose anything?), and the router's own
-head under the earlier calibration (a temperature over all three policies, which
-reorders queries by P(Complex_Query)).
+Rows: the pipeline's candidates (router: the Gemma head; LDA, logistic and k-NN on
+MiniLM, every one of them a baseline) and two ablations of the router's block rule: the
+fewest blocks within one standard error of the best CV AUC (the previous default), and
+blocks 15 and 18 added to the grid. The encoded features are kept in ``--out`` and
+reused by a later run on the same queries.
 
     python benchmarks/crossfit_quality.py                   # MMLU dev outcomes, by question and by domain
     python benchmarks/crossfit_quality.py my.csv --split domain
@@ -37,11 +35,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
-NAMES = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
-         "gemma_logistic": "Gemma head by logistic regression (older recipe)", "minilm_lda": "LDA on MiniLM",
-         "gemma_best_auc": "Gemma head, block by best CV AUC whatever it costs (previous recipe)",
-         "gemma_temperature": "Gemma head, earlier calibration (one temperature over all policies)"}
-BASELINES = ("logistic", "knn")
+NAMES = {"gemma": "router: Gemma head (LDA, block and shrinkage by best CV AUC)",
+         "minilm_lda": "LDA on MiniLM", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
+         "gemma_one_se": "Gemma head, fewest blocks within 1 SE of the best CV AUC (previous default)",
+         "gemma_deeper": "Gemma head, blocks 15 and 18 in the grid too"}
+BASELINES = ("minilm_lda", "logistic", "knn")  # every MiniLM head
+DEEPER = (15, 18)
 
 
 def main(argv=None) -> int:
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from router_pipeline import evaluation as ev
-    from router_pipeline.head_training import HYPER, HeadConfig, cross_validate, encode, fit_heads, fit_selected, grid
+    from router_pipeline.head_training import HYPER, HeadConfig, chosen_index, chosen_params, cross_validate, fit_heads
     from router_pipeline.heads import calibrate, fit_head, p_complex
     from router_pipeline.policies import COMPLEX, CORRECT, oracle_cell
     from router_pipeline.questions import load_questions
@@ -65,40 +64,38 @@ def main(argv=None) -> int:
     med, large = (table["medium_label"] == CORRECT).to_numpy(), (table["large_label"] == CORRECT).to_numpy()
     policies = np.array([oracle_cell(m, g).policy for m, g in zip(table["medium_label"], table["large_label"])])
     config = HeadConfig()
-    t0 = time.perf_counter()
-    feats, seconds = encode(list(questions["query"]), config, progress=True)
-    print(f"{args.outcomes}: {len(questions)} questions, encoded in {time.perf_counter() - t0:.0f} s "
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    feats, seconds = _features(list(questions["query"]), replace(config, layers=(*config.layers, *DEEPER)), out)
+    print(f"{args.outcomes}: {len(questions)} questions, features in {sum(seconds.values()):.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})", flush=True)
 
-    chosen, best_auc = [], []  # the router head's params in each fold, and the best-AUC ablation's
+    chosen = {"gemma": [], "gemma_one_se": [], "gemma_deeper": []}  # each Gemma head's params per fold
 
     def fit_fold(train: np.ndarray) -> dict:
         """Every candidate and ablation fitted on the ``train`` rows: name -> (head, features it reads)."""
-        rows = {"gemma": {layer: x[train] for layer, x in feats["gemma"].items()}, "minilm": feats["minilm"][train]}
+        gemma = {layer: x[train] for layer, x in feats["gemma"].items()}
+        rows = {"gemma": {layer: gemma[layer] for layer in config.layers}, "minilm": feats["minilm"][train]}
         y = list(policies[train])
         fitted = fit_heads(rows, y, config, cv=True)
-        out = {name: (f.head, _features(feats, name, f.params)) for name, f in fitted.items()}
-        chosen.append(fitted["gemma"].params)
-        f = fit_heads(rows, y, replace(config, gemma_classifier="logistic", heads=("gemma",)), cv=True)["gemma"]
-        out["gemma_logistic"] = (f.head, _features(feats, "gemma", f.params))
-        head, *_ = fit_selected(lambda _: rows["minilm"], y, "lda", grid("lda", config), cv=True,
-                                folds=config.folds, seed=config.seed)
-        out["minilm_lda"] = (head, feats["minilm"])
-        # The router's grid already holds every block's CV AUC: refit only the params each ablation reads.
+        out = {name: (f.head, _x(feats, name, f.params)) for name, f in fitted.items()}
         router = fitted["gemma"]
-        best = {k: v for k, v in max(router.grid, key=lambda g: g["cv_auc"]).items() if k not in ("cv_auc", "cv_se")}
-        best_auc.append(best)
-        out["gemma_best_auc"] = (refit(rows, y, best, calibrate), _features(feats, "gemma", best))
-        out["gemma_temperature"] = (refit(rows, y, router.params, _temperature_calibrated),
-                                    _features(feats, "gemma", router.params))
+        # The router's grid holds every block's CV AUC and SE: the one-SE ablation refits only its params.
+        one_se = chosen_params(router.grid, chosen_index(router.grid, cost="layer"))
+        out["gemma_one_se"] = (refit(gemma, y, one_se), _x(feats, "gemma", one_se))
+        deeper = fit_heads({"gemma": gemma}, y, replace(config, layers=(*config.layers, *DEEPER), heads=("gemma",)),
+                           cv=True)["gemma"]
+        out["gemma_deeper"] = (deeper.head, _x(feats, "gemma", deeper.params))
+        for name, params in (("gemma", router.params), ("gemma_one_se", one_se), ("gemma_deeper", deeper.params)):
+            chosen[name].append(params)
         return out
 
-    def refit(rows: dict, y: list[str], params: dict, calibrate_with):
-        """The Gemma head at ``params``, fitted on ``rows`` and calibrated by ``calibrate_with``
-        on its out-of-fold predictions, as fit_selected does for the params it chooses."""
-        x, hyper = rows["gemma"][params["layer"]], {k: v for k, v in params.items() if k in HYPER}
+    def refit(gemma: dict, y: list[str], params: dict):
+        """The Gemma head at ``params``, fitted and calibrated on its out-of-fold
+        predictions, as fit_selected does for the params it chooses."""
+        x, hyper = gemma[params["layer"]], {k: v for k, v in params.items() if k in HYPER}
         _, oof, _ = cross_validate(x, y, config.gemma_classifier, folds=config.folds, seed=config.seed, **hyper)
-        return calibrate_with(fit_head(config.gemma_classifier, x, y, seed=config.seed, **hyper), oof, y)
+        return calibrate(fit_head(config.gemma_classifier, x, y, seed=config.seed, **hyper), oof, y)
 
     splits = ("question", "domain") if args.split == "both" else (args.split,)
     report = {"outcomes": args.outcomes, "questions": len(questions), "encode_s": seconds}
@@ -107,13 +104,16 @@ def main(argv=None) -> int:
         folds = outer_folds(questions, args.folds, config.seed, by)
         scores = {name: np.zeros(len(questions)) for name in NAMES}
         decided = {name: np.empty(len(questions), dtype=object) for name in NAMES}
+        for params in chosen.values():
+            params.clear()
         for fold in range(args.folds):
             held = folds == fold
             for name, (head, x) in fit_fold(~held).items():
                 proba = head.proba(x[held])
                 scores[name][held], decided[name][held] = p_complex(proba), head.decide(proba)
-            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows, router's head "
-                  f"{chosen[-1]}, best-AUC head {best_auc[-1]}) {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows; router {chosen['gemma'][-1]}, "
+                  f"one-SE {chosen['gemma_one_se'][-1]}, deeper grid {chosen['gemma_deeper'][-1]}) "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
         rng = np.random.default_rng(0)
         random = np.mean([ev.crossfit_apgr(rng.random(len(folds)), med, large, folds) for _ in range(20)])
         rows = []
@@ -136,43 +136,39 @@ def main(argv=None) -> int:
         print(frame.to_markdown(index=False))
         print(f"labels' mix S/C/A: {'/'.join(f'{v:.2f}' for v in ev.policy_mix(list(policies)).values())}; "
               f"random (mean of 20) {random:.3f}")
+        for name, params in chosen.items():
+            print(f"{name} blocks per fold: {[p['layer'] for p in params]}")
         for name in ("gemma", *BASELINES):
             print(f"{name if name != 'gemma' else 'router'} APGR {ev.crossfit_apgr(scores[name], med, large, folds):.3f}")
         print(f"router - best baseline ({best}) {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", flush=True)
         report[by] = {"folds": folds.tolist(), "table": rows, "random": random, "best_baseline": best,
-                      "router_minus_best": d, "per_query": {"qid": list(questions["qid"]),
-                                                            **{n: s.tolist() for n, s in scores.items()}}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+                      "router_minus_best": d, "chosen": {k: list(v) for k, v in chosen.items()},
+                      "per_query": {"qid": list(questions["qid"]), **{n: s.tolist() for n, s in scores.items()}}}
     (out / "crossfit_quality.json").write_text(json.dumps(report, indent=1, default=float))
     print(f"wrote {out / 'crossfit_quality.json'}")
     return 0
 
 
-def _temperature_calibrated(head, oof: np.ndarray, policies: list[str]):
-    """The earlier calibration, for the ablation: one temperature over all three
-    policies' log-probabilities and a bias per policy (minimum log-loss on the
-    out-of-fold predictions). Head.proba still reads heads calibrated this way."""
-    from scipy.optimize import minimize
+def _features(queries: list[str], config, out: Path) -> tuple[dict, dict]:
+    """head_training.encode's features for ``queries``, kept in ``out`` and reused when
+    the queries and the encoder settings are the same."""
+    import hashlib
 
-    from router_pipeline.heads import _scaled
-    from router_pipeline.policies import POLICIES
+    from router_pipeline.head_training import encode
 
-    y = np.array([POLICIES.index(p) for p in policies])
-    prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
-
-    def loss(theta):
-        q = _scaled(oof, float(np.exp(theta[0])), np.concatenate([[0.0], theta[1:]]))
-        return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
-
-    theta = minimize(loss, np.zeros(len(POLICIES)), method="L-BFGS-B").x
-    head.arrays.update(temperature=np.array(float(np.exp(theta[0]))), bias=np.concatenate([[0.0], theta[1:]]),
-                       prior=prior)
-    return head
+    key = hashlib.sha256(json.dumps([queries, config.base_model, list(config.layers), config.pooling]).encode())
+    path = out / f"features-{key.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            feats = {"gemma": {layer: z[f"gemma_{layer}"] for layer in config.layers}, "minilm": z["minilm"]}
+        return feats, {"cached": 0.0}
+    feats, seconds = encode(queries, config, progress=True)
+    np.savez(path, minilm=feats["minilm"], **{f"gemma_{layer}": x for layer, x in feats["gemma"].items()})
+    return feats, seconds
 
 
-def _features(feats: dict, name: str, params: dict) -> np.ndarray:
-    return feats["gemma"][params["layer"]] if name == "gemma" else feats["minilm"]
+def _x(feats: dict, name: str, params: dict) -> np.ndarray:
+    return feats["gemma"][params["layer"]] if name.startswith("gemma") else feats["minilm"]
 
 
 if __name__ == "__main__":

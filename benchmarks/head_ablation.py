@@ -87,8 +87,9 @@ def main(argv=None) -> int:
     def variant(encoder, layers, pool, fit, calibrated=True, cost=None):
         classifier, hyper = fit
         tried = [{"layer": layer, **h} for layer in layers for h in hyper]
-        head, params, _, auc = fit_selected(lambda q: feats[(encoder, q["layer"], pool)][train], y, classifier, tried,
-                                            cv=cv, folds=d.folds, seed=d.seed, cost=cost)
+        f = fit_selected(lambda q: feats[(encoder, q["layer"], pool)][train], y, classifier, tried,
+                         cv=cv, folds=d.folds, seed=d.seed, cost=cost)
+        head, params, auc = f.head, f.params, f.cv_auc
         x = feats[(encoder, params["layer"], pool)][test]
         proba = head.proba(x) if calibrated else head.raw_proba(x)
         return {"params": params, "cv_auc": auc, "proba": proba, "head": head,

@@ -31,7 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"
 LM_ROUTER = "gemma"  # the LM router: a head on frozen Gemma states (the default recipe)
-BASELINES = ("logistic", "knn")
+BASELINES = ("minilm_lda", "logistic", "knn")  # every MiniLM head
 
 
 def _materialise(keys, run_config, done):
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     test = per_query[["query", "medium_label", "large_label"]]
     precision = precision_check(layout.candidate(LM_ROUTER), test, out)
 
-    names = {"gemma": "router (Gemma head)", "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)",
+    names = {"gemma": "router (Gemma head)", "minilm_lda": "LDA on MiniLM", "logistic": "logistic (MiniLM)",
+             "knn": "k-NN (MiniLM)",
              "sft": "router SFT (LoRA)", "dpo": "router SFT+DPO (LoRA)"}
     table = []
     for name in candidates + ["oracle", next(n for n in summary.index if n.startswith("random"))]:
@@ -229,8 +230,8 @@ def main(argv=None) -> int:
     print(f"router APGR {summary.loc[LM_ROUTER, 'apgr']:.3f}")
     for name in finetuned:
         print(f"router {name.upper()} APGR {summary.loc[name, 'apgr']:.3f}")
-    print(f"logistic APGR {summary.loc['logistic', 'apgr']:.3f}")
-    print(f"knn APGR {summary.loc['knn', 'apgr']:.3f}")
+    for name in BASELINES:
+        print(f"{name} APGR {summary.loc[name, 'apgr']:.3f}")
     for other, c in comparisons.items():
         print(f"router - {other} {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
     c = comparisons[best_baseline]

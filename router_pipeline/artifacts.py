@@ -7,7 +7,7 @@ needs the other.
     <root>/assets/<key>.parquet           DataFrame assets
     <root>/adapters/{sft,dpo}/             trained adapters (+ TRAINING_FILE)
     <root>/training/<run>/                 training runs and checkpoints (resumable)
-    <root>/heads/{gemma,logistic,knn}/     head routers: ROUTER_FILE + head.npz (heads.py)
+    <root>/heads/<head>/                   head routers (HEADS): ROUTER_FILE + head.npz (heads.py) + OOF_FILE
     <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate
     <root>/evaluation/                     SUMMARY_FILE, INTERVALS_FILE: every candidate
     <root>/router/                         the released router (adapter or head) + calibration + figures
@@ -27,9 +27,11 @@ CALIBRATION_FILE = "router_calibration.json"  # the threshold and the mapping th
 EVALUATION_FILE = "evaluation.json"  # headline figures (the release gate compares these)
 SUMMARY_FILE = "summary.csv"  # one row per candidate / reference router (evaluation/)
 INTERVALS_FILE = "intervals.csv"  # paired-bootstrap APGR differences between candidates (evaluation/)
+OOF_FILE = "oof_scores.csv"  # a head's out-of-fold P(Complex_Query) on its training rows: qid, fold, p_complex
 ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
 STAGES = ("sft", "dpo")
-HEADS = ("gemma", "logistic", "knn")  # head routers: frozen Gemma states, MiniLM logistic, MiniLM k-NN
+# Head routers: frozen Gemma states; MiniLM with shrinkage LDA, logistic regression, k-NN.
+HEADS = ("gemma", "minilm_lda", "logistic", "knn")
 
 
 def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:

@@ -310,27 +310,6 @@ def collapsed(decided, labels) -> bool:
     return bool(varied and max(mix.values()) > COLLAPSE_SHARE)
 
 
-def choose(validation_scores: dict[str, float], validation_collapsed: dict[str, bool]) -> tuple[str, str]:
-    """(candidate, why): the best validation APGR among the candidates that did not
-    collapse on the validation rows; ties go to the earlier candidate. Test rows never
-    reach this function."""
-    if not validation_scores:
-        raise ValueError("no candidate router to choose from")
-    names = list(validation_scores)
-    eligible = [n for n in names if not validation_collapsed.get(n)] or names
-    scored = [n for n in eligible if not math.isnan(validation_scores[n])]
-    if not scored:
-        return eligible[0], ("no validation APGR (no validation rows, or no quality gap there): "
-                             f"the first candidate in the configured order, {eligible[0]}")
-    best = max(scored, key=lambda n: (validation_scores[n], -names.index(n)))
-    others = ", ".join(f"{n} {validation_scores[n]:.3f}" for n in scored if n != best)
-    skipped = [n for n in names if n not in eligible]
-    why = f"best validation APGR: {best} {validation_scores[best]:.3f}" + (f" (vs {others})" if others else "")
-    if skipped:
-        why += f"; collapsed to one policy on validation: {', '.join(skipped)}"
-    return best, why
-
-
 # -- the whole evaluation -----------------------------------------------------
 @dataclass
 class Report:
@@ -354,19 +333,22 @@ def _aligned(decisions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
-             *, ambiguous: str = "medium", random_seeds: int = 20, target_share: float | None = None,
-             target_pgr: float | None = 0.9, seed: int = 0, resamples: int = 1000) -> Report:
-    """Score every candidate router on the same test rows and choose one on the
-    validation rows. ``test``/``validation``: outcome tables (the validation slice is
-    held out from every candidate's training rows); ``candidates``: name ->
-    (test decisions, validation decisions), decisions_frame rows with qid. Thresholds
-    are calibrated on the validation rows, never on training or test rows."""
+             *, chosen: str, why: str = "", ambiguous: str = "medium", random_seeds: int = 20,
+             target_share: float | None = None, target_pgr: float | None = 0.9, seed: int = 0,
+             resamples: int = 1000) -> Report:
+    """Score every candidate router on the same test rows, with ``chosen`` (by
+    release.choose, which never sees test rows) as the one released. ``test``/
+    ``validation``: outcome tables (the validation slice is held out from every
+    candidate's training rows); ``candidates``: name -> (test decisions, validation
+    decisions), decisions_frame rows with qid. Thresholds are calibrated on the
+    validation rows, never on training or test rows."""
     if not candidates:
         raise ValueError("no candidate router to evaluate")
+    if chosen not in candidates:
+        raise ValueError(f"the chosen router {chosen!r} is not among the candidates {list(candidates)}")
     oracle = oracle_policies(test)
-    val_oracle = oracle_policies(validation) if len(validation) else []
     is_complex = np.array([p == COMPLEX for p in oracle])
-    rows, curves, calibrations, val_apgr, val_collapsed, scores = [], {}, {}, {}, {}, {}
+    rows, curves, calibrations, val_apgr, scores = [], {}, {}, {}, {}
     per_query = test.assign(oracle_policy=oracle)
     for name, (test_dec, val_dec) in candidates.items():
         dec = _aligned(test_dec, test)
@@ -380,7 +362,6 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
         if len(validation):
             vdec = _aligned(val_dec, validation)
             val_apgr[name] = curve(validation, vdec["p_large"]).apgr
-            val_collapsed[name] = collapsed(vdec["policy"], val_oracle)
             calibrations[name] = calibrate(validation, vdec["p_large"], target_share=target_share,
                                            target_pgr=None if target_share is not None else target_pgr)
         else:
@@ -393,7 +374,6 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                    threshold=calibrations[name]["threshold"])
         rows.append(row)
         per_query = per_query.assign(**{f"{name}_policy": dec["policy"].values, f"{name}_p_large": scores[name]})
-    chosen, why = choose(val_apgr, val_collapsed)
     rows.append(summarise(test, np.full(len(test), "medium"), "always-medium"))
     rows.append(summarise(test, np.full(len(test), "large"), "always-large"))
     curves["oracle"] = curve(test, oracle_scores(test))

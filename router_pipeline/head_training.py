@@ -3,12 +3,14 @@ hyper-parameters by cross-validation on the training rows, fit, save.
 
 Candidates (artifacts.HEADS):
 - ``gemma``: shrinkage-LDA head on a frozen Gemma hidden state; the shrinkage and the
-  layer are chosen by 5-fold cross-validation, the layer as the fewest blocks within one
-  standard error of the best (fit_selected's ``cost``);
-- ``logistic``: logistic head on MiniLM sentence embeddings (regularisation by CV);
+  layer with the best 5-fold cross-validated AUC (``cheapest_layer``: the fewest blocks
+  within one standard error of it instead, an ablation);
+- ``minilm_lda``: shrinkage-LDA head on MiniLM sentence embeddings (shrinkage by CV);
+- ``logistic``: logistic head on MiniLM embeddings (regularisation by CV);
 - ``knn``: cosine k-NN on MiniLM embeddings (k by CV).
 
-Every head is calibrated on its out-of-fold predictions (heads.calibrate). The score
+Every head is calibrated on its out-of-fold predictions (heads.calibrate), which are
+saved beside it (OOF_FILE) as evidence for the release (release.py). The score
 cross-validation ranks by is the out-of-fold ROC AUC of P(Complex_Query)
 against the label "Complex_Query": what APGR rewards (ranking the queries that need
 the strong model first) without needing both grades, so council-labelled rows count
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from router_pipeline.artifacts import OOF_FILE
 from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
 from router_pipeline.heads import Head, calibrate, fit_head, p_complex, save_head_router
 from router_pipeline.policies import COMPLEX, POLICIES
@@ -39,9 +42,10 @@ class HeadConfig:
     base_model: str = "gemma3-270m"
     allow_hub: bool = False
     layers: tuple[int, ...] = (3, 6, 9, 12)  # Gemma layers tried (the state after this many blocks)
-    # Serve the fewest blocks whose CV AUC is within one standard error of the best
-    # (routing cost grows with the blocks read); False: the best CV AUC whatever it costs.
-    cheapest_layer: bool = True
+    # True: the fewest blocks whose CV AUC is within one standard error of the best. Off:
+    # a tie on the training rows is no evidence for the cheaper block, and on questions
+    # the router never saw the deeper one won (README: "Choosing the recipe").
+    cheapest_layer: bool = False
     pooling: str = "mean"
     # The Gemma head's classifier. Shrinkage LDA ranks better than logistic regression on
     # Gemma's states on the development file (README: "Choosing the recipe").
@@ -56,7 +60,7 @@ class HeadConfig:
     folds: int = 5
     seed: int = 0
     batch_size: int = 16
-    heads: tuple[str, ...] = ("gemma", "logistic", "knn")
+    heads: tuple[str, ...] = ("gemma", "minilm_lda", "logistic", "knn")
 
 
 @dataclass
@@ -71,6 +75,7 @@ class HeadResult:
 
 
 HYPER = ("c", "shrinkage", "k")  # fit_head's hyper-parameters
+MINILM_HEADS = {"minilm_lda": "lda", "logistic": "logistic", "knn": "knn"}  # head name -> classifier on MiniLM
 
 
 def grid(classifier: str, config: HeadConfig) -> list[dict]:
@@ -80,18 +85,31 @@ def grid(classifier: str, config: HeadConfig) -> list[dict]:
             "knn": [{"k": k} for k in config.knn_k]}[classifier]
 
 
+def inner_folds(policies: list[str], folds: int, seed: int) -> np.ndarray:
+    """The cross-validation fold of every training row: stratified by policy, seeded, the
+    same for every head trained on the same rows (so their out-of-fold scores pair up)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    strata = np.array(policies)
+    fold_of = np.zeros(len(strata), dtype=int)
+    for fold, (_, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(strata, strata)):
+        fold_of[held] = fold
+    return fold_of
+
+
 def cross_validate(x: np.ndarray, policies: list[str], classifier: str, *, folds: int, seed: int,
                    **hyper) -> tuple[float, np.ndarray, float]:
     """(out-of-fold ROC AUC of P(Complex_Query), out-of-fold P(policy), standard error of
-    that AUC across the folds), stratified seeded folds."""
+    that AUC across the folds), on ``inner_folds``."""
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
     strata = np.array(policies)
     complex_ = strata == COMPLEX
     oof = np.zeros((len(strata), len(POLICIES)))
+    fold_of = inner_folds(policies, folds, seed)
     fold_aucs = []
-    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, strata):
+    for fold in range(folds):
+        train, held = fold_of != fold, fold_of == fold
         oof[held] = fit_head(classifier, x[train], list(strata[train]), seed=seed, **hyper).proba(x[held])
         fold_aucs.append(roc_auc_score(complex_[held], p_complex(oof[held])))
     finite = np.array(fold_aucs)[np.isfinite(fold_aucs)]  # a fold of one class has no AUC
@@ -105,17 +123,48 @@ def _cv_possible(policies: list[str], folds: int) -> bool:
         and counts.min() >= folds
 
 
+def chosen_index(scored: list[dict], cost: str | None = None) -> int:
+    """The params fit_selected chooses among cross-validated ``scored`` ones (each with
+    cv_auc and cv_se): the best CV AUC, or with ``cost`` the one-standard-error rule."""
+    best = max(range(len(scored)), key=lambda i: (scored[i]["cv_auc"], -i))
+    if cost is not None and math.isfinite(scored[best]["cv_auc"] - scored[best]["cv_se"]):
+        floor = scored[best]["cv_auc"] - scored[best]["cv_se"]
+        cheapest = min(s[cost] for s in scored if s["cv_auc"] >= floor)
+        best = max((i for i, s in enumerate(scored) if s[cost] == cheapest), key=lambda i: (scored[i]["cv_auc"], -i))
+    return best
+
+
+def chosen_params(scored: list[dict], i: int) -> dict:
+    return {k: v for k, v in scored[i].items() if k not in ("cv_auc", "cv_se")}
+
+
+@dataclass
+class Fitted:
+    """A head chosen by cross-validation and fitted on every row, with the calibrated
+    out-of-fold P(policy) of its chosen params on those rows and their ``inner_folds``
+    (None without cross-validation): the evidence the release weighs."""
+
+    head: Head
+    params: dict
+    grid: list[dict]
+    cv_auc: float
+    oof: np.ndarray | None = None
+    folds: np.ndarray | None = None
+    fit_s: float = 0.0
+
+
 def fit_selected(x_for, policies: list[str], classifier: str, grid: list[dict], *, cv: bool, folds: int,
-                 seed: int, cost: str | None = None) -> tuple[Head, dict, list[dict], float]:
+                 seed: int, cost: str | None = None) -> Fitted:
     """Cross-validate every params of ``grid`` (``x_for(params)`` gives the features),
     fit the chosen one on every row and calibrate it on its out-of-fold predictions.
 
     The chosen params have the best CV AUC; with ``cost`` (a key of the params whose
     smaller values are cheaper to serve, e.g. the Gemma block), the cheapest value whose
     best AUC is within one standard error of the best overall, then its best params (the
-    one-standard-error rule: a difference smaller than the folds' noise does not earn
-    its serving cost). Ties go to the earlier params. Without enough rows for
+    one-standard-error rule, kept as an ablation: on questions the router never saw it
+    lost to the best CV AUC). Ties go to the earlier params. Without enough rows for
     cross-validation: the first params, uncalibrated."""
+    t0 = time.perf_counter()
     scored, oofs = [], []
     for params in grid:
         fit_params = {k: v for k, v in params.items() if k in HYPER}
@@ -123,27 +172,15 @@ def fit_selected(x_for, policies: list[str], classifier: str, grid: list[dict], 
                         if cv else (math.nan, None, math.nan))
         scored.append({**params, "cv_auc": auc, "cv_se": se})
         oofs.append(oof)
-    best = 0 if not cv else max(range(len(grid)), key=lambda i: (scored[i]["cv_auc"], -i))
-    if cv and cost is not None and math.isfinite(scored[best]["cv_auc"] - scored[best]["cv_se"]):
-        floor = scored[best]["cv_auc"] - scored[best]["cv_se"]
-        cheapest = min(s[cost] for s in scored if s["cv_auc"] >= floor)
-        best = max((i for i, s in enumerate(scored) if s[cost] == cheapest), key=lambda i: (scored[i]["cv_auc"], -i))
-    params = {k: v for k, v in scored[best].items() if k not in ("cv_auc", "cv_se")}
+    best = chosen_index(scored, cost) if cv else 0
+    params = chosen_params(scored, best)
     head = fit_head(classifier, x_for(params), policies, seed=seed, **{k: v for k, v in params.items() if k in HYPER})
-    if oofs[best] is not None:
-        calibrate(head, oofs[best], policies)
-    return head, params, scored, scored[best]["cv_auc"]
-
-
-@dataclass
-class Fitted:
-    """A head chosen by cross-validation and fitted on every row."""
-
-    head: Head
-    params: dict
-    grid: list[dict]
-    cv_auc: float
-    fit_s: float
+    oof = oofs[best]
+    if oof is not None:
+        calibrate(head, oof, policies)
+        oof = head.calibrated(oof)
+    return Fitted(head, params, scored, scored[best]["cv_auc"], oof,
+                  inner_folds(policies, folds, seed) if oof is not None else None, time.perf_counter() - t0)
 
 
 def encode(queries: list[str], config: HeadConfig, *, progress: bool = False) -> tuple[dict, dict[str, float]]:
@@ -156,7 +193,7 @@ def encode(queries: list[str], config: HeadConfig, *, progress: bool = False) ->
         feats["gemma"] = GemmaStates(spec).encode_layers(queries, list(config.layers), batch_size=config.batch_size,
                                                          progress=progress)
         seconds["gemma"] = time.perf_counter() - t0
-    if set(config.heads) & {"logistic", "knn"}:
+    if set(config.heads) & set(MINILM_HEADS):
         t0 = time.perf_counter()
         feats["minilm"] = MiniLM().encode(queries, progress=progress)
         seconds["minilm"] = time.perf_counter() - t0
@@ -167,24 +204,25 @@ def fit_heads(feats: dict, policies: list[str], config: HeadConfig, *, cv: bool)
     """Choose (by cross-validation) and fit every configured head on the rows of ``feats``."""
     fitted = {}
     for name in config.heads:
-        t0 = time.perf_counter()
         if name == "gemma":
             by_layer = feats["gemma"]
             tried = [{"layer": layer, **hyper}
                      for layer, hyper in itertools.product(config.layers, grid(config.gemma_classifier, config))]
-            chosen = fit_selected(lambda p: by_layer[p["layer"]], policies, config.gemma_classifier, tried, cv=cv,
-                                  folds=config.folds, seed=config.seed, cost="layer" if config.cheapest_layer else None)
+            fitted[name] = fit_selected(lambda p: by_layer[p["layer"]], policies, config.gemma_classifier, tried,
+                                        cv=cv, folds=config.folds, seed=config.seed,
+                                        cost="layer" if config.cheapest_layer else None)
         else:
-            chosen = fit_selected(lambda p: feats["minilm"], policies, name, grid(name, config), cv=cv,
-                                  folds=config.folds, seed=config.seed)
-        fitted[name] = Fitted(*chosen, time.perf_counter() - t0)
+            classifier = MINILM_HEADS[name]
+            fitted[name] = fit_selected(lambda p: feats["minilm"], policies, classifier, grid(classifier, config),
+                                        cv=cv, folds=config.folds, seed=config.seed)
     return fitted
 
 
 def train_head_routers(examples: pd.DataFrame, config: HeadConfig, dest: dict[str, Path], *,
                        progress: bool = False, log=print) -> list[HeadResult]:
-    """Fit every configured head on ``examples`` (query, policy: the training rows,
-    validation slice excluded) and save each to ``dest[name]``."""
+    """Fit every configured head on ``examples`` (qid, query, policy: the training rows,
+    validation slice excluded) and save each to ``dest[name]``, with its out-of-fold
+    P(Complex_Query) on those rows (OOF_FILE) when it was cross-validated."""
     if examples.empty:
         raise ValueError("no training rows for the head routers")
     queries, policies = list(examples["query"]), list(examples["policy"])
@@ -203,6 +241,9 @@ def train_head_routers(examples: pd.DataFrame, config: HeadConfig, dest: dict[st
             encoder = {"encoder": "minilm"}
         path = save_head_router(dest[name], name, encoder, f.head, params=f.params, cv_auc=f.cv_auc,
                                 training_rows=len(policies), grid=f.grid)
+        if f.oof is not None and "qid" in examples:
+            pd.DataFrame({"qid": examples["qid"].to_numpy(), "fold": f.folds, "p_complex": p_complex(f.oof)}).to_csv(
+                path / OOF_FILE, index=False)
         results.append(HeadResult(name, path, f.params, f.cv_auc, f.grid,
                                   seconds["gemma" if name == "gemma" else "minilm"], f.fit_s))
         log(f"{name} head ({f.head.classifier}): {f.params} (CV AUC {f.cv_auc:.3f})")

@@ -58,7 +58,10 @@ class Head:
 
     def proba(self, x: np.ndarray) -> np.ndarray:
         """P(policy) for each row (columns in POLICIES order), calibrated when fitted so."""
-        p = self.raw_proba(x)
+        return self.calibrated(self.raw_proba(x))
+
+    def calibrated(self, p: np.ndarray) -> np.ndarray:
+        """``raw_proba``'s P(policy) under this head's calibration (unchanged if it has none)."""
         if "temperature" not in self.arrays:
             return p
         if "complex_scale" not in self.arrays:  # calibrated by an earlier release: read as it was fitted

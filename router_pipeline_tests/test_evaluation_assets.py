@@ -45,7 +45,7 @@ def graded(artifacts, resources):
         adapter = artifacts / "adapters" / stage
         adapter.mkdir(parents=True)
         (adapter / "adapter_config.json").write_text(json.dumps({"stage": stage}))
-    for head in ("gemma", "logistic", "knn"):
+    for head in ("gemma", "minilm_lda", "logistic", "knn"):
         (artifacts / "heads" / head).mkdir(parents=True)
         (artifacts / "heads" / head / "router.json").write_text(json.dumps({"kind": "head", "name": head}))
     return resources
@@ -185,7 +185,9 @@ def test_release_picks_the_candidate_with_the_better_validation_score(graded, ar
     summary = {r.data["router"]: r.data for r in ev["summary"].value.records}
     assert summary["gemma"]["apgr"] > summary["knn"]["apgr"]  # on test, gemma is better ...
     assert summary["knn"]["validation_apgr"] > summary["gemma"]["validation_apgr"]  # ... on validation, knn
-    assert ev["candidate"].value == "knn" and ev["why"].value.startswith("best validation APGR: knn")
+    assert ev["candidate"].value == "knn" and ev["why"].value.startswith("best cross-validated APGR: knn")
+    evidence = ev["release_evidence"].value  # no head has out-of-fold scores here: the validation rows decide
+    assert evidence["chosen"] == "knn" and evidence["rows"] == {"gemma": 2, "knn": 2}
     # The chosen knn loses to random on test: released_router refuses it.
     assert not _checks(result)["beats_random"] and not _released(result)
     (interval,) = [r.data for r in ev["intervals"].value.records]
@@ -193,6 +195,31 @@ def test_release_picks_the_candidate_with_the_better_validation_score(graded, ar
     for name in ("gemma", "knn"):
         figures = json.loads((artifacts / "evaluation" / name / "evaluation.json").read_text())
         assert figures["candidate"] == name and figures["chosen"] == (name == "knn")
+
+
+def test_release_weighs_out_of_fold_scores_beside_the_validation_slice(graded, artifacts, monkeypatch):
+    """knn is right on the 2 validation rows, gemma on the 6 training rows out of fold
+    (their OOF_FILE): the release follows all 8 rows of evidence, not the validation
+    slice alone, and records them."""
+
+    def route_queries(router_dir, queries, router_config, progress=False):
+        good_on = "Train" if Path(router_dir).name == "knn" else "Held-out"
+        return [_decide("good" if q.startswith(good_on) else "bad", q) for q in queries]
+
+    for name, right in (("gemma", True), ("knn", False)):
+        even = [(i % 2 == 0) == right for i in range(6)]
+        pd.DataFrame({"qid": [f"tr{i}" for i in range(6)], "fold": [0, 0, 1, 1, 2, 2],
+                      "p_complex": [0.9 if e else 0.1 for e in even]}).to_csv(
+            artifacts / "heads" / name / "oof_scores.csv", index=False)
+    monkeypatch.setattr(compute, "route_queries", route_queries)
+    result = _materialise(graded, dg.DagsterInstance.ephemeral(), candidates=("knn", "gemma"))
+    ev = result.asset_materializations_for_node("router_evaluation")[0].metadata
+    evidence = ev["release_evidence"].value
+    assert ev["candidate"].value == "gemma" and evidence["rows"] == {"knn": 8, "gemma": 8}
+    assert evidence["apgr"]["gemma"] > evidence["apgr"]["knn"] and evidence["chosen_minus"]["knn"]["rows"] == 8
+    assert _released(result)
+    released = json.loads((artifacts / "router" / "evaluation.json").read_text())
+    assert released["candidate"] == "gemma" and released["release_evidence"] == evidence
 
 
 def test_released_router_releases_the_chosen_head_router(graded, artifacts, monkeypatch):
@@ -241,11 +268,14 @@ def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(grad
     result = dg.materialize(
         list(build_defs().assets), selection=["head_routers", "router_evaluation", "released_router"],
         instance=dg.DagsterInstance.ephemeral(), resources=graded,
-        run_config={"ops": {"head_routers": {"config": {"heads": ["logistic", "knn"]}},
-                            "router_evaluation": {"config": {"candidates": ["logistic", "knn"]}}}})
+        run_config={"ops": {"head_routers": {"config": {"heads": ["minilm_lda", "logistic", "knn"]}},
+                            "router_evaluation": {"config": {"candidates": ["minilm_lda", "logistic", "knn"]}}}})
     assert result.success and _released(result)
     scored = result.asset_value("router_evaluation").set_index("query")
     name = scored["candidate"].iloc[0]
+    summary = {r.data["router"]: r.data for r in
+               result.asset_materializations_for_node("router_evaluation")[0].metadata["summary"].value.records}
+    assert {"minilm_lda", "logistic", "knn"} <= set(summary)  # every MiniLM head evaluated on the same rows
     assert json.loads((artifacts / "router" / "router.json").read_text())["name"] == name
 
     assert main(["route", "--json", *TEST]) == 0

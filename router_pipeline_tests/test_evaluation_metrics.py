@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from router_pipeline import evaluation as ev
+from router_pipeline import release
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 
 
@@ -105,11 +106,14 @@ def test_evaluate_scores_every_candidate_and_chooses_on_validation_only():
     val_only = np.where(np.arange(n) < 40, 1 - good, good)
     decided = {"good": (_decisions(test, good[:40]), _decisions(validation, good[40:])),
                "val_only": (_decisions(test, val_only[:40]), _decisions(validation, val_only[40:]))}
-    report = ev.evaluate(test, validation, decided, random_seeds=10, resamples=200)
+    choice = release.from_evaluation(validation, {n: v for n, (_, v) in decided.items()}, {}, test.iloc[:0],
+                                     resamples=100)
+    report = ev.evaluate(test, validation, decided, chosen=choice.name, why=choice.why, random_seeds=10,
+                         resamples=200)
     s = report.summary.set_index("router")
     assert s.loc["good", "apgr"] > report.random_apgr + 0.1 > s.loc["val_only", "apgr"]
     assert s.loc["val_only", "validation_apgr"] == pytest.approx(s.loc["good", "validation_apgr"])
-    assert report.chosen == "good" and "best validation APGR" in report.why  # tie on validation: the first listed
+    assert report.chosen == "good" and "best cross-validated APGR" in report.why  # a tie: the first listed
     assert s.loc["oracle", "apgr"] >= s.loc["good", "apgr"] - 1e-9
     assert s.loc["always-large", "large_share"] == 1 and s.loc["always-medium", "large_share"] == 0
     assert 0.5 < s.loc["good", "policy_accuracy"] <= 1
@@ -121,8 +125,10 @@ def test_evaluate_scores_every_candidate_and_chooses_on_validation_only():
     assert (row["a"], row["b"]) == ("good", "val_only") and row["lo"] > 0 and row["diff"] == pytest.approx(
         s.loc["good", "apgr"] - s.loc["val_only", "apgr"])
 
-    flipped = {"val_only": decided["val_only"], "good": (decided["good"][0], _decisions(validation, 1 - good[40:]))}
-    assert ev.evaluate(test, validation, flipped, random_seeds=2, resamples=50).chosen == "val_only"
+    flipped = {"val_only": decided["val_only"][1], "good": _decisions(validation, 1 - good[40:])}
+    assert release.from_evaluation(validation, flipped, {}, test.iloc[:0], resamples=50).name == "val_only"
+    with pytest.raises(ValueError, match="not among the candidates"):
+        ev.evaluate(test, validation, decided, chosen="dpo")
 
 
 def test_fast_apgr_matches_the_curve_with_ties_and_weights():
@@ -185,8 +191,3 @@ def test_calibration_error_policy_mix_and_collapse():
     assert not ev.collapsed([STANDARD] * 100, [STANDARD] * 95 + [COMPLEX] * 5)  # labels themselves are one policy
 
 
-def test_choose_skips_candidates_collapsed_on_validation():
-    assert ev.choose({"a": 0.6, "b": 0.7}, {"b": True}) == ("a", "best validation APGR: a 0.600; collapsed to one "
-                                                            "policy on validation: b")
-    name, why = ev.choose({"a": math.nan, "b": math.nan}, {})
-    assert name == "a" and "first candidate" in why

@@ -80,14 +80,15 @@ def test_the_fewest_blocks_within_one_standard_error_are_chosen():
     def choose(grid, cost):
         return fit_selected(lambda p: x[p["layer"]], policies, "lda", grid, cv=True, folds=5, seed=0, cost=cost)
 
-    _, plain, scored, _ = choose(tried, None)
+    plain_fit = choose(tried, None)
+    plain, scored = plain_fit.params, plain_fit.grid
     auc = {(g["layer"], g["shrinkage"]): g["cv_auc"] for g in scored}
     assert plain["layer"] == 9 and max(auc.values()) - max(v for (l, _), v in auc.items() if l == 3) < scored[0]["cv_se"]
-    _, cheap, _, cheap_auc = choose(tried, "layer")
+    cheap_fit = choose(tried, "layer")
+    cheap, cheap_auc = cheap_fit.params, cheap_fit.cv_auc
     assert cheap_auc == max(v for (l, _), v in auc.items() if l == 3) > auc[(3, 0.1)]  # not the layer's first
     assert cheap == {"layer": 3, "shrinkage": 0.9}
-    _, strong, _, _ = choose(tried + [{"layer": 12, "shrinkage": 0.9}], "layer")
-    assert strong["layer"] == 12
+    assert choose(tried + [{"layer": 12, "shrinkage": 0.9}], "layer").params["layer"] == 12
 
 
 def test_calibration_fixes_an_overconfident_head_without_reordering_queries():
@@ -278,3 +279,33 @@ def test_a_query_of_many_tokens_is_read_as_its_head_and_tail(tiny_model_dir):
     with torch.no_grad():
         h = full.model(input_ids=torch.tensor([cut]), output_hidden_states=True).hidden_states[1][0]
     np.testing.assert_allclose(got[0], h[1:].mean(0).numpy(), atol=1e-4)
+
+
+def test_minilm_heads_are_saved_with_their_out_of_fold_scores(tmp_path):
+    """LDA on MiniLM is trained, saved and routed like the other heads; every
+    cross-validated head leaves its calibrated out-of-fold P(Complex_Query) on the same
+    folds (the release's evidence), which rank the training rows as its CV AUC says."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from router_pipeline.artifacts import OOF_FILE
+    from router_pipeline.head_training import HeadConfig, train_head_routers
+
+    queries = [f"What is {a} times {b}?" for a in range(2, 7) for b in range(3, 9)] + \
+              [f"Who was the mayor of the village of Ballyhooly in {y}?" for y in range(1901, 1931)]
+    policies = [STANDARD] * 30 + [COMPLEX] * 20 + [AMBIGUOUS] * 10
+    examples = pd.DataFrame({"qid": [f"q{i:03d}" for i in range(60)], "query": queries, "policy": policies})
+    cfg = HeadConfig(heads=("minilm_lda", "logistic"), folds=3)
+    results = train_head_routers(examples, cfg, {n: tmp_path / n for n in cfg.heads}, log=lambda _: None)
+    oof = {r.name: pd.read_csv(r.path / OOF_FILE, dtype={"qid": str}) for r in results}
+    for r in results:
+        frame = oof[r.name]
+        assert list(frame["qid"]) == list(examples["qid"]) and set(frame["fold"]) == {0, 1, 2}
+        assert frame["p_complex"].between(0, 1).all()
+        assert roc_auc_score(examples["policy"] == COMPLEX, frame["p_complex"]) == pytest.approx(r.cv_auc)
+    assert list(oof["minilm_lda"]["fold"]) == list(oof["logistic"]["fold"])  # the same folds: the scores pair up
+    lda = next(r for r in results if r.name == "minilm_lda")
+    assert json.loads((lda.path / "router.json").read_text())["classifier"] == "lda"
+    arith, mayor = load_router(lda.path).route_batch(["What is 7 times 8?",
+                                                      "Who was the mayor of the village of Ballyhooly in 1950?"])
+    assert arith.probabilities[COMPLEX] < mayor.probabilities[COMPLEX]

@@ -2,10 +2,12 @@
 
 ``router_evaluation`` routes the test split and the validation slice (held out from
 every candidate's training rows) with each candidate: the head routers (frozen Gemma
-states, MiniLM logistic / k-NN) and the fine-tuned LM adapter, then replays the
-graded answers (no new model calls). It chooses the candidate with the best APGR on
-the validation rows (never on test rows), calibrates each candidate's threshold
-there, and reports every candidate's test figures with paired-bootstrap intervals.
+states; MiniLM LDA / logistic / k-NN) and the fine-tuned LM adapter, then replays the
+graded answers (no new model calls). It chooses the candidate by cross-validated
+evidence (release.py: the heads' out-of-fold scores on the training rows plus the
+validation slice; never test rows), calibrates each candidate's threshold on the
+validation slice, and reports every candidate's test figures with paired-bootstrap
+intervals.
 Its blocking checks guard ``released_router``: a chosen router that loses to random,
 regresses against the released router, fails to decide, or decides one policy for
 almost every query never replaces the router that is served.
@@ -22,10 +24,10 @@ import pandas as pd
 from pydantic import field_validator
 
 from router_pipeline import compute as compute_module
-from router_pipeline import evaluation
+from router_pipeline import evaluation, release
 from router_pipeline.artifacts import (
-    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, INTERVALS_FILE, ROUTER_FILE, STAGES, SUMMARY_FILE, Artifacts,
-    check_names,
+    ADAPTER_CONFIG, CALIBRATION_FILE, EVALUATION_FILE, HEADS, INTERVALS_FILE, OOF_FILE, ROUTER_FILE, STAGES,
+    SUMMARY_FILE, Artifacts, check_names,
 )
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.resources import ArtifactStore, TrainingCompute
@@ -48,7 +50,7 @@ _R = RouterConfig()  # the one source of the routing defaults
 
 class EvaluationConfig(dg.Config):
     # In this order: the first is preferred when the validation rows cannot tell them apart.
-    candidates: list[str] = ["gemma", "logistic", "knn", "sft"]  # any of CANDIDATES
+    candidates: list[str] = ["gemma", "minilm_lda", "logistic", "knn", "sft"]  # any of CANDIDATES
     fallback: Literal["Standard_Query", "Complex_Query", "Ambiguous_Query"] = _R.fallback  # when an output does not parse
     min_policy_mass: float = _R.min_policy_mass  # fast mode: below it the output counts as unparsed
     ambiguous: Literal["medium", "large", "abstain"] = "medium"  # what Ambiguous_Query routes to here
@@ -148,11 +150,11 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
     calibration (ECE of P(Complex_Query)), SimpleQA metrics of the routed answers, cost,
     the cost-quality curve (APGR, CPT) against random, always-medium, always-large and
     the oracle, and paired-bootstrap intervals between candidates. The candidate with
-    the best validation APGR is chosen; thresholds are calibrated on the validation
-    slice held out from training."""
+    the best cross-validated APGR (out-of-fold training rows + validation slice) is
+    chosen; thresholds are calibrated on the validation slice held out from training."""
     layout = artifacts.layout()
     if not config.candidates:
-        raise dg.Failure("no candidates configured: name at least one of gemma, logistic, knn, sft, dpo")
+        raise dg.Failure(f"no candidates configured: name at least one of {', '.join(CANDIDATES)}")
     dirs = {name: _router_dir(layout, name) for name in dict.fromkeys(config.candidates)}
     test = evaluation.outcome_table(test_questions, answers, judgments)
     if test.empty:
@@ -169,9 +171,15 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         decided[name] = (frame.iloc[:len(test)], frame.iloc[len(test):])
         modes[name] = records[0]["mode"] if records else None
         parse_rates[name] = float((~frame["parse_ok"].iloc[:len(test)].astype(bool)).mean())
-    report = evaluation.evaluate(test, validation, decided, ambiguous=config.ambiguous,
-                                 random_seeds=config.random_seeds, target_share=config.target_share,
-                                 target_pgr=config.target_pgr, resamples=config.bootstrap_resamples)
+    trained = evaluation.outcome_table(train_questions[~train_questions["qid"].isin(held_out)], answers, judgments)
+    oof = {name: pd.read_csv(path / OOF_FILE, dtype={"qid": str}) for name, path in dirs.items()
+           if (path / OOF_FILE).is_file()}
+    choice = release.from_evaluation(validation, {name: val for name, (_, val) in decided.items()}, oof, trained,
+                                     resamples=config.bootstrap_resamples)
+    report = evaluation.evaluate(test, validation, decided, chosen=choice.name, why=choice.why,
+                                 ambiguous=config.ambiguous, random_seeds=config.random_seeds,
+                                 target_share=config.target_share, target_pgr=config.target_pgr,
+                                 resamples=config.bootstrap_resamples)
     chosen = report.chosen
     context.log.info(f"chosen: {chosen} ({report.why})")
     plot = cost_quality_curves(
@@ -188,7 +196,8 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
             {**report.calibrations[name], "score": "P(Complex_Query)", "split": "validation",
              "mapping": evaluated_spec(report.calibrations[name])}, indent=2))
         figures = _figures(report, name, test, validation, parse_rates[name], modes[name])
-        (out / EVALUATION_FILE).write_text(json.dumps({**figures, "chosen": name == chosen, "why": report.why}, indent=2))
+        (out / EVALUATION_FILE).write_text(json.dumps({**figures, "chosen": name == chosen, "why": report.why,
+                                                       "release_evidence": choice.record}, indent=2))
     report.summary.to_csv(layout.root / "evaluation" / SUMMARY_FILE, index=False)
     report.intervals.to_csv(layout.root / "evaluation" / INTERVALS_FILE, index=False)
     figures = _figures(report, chosen, test, validation, parse_rates[chosen], modes[chosen])
@@ -199,6 +208,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
     meta = {
         **{k: v for k, v in figures.items() if v is not None and not isinstance(v, dict)},
         "why": report.why,
+        "release_evidence": dg.MetadataValue.json(choice.record),
         "policy_mix": dg.MetadataValue.json(figures["policy_mix"]),
         "label_mix": dg.MetadataValue.json(evaluation.policy_mix(report.per_query["oracle_policy"])),
         "test_questions_ungraded": len(test_questions) - len(test),

@@ -134,7 +134,7 @@ class HeadRoutersConfig(dg.Config):
     base_model: str = _H.base_model
     allow_hub: bool = _H.allow_hub
     layers: list[int] = list(_H.layers)  # Gemma layers tried by cross-validation
-    cheapest_layer: bool = _H.cheapest_layer  # the fewest blocks within one standard error of the best CV AUC
+    cheapest_layer: bool = _H.cheapest_layer  # True: the fewest blocks within 1 SE of the best CV AUC (an ablation)
     pooling: Literal["mean", "last", "mean+last"] = _H.pooling
     gemma_classifier: Literal["lda", "logistic"] = _H.gemma_classifier
     shrinkages: list[float] = list(_H.shrinkages)  # LDA's covariance shrinkage tried by cross-validation
