@@ -109,14 +109,14 @@ def main(argv=None) -> int:
         "Gemma mean+last, block and C by CV": variant("gemma", list(d.layers), "mean+last", C),
         "Gemma mean of blocks 3, 6 and 9 side by side, C by CV": variant("gemma", [0], "mean 3+6+9", C),
         "Gemma mean, block and C by CV, logistic (an older recipe)": variant("gemma", list(d.layers), "mean", C),
-        "Gemma mean, LDA, block by best CV AUC whatever it costs (previous recipe)": variant(
-            "gemma", list(d.layers), "mean", LDA),
-        "Gemma mean, block (one-SE rule) and shrinkage by CV, LDA, uncalibrated": variant(
-            "gemma", list(d.layers), "mean", LDA, False, cost="layer"),
-        "Gemma mean, block (one-SE rule) and shrinkage by CV, LDA (default recipe)": variant(
+        "Gemma mean, LDA, fewest blocks within one SE of the best CV AUC (previous default)": variant(
             "gemma", list(d.layers), "mean", LDA, cost="layer"),
+        "Gemma mean, block and shrinkage by best CV AUC, LDA, uncalibrated": variant(
+            "gemma", list(d.layers), "mean", LDA, False),
+        "Gemma mean, block and shrinkage by best CV AUC, LDA (default recipe)": variant(
+            "gemma", list(d.layers), "mean", LDA),
     }
-    default = "Gemma mean, block (one-SE rule) and shrinkage by CV, LDA (default recipe)"
+    default = "Gemma mean, block and shrinkage by best CV AUC, LDA (default recipe)"
     baseline = "MiniLM logistic, C by CV (the baseline now)"
     # Both encoders: the mean of the default recipe's and the MiniLM baseline's calibrated probabilities.
     both = (variants[default]["proba"] + variants[baseline]["proba"]) / 2

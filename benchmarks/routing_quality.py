@@ -3,7 +3,7 @@
 Runs the Dagster assets on an outcomes file (``outcomes`` source, every row), each
 stage in a fresh process: the split (by question, or ``--split domain``: whole
 domains held out for test and validation), labels, the head routers (frozen Gemma
-states; MiniLM logistic and k-NN), optionally SFT (and DPO) of the LM adapter, then
+states; MiniLM LDA, logistic and k-NN), optionally SFT (and DPO) of the LM adapter, then
 one ``router_evaluation`` of every candidate on the same test rows. Prints, per
 router: APGR, validation APGR, CPT50/80, policy accuracy, ECE of P(Complex_Query),
 the mix of policies it decides against the labels' mix; the paired-bootstrap 95%
