@@ -83,10 +83,13 @@ def main(argv=None) -> int:
         # The router's grid holds every block's CV AUC and SE: the one-SE ablation refits only its params.
         one_se = chosen_params(router.grid, chosen_index(router.grid, cost="layer"))
         out["gemma_one_se"] = (refit(gemma, y, one_se), _x(feats, "gemma", one_se))
-        deeper = fit_heads({"gemma": gemma}, y, replace(config, layers=(*config.layers, *DEEPER), heads=("gemma",)),
-                           cv=True)["gemma"]
-        out["gemma_deeper"] = (deeper.head, _x(feats, "gemma", deeper.params))
-        for name, params in (("gemma", router.params), ("gemma_one_se", one_se), ("gemma_deeper", deeper.params)):
+        # The deeper grid: only blocks 15 and 18 are new, appended in the order a whole grid would have them.
+        extra = fit_heads({"gemma": gemma}, y, replace(config, layers=DEEPER, heads=("gemma",)), cv=True)["gemma"]
+        grid = router.grid + extra.grid
+        deeper = chosen_params(grid, chosen_index(grid))
+        out["gemma_deeper"] = (router.head if deeper == router.params else refit(gemma, y, deeper),
+                               _x(feats, "gemma", deeper))
+        for name, params in (("gemma", router.params), ("gemma_one_se", one_se), ("gemma_deeper", deeper)):
             chosen[name].append(params)
         return out
 

@@ -282,6 +282,11 @@ def paired_bootstrap(table: pd.DataFrame, scores_a, scores_b, *, resamples: int 
     return {"diff": point, "lo": float(lo), "hi": float(hi), "resamples": int(len(diff))}
 
 
+def plain(value) -> float | None:
+    """A figure for JSON: rounded to 4 places, None for a missing or NaN one."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
+
+
 def expected_calibration_error(p, is_positive, bins: int = 10) -> float:
     """ECE of a probability: |mean predicted - observed rate| per equal-width bin,
     weighted by the bin's share of rows."""
@@ -328,7 +333,8 @@ class Report:
         return self.calibrations[self.chosen]
 
 
-def _aligned(decisions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+def aligned(decisions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``decisions`` (decisions_frame rows with qid) in the order of ``table``'s rows."""
     return decisions.set_index("qid").loc[table["qid"]].reset_index()
 
 
@@ -351,7 +357,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
     rows, curves, calibrations, val_apgr, scores = [], {}, {}, {}, {}
     per_query = test.assign(oracle_policy=oracle)
     for name, (test_dec, val_dec) in candidates.items():
-        dec = _aligned(test_dec, test)
+        dec = aligned(test_dec, test)
         scores[name] = dec["p_large"].to_numpy(float)
         curves[name] = curve(test, scores[name])
         row = {**summarise(test, policy_tiers(dec["policy"], ambiguous), name), **curve_stats(curves[name]),
@@ -360,7 +366,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                "parse_failures": int((~dec["parse_ok"].astype(bool)).sum()) if "parse_ok" in dec else 0,
                **{f"mix_{p}": v for p, v in policy_mix(dec["policy"]).items()}}
         if len(validation):
-            vdec = _aligned(val_dec, validation)
+            vdec = aligned(val_dec, validation)
             val_apgr[name] = curve(validation, vdec["p_large"]).apgr
             calibrations[name] = calibrate(validation, vdec["p_large"], target_share=target_share,
                                            target_pgr=None if target_share is not None else target_pgr)
@@ -391,7 +397,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                                                                    seed=seed)}
                               for i, a in enumerate(names) for b in names[i + 1:]],
                              columns=["a", "b", "diff", "lo", "hi", "resamples"])
-    chosen_dec = _aligned(candidates[chosen][0], test)
+    chosen_dec = aligned(candidates[chosen][0], test)
     routed_ = routed(test, policy_tiers(chosen_dec["policy"], ambiguous))
     per_query = per_query.assign(candidate=chosen, policy=chosen_dec["policy"].values, p_large=scores[chosen],
                                  tier=routed_["tier"].values, label=routed_["label"].values,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from router_pipeline.evaluation import collapsed, crossfit_apgr, oracle_policies, paired_bootstrap
+from router_pipeline.evaluation import aligned, collapsed, crossfit_apgr, oracle_policies, paired_bootstrap, plain
 from router_pipeline.policies import CORRECT
 
 VALIDATION_STRATUM = "validation"
@@ -71,7 +71,7 @@ def from_evaluation(validation: pd.DataFrame, decisions: dict[str, pd.DataFrame]
     evidence, collapsed_ = {}, {}
     val_oracle = oracle_policies(validation) if len(validation) else []
     for name, dec in decisions.items():
-        dec = dec.set_index("qid").loc[validation["qid"]].reset_index() if len(validation) else dec.iloc[:0]
+        dec = aligned(dec, validation) if len(validation) else dec.iloc[:0]
         evidence[name] = evidence_frame(dec["qid"], dec["p_large"], oof.get(name))
         collapsed_[name] = bool(len(validation)) and collapsed(dec["policy"], val_oracle)
     outcomes = pd.concat([train, validation], ignore_index=True).drop_duplicates("qid")
@@ -110,10 +110,10 @@ def choose(evidence: dict[str, pd.DataFrame], outcomes: pd.DataFrame, is_collaps
             continue
         d = paired_bootstrap(shared, shared["score_a"], shared["score_b"], resamples=resamples, seed=seed,
                              folds=pd.factorize(shared["stratum"])[0])
-        versus[other] = {"rows": int(len(shared)), **{k: _round(d[k]) for k in ("diff", "lo", "hi")}}
+        versus[other] = {"rows": int(len(shared)), **{k: plain(d[k]) for k in ("diff", "lo", "hi")}}
     record = {"rule": "best APGR on out-of-fold training rows + validation rows, candidates compared on the rows "
                       "both have; ties to the earlier candidate",
-              "chosen": chosen, "apgr": {n: _round(own[n]) for n in names}, "rows": rows,
+              "chosen": chosen, "apgr": {n: plain(own[n]) for n in names}, "rows": rows,
               "chosen_minus": versus, "collapsed_on_validation": [n for n in names if n not in eligible]}
     return Choice(chosen, _why(chosen, names, eligible, own, rows, versus), record)
 
@@ -131,7 +131,3 @@ def _why(chosen, names, eligible, own, rows, versus) -> str:
     if skipped:
         why += f"; collapsed to one policy on validation: {', '.join(skipped)}"
     return why
-
-
-def _round(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)

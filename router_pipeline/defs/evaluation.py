@@ -14,7 +14,6 @@ almost every query never replaces the router that is served.
 """
 
 import json
-import math
 import shutil
 import time
 from typing import Literal, Optional
@@ -90,10 +89,6 @@ def released_figures(layout: Artifacts) -> dict:
     return figures if isinstance(figures, dict) else {}
 
 
-def _plain(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
-
-
 def _router_dir(layout: Artifacts, name: str):
     path = layout.candidate(name)
     marker = ADAPTER_CONFIG if name in STAGES else ROUTER_FILE
@@ -111,19 +106,19 @@ def _figures(report: evaluation.Report, name: str, test, validation, parse_rate:
         "test_questions": len(test),
         "validation_questions": len(validation),
         "threshold": report.calibrations[name].get("threshold"),
-        "served_correct": _plain(row["served_correct"]),
-        "served_large_share": _plain(row["served_large_share"]),
-        "served_savings_vs_large": _plain(row["served_savings_vs_large"]),
-        "correct": _plain(row["correct"]),
-        "policy_accuracy": _plain(row["policy_accuracy"]),
-        "apgr": _plain(row["apgr"]),
-        "validation_apgr": _plain(row["validation_apgr"]),
-        "random_apgr": _plain(report.random_apgr),
-        "cpt50": _plain(row["cpt50"]),
-        "cpt80": _plain(row["cpt80"]),
-        "ece_p_complex": _plain(row["ece_p_complex"]),
+        "served_correct": evaluation.plain(row["served_correct"]),
+        "served_large_share": evaluation.plain(row["served_large_share"]),
+        "served_savings_vs_large": evaluation.plain(row["served_savings_vs_large"]),
+        "correct": evaluation.plain(row["correct"]),
+        "policy_accuracy": evaluation.plain(row["policy_accuracy"]),
+        "apgr": evaluation.plain(row["apgr"]),
+        "validation_apgr": evaluation.plain(row["validation_apgr"]),
+        "random_apgr": evaluation.plain(report.random_apgr),
+        "cpt50": evaluation.plain(row["cpt50"]),
+        "cpt80": evaluation.plain(row["cpt80"]),
+        "ece_p_complex": evaluation.plain(row["ece_p_complex"]),
         "parse_failure_rate": round(parse_rate, 4),
-        "policy_mix": {p: _plain(row[f"mix_{p}"]) for p in POLICIES},
+        "policy_mix": {p: evaluation.plain(row[f"mix_{p}"]) for p in POLICIES},
     }
 
 
@@ -212,7 +207,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         "policy_mix": dg.MetadataValue.json(figures["policy_mix"]),
         "label_mix": dg.MetadataValue.json(evaluation.policy_mix(report.per_query["oracle_policy"])),
         "test_questions_ungraded": len(test_questions) - len(test),
-        **{k: _plain(report.summary.set_index("router").loc[chosen, k]) for k in ("cost_usd", "savings_vs_large",
+        **{k: evaluation.plain(report.summary.set_index("router").loc[chosen, k]) for k in ("cost_usd", "savings_vs_large",
                                                                                    "large_share")},
         "parse_failures": parse_failures,
         "summary": table(report.summary.reindex(columns=columns).round(4)),
@@ -222,7 +217,7 @@ def router_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfi
         "cost_quality_png": dg.MetadataValue.path(str(plot)),
         "calibration": dg.MetadataValue.json(report.calibration),
         "compute": compute.where,
-        "mean_latency_ms": _plain(decided[chosen][0]["latency_ms"].mean()),
+        "mean_latency_ms": evaluation.plain(decided[chosen][0]["latency_ms"].mean()),
     }
     if gpu_seconds:
         meta["gpu_seconds"] = round(gpu_seconds, 1)
