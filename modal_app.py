@@ -1,14 +1,14 @@
 """The Modal app: QLoRA SFT and DPO of the router on A100s, evaluation on a T4.
 
 Deploy once with ``modal deploy modal_app.py``; the Dagster assets then call the
-deployed functions by name (router_pipeline.compute.launch_modal). Importing this
+deployed functions by name (router_pipeline.training.compute.launch_modal). Importing this
 module needs no Modal credentials.
 """
 
 import modal
 
 from router_pipeline import settings
-from router_pipeline.compute import APP_NAME, remote_job, remote_route
+from router_pipeline.training.compute import APP_NAME, remote_job, remote_route
 
 VOLUME_ROOT = "/vol"  # adapters Volume: training runs, checkpoints and adapters
 DATASETS_ROOT = "/datasets"  # datasets Volume: the rows each run trained on

@@ -12,11 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from router_pipeline.answering import generate_answers
-from router_pipeline.fake_gemini import FakeGemini
+from router_pipeline.labels.answering import generate_answers
+from router_pipeline.llm.fake_gemini import FakeGemini
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
-from router_pipeline.questions import load_questions
+from router_pipeline.labels.questions import load_questions
 from router_pipeline.llm.roles import Roles
 
 

@@ -1,5 +1,5 @@
 """Online or Batch API for a large label run? The same N prompts through a local
-Gemini-protocol server (router_pipeline.fake_gemini), once online and once through the
+Gemini-protocol server (router_pipeline.llm.fake_gemini), once online and once through the
 Batch API, each from an empty cache. The batch run meets faults (items the job fails or
 leaves out) and is SIGKILLed while its job is pending, then started again. Prints
 
@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from router_pipeline.fake_gemini import FakeGemini, Fault
+from router_pipeline.llm.fake_gemini import FakeGemini, Fault
 from router_pipeline.llm import RoleSpec
 
 SPEC = RoleSpec("gemini", "gemini-2.5-pro", max_output_tokens=16)  # a judge-sized call on the large model

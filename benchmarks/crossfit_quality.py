@@ -52,12 +52,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmarks" / "crossfit_quality"))
     args = p.parse_args(argv)
 
-    from router_pipeline import evaluation as ev
-    from router_pipeline.head_training import HYPER, HeadConfig, chosen_index, chosen_params, cross_validate, fit_heads
-    from router_pipeline.heads import calibrate, fit_head, p_complex
+    from router_pipeline.evaluation import metrics as ev
+    from router_pipeline.training.heads import HYPER, HeadConfig, chosen_index, chosen_params, cross_validate, fit_heads
+    from router_pipeline.training.heads import fit_calibration, fit_head
+    from router_pipeline.routers.head import p_complex
     from router_pipeline.policies import COMPLEX, CORRECT, oracle_cell
-    from router_pipeline.questions import load_questions
-    from router_pipeline.split import outer_folds
+    from router_pipeline.labels.questions import load_questions
+    from router_pipeline.labels.split import outer_folds
 
     questions, _ = load_questions("outcomes", path=args.outcomes, sample_size=0)
     table = questions.rename(columns={"medium_grade": "medium_label", "large_grade": "large_label"})
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         predictions, as fit_selected does for the params it chooses."""
         x, hyper = gemma[params["layer"]], {k: v for k, v in params.items() if k in HYPER}
         _, oof, _ = cross_validate(x, y, config.gemma_classifier, folds=config.folds, seed=config.seed, **hyper)
-        return calibrate(fit_head(config.gemma_classifier, x, y, seed=config.seed, **hyper), oof, y)
+        return fit_calibration(fit_head(config.gemma_classifier, x, y, seed=config.seed, **hyper), oof, y)
 
     splits = ("question", "domain") if args.split == "both" else (args.split,)
     report = {"outcomes": args.outcomes, "questions": len(questions), "encode_s": seconds}
@@ -157,7 +158,7 @@ def _features(queries: list[str], config, out: Path) -> tuple[dict, dict]:
     the queries and the encoder settings are the same."""
     import hashlib
 
-    from router_pipeline.head_training import encode
+    from router_pipeline.training.heads import encode
 
     key = hashlib.sha256(json.dumps([queries, config.base_model, list(config.layers), config.pooling]).encode())
     path = out / f"features-{key.hexdigest()[:16]}.npz"

@@ -1,6 +1,6 @@
 """Nothing paid for is lost: 1,000 Gemini calls with 20% injected faults, killed twice.
 
-A local server speaking the Gemini protocol (router_pipeline.fake_gemini) answers a
+A local server speaking the Gemini protocol (router_pipeline.llm.fake_gemini) answers a
 worker process that runs the pipeline's LLM runner over N prompts with the persistent
 cache. One prompt in five gets a fault: 429 with Retry-After, 500, 503, a reply slower
 than the client's timeout, or a blocked prompt. The worker is SIGKILLed after a third
@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from router_pipeline.fake_gemini import FakeGemini, Fault
+from router_pipeline.llm.fake_gemini import FakeGemini, Fault
 from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.types import cache_key
 

@@ -42,13 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmarks" / "head_ablation"))
     args = p.parse_args(argv)
 
-    from router_pipeline import evaluation as ev
-    from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
-    from router_pipeline.head_training import HeadConfig, _cv_possible, fit_selected, grid
-    from router_pipeline.heads import p_complex
+    from router_pipeline.evaluation import metrics as ev
+    from router_pipeline.routers.features import GemmaSpec, GemmaStates, MiniLM
+    from router_pipeline.training.heads import HeadConfig, _cv_possible, fit_selected, grid
+    from router_pipeline.routers.head import p_complex
     from router_pipeline.policies import COMPLEX, oracle_cell
-    from router_pipeline.questions import load_questions
-    from router_pipeline.split import TEST, assign_split, validation_mask
+    from router_pipeline.labels.questions import load_questions
+    from router_pipeline.labels.split import TEST, assign_split, validation_mask
 
     questions, _ = load_questions("outcomes", path=args.outcomes, sample_size=0)
     side = assign_split(questions, 0.2, 42, args.split)

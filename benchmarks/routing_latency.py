@@ -29,8 +29,9 @@ BATCHES = (8, 32)
 
 
 def measure(router_dir: str, precision: str, n: int) -> dict:
-    from router_pipeline.questions import load_questions
-    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.labels.questions import load_questions
+    from router_pipeline.routers.contract import RouterConfig
+    from router_pipeline.routers.registry import load_router
 
     queries = list(load_questions(sample_size=n, sample_seed=7)[0]["query"])
     t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def measure(router_dir: str, precision: str, n: int) -> dict:
     return {"precision": getattr(router, "precision", "fp32"), "queries": len(queries), "load_s": load_s,
             "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
             "per_s": throughput, "policies": [d.policy for d in decisions],
-            "p_complex": [d.p_large for d in decisions],
+            "p_complex": [d.p_complex for d in decisions],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -71,7 +71,8 @@ def run_stage(name, keys, run_config, stages, must_succeed=True):
 def latency(router_dir: Path, queries: list[str]) -> dict:
     import numpy as np
 
-    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.routers.contract import RouterConfig
+    from router_pipeline.routers.registry import load_router
 
     router = load_router(router_dir, RouterConfig(batch_size=1))
     router.route(queries[0])  # warm-up
@@ -90,10 +91,11 @@ def precision_check(head_dir: Path, test: "pd.DataFrame", work: Path) -> dict:
     and how many decisions agree."""
     import numpy as np
 
-    from router_pipeline.evaluation import apgr_weighted
-    from router_pipeline.heads import export_head_router
+    from router_pipeline.evaluation.metrics import apgr_weighted
+    from router_pipeline.routers.head import export_head_router
     from router_pipeline.policies import CORRECT
-    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.routers.contract import RouterConfig
+    from router_pipeline.routers.registry import load_router
 
     release = work / "release-check"
     shutil.rmtree(release, ignore_errors=True)
@@ -104,15 +106,15 @@ def precision_check(head_dir: Path, test: "pd.DataFrame", work: Path) -> dict:
     for precision in ("fast", "fp32"):
         router = load_router(release, RouterConfig(precision=precision))
         decisions = router.route_batch(list(test["query"]), batch_size=32)
-        runs[precision] = {"apgr": apgr_weighted([d.p_large for d in decisions], med, large),
+        runs[precision] = {"apgr": apgr_weighted([d.p_complex for d in decisions], med, large),
                            "policies": [d.policy for d in decisions],
-                           "p_large": np.array([d.p_large for d in decisions])}
+                           "p_complex": np.array([d.p_complex for d in decisions])}
     shutil.rmtree(release, ignore_errors=True)
     return {"fast_apgr": runs["fast"]["apgr"], "fp32_apgr": runs["fp32"]["apgr"],
             "difference": runs["fast"]["apgr"] - runs["fp32"]["apgr"],
             "identical_policies": float(np.mean([a == b for a, b in zip(runs["fast"]["policies"],
                                                                          runs["fp32"]["policies"])])),
-            "max_abs_dp": float(np.abs(runs["fast"]["p_large"] - runs["fp32"]["p_large"]).max())}
+            "max_abs_dp": float(np.abs(runs["fast"]["p_complex"] - runs["fp32"]["p_complex"]).max())}
 
 
 def main(argv=None) -> int:
@@ -138,10 +140,10 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from router_pipeline.artifacts import INTERVALS_FILE, SUMMARY_FILE, Artifacts
-    from router_pipeline.evaluation import interval_between, policy_mix
+    from router_pipeline.artifacts import EVALUATION_FILE, INTERVALS_FILE, SUMMARY_FILE, Artifacts
+    from router_pipeline.evaluation.metrics import interval_between, policy_mix
     from router_pipeline.policies import POLICIES
-    from router_pipeline.routing import adapter_meta
+    from router_pipeline.routers.lora import adapter_meta
 
     layout = Artifacts(out / "artifacts")
     data_keys = ["questions", "train_questions", "test_questions", "answers", "judgments", "oracle_labels",
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     summary = pd.read_csv(layout.root / "evaluation" / SUMMARY_FILE).set_index("router")
     intervals = pd.read_csv(layout.root / "evaluation" / INTERVALS_FILE)
     per_query = pd.read_parquet(layout.assets / "router_evaluation.parquet")
-    chosen = json.loads((layout.evaluation(per_query["candidate"].iloc[0]) / "evaluation.json").read_text())
+    chosen = json.loads((layout.evaluation(per_query["candidate"].iloc[0]) / EVALUATION_FILE).read_text())
     heads = pd.read_parquet(layout.assets / "head_routers.parquet")
     shutil.copy2(layout.plots / "cost_quality.png", out / "cost_quality.png")
     test_queries = list(pd.read_parquet(layout.assets / "test_questions.parquet")["query"][:32])

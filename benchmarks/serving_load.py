@@ -66,7 +66,7 @@ def _free_port() -> int:
 def _profiles(adapter: str, out: Path) -> Path:
     """The load's profile: the router's calibrated threshold (else the balanced preset),
     after the privacy rule every preset has, which sends private queries to the local model."""
-    from router_pipeline.routing import read_calibration
+    from router_pipeline.routers.contract import read_calibration
     from router_pipeline.serve.mapper import evaluated_spec
 
     calibration = read_calibration(adapter)
@@ -216,8 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts/benchmarks/serving_load.json")
     args = p.parse_args(argv)
 
-    from router_pipeline.fake_gemini import FakeGemini
-    from router_pipeline.questions import load_questions
+    from router_pipeline.llm.fake_gemini import FakeGemini
+    from router_pipeline.labels.questions import load_questions
     from router_pipeline.serve.cli import default_router_dir
 
     adapter = args.adapter or default_router_dir()

@@ -1,8 +1,10 @@
 """The artifact contract: where each thing the pipeline writes lives under one root.
 
-The Dagster side (the ``artifacts`` resource) and the serving side (CLI, server)
-both locate adapters and the released router through ``Artifacts``, so neither
-needs the other.
+This module is the whole contract between the pipeline and the routing server: the
+Dagster side (the ``artifacts`` resource) and the serving side (CLI, server) both
+locate adapters and the released router through ``Artifacts``, and the pipeline reads
+the server's state database only through the queries below, so neither imports the
+other.
 
     <root>/assets/<key>.parquet           DataFrame assets
     <root>/adapters/{sft,dpo}/             trained adapters (+ TRAINING_FILE)
@@ -13,11 +15,12 @@ needs the other.
     <root>/router/                         the released router (adapter or head) + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
-    <root>/feedback/                       the routing server's state database requests.sqlite
+    <root>/feedback/                       the routing server's state database (STATE_FILE)
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +32,15 @@ SUMMARY_FILE = "summary.csv"  # one row per candidate / reference router (evalua
 INTERVALS_FILE = "intervals.csv"  # paired-bootstrap APGR differences between candidates (evaluation/)
 OOF_FILE = "oof_scores.csv"  # a head's out-of-fold P(Complex_Query) on its training rows: qid, fold, p_complex
 ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
+STATE_FILE = "requests.sqlite"  # the routing server's default state database, in its feedback folder
 STAGES = ("sft", "dpo")
 # Head routers: frozen Gemma states; MiniLM with shrinkage LDA, logistic regression, k-NN.
 HEADS = ("gemma", "minilm_lda", "logistic", "knn")
+
+# What the pipeline reads from the state database (the ``outcomes`` and ``traffic`` sources).
+OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
+OUTCOMES_QUERY = f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id"  # oldest first
+TRAFFIC_QUERY = "SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid"
 
 
 def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
@@ -40,6 +49,17 @@ def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[s
     if unknown:
         raise ValueError(f"unknown {what} {sorted(unknown)}; expected some of {list(allowed)}")
     return names
+
+
+def install(src: Path, dest: Path) -> Path:
+    """Copy the folder ``src`` to ``dest``, replacing what was there (through a temporary
+    sibling, so a crash leaves the old folder or the new one)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,7 @@ class Artifacts:
         return self.root / "cache" / "llm_cache.sqlite"
 
     def default_router(self) -> Path | None:
-        """The released router, else the last SFT adapter (None when neither exists)."""
+        """The released router, else the SFT adapter (None when neither exists)."""
         for path in (self.release, self.adapter("sft")):
             if (path / ADAPTER_CONFIG).exists() or (path / ROUTER_FILE).exists():
                 return path

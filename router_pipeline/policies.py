@@ -1,4 +1,4 @@
-"""Routing policies, judge labels and the 9-cell oracle matrix.
+"""Routing policies, the judge's grades, the two tiers and the 9-cell oracle matrix.
 
 The matrix maps (medium-model grade, large-model grade) to the policy the router
 should have chosen. Each cell carries a one-line rationale that stays with the label.
@@ -12,6 +12,11 @@ STANDARD = "Standard_Query"
 COMPLEX = "Complex_Query"
 AMBIGUOUS = "Ambiguous_Query"
 POLICIES: tuple[str, ...] = (STANDARD, COMPLEX, AMBIGUOUS)
+
+# The two tiers a policy routes to: the cheaper model and the stronger one.
+MEDIUM = "medium"
+LARGE = "large"
+TIERS: tuple[str, ...] = (MEDIUM, LARGE)
 
 POLICY_DESCRIPTIONS: dict[str, str] = {
     STANDARD: "the cheaper model answers it well",
@@ -29,7 +34,7 @@ POLICY_SENTENCES: dict[str, str] = {
 CORRECT = "Correct"
 INCORRECT = "Incorrect"
 IDK = "IDK"
-LABELS: tuple[str, ...] = (CORRECT, INCORRECT, IDK)
+GRADES: tuple[str, ...] = (CORRECT, INCORRECT, IDK)
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,11 @@ ORACLE_MATRIX: dict[tuple[str, str], OracleCell] = {
 }
 
 
-def oracle_cell(medium_label: str, large_label: str) -> OracleCell:
+def oracle_cell(medium_grade: str, large_grade: str) -> OracleCell:
     """The policy and rationale for a pair of grades; raises on an unknown label."""
     try:
-        return ORACLE_MATRIX[(medium_label, large_label)]
+        return ORACLE_MATRIX[(medium_grade, large_grade)]
     except KeyError:
         raise ValueError(
-            f"unknown grade pair ({medium_label!r}, {large_label!r}); labels must be one of {LABELS}"
+            f"unknown grade pair ({medium_grade!r}, {large_grade!r}); grades must be one of {GRADES}"
         ) from None

@@ -13,7 +13,7 @@ never part of ``Settings`` (so they cannot end up in a repr, a log or metadata).
 | ROUTER_PIPELINE_MODELS | ``models_dir``: converted offline models | <artifacts>/models |
 | ROUTER_PIPELINE_ALLOW_HUB | ``allow_hub``: 1 lets model names resolve on the HF hub | 0 |
 | ROUTER_PIPELINE_COUNCIL_DIR | ``council_dir``: the llm-council drop folder | ./council_sessions |
-| ROUTER_{MEDIUM,LARGE,JUDGE,ANALYSER}_MODEL | ``gemini_models`` of the gemini profile | GEMINI_MODELS |
+| ROUTER_{MEDIUM,LARGE,JUDGE,ANALYSER}_MODEL | ``gemini_models``: a role's model in the gemini profile | llm.roles.GEMINI_MODELS |
 | ROUTER_CONCURRENCY | ``concurrency``: model calls in flight (gemini profile) | 16 |
 | GEMINI_BASE_URL | ``gemini_base_url``: a Gemini-protocol endpoint | Google's |
 | ROUTER_RETRAIN_CRON | ``retrain_cron`` of the weekly retrain | 0 3 * * 1 |
@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, get_args
 
+from router_pipeline.policies import TIERS
+
+
 PROFILES = ("offline", "gemini")
+SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes", "traffic")  # where questions come from (labels.questions)
 Compute = Literal["local", "modal"]  # where training and evaluation run (the `compute` resource's choices)
 COMPUTES = get_args(Compute)
-# The production models of each role (the gemini profile); the one place model ids are chosen.
-GEMINI_MODELS = {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro",
-                 "judge": "gemini-2.5-pro", "analyser": "gemini-2.5-flash"}
+ROLES = (*TIERS, "judge", "analyser")  # the LLM roles, each with its ROUTER_<ROLE>_MODEL variable
 GEMINI_API_KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 
@@ -57,7 +59,7 @@ class Settings:
     models_dir: Path = Path("artifacts/models")
     allow_hub: bool = False
     council_dir: Path = Path("council_sessions")
-    gemini_models: dict[str, str] = field(default_factory=lambda: dict(GEMINI_MODELS))
+    gemini_models: dict[str, str] = field(default_factory=dict)  # role -> model id set in the environment
     concurrency: int = 16
     gemini_base_url: str | None = None
     retrain_cron: str = DEFAULT_RETRAIN_CRON
@@ -91,10 +93,10 @@ def _choice(env: Mapping[str, str], var: str, default: str, choices: tuple[str, 
 
 def _sources(env: Mapping[str, str], var: str) -> tuple[tuple[str, str | None], ...]:
     """``bundled,traffic:logs/q.jsonl`` -> (("bundled", None), ("traffic", "logs/q.jsonl"))."""
-    from router_pipeline.questions import SOURCES
-
+    if not env.get(var):
+        return Settings.retrain_sources
     out = []
-    for item in (env.get(var) or "bundled").split(","):
+    for item in env[var].split(","):
         source, _, path = item.strip().partition(":")
         if source not in SOURCES:
             raise SettingsError(f"{var}: unknown source {source!r}; expected {', '.join(SOURCES)} (source or source:path)")
@@ -103,25 +105,27 @@ def _sources(env: Mapping[str, str], var: str) -> tuple[tuple[str, str | None], 
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
-    """The settings the environment gives now (``env``: a mapping to read instead)."""
+    """The settings the environment gives now (``env``: a mapping to read instead); what
+    a variable does not set keeps ``Settings``' default."""
     env = os.environ if env is None else env
-    artifacts = Path(env.get("ROUTER_PIPELINE_ARTIFACTS") or Path.cwd() / "artifacts").expanduser()
+    d = Settings()
+    artifacts = Path(env.get("ROUTER_PIPELINE_ARTIFACTS") or Path.cwd() / d.artifacts_dir).expanduser()
     return Settings(
-        profile=_choice(env, "ROUTER_PIPELINE_PROFILE", "offline", PROFILES),
+        profile=_choice(env, "ROUTER_PIPELINE_PROFILE", d.profile, PROFILES),
         artifacts_dir=artifacts,
-        models_dir=Path(env.get("ROUTER_PIPELINE_MODELS") or artifacts / "models").expanduser(),
+        models_dir=Path(env.get("ROUTER_PIPELINE_MODELS") or artifacts / d.models_dir.name).expanduser(),
         allow_hub=env.get("ROUTER_PIPELINE_ALLOW_HUB", "0") == "1",
-        council_dir=Path(env.get("ROUTER_PIPELINE_COUNCIL_DIR") or Path.cwd() / "council_sessions").expanduser(),
-        gemini_models={r: env.get(f"ROUTER_{r.upper()}_MODEL") or m for r, m in GEMINI_MODELS.items()},
-        concurrency=_int(env, "ROUTER_CONCURRENCY", 16, 1),
-        gemini_base_url=env.get("GEMINI_BASE_URL") or None,
-        retrain_cron=env.get("ROUTER_RETRAIN_CRON") or DEFAULT_RETRAIN_CRON,
-        retrain_sample_size=_int(env, "ROUTER_RETRAIN_SAMPLE_SIZE", 0, 0),
-        retrain_compute=_choice(env, "ROUTER_RETRAIN_COMPUTE", "modal", COMPUTES),
+        council_dir=Path(env.get("ROUTER_PIPELINE_COUNCIL_DIR") or Path.cwd() / d.council_dir).expanduser(),
+        gemini_models={r: env[f"ROUTER_{r.upper()}_MODEL"] for r in ROLES if env.get(f"ROUTER_{r.upper()}_MODEL")},
+        concurrency=_int(env, "ROUTER_CONCURRENCY", d.concurrency, 1),
+        gemini_base_url=env.get("GEMINI_BASE_URL") or d.gemini_base_url,
+        retrain_cron=env.get("ROUTER_RETRAIN_CRON") or d.retrain_cron,
+        retrain_sample_size=_int(env, "ROUTER_RETRAIN_SAMPLE_SIZE", d.retrain_sample_size, 0),
+        retrain_compute=_choice(env, "ROUTER_RETRAIN_COMPUTE", d.retrain_compute, COMPUTES),
         retrain_sources=_sources(env, "ROUTER_RETRAIN_SOURCES"),
-        modal_hf_secret=env.get("ROUTER_MODAL_HF_SECRET") or "huggingface",
-        modal_runs_root=env.get("ROUTER_MODAL_RUNS_ROOT") or "/vol/runs",
-        modal_datasets_root=env.get("ROUTER_MODAL_DATASETS_ROOT") or "/datasets",
+        modal_hf_secret=env.get("ROUTER_MODAL_HF_SECRET") or d.modal_hf_secret,
+        modal_runs_root=env.get("ROUTER_MODAL_RUNS_ROOT") or d.modal_runs_root,
+        modal_datasets_root=env.get("ROUTER_MODAL_DATASETS_ROOT") or d.modal_datasets_root,
     )
 
 

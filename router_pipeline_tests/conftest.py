@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from router_pipeline.fake_gemini import FakeGemini
-from router_pipeline.questions import load_questions
-from router_pipeline.split import split_questions
+from router_pipeline.llm.fake_gemini import FakeGemini
+from router_pipeline.labels.questions import load_questions
+from router_pipeline.labels.split import split_questions
 from router_pipeline.text import normalise
 
 

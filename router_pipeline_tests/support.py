@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from router_pipeline.policies import POLICIES
-from router_pipeline.training_data import build_training_examples
+from router_pipeline.training.examples import build_training_examples
 
 QUERIES = [
     "Who received the IEEE Frank Rosenblatt Award in 2010?",

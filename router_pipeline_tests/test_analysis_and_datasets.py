@@ -1,11 +1,11 @@
 import pandas as pd
 
-from router_pipeline.analysis import analyse_queries, analyse_query, find_leaks, scrub_leaks
+from router_pipeline.labels.analysis import analyse_queries, analyse_query, find_leaks, scrub_leaks
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
-from router_pipeline.questions import load_questions
-from router_pipeline.router_format import parse_completion, query_from_prompt
-from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset, build_training_examples
+from router_pipeline.labels.questions import load_questions
+from router_pipeline.routers.prompt import parse_completion, query_from_prompt
+from router_pipeline.training.examples import build_dpo_dataset, build_sft_dataset, build_training_examples
 
 
 def test_rules_analyser_never_leaks_on_simpleqa():

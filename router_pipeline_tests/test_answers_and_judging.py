@@ -3,13 +3,13 @@ import re
 import pandas as pd
 import pytest
 
-from router_pipeline.answering import answer_prompt, generate_answers
-from router_pipeline.fake_gemini import Fault
-from router_pipeline.judging import grade_with_rules, judge_answers, parse_judge_output, parse_rubric_output
+from router_pipeline.labels.answering import answer_prompt, generate_answers
+from router_pipeline.llm.fake_gemini import Fault
+from router_pipeline.labels.judging import grade_with_rules, judge_answers, parse_judge_output, parse_rubric_output
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.llm.runner import RetryPolicy
-from router_pipeline.oracle import build_oracle_labels, matrix_counts
+from router_pipeline.labels.oracle import build_oracle_labels, matrix_counts
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
 
 ROLES = {"medium": RoleSpec("gemini", "gemini-2.5-flash"), "large": RoleSpec("gemini", "gemini-2.5-pro")}

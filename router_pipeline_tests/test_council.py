@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from router_pipeline import council
+from router_pipeline.labels import council
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 from router_pipeline.text import query_hash
 

@@ -28,7 +28,7 @@ def test_gemini_profile_end_to_end_against_fake_server(fake_gemini, defs, resour
     )
     instance = dg.DagsterInstance.ephemeral()
     # The fake knows the 24-question sample of conftest; sample it the same way.
-    from router_pipeline.questions import load_questions
+    from router_pipeline.labels.questions import load_questions
 
     frame, _ = load_questions(sample_size=24, sample_seed=3)
     result = dg.materialize(
@@ -131,7 +131,7 @@ def test_shared_settings_have_one_owner_each(defs):
 def test_training_refuses_a_dataset_built_in_another_mode(defs, resources):
     """A dataset left from a run in another format would teach the router a format the
     evaluation and the CLI do not read."""
-    from router_pipeline.training_data import build_sft_dataset
+    from router_pipeline.training.examples import build_sft_dataset
 
     examples = pd.DataFrame({"qid": ["q1"], "query": ["Who wrote Hamlet?"], "policy": ["Standard_Query"],
                              "analysis": ["A literature question."], "split": ["train"], "source": ["oracle"]})
@@ -154,7 +154,7 @@ def test_a_traffic_log_without_references_becomes_labels_without_paying_for_logg
     import json
     import re
 
-    from router_pipeline.fake_gemini import FakeGemini
+    from router_pipeline.llm.fake_gemini import FakeGemini
 
     rows = [{"query": f"Which harbour did the {1800 + 7 * i} survey of the Ballyhooly coast start from?",
              "large_answer": "I don't know." if i % 4 == 1 else f"The answer is harbour {i}.", "large_cost_usd": 0.002}

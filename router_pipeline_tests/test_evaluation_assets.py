@@ -10,9 +10,9 @@ import modal
 import pandas as pd
 import pytest
 
-from router_pipeline import compute
+from router_pipeline.training import compute
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
-from router_pipeline.routing import RouteDecision
+from router_pipeline.routers.contract import RouteDecision
 from router_pipeline_tests.support import FakeRemote, training_examples, write_asset
 
 TRAIN = [f"Train question number {i} about an obscure topic?" for i in range(8)]
@@ -117,8 +117,7 @@ def test_evaluation_metadata_calibration_and_release(graded, artifacts, monkeypa
     assert (artifacts / "plots" / "cost_quality.png").stat().st_size > 1000
     calibration = json.loads((artifacts / "router" / "router_calibration.json").read_text())
     assert calibration["threshold"] == 0.9 and calibration["split"] == "validation" and calibration["n"] == 2
-    assert calibration["mapping"]["rules"][0] == {"kind": "threshold", "name": "calibrated_threshold",
-                                                  "at_least": 0.9, "target": "large"}
+    assert "mapping" not in calibration  # the server derives its rules from the threshold (mapper.evaluated_spec)
     assert _checks(first) == {"beats_random": True, "no_regression": True, "parse_failures_within_limit": True,
                               "no_policy_collapse": True}
     released = json.loads((artifacts / "router" / "evaluation.json").read_text())
@@ -151,8 +150,8 @@ def test_release_gate_compares_with_the_released_router(graded, artifacts, monke
 
 
 def test_modal_evaluation_routes_on_the_t4_function(tiny_model_dir, tmp_path, monkeypatch):
-    from router_pipeline.training import TrainConfig, train_sft
-    from router_pipeline.training_data import build_sft_dataset
+    from router_pipeline.training.lora import TrainConfig, train_sft
+    from router_pipeline.training.examples import build_sft_dataset
     adapter = train_sft(build_sft_dataset(training_examples(), "fast"),
                         TrainConfig(base_model=tiny_model_dir, mode="fast", batch_size=4, grad_accum=1, max_steps=1),
                         tmp_path / "sft").adapter_dir
@@ -281,7 +280,7 @@ def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(grad
     assert main(["route", "--json", *TEST]) == 0
     routed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["policy"] for r in routed] == list(scored.loc[TEST, f"{name}_policy"])
-    assert [r["probabilities"][COMPLEX] for r in routed] == pytest.approx(list(scored.loc[TEST, f"{name}_p_large"]),
+    assert [r["probabilities"][COMPLEX] for r in routed] == pytest.approx(list(scored.loc[TEST, f"{name}_p_complex"]),
                                                                           abs=1e-6)
 
     state = build_gateway(artifacts / "router", profiles_path=None, feedback_dir=tmp_path / "feedback")
@@ -291,7 +290,7 @@ def test_a_released_embedding_router_is_served_with_the_evaluated_decisions(grad
             request = urllib.request.Request(f"{url}/v1/route", body, {"Content-Type": "application/json"})
             reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
             assert reply["policy"] == scored.loc[query, f"{name}_policy"]
-            assert reply["p_complex"] == pytest.approx(scored.loc[query, f"{name}_p_large"], abs=1e-4)
+            assert reply["p_complex"] == pytest.approx(scored.loc[query, f"{name}_p_complex"], abs=1e-4)
 
 
 def test_unknown_candidates_and_heads_are_refused_before_the_run():

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from router_pipeline import evaluation as ev
-from router_pipeline import release
+from router_pipeline.evaluation import metrics as ev
+from router_pipeline.evaluation import release
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
 
 
@@ -74,19 +74,19 @@ def test_oracle_policies_and_confusion():
 
 def test_calibration_by_share_and_by_quality():
     scores = [0.1, 0.2, 0.9, 0.8]
-    by_share = ev.calibrate(TABLE, scores, target_share=0.5)
+    by_share = ev.fit_threshold(TABLE, scores, target_share=0.5)
     assert by_share["threshold"] == 0.8 and by_share["achieved_share"] == 0.5
-    by_quality = ev.calibrate(TABLE, scores, target_pgr=0.4)
+    by_quality = ev.fit_threshold(TABLE, scores, target_pgr=0.4)
     assert by_quality["threshold"] == 0.9 and by_quality["achieved_pgr"] == 0.5
     tiers = ev.route_with_threshold(scores, by_share["threshold"])
     assert tiers.tolist() == ["medium", "medium", "large", "large"]
     with pytest.raises(ValueError, match="exactly one"):
-        ev.calibrate(TABLE, scores)
+        ev.fit_threshold(TABLE, scores)
 
 
-def _decisions(table, p_large):
-    return pd.DataFrame({"qid": table["qid"], "policy": [COMPLEX if p > 0.5 else STANDARD for p in p_large],
-                         "p_large": p_large, "parse_ok": True})
+def _decisions(table, p_complex):
+    return pd.DataFrame({"qid": table["qid"], "policy": [COMPLEX if p > 0.5 else STANDARD for p in p_complex],
+                         "p_complex": p_complex, "parse_ok": True})
 
 
 def _noisy_router(oracle, rng, noise):
@@ -120,7 +120,7 @@ def test_evaluate_scores_every_candidate_and_chooses_on_validation_only():
     assert report.calibrations["good"]["n"] == 20  # calibrated on the validation rows, never the test rows
     assert report.calibration["achieved_pgr"] >= 0.9
     assert len(report.per_query) == 40 and set(report.per_query["tier"]) <= {"medium", "large"}
-    assert {"good_p_large", "val_only_p_large", "good_policy"} <= set(report.per_query)
+    assert {"good_p_complex", "val_only_p_complex", "good_policy"} <= set(report.per_query)
     (row,) = report.intervals.to_dict("records")
     assert (row["a"], row["b"]) == ("good", "val_only") and row["lo"] > 0 and row["diff"] == pytest.approx(
         s.loc["good", "apgr"] - s.loc["val_only", "apgr"])

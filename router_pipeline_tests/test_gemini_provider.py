@@ -2,11 +2,11 @@
 
 import pytest
 
-from router_pipeline.fake_gemini import FakeGemini, Fault
+from router_pipeline.llm.fake_gemini import FakeGemini, Fault
 from router_pipeline.llm import RoleSpec, make_client
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.llm.gemini import MissingCredentials
-from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.runner import RetryPolicy, complete_all
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01)

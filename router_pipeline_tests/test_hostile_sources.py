@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router_pipeline.questions import QuestionSourceError, load_questions
+from router_pipeline.labels.questions import QuestionSourceError, load_questions
 
 VALID = [{"query": f"Which river flows through town number {i}?", "answer": f"River {i}"} for i in range(3)]
 

@@ -37,19 +37,19 @@ def test_a_corrupt_older_ledger_file_stops_spending_and_is_left_alone(tmp_path, 
         ledger.spent()
     assert str(path) in str(err.value) and err.value.file == "budget.json"
     with pytest.raises(LedgerError, match=problem):
-        ledger.add(0.5)
+        ledger.settle(None, 0.5)
     assert path.read_bytes() == content  # never reset or rewritten
     path.write_text('{"total": 1.25}')  # a person restores it: its spend is taken over, once
-    assert ledger.spent() == 1.25 and ledger.add(0.5) == 1.75
+    assert ledger.spent() == 1.25 and ledger.settle(None, 0.5) == 1.75
     assert _ledger(tmp_path, "budget.json", legacy=path).spent() == 1.75  # not taken over twice
 
 
 @pytest.mark.parametrize("amount", [float("nan"), float("inf"), -0.01, True, "1"])
 def test_invalid_spend_is_refused(tmp_path, amount):
     ledger = _ledger(tmp_path)
-    ledger.add(1.0)
+    ledger.settle(None, 1.0)
     with pytest.raises(LedgerError, match="finite number >= 0"):
-        ledger.add(amount)
+        ledger.settle(None, amount)
     assert ledger.spent() == 1.0
 
 
@@ -59,7 +59,7 @@ def test_a_writer_killed_mid_update_never_loses_the_previous_total(tmp_path):
         from router_pipeline.serve.ledger import BudgetLedger
         ledger = BudgetLedger("budget", "total").bind(Database({str(tmp_path / "state.sqlite")!r}))
         while True:
-            ledger.add(0.01)
+            ledger.settle(None, 0.01)
     """)
     last = 0.0
     for kill in range(6):
@@ -91,9 +91,9 @@ def test_reservations_make_the_budget_check_and_the_spend_one_step(tmp_path, mon
 
 def test_a_failing_database_stops_spending_naming_the_budget(tmp_path):
     led = _ledger(tmp_path, "team")
-    led.add(0.5)
+    led.settle(None, 0.5)
     led.db.execute("DROP TABLE spend")  # an operator's mistake, a damaged file
-    for call in (led.spent, lambda: led.admit(1.0, 0.1), lambda: led.add(0.1)):
+    for call in (led.spent, lambda: led.admit(1.0, 0.1), lambda: led.settle(None, 0.1)):
         with pytest.raises(LedgerError, match="budget ledger team") as err:
             call()
         assert err.value.file == "team"

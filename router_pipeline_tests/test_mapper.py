@@ -8,7 +8,7 @@ from router_pipeline.serve.database import Database
 from router_pipeline.serve.ledger import BudgetLedger
 from router_pipeline.serve.mapper import ABSTAIN, MapperConfigError, PolicyMapper
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
-from router_pipeline.routing import RouteDecision
+from router_pipeline.routers.contract import RouteDecision
 
 
 def decision(query="Who wrote Hamlet?", policy=STANDARD, confidence=0.9, parse_ok=True):
@@ -148,12 +148,12 @@ def test_budget_spend_persists_across_processes(tmp_path):
     script = textwrap.dedent(f"""
         from router_pipeline.serve.database import Database
         from router_pipeline.serve.ledger import BudgetLedger
-        BudgetLedger("team", "month").bind(Database({str(state)!r})).add(0.25)
+        BudgetLedger("team", "month").bind(Database({str(state)!r})).settle(None, 0.25)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
-    data = BudgetLedger("team", "month").bind(Database(state)).read()
-    assert list(data.values()) == [1.0] and len(next(iter(data))) == 7  # keyed by YYYY-MM
+    ledger = BudgetLedger("team", "month").bind(Database(state))
+    assert ledger.spent() == 1.0 and len(ledger.key()) == 7  # this month's, keyed by YYYY-MM
 
 
 def test_yaml_file_with_preset_override(tmp_path):

@@ -50,7 +50,7 @@ def _env(**extra):
 
 
 def test_the_wheel_carries_its_data_and_imports_from_site_packages(installed, tmp_path):
-    code = ("import router_pipeline, router_pipeline.questions as q, pathlib; p = pathlib.Path(router_pipeline.__file__).parent;"
+    code = ("import router_pipeline, router_pipeline.labels.questions as q, pathlib; p = pathlib.Path(router_pipeline.__file__).parent;"
             "print(p); print(q.BUNDLED_SIMPLEQA.stat().st_size); print((p / 'py.typed').exists(), (p / 'dg.toml').exists())")
     where, size, flags = _run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, env=_env()).stdout.split("\n")[:3]
     assert where.startswith(str(installed)) and "site-packages" in where

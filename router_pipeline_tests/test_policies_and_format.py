@@ -1,7 +1,7 @@
 import pytest
 
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, CORRECT, IDK, INCORRECT, POLICIES, STANDARD, oracle_cell
-from router_pipeline.router_format import (
+from router_pipeline.routers.prompt import (
     ELLIPSIS, ROUTER_QUERY_HEAD, ROUTER_QUERY_TAIL, build_completion, build_prompt, parse_completion,
     query_from_prompt, router_query,
 )

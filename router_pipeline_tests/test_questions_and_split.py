@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
-from router_pipeline.questions import QuestionSourceError, load_questions, parse_grade
-from router_pipeline.split import assign_split, outer_folds, ratio_tolerance, split_questions
+from router_pipeline.labels.questions import QuestionSourceError, load_questions, parse_grade
+from router_pipeline.labels.split import assign_split, outer_folds, ratio_tolerance, split_questions
 
 
 def test_bundled_simpleqa_loads_whole():
@@ -146,8 +146,8 @@ def test_several_sources_give_one_row_per_query_with_provenance(tmp_path):
     """Outcomes and traffic overlapping on two queries (one with grades that disagree): each
     query is kept once, from the first source listed; copies and conflicts are counted per
     source; a missing optional source is skipped; adding a source never moves a split."""
-    from router_pipeline.questions import SourceSpec, load_sources
-    from router_pipeline.split import assign_split
+    from router_pipeline.labels.questions import SourceSpec, load_sources
+    from router_pipeline.labels.split import assign_split
 
     outcomes = tmp_path / "outcomes.csv"
     pd.DataFrame([{"query": "Who wrote Hamlet?", "medium_grade": "Correct", "large_grade": "Correct"},
@@ -199,7 +199,7 @@ def test_recorded_outcomes_carry_their_cost(tmp_path):
 
 def test_domain_split_holds_out_whole_domains_for_test_and_validation(mmlu_outcomes):
     from router_pipeline.policies import oracle_cell
-    from router_pipeline.training_data import build_training_examples
+    from router_pipeline.training.examples import build_training_examples
 
     questions, rejected = load_questions("outcomes", path=str(mmlu_outcomes), sample_size=0)
     assert questions["topic"].nunique() == 19 and questions["topic"].notna().all()  # the file's domain column
@@ -224,7 +224,7 @@ def test_domain_split_holds_out_whole_domains_for_test_and_validation(mmlu_outco
 def test_cross_fitting_folds_score_every_question_once(mmlu_outcomes):
     """Outer folds for cross-fitting: by question, stable per question; by domain, a
     domain held out in a fold never appears in that fold's training rows."""
-    from router_pipeline.split import SplitError
+    from router_pipeline.labels.split import SplitError
 
     questions, _ = load_questions("outcomes", path=str(mmlu_outcomes), sample_size=0)
     by_question = outer_folds(questions, 5, 42)
@@ -242,7 +242,7 @@ def test_cross_fitting_folds_score_every_question_once(mmlu_outcomes):
 
 
 def test_domain_split_needs_a_domain_per_question():
-    from router_pipeline.split import SplitError
+    from router_pipeline.labels.split import SplitError
 
     frame = pd.DataFrame({"qid": ["a", "b", "c"], "query": ["A?", "B?", "C?"], "topic": ["x", None, "y"]})
     with pytest.raises(SplitError, match="1 questions have no domain"):

@@ -15,17 +15,17 @@ import openai
 import pytest
 
 from router_pipeline.artifacts import CALIBRATION_FILE
-from router_pipeline.fake_gemini import Fault, FakeGemini
+from router_pipeline.llm.fake_gemini import Fault, FakeGemini
 from router_pipeline.policies import POLICIES
-from router_pipeline.questions import load_questions
-from router_pipeline.routing import Router, RouterConfig
+from router_pipeline.labels.questions import load_questions
+from router_pipeline.routers.lora import LoraRouter
+from router_pipeline.routers.contract import RouterConfig
 from router_pipeline.serve import cli
 from router_pipeline.serve.database import Database
-from router_pipeline.serve.mapper import evaluated_spec
 from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.gateway import build_gateway
-from router_pipeline.training import TrainConfig, train_sft
-from router_pipeline.training_data import build_sft_dataset
+from router_pipeline.training.lora import TrainConfig, train_sft
+from router_pipeline.training.examples import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
 
 FLASH, PRO = "gemini-2.5-flash", "gemini-2.5-pro"
@@ -42,8 +42,8 @@ def router(tiny_model_dir, tmp_path_factory):
                              TrainConfig(base_model=tiny_model_dir, mode="fast", batch_size=4, grad_accum=1, max_steps=1),
                              tmp_path_factory.mktemp("server-sft")).adapter_dir)
     calibration = {"threshold": 0.5, "split": "validation"}
-    (adapter / CALIBRATION_FILE).write_text(json.dumps({**calibration, "mapping": evaluated_spec(calibration)}))
-    return Router(adapter, config=RouterConfig(batch_size=32, prefix_cache=True))
+    (adapter / CALIBRATION_FILE).write_text(json.dumps(calibration))
+    return LoraRouter(adapter, config=RouterConfig(batch_size=32, prefix_cache=True))
 
 
 class Council(ThreadingHTTPServer):
@@ -137,10 +137,10 @@ def test_chat_completion_says_which_model_answered_and_why(server, gemini, route
     routing = reply.model_extra["routing"]
     expected = router.route("Who designed the Abasto market?")
     assert routing["policy"] == expected.policy and routing["policy"] in POLICIES
-    assert routing["p_complex"] == pytest.approx(expected.p_large, abs=1e-3)
+    assert routing["p_complex"] == pytest.approx(expected.p_complex, abs=1e-3)
     # The calibrated threshold (0.5) decides, as the evaluation scored it.
-    assert reply.model == (PRO if expected.p_large >= 0.5 else FLASH)
-    assert routing["rule"] == ("calibrated_threshold" if expected.p_large >= 0.5 else "below_threshold")
+    assert reply.model == (PRO if expected.p_complex >= 0.5 else FLASH)
+    assert routing["rule"] == ("calibrated_threshold" if expected.p_complex >= 0.5 else "below_threshold")
     assert reply.choices[0].message.content.startswith(f"{reply.model} reply")
     assert raw.headers["x-router-route"] == f"policy={routing['policy']}; model={reply.model}; rule={routing['rule']}"
     assert reply.usage.prompt_tokens > 0 and routing["cost_usd"] > 0
@@ -308,7 +308,7 @@ def test_a_multi_turn_conversation_is_routed_as_a_whole(server, router, monkeypa
     # Every user and assistant turn, in order (cleaned as stored queries are); not the system prompt.
     assert seen == ["user: Who won the 1994 World Cup? assistant: Brazil. user: And who scored in the final of the one after?"]
     whole = route_batch(seen)[0]
-    assert decision["p_complex"] == pytest.approx(whole.p_large, abs=1e-3)
+    assert decision["p_complex"] == pytest.approx(whole.p_complex, abs=1e-3)
     assert decision["model"] in (FLASH, PRO) and decision["rule"] and decision["request_id"].startswith("route-")
 
 

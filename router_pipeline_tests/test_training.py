@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from router_pipeline.training import (
+from router_pipeline.training.lora import (
     DPO_DEFAULTS, TrainConfig, sample_rows, sft_trainer, supervised_positions_only, train_dpo, train_sft,
 )
-from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset
+from router_pipeline.training.examples import build_dpo_dataset, build_sft_dataset
 from router_pipeline.artifacts import TRAINING_FILE
 from router_pipeline_tests.support import training_examples
 

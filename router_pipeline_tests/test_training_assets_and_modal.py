@@ -5,9 +5,9 @@ import modal
 import pandas as pd
 import pytest
 
-from router_pipeline import compute
-from router_pipeline.training import DPO_DEFAULTS, TrainConfig
-from router_pipeline.training_data import build_dpo_dataset, build_sft_dataset
+from router_pipeline.training import compute
+from router_pipeline.training.lora import DPO_DEFAULTS, TrainConfig
+from router_pipeline.training.examples import build_dpo_dataset, build_sft_dataset
 from router_pipeline_tests.support import FakeRemote, training_examples, write_asset
 
 

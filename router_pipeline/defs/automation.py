@@ -35,11 +35,10 @@ from dataclasses import replace
 import dagster as dg
 
 from router_pipeline import settings
-from router_pipeline.artifacts import Artifacts
-from router_pipeline.council import council_files
+from router_pipeline.artifacts import STATE_FILE, Artifacts
+from router_pipeline.labels.council import council_files
 from router_pipeline.defs.resources import CouncilInbox, LLMRoles
 from router_pipeline.llm.roles import roles_for
-from router_pipeline.serve.database import STATE_FILE
 from router_pipeline.settings import Settings
 
 DATASETS = ["sft_dataset", "dpo_dataset"]

@@ -1,33 +1,29 @@
 """council_labels: llm-council sessions from the drop folder as extra routing labels."""
 
-from typing import Literal
-
 import dagster as dg
 import pandas as pd
 
-from router_pipeline import council
+from router_pipeline.defs.config import derived, plain
+from router_pipeline.defs.data import DATA_GROUP
 from router_pipeline.defs.metadata import distribution, table
 from router_pipeline.defs.resources import CouncilInbox
+from router_pipeline.labels import council
 from router_pipeline.policies import POLICIES
 
-COUNCIL_GROUP = "data"  # part of the data half: it feeds training_examples
-_R = council.CouncilRules()  # the one source of the council defaults
+COUNCIL_GROUP = DATA_GROUP  # part of the data half: it feeds training_examples
 
 
-class CouncilConfig(dg.Config):
-    model_tiers: dict[str, str] = dict(_R.model_tiers)  # winner model -> medium | large
-    min_agreement: float = _R.min_agreement
-    low_agreement: Literal["drop", "ambiguous"] = _R.low_agreement
-    deadlock: Literal["drop", "ambiguous"] = _R.deadlock
-    exclude_self_votes: bool = _R.exclude_self_votes
-    max_query_chars: int = _R.max_query_chars
+class _Council(dg.Config):
+    """How llm-council sessions become labels; every field and default is CouncilRules'."""
 
     def rules(self) -> council.CouncilRules:
         bad = {m: t for m, t in self.model_tiers.items() if t not in council.TIER_POLICY}
         if bad:
             raise dg.Failure(f"model_tiers values must be one of {sorted(council.TIER_POLICY)}: {bad}")
-        return council.CouncilRules(dict(self.model_tiers), self.min_agreement, self.low_agreement, self.deadlock,
-                                    self.exclude_self_votes, self.max_query_chars)
+        return plain(self, council.CouncilRules)
+
+
+CouncilConfig = derived(council.CouncilRules, _Council, name="CouncilConfig")
 
 
 @dg.asset(group_name=COUNCIL_GROUP, kinds={"pandas"})

@@ -6,17 +6,21 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from router_pipeline import analysis, answering, judging, oracle, plots, questions, split, training_data
-from router_pipeline import label_quality as label_quality_module
+from router_pipeline.defs import plots
+from router_pipeline.defs.config import derived
 from router_pipeline.defs.metadata import distribution, preview, table
 from router_pipeline.defs.resources import ArtifactStore, LLMRoles, RouterFormat, TrainingCompute
-from router_pipeline.policies import LABELS, POLICIES
-from router_pipeline.text import query_hash
+from router_pipeline.labels import analysis, answering, judging, oracle, questions, split
+from router_pipeline.labels import quality as label_quality_module
+from router_pipeline.policies import GRADES, POLICIES
+from router_pipeline.settings import SOURCES
+from router_pipeline.text import MAX_QUERY_CHARS, query_hash
+from router_pipeline.training import examples
 
 DATA_GROUP = "data"
 
 
-SourceName = Literal[questions.SOURCES]  # type: ignore[valid-type]  # the one list of sources
+SourceName = Literal[SOURCES]  # type: ignore[valid-type]  # the one list of sources
 
 
 class SourceConfig(dg.Config):
@@ -36,7 +40,7 @@ class QuestionsConfig(dg.Config):
     hf_split: str = "test"
     sample_size: int = 24  # 0 = every question; small so the offline run (training included) takes minutes
     sample_seed: int = 0
-    max_query_chars: int = 4000
+    max_query_chars: int = MAX_QUERY_CHARS
 
 
 @dg.asset(name="questions", group_name=DATA_GROUP, kinds={"pandas"})
@@ -69,12 +73,7 @@ def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg
     return dg.Output(frame, metadata=meta)
 
 
-class SplitConfig(dg.Config):
-    test_fraction: float = 0.2
-    seed: int = 42
-    # domain: whole domains (the questions' topic) held out for test, and for the validation
-    # slice too (training_examples follows the split it finds on train_questions).
-    by: Literal["question", "domain"] = "question"
+SplitConfig = derived(split.SplitSpec, name="SplitConfig")
 
 
 SPLIT_CHECKS = ["split_disjoint", "split_ratio", "no_empty_queries"]
@@ -182,7 +181,7 @@ def judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore, comp
                                              retry=roles.retry(), progress=compute.progress,
                                              rubric_check=config.rubric_check)
     labels = pd.crosstab(frame["label"].fillna("ungraded"), frame["tier"]).reindex(
-        list(LABELS) + ["ungraded"], fill_value=0).rename_axis("label")
+        list(GRADES) + ["ungraded"], fill_value=0).rename_axis("label")
     return dg.Output(frame, metadata={
         "rows": len(frame),
         "labels_by_tier": table(labels),
@@ -240,10 +239,7 @@ def query_analyses(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCom
     })
 
 
-class ExamplesConfig(dg.Config):
-    precedence: Literal["oracle", "council"] = "oracle"  # which label wins when oracle and council label a query
-    validation_fraction: float = 0.1  # held out from training; router_evaluation calibrates its threshold on it
-    seed: int = 42
+ExamplesConfig = derived(examples.ExampleSpec, name="ExamplesConfig")
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"pandas"},
@@ -260,10 +256,10 @@ def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query
     domains = None
     if "holdout_domain" in train_questions and train_questions["holdout_domain"].notna().any():
         domains = dict(zip(train_questions["qid"], train_questions["holdout_domain"]))
-    frame, dropped = training_data.build_training_examples(
+    frame, dropped = examples.build_training_examples(
         oracle_labels, query_analyses, extra, precedence="oracle" if config.precedence == "oracle" else "extra",
         validation_fraction=config.validation_fraction, seed=config.seed, domains=domains)
-    conflicts = training_data.label_conflicts(oracle_labels, extra)
+    conflicts = examples.label_conflicts(oracle_labels, extra)
     meta = {
         "rows": len(frame),
         "duplicates_dropped": dropped,
@@ -287,15 +283,15 @@ def training_examples(config: ExamplesConfig, oracle_labels: pd.DataFrame, query
 def sft_dataset(router_format: RouterFormat, training_examples: pd.DataFrame):
     """TRL prompt-completion rows for supervised fine-tuning, in the configured format."""
     mode = router_format.mode
-    frame = training_data.build_sft_dataset(training_examples, mode)
+    frame = examples.build_sft_dataset(training_examples, mode)
     yield dg.Output(frame, metadata={
         "rows": len(frame),
         "mode": mode,
         "policy_distribution": distribution(frame["policy"], POLICIES),
         "example": dg.MetadataValue.md(f"```\n{frame['prompt'].iloc[0]}{frame['completion'].iloc[0]}\n```" if len(frame) else "empty"),
     })
-    bad_prompts = training_data.prompt_failures(frame, training_examples)
-    bad_completions = training_data.completion_failures(frame, "completion", "policy", mode)
+    bad_prompts = examples.prompt_failures(frame, training_examples)
+    bad_completions = examples.completion_failures(frame, "completion", "policy", mode)
     yield dg.AssetCheckResult(check_name="sft_round_trip", passed=not (bad_prompts or bad_completions),
                               metadata={"bad_prompts": len(bad_prompts), "bad_completions": len(bad_completions)})
 
@@ -309,7 +305,7 @@ class DPODatasetConfig(dg.Config):
 def dpo_dataset(config: DPODatasetConfig, router_format: RouterFormat, training_examples: pd.DataFrame):
     """TRL preference rows (prompt, chosen, rejected): each wrong policy is a rejection."""
     mode = router_format.mode
-    frame = training_data.build_dpo_dataset(training_examples, mode, config.rejected_per_example)
+    frame = examples.build_dpo_dataset(training_examples, mode, config.rejected_per_example)
     yield dg.Output(frame, metadata={
         "rows": len(frame),
         "examples": int(frame["qid"].nunique()),
@@ -317,9 +313,9 @@ def dpo_dataset(config: DPODatasetConfig, router_format: RouterFormat, training_
         "pairs": table(frame.groupby(["chosen_policy", "rejected_policy"]).size().rename("count").reset_index()),
     })
     same = int((frame["chosen"] == frame["rejected"]).sum())
-    bad_chosen = training_data.completion_failures(frame, "chosen", "chosen_policy", mode)
-    bad_rejected = training_data.completion_failures(frame, "rejected", "rejected_policy", mode)
-    bad_prompts = training_data.prompt_failures(frame, training_examples)
+    bad_chosen = examples.completion_failures(frame, "chosen", "chosen_policy", mode)
+    bad_rejected = examples.completion_failures(frame, "rejected", "rejected_policy", mode)
+    bad_prompts = examples.prompt_failures(frame, training_examples)
     yield dg.AssetCheckResult(
         check_name="dpo_pairs_valid", passed=not (same or bad_chosen or bad_rejected or bad_prompts),
         metadata={"chosen_equals_rejected": same, "bad_chosen": len(bad_chosen),

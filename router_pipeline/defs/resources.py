@@ -25,18 +25,17 @@ from pydantic import Field
 
 from router_pipeline import settings as settings_module
 from router_pipeline.artifacts import Artifacts
-from router_pipeline.llm import RoleSpec
+from router_pipeline.defs.config import derived
+from router_pipeline.llm import PROMPT_STYLES, PROVIDERS, RoleSpec
 from router_pipeline.llm.cache import ResponseCache
 from router_pipeline.llm.roles import ROLES, Roles, roles_for
-from router_pipeline.router_format import DEFAULT_MODE, Mode
+from router_pipeline.routers.prompt import DEFAULT_MODE, Mode
 from router_pipeline.settings import Compute, Settings
 
-_ROLE = RoleSpec("local", "model")  # the one source of ModelRole's defaults
-_ROLES = Roles(_ROLE, _ROLE)  # ... and of LLMRoles'
 
 
 class ArtifactStore(dg.ConfigurableResource):
-    """The root everything is written under (README: "Artifacts")."""
+    """The root everything is written under (the layout: artifacts.py)."""
 
     root: str = Field(description="Directory for assets, adapters, evaluations, the released router, plots and "
                                      "the LLM response cache (default: ROUTER_PIPELINE_ARTIFACTS or ./artifacts)")
@@ -79,36 +78,28 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         return pd.read_parquet(path)
 
 
-class ModelRole(dg.Config):
-    provider: Literal["local", "gemini"] = Field(description="local (transformers) or gemini (google-genai)")
+class _ModelRole(dg.Config):
+    """One LLM role; every other field and default is RoleSpec's."""
+
+    provider: Literal[PROVIDERS] = Field(description="local (transformers) or gemini (google-genai)")  # type: ignore[valid-type]
     model: str = Field(description="Gemini model id, embedded model name (gemma3-270m) or a local checkpoint dir")
-    max_output_tokens: int = _ROLE.max_output_tokens
-    temperature: float = _ROLE.temperature
-    prompt_style: Literal["direct", "few_shot"] = _ROLE.prompt_style
-    input_price_per_mtok: Optional[float] = _ROLE.input_price_per_mtok
-    output_price_per_mtok: Optional[float] = _ROLE.output_price_per_mtok
 
     @classmethod
     def of(cls, spec: RoleSpec | None) -> "ModelRole | None":
         return None if spec is None else cls(**vars(spec))
 
 
-class LLMRoles(dg.ConfigurableResource):
+ModelRole = derived(RoleSpec, _ModelRole, name="ModelRole", types={"prompt_style": Literal[PROMPT_STYLES]})
+
+
+class _LLMRoles(dg.ConfigurableResource):
     """The four LLM roles, configured independently. judge/analyser unset means the
-    deterministic grader/analyser. Mirrors ``llm.roles.Roles``, whose defaults it takes."""
+    deterministic grader/analyser. Every other field and default is ``llm.roles.Roles``'."""
 
     medium: ModelRole
     large: ModelRole
     judge: Optional[ModelRole] = None
     analyser: Optional[ModelRole] = None
-    gemini_base_url: Optional[str] = _ROLES.gemini_base_url
-    timeout_s: Optional[float] = _ROLES.timeout_s
-    concurrency: int = _ROLES.concurrency
-    max_attempts: int = _ROLES.max_attempts
-    backoff_base_s: float = _ROLES.backoff_base_s
-    local_batch_size: int = _ROLES.local_batch_size
-    batch: bool = _ROLES.batch  # Gemini calls through the Batch API (half price; the weekly retrain)
-    batch_poll_s: float = _ROLES.batch_poll_s
 
     @classmethod
     def of(cls, roles: Roles) -> "LLMRoles":
@@ -116,11 +107,14 @@ class LLMRoles(dg.ConfigurableResource):
                       for f in fields(Roles)})
 
     def roles(self) -> Roles:
-        def plain(name):
+        def plain_role(name):
             value = getattr(self, name)
             return RoleSpec(**value.model_dump()) if name in ROLES and value is not None else value
 
-        return Roles(**{f.name: plain(f.name) for f in fields(Roles)})
+        return Roles(**{f.name: plain_role(f.name) for f in fields(Roles)})
+
+
+LLMRoles = derived(Roles, _LLMRoles, name="LLMRoles")
 
 
 class TrainingCompute(dg.ConfigurableResource):

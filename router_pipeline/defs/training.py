@@ -1,58 +1,36 @@
 """Training assets: materialising them trains the router, locally or on Modal."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import dagster as dg
 import pandas as pd
-
-from router_pipeline import compute as compute_module
 from pydantic import field_validator
 
 from router_pipeline.artifacts import ADAPTER_CONFIG, HEADS, check_names
-from router_pipeline.defs.resources import ArtifactStore, RouterFormat, TrainingCompute
+from router_pipeline.defs.config import derived, plain
 from router_pipeline.defs.metadata import table
-from router_pipeline.head_training import HeadConfig, train_head_routers
-from router_pipeline.plots import cv_by_layer, loss_curve, markdown_image
-from router_pipeline.split import VALIDATION
-from router_pipeline.training import DPO_DEFAULTS, TrainConfig, TrainResult
+from router_pipeline.defs.plots import cv_by_layer, loss_curve, markdown_image
+from router_pipeline.defs.resources import ArtifactStore, RouterFormat, TrainingCompute
+from router_pipeline.labels.split import VALIDATION
+from router_pipeline.training import compute as compute_module
+from router_pipeline.training.heads import HeadConfig, train_head_routers
+from router_pipeline.training.lora import DPO_DEFAULTS, TrainConfig, TrainResult
 
 TRAINING_GROUP = "training"
-_D = TrainConfig()  # the one source of training defaults
 
 
-class SFTTrainingConfig(dg.Config):
-    """Dagster-side mirror of TrainConfig; every default comes from TrainConfig."""
-
-    base_model: str = _D.base_model  # production: google/gemma-2b (set allow_hub)
-    allow_hub: bool = _D.allow_hub
-    lora_r: int = _D.lora_r
-    lora_alpha: int = _D.lora_alpha
-    lora_dropout: float = _D.lora_dropout
-    target_modules: list[str] = list(_D.target_modules)
-    learning_rate: float = _D.learning_rate
-    epochs: float = _D.epochs
-    batch_size: int = _D.batch_size
-    grad_accum: int = _D.grad_accum
-    lr_scheduler: str = _D.lr_scheduler
-    warmup_ratio: float = _D.warmup_ratio
-    max_length: int = _D.max_length
-    seed: int = _D.seed
-    max_steps: int = _D.max_steps
-    max_rows: int = _D.max_rows  # > 0: a seeded sample of this many rows (a CPU time budget)
-    quantization: Literal["auto", "4bit", "none"] = _D.quantization  # auto: 4-bit on CUDA
-    save_steps: int = _D.save_steps
+class _Training(dg.Config):
+    """QLoRA training of one stage; every field and default is TrainConfig's."""
 
     def train_config(self, mode: str) -> TrainConfig:
-        fields = {k: v for k, v in self.model_dump().items() if k in TrainConfig.__dataclass_fields__}
-        return TrainConfig.from_dict({**fields, "mode": mode})
+        return replace(plain(self, TrainConfig), mode=mode)
 
 
-class DPOTrainingConfig(SFTTrainingConfig):
-    learning_rate: float = DPO_DEFAULTS["learning_rate"]
-    epochs: float = DPO_DEFAULTS["epochs"]
-    beta: float = _D.beta
+SFTTrainingConfig = derived(TrainConfig, _Training, name="SFTTrainingConfig", exclude=("mode", "beta"))
+DPOTrainingConfig = derived(TrainConfig, _Training, name="DPOTrainingConfig", exclude=("mode",), defaults=DPO_DEFAULTS)
 
 
 def _dataset_mode(rows: pd.DataFrame, router_format: RouterFormat, stage: str) -> str:
@@ -125,33 +103,19 @@ def dpo_adapter(context: dg.AssetExecutionContext, config: DPOTrainingConfig, ar
 
 
 
-_H = HeadConfig()  # the one source of the head routers' defaults
+class _HeadRouters(dg.Config):
+    """Head routers on frozen encoders; every field and default is HeadConfig's."""
 
-
-class HeadRoutersConfig(dg.Config):
-    """Dagster-side mirror of head_training.HeadConfig; every default comes from it."""
-
-    base_model: str = _H.base_model
-    allow_hub: bool = _H.allow_hub
-    layers: list[int] = list(_H.layers)  # Gemma layers tried by cross-validation
-    cheapest_layer: bool = _H.cheapest_layer  # True: the fewest blocks within 1 SE of the best CV AUC (an ablation)
-    pooling: Literal["mean", "last", "mean+last"] = _H.pooling
-    gemma_classifier: Literal["lda", "logistic"] = _H.gemma_classifier
-    shrinkages: list[float] = list(_H.shrinkages)  # LDA's covariance shrinkage tried by cross-validation
-    c_values: list[float] = list(_H.c_values)
-    knn_k: list[int] = list(_H.knn_k)
-    folds: int = _H.folds
-    seed: int = _H.seed
-    heads: list[str] = list(_H.heads)  # any of HEADS
-
-    @field_validator("heads")
+    @field_validator("heads", check_fields=False)
     @classmethod
     def _known_heads(cls, value: list[str]) -> list[str]:
         return check_names(value, HEADS, "heads")
 
     def head_config(self) -> HeadConfig:
-        values = self.model_dump()
-        return HeadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return plain(self, HeadConfig)
+
+
+HeadRoutersConfig = derived(HeadConfig, _HeadRouters, name="HeadRoutersConfig")
 
 
 @dg.asset(group_name=TRAINING_GROUP, kinds={"pytorch", "scikitlearn"})

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router_pipeline.llm.pricing import price_for
+from router_pipeline.llm.models import price_for
 from router_pipeline.llm.types import LLMRequest, LLMResult
 
 PROVIDERS = ("gemini", "local")
+RULES = "rules"  # what a role without a model is recorded as: the deterministic grader or analyser
+PROMPT_STYLES = ("direct", "few_shot")  # how an answerer is prompted (labels.answering.answer_prompt)
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class RoleSpec:
     model: str
     max_output_tokens: int = 64
     temperature: float = 0.0
-    prompt_style: str = "direct"  # answerers only: "direct" or "few_shot"
+    prompt_style: str = PROMPT_STYLES[0]  # answerers only: one of PROMPT_STYLES
     input_price_per_mtok: float | None = None  # None: the price table (local models: free)
     output_price_per_mtok: float | None = None
 

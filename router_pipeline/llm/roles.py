@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from router_pipeline.llm import RoleSpec, make_client
+from router_pipeline.llm import RULES, RoleSpec, make_client
+from router_pipeline.llm.models import FLASH, PRICES_PER_MTOK, PRO
 from router_pipeline.llm.runner import RetryPolicy
-from router_pipeline.settings import Settings
+from router_pipeline.local_models import GEMMA3_270M
+from router_pipeline.settings import ROLES, Settings
+from router_pipeline.policies import TIERS
 
-ROLES = ("medium", "large", "judge", "analyser")
+# The production model of each role (the gemini profile); ROUTER_<ROLE>_MODEL replaces one.
+GEMINI_MODELS = {"medium": FLASH, "large": PRO, "judge": PRO, "analyser": FLASH}
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Roles:
     def spec_for(self, target: str, model: str) -> RoleSpec:
         """Who answers for a mapper target: the medium/large role when the target names
         the role's own model (its prices and token budget), else the model by its id."""
-        role = self.spec(target) if target in ("medium", "large") else None
+        role = self.spec(target) if target in TIERS else None
         if role is not None and role.model == model:
             return role
         # A model outside the roles: room for a chat answer (Gemini 2.5 thinks within it too).
@@ -60,23 +64,28 @@ class Roles:
 
     def describe(self) -> dict[str, str]:
         """Role -> 'provider:model' for metadata (never keys or URLs with secrets)."""
-        return {r: (f"{s.provider}:{s.model}" if (s := self.spec(r)) else "rules") for r in ROLES}
+        return {r: (f"{s.provider}:{s.model}" if (s := self.spec(r)) else RULES) for r in ROLES}
+
+
+def _priced_as(model: str) -> dict:
+    price = PRICES_PER_MTOK[model]
+    return {"input_price_per_mtok": price[0], "output_price_per_mtok": price[1]}
 
 
 def offline_roles() -> Roles:
     """Gemma 3 270M for both tiers (zero-shot/short vs few-shot/longer), priced as Flash
     and Pro so cost figures keep their meaning; rules judge and analyser."""
     return Roles(
-        medium=RoleSpec("local", "gemma3-270m", max_output_tokens=16, prompt_style="direct",
-                        input_price_per_mtok=0.30, output_price_per_mtok=2.50),
-        large=RoleSpec("local", "gemma3-270m", max_output_tokens=32, prompt_style="few_shot",
-                       input_price_per_mtok=1.25, output_price_per_mtok=10.0),
+        medium=RoleSpec("local", GEMMA3_270M, max_output_tokens=16, prompt_style="direct",
+                        **_priced_as(FLASH)),
+        large=RoleSpec("local", GEMMA3_270M, max_output_tokens=32, prompt_style="few_shot",
+                       **_priced_as(PRO)),
     )
 
 
 def gemini_roles(settings: Settings) -> Roles:
     # Gemini 2.5 models think before answering; thinking tokens share max_output_tokens.
-    m = settings.gemini_models
+    m = {**GEMINI_MODELS, **settings.gemini_models}
     return Roles(
         medium=RoleSpec("gemini", m["medium"], max_output_tokens=1024),
         large=RoleSpec("gemini", m["large"], max_output_tokens=4096),

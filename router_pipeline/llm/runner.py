@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from router_pipeline.llm.batch import BATCH_DISCOUNT, run_batch
 from router_pipeline.llm.cache import ResponseCache, new_owner
-from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.types import ERROR, LLMRequest, LLMResult, RetryableError, cache_key
 
 log = logging.getLogger(__name__)

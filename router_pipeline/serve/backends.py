@@ -11,15 +11,19 @@ cooldowns are per model.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 from router_pipeline.llm import RoleSpec
-from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.roles import Roles
 from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
+from router_pipeline.policies import TIERS
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +53,6 @@ class Served:
     model: str
     cost_usd: float
     attempts: list[dict] = field(default_factory=list)  # the targets that failed before, with why
-
-    @property
-    def fell_back(self) -> bool:
-        return bool(self.attempts)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Backends:
 
     @staticmethod
     def _key(alias: str, model: str) -> tuple[str, str]:
-        return (alias if alias in ("medium", "large") else "", model)
+        return (alias if alias in TIERS else "", model)
 
     def _client(self, alias: str, model: str):
         key = self._key(alias, model)
@@ -215,3 +215,21 @@ class Backends:
         # A local model: the streamed path (the one that yields to routing), read to its end.
         *_, result = [item async for item in self._chunks(client, request)]
         return result
+
+
+def council_answer(url: str, messages: list[dict], timeout_s: float) -> tuple[str, str, dict]:
+    """(content, model, usage) of the llm-council endpoint at ``url`` (OpenAI chat format)
+    for the conversation; RuntimeError (logged with the cause) when it gives none."""
+    payload = json.dumps({"model": "council", "messages": messages}).encode()
+    try:
+        req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            reply = json.loads(resp.read())
+        content = reply["choices"][0]["message"]["content"]
+        usage = reply.get("usage") or {}
+        usage = {"prompt_tokens": int(usage.get("prompt_tokens", 0)),
+                 "completion_tokens": int(usage.get("completion_tokens", 0))}
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        log.error("council escalation to %s failed: %s", url, exc)
+        raise RuntimeError("the council escalation failed") from None
+    return content, reply.get("model") or "llm-council", usage

@@ -18,17 +18,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from router_pipeline.features import PRECISIONS
+from router_pipeline.routers.features import PRECISIONS
 from router_pipeline.policies import POLICIES
 from router_pipeline.serve.config import DEFAULTS
-from router_pipeline.router_format import MODES
+from router_pipeline.routers.prompt import MODES
 from router_pipeline.text import MAX_QUERY_CHARS
 
 EXIT_USAGE = 2
 
 
 def default_router_dir() -> Path | None:
-    """artifacts/router (the released router), else the last DPO adapter."""
+    """artifacts/router (the released router), else the SFT adapter (Artifacts.default_router)."""
     from router_pipeline.artifacts import Artifacts
 
     return Artifacts.from_settings().default_router()
@@ -139,15 +139,10 @@ def _mapper(args, roles, router):
     """The mapper from --mapper or --preset; by default, the mapping the evaluation scored
     (the calibrated threshold) when the router carries one. Aliases medium/large default
     to the profile's models."""
-    from router_pipeline.serve.mapper import DEFAULT_PRESET, MapperConfigError, PolicyMapper, evaluated_spec, load_spec
+    from router_pipeline.serve.mapper import DEFAULT_PRESET, PolicyMapper, evaluated_spec
 
-    if args.mapper:
-        spec = load_spec(args.mapper)
-        try:  # an older JSON ledger of the budget is looked for beside the mapper file
-            return PolicyMapper.from_dict(spec, base_dir=Path(args.mapper).parent,
-                                          default_models=_profile_models(roles))
-        except MapperConfigError as exc:
-            raise MapperConfigError(f"{args.mapper}: {exc}") from None
+    if args.mapper:  # an older JSON ledger of the budget is looked for beside the mapper file
+        return PolicyMapper.from_file(args.mapper, default_models=_profile_models(roles))
     elif args.preset:
         spec = {"preset": args.preset}
     elif router.calibration:
@@ -161,7 +156,8 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
     """Each query through the gateway, as the server answers a chat request: the same
     routing, mapping, backends (fallbacks, cooldowns), budget reservation and charging.
     One (decision, answer or the error a caller would get) per query."""
-    from router_pipeline.serve.gateway import APIError, build_gateway
+    from router_pipeline.serve.errors import Refused
+    from router_pipeline.serve.gateway import build_gateway
     from router_pipeline.serve.profiles import OPEN, Profile, Profiles
     from router_pipeline.serve.schemas import ChatRequest
 
@@ -176,7 +172,7 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
         for d in decided:
             try:
                 out.append((d, await gateway.answer(d)))
-            except APIError as exc:  # this query's models all failed: the others still run
+            except Refused as exc:  # this query's models all failed: the others still run
                 out.append((d, exc))
     finally:
         await gateway.stop()
@@ -187,7 +183,9 @@ def run(args) -> int:
     from router_pipeline import settings
     from router_pipeline.serve import decision_log
     from router_pipeline.llm.roles import roles_for
-    from router_pipeline.routing import Router, RouterConfig, load_router
+    from router_pipeline.routers.lora import LoraRouter
+    from router_pipeline.routers.contract import RouterConfig
+    from router_pipeline.routers.registry import load_router
 
     queries, bad = _queries(args)
     for line in bad:
@@ -208,7 +206,7 @@ def run(args) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     config = RouterConfig(mode=args.mode, fallback=args.fallback, precision=args.precision)
-    router = Router(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
+    router = LoraRouter(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
     folder, url = _state(args)
     status = 1 if bad else 0
@@ -291,7 +289,7 @@ def serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from router_pipeline.serve.mapper import MapperConfigError
     from router_pipeline.serve.profiles import ProfileError
-    from router_pipeline.routing import RouterOutputError
+    from router_pipeline.routers.contract import RouterOutputError
     from router_pipeline.serve.database import DatabaseError
 
     args = _parser().parse_args(argv)

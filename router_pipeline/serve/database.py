@@ -17,8 +17,9 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from router_pipeline.artifacts import STATE_FILE
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-STATE_FILE = "requests.sqlite"  # the default state database, in the server's feedback folder
 
 
 class DatabaseError(RuntimeError):

@@ -30,14 +30,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router_pipeline.policies import LABELS
+from router_pipeline.artifacts import OUTCOME_FIELDS, OUTCOMES_QUERY
+from router_pipeline.policies import GRADES, TIERS
 from router_pipeline.serve.database import Database, state_database
 from router_pipeline.text import query_hash
 
-TIERS = ("medium", "large")
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
-OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
-OUTCOMES_QUERY = f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id"  # oldest first
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT, query_hash TEXT NOT NULL, tier TEXT,
@@ -110,8 +108,8 @@ class FeedbackStore:
             raise FeedbackError("give exactly one of 'grade' (with an optional 'tier') or 'preferred_tier'")
         if preferred_tier is not None and preferred_tier not in TIERS:
             raise FeedbackError(f"preferred_tier must be one of {TIERS}")
-        if grade is not None and grade not in LABELS:
-            raise FeedbackError(f"grade must be one of {LABELS}")
+        if grade is not None and grade not in GRADES:
+            raise FeedbackError(f"grade must be one of {GRADES}")
         with self._db.transaction():  # one writer across processes and hosts from read to update
             return self._add(request_id, grade, tier, preferred_tier, profile)
 

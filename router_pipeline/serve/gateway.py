@@ -16,29 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from router_pipeline import settings
-from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.types import ERROR, LLMResult
-from router_pipeline.router_format import conversation_text
+from router_pipeline.routers.contract import RouteDecision, Router, RouterConfig
+from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
-from router_pipeline.serve.backends import AllTargetsFailed, Backends
+from router_pipeline.serve.backends import AllTargetsFailed, Backends, council_answer
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.feedback import (TIERS, FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest,
-                                            UnknownRequest)
+from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
+from router_pipeline.policies import TIERS
+from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
 from router_pipeline.serve.ledger import LedgerError
-from router_pipeline.serve.mapper import ABSTAIN_ANSWER, PolicyMapper, Rule
+from router_pipeline.serve.mapper import ABSTAIN_ANSWER, Mapping, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, Profiles
 from router_pipeline.serve.schemas import ChatRequest, Conversation
 from router_pipeline.serve.stats import Stats
@@ -46,17 +45,6 @@ from router_pipeline.text import check_query
 
 log = logging.getLogger(__name__)
 ROUTER_MODEL = "router"
-
-
-class APIError(Exception):
-    """What a caller is told: an HTTP-style status, a message without internals, a code
-    and the field at fault (OpenAI's error object)."""
-
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error", headers=None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers or {}
-        self.param = param
 
 
 @dataclass
@@ -71,8 +59,8 @@ class Decided:
     text: str  # what the router read
     prompt: str  # what the answering model reads
     system: str | None
-    decision: object
-    mapping: object
+    decision: RouteDecision
+    mapping: Mapping
     router_ms: float
     reserved: bool = False  # the budget was checked and the cost reserved (reserve)
     reservation: str | None = None
@@ -94,7 +82,7 @@ class Answered:
 
 @dataclass
 class Gateway:
-    router: object  # routing.Router or heads.HeadRouter (routing.load_router)
+    router: Router  # any kind (routers.registry.load_router)
     batcher: RouteBatcher
     profiles: Profiles
     backends: Backends
@@ -117,8 +105,8 @@ class Gateway:
         t0 = time.perf_counter()
         tokens = body.output_tokens if isinstance(body, ChatRequest) else None
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
-            raise APIError(400, f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
-                           "invalid_field", param=tokens[0])
+            raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
+                                 "invalid_field", param=tokens[0])
         mapper, threshold = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
@@ -137,8 +125,8 @@ class Gateway:
                 threshold = float(model[len(ROUTER_MODEL) + 1:])
         if not 0.0 <= threshold <= 1.0:  # NaN included
             shown = model if len(model) <= 64 else model[:64] + "..."
-            raise APIError(404, f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
-                                f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'",
+            raise NotFound(f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
+                           f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'",
                            "model_not_found", param="model")
         key = (profile.name, threshold)
         if key in self.mappers:
@@ -156,7 +144,7 @@ class Gateway:
             conversation = conversation_text(messages)
             text = check_query(conversation, self.config.max_conversation_chars)
         except ValueError as exc:
-            raise APIError(400, f"messages: {exc}", "invalid_messages", param="messages") from None
+            raise InvalidRequest(f"messages: {exc}", "invalid_messages", param="messages") from None
         system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")
                            and m["content"]) or None
         return text, conversation, system
@@ -164,7 +152,7 @@ class Gateway:
     def routing(self, d: Decided, prefix: str) -> dict:
         return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
                 "probabilities": {k: round(v, 4) for k, v in d.decision.probabilities.items()},
-                "p_complex": round(d.decision.p_large, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
+                "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
                 "router_ms": round(d.router_ms, 2)}
 
@@ -189,7 +177,9 @@ class Gateway:
             if d.mapping.abstain:
                 content, model = ABSTAIN_ANSWER, "abstain"
             elif d.mapping.escalate:
-                content, model, usage = await self._escalate(d.mapper.escalation_url, d.body.plain_messages())
+                content, model, usage = await asyncio.to_thread(council_answer, d.mapper.escalation_url,
+                                                                d.body.plain_messages(),
+                                                                self.config.escalation_timeout_s)
                 routing["escalated"] = True
             else:
                 served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked)
@@ -242,32 +232,13 @@ class Gateway:
 
         return routing, items()
 
-    async def _upstream_failed(self, d: Decided, exc: Exception) -> APIError:
+    async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         await asyncio.to_thread(self.stats.record_error, d.profile.name)
         if isinstance(exc, AllTargetsFailed):
-            return APIError(503, f"no model could answer: {exc}", "all_models_failed", "server_error",
-                            {"Retry-After": str(int(max(self.backends.cooling().values(), default=5)) + 1)})
+            return Unavailable(f"no model could answer: {exc}", "all_models_failed",
+                               retry_after_s=int(max(self.backends.cooling().values(), default=5)) + 1)
         log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
-        return APIError(502, f"the upstream model call failed ({type(exc).__name__})", "upstream_error", "server_error")
-
-    async def _escalate(self, url: str, messages: list[dict]) -> tuple[str, str, dict]:
-        """The conversation to the llm-council endpoint (OpenAI chat format); its answer."""
-        payload = json.dumps({"model": "council", "messages": messages}).encode()
-
-        def post():
-            req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=self.config.escalation_timeout_s) as resp:
-                return json.loads(resp.read())
-
-        try:
-            reply = await asyncio.to_thread(post)
-            content = reply["choices"][0]["message"]["content"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            log.error("council escalation to %s failed: %s", url, exc)
-            raise RuntimeError("the council escalation failed") from None
-        usage = reply.get("usage") or {}
-        return content, reply.get("model") or "llm-council", {"prompt_tokens": int(usage.get("prompt_tokens", 0)),
-                                                              "completion_tokens": int(usage.get("completion_tokens", 0))}
+        return UpstreamFailed(f"the upstream model call failed ({type(exc).__name__})", "upstream_error")
 
     # -- charging ---------------------------------------------------------------
     async def reserve(self, d: Decided) -> str | None:
@@ -337,12 +308,11 @@ class Gateway:
         try:
             return await asyncio.to_thread(self.feedback.add, request_id, profile=profile.name, **grades)
         except UnknownRequest:
-            raise APIError(404, "no such request served to this profile", "unknown_request",
-                           param="request_id") from None
+            raise NotFound("no such request served to this profile", "unknown_request", param="request_id") from None
         except FeedbackConflict as exc:
-            raise APIError(409, str(exc), "feedback_conflict") from None
+            raise Conflict(str(exc), "feedback_conflict") from None
         except FeedbackError as exc:
-            raise APIError(400, str(exc), "invalid_feedback") from None
+            raise InvalidRequest(str(exc), "invalid_feedback") from None
 
 
 def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
@@ -371,16 +341,17 @@ def reachable(profile: Profile) -> list[tuple[str, str]]:
 
 def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | None = None,
                   feedback_dir: str | Path, config: ServingConfig = DEFAULTS,
-                  decision_log_path: str | Path | None = None, router=None, profiles: Profiles | None = None) -> Gateway:
+                  decision_log_path: str | Path | None = None, router: Router | None = None,
+                  profiles: Profiles | None = None) -> Gateway:
     """Everything a request needs, loaded once: the router, the profiles, the backends."""
     from router_pipeline.llm.roles import roles_for
-    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.routers.registry import load_router
     from router_pipeline.serve.profiles import load_profiles
 
     roles = roles_for(settings.load())
     router = router or load_router(adapter, RouterConfig(batch_size=config.max_batch, prefix_cache=config.prefix_cache,
                                                          precision=config.precision))
-    models = {"medium": roles.medium.model, "large": roles.large.model}
+    models = {tier: roles.spec(tier).model for tier in TIERS}
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
     feedback = FeedbackStore(feedback_dir, database=config.database)
     for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them

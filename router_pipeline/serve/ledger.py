@@ -126,12 +126,6 @@ class BudgetLedger:
             self._adopt()
             yield
 
-    def read(self) -> dict[str, float]:
-        """Every period's spend ({} before the first)."""
-        with self._ready():
-            return {period: float(usd) for period, usd in self.db.execute(
-                "SELECT period, usd FROM spend WHERE ledger = ?", (self.name,))}
-
     def _spent(self, key: str) -> float:
         rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?", (self.name, key))
         return float(rows[0][0]) if rows else 0.0
@@ -185,10 +179,6 @@ class BudgetLedger:
             total = round(spent + float(usd), 10)
             self.db.execute("UPDATE spend SET usd = ? WHERE ledger = ? AND period = ?", (total, self.name, key))
             return total
-
-    def add(self, usd: float) -> float:
-        """Record a spend; returns the period's new total."""
-        return self.settle(None, usd)
 
     def release(self, reservation: str) -> None:
         """Drop a reservation whose request spent nothing (every model failed)."""

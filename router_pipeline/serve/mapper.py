@@ -92,8 +92,8 @@ class Mapping:
 
 
 def _medium_large_models() -> dict[str, str]:
+    from router_pipeline.llm.roles import GEMINI_MODELS
     from router_pipeline.local_models import GEMMA3_270M
-    from router_pipeline.settings import GEMINI_MODELS
 
     return {"medium": GEMINI_MODELS["medium"], "large": GEMINI_MODELS["large"], "local": GEMMA3_270M}
 
@@ -251,7 +251,7 @@ class PolicyMapper:
             spent = self.ledger.committed()  # spend plus what requests in flight reserved
             return f"spent ${spent:.4f} of ${rule.limit_usd:.2f} this {self.ledger.period}" if spent >= rule.limit_usd else None
         if rule.kind == "threshold":
-            p = d.p_large
+            p = d.p_complex
             return f"P(Complex_Query) {p:.3f} >= {rule.at_least:.3f}" if p >= rule.at_least else None
         if rule.kind == "low_confidence":
             conf = d.confidence

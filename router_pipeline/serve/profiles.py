@@ -32,6 +32,7 @@ from pathlib import Path
 
 from router_pipeline import settings
 from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec
+from router_pipeline.policies import TIERS
 
 OPEN = "default"  # the profile of a server started without a profiles file
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class ProfileError(ValueError):
 class Profile:
     name: str
     mapper: PolicyMapper
-    allowed: tuple[str, ...] = ("medium", "large", "local")
-    fallbacks: tuple[str, ...] = ("medium", "large")
+    allowed: tuple[str, ...] = (*TIERS, "local")
+    fallbacks: tuple[str, ...] = TIERS
     store_queries: bool = False
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
 

@@ -12,10 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
-from router_pipeline.policies import LABELS
+from router_pipeline.policies import GRADES, TIERS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-Tier = Literal["medium", "large"]
+Tier = Literal[TIERS]  # type: ignore[valid-type]
 MAX_MESSAGES = 256
 MAX_ID_CHARS = 200
 
@@ -99,7 +99,7 @@ class ChatRequest(Conversation):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: StrictStr = Field(min_length=1, max_length=MAX_ID_CHARS)
-    grade: Literal[LABELS] | None = None  # type: ignore[valid-type]
+    grade: Literal[GRADES] | None = None  # type: ignore[valid-type]
     tier: Tier | None = None
     preferred_tier: Tier | None = None
 

@@ -29,13 +29,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from router_pipeline import settings
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.gateway import ROUTER_MODEL, APIError, Gateway
+from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
+from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.profiles import Profile
 from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
 
 log = logging.getLogger(__name__)
 ADMIN_KEY_VAR = "ROUTER_ADMIN_KEY"  # the bearer key /metrics asks for when profiles are configured
+STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, UpstreamFailed: 502, Unavailable: 503}  # the gateway's refusals
+
+
+class APIError(Exception):
+    """A refusal of the HTTP layer itself (authentication, body size): a status and
+    OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type_, param
 
 
 # -- request helpers ------------------------------------------------------------
@@ -71,7 +83,7 @@ async def _parse(gateway: Gateway, request: Request, schema):
     try:
         return parse(schema, await _read_body(request, gateway.config.max_body_bytes))
     except RequestError as exc:
-        raise APIError(400, str(exc), "invalid_field" if exc.param else "invalid_json", param=exc.param) from None
+        raise InvalidRequest(str(exc), "invalid_field" if exc.param else "invalid_json", param=exc.param) from None
 
 
 def _admin(gateway: Gateway, request: Request) -> None:
@@ -123,6 +135,116 @@ async def _whole(content: str, usage: dict):
     yield usage
 
 
+def _error(status: int, message: str, code: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as OpenAI's error object, with the status its kind has."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.code, exc.type, exc.param)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused):
+        status = STATUS[type(exc)]
+        return _error(status, exc.message, exc.code, "invalid_request_error" if status < 500 else "server_error",
+                      exc.param, {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None)
+
+    @app.exception_handler(DatabaseError)
+    async def database_error(request: Request, exc: DatabaseError):
+        log.error("%s", exc)
+        return _error(503, "the server's state database is unavailable; try again later", "database_unavailable",
+                      "server_error", headers={"Retry-After": "5"})
+
+    @app.exception_handler(LedgerError)
+    async def ledger_error(request: Request, exc: LedgerError):
+        # Money state that cannot be read stops spending (fail closed), with the file named.
+        log.error("budget ledger: %s", exc)
+        return _error(503, f"budget ledger {exc.file or ''} cannot be read: spending is stopped until an operator "
+                           "restores it", "budget_ledger_unreadable", "server_error")
+
+
+# -- the endpoints (the gateway is the app's, set by create_app) ------------------
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def chat_completions(request: Request):
+    gateway = _gateway(request)
+    profile = _profile(gateway, request)
+    body = await _parse(gateway, request, ChatRequest)
+    d = await gateway.decide(profile, body)
+    await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream and not (d.mapping.abstain or d.mapping.escalate):
+        routing, texts = await gateway.stream(d)
+        return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
+                                 media_type="text/event-stream", headers=_headers(routing))
+    a = await gateway.answer(d)
+    if body.stream:  # an abstention or the council's answer: whole already
+        return StreamingResponse(_sse(a.routing, a.model, _whole(a.content, a.usage), include_usage),
+                                 media_type="text/event-stream", headers=_headers(a.routing))
+    return JSONResponse({
+        "id": a.routing["request_id"], "object": "chat.completion", "created": int(time.time()), "model": a.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": a.content}, "finish_reason": "stop",
+                     "logprobs": None}],
+        "usage": a.usage, "routing": a.routing}, headers=_headers(a.routing))
+
+
+async def route(request: Request):
+    gateway = _gateway(request)
+    d = await gateway.decide(_profile(gateway, request), await _parse(gateway, request, Conversation))
+    return JSONResponse(await gateway.route(d))
+
+
+async def feedback(request: Request):
+    gateway = _gateway(request)
+    profile = _profile(gateway, request)
+    body = await _parse(gateway, request, FeedbackRequest)
+    return await gateway.give_feedback(profile, body.request_id, grade=body.grade, tier=body.tier,
+                                       preferred_tier=body.preferred_tier)
+
+
+async def stats(request: Request):
+    gateway = _gateway(request)
+    profile = _profile(gateway, request)
+    snapshot = await asyncio.to_thread(gateway.stats.snapshot)  # a database read
+    by_profile = snapshot if gateway.profiles.open else {profile.name: snapshot.get(profile.name, {})}
+    return {"profiles": by_profile, "batches": gateway.batcher.batches, "routed": gateway.batcher.routed,
+            "cooling_down": gateway.backends.cooling()}
+
+
+async def models(request: Request):
+    gateway = _gateway(request)
+    _profile(gateway, request)
+    threshold = gateway.calibration.get("threshold")
+    names = [ROUTER_MODEL] + ([f"{ROUTER_MODEL}-{threshold:.4g}"] if threshold is not None else [])
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "router_pipeline"}
+                                       for n in names]}
+
+
+async def health(request: Request):
+    gateway = _gateway(request)
+    r = gateway.router
+    return {"status": "ok", "router": getattr(r, "mode", None), "precision": getattr(r, "precision", "fp32"),
+            "device": r.device, "threshold": gateway.calibration.get("threshold"),
+            "cooling_down": gateway.backends.cooling()}
+
+
+async def metrics(request: Request):
+    gateway = _gateway(request)
+    _admin(gateway, request)
+    return PlainTextResponse(await asyncio.to_thread(gateway.stats.prometheus), media_type="text/plain; version=0.0.4")
+
+
+ROUTES = [("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/route", route),
+          ("POST", "/v1/feedback", feedback), ("GET", "/v1/stats", stats), ("GET", "/v1/models", models),
+          ("GET", "/health", health), ("GET", "/metrics", metrics)]
+
+
 # -- the app --------------------------------------------------------------------
 def create_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -135,90 +257,9 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="router_pipeline routing server", lifespan=lifespan)
     app.state.gateway = gateway
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                                       "code": exc.code}}, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(DatabaseError)
-    async def database_error(request: Request, exc: DatabaseError):
-        log.error("%s", exc)
-        return JSONResponse({"error": {"message": "the server's state database is unavailable; try again later",
-                                       "type": "server_error", "param": None, "code": "database_unavailable"}},
-                            status_code=503, headers={"Retry-After": "5"})
-
-    @app.exception_handler(LedgerError)
-    async def ledger_error(request: Request, exc: LedgerError):
-        # Money state that cannot be read stops spending (fail closed), with the file named.
-        log.error("budget ledger: %s", exc)
-        return JSONResponse({"error": {"message": f"budget ledger {exc.file or ''} cannot be read: spending is "
-                                                  "stopped until an operator restores it", "type": "server_error",
-                                       "param": None, "code": "budget_ledger_unreadable"}}, status_code=503)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        profile = _profile(gateway, request)
-        body = await _parse(gateway, request, ChatRequest)
-        d = await gateway.decide(profile, body)
-        await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream and not (d.mapping.abstain or d.mapping.escalate):
-            routing, texts = await gateway.stream(d)
-            return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
-                                     media_type="text/event-stream", headers=_headers(routing))
-        a = await gateway.answer(d)
-        if body.stream:  # an abstention or the council's answer: whole already
-            return StreamingResponse(_sse(a.routing, a.model, _whole(a.content, a.usage), include_usage),
-                                     media_type="text/event-stream", headers=_headers(a.routing))
-        return JSONResponse({
-            "id": a.routing["request_id"], "object": "chat.completion", "created": int(time.time()), "model": a.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": a.content}, "finish_reason": "stop",
-                         "logprobs": None}],
-            "usage": a.usage, "routing": a.routing}, headers=_headers(a.routing))
-
-    @app.post("/v1/route")
-    async def route(request: Request):
-        profile = _profile(gateway, request)
-        d = await gateway.decide(profile, await _parse(gateway, request, Conversation))
-        return JSONResponse(await gateway.route(d))
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
-        profile = _profile(gateway, request)
-        body = await _parse(gateway, request, FeedbackRequest)
-        return await gateway.give_feedback(profile, body.request_id, grade=body.grade, tier=body.tier,
-                                           preferred_tier=body.preferred_tier)
-
-    @app.get("/v1/stats")
-    async def stats(request: Request):
-        profile = _profile(gateway, request)
-        snapshot = await asyncio.to_thread(gateway.stats.snapshot)  # a database read
-        by_profile = snapshot if gateway.profiles.open else {profile.name: snapshot.get(profile.name, {})}
-        return {"profiles": by_profile, "batches": gateway.batcher.batches, "routed": gateway.batcher.routed,
-                "cooling_down": gateway.backends.cooling()}
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _profile(gateway, request)
-        threshold = gateway.calibration.get("threshold")
-        names = [ROUTER_MODEL] + ([f"{ROUTER_MODEL}-{threshold:.4g}"] if threshold is not None else [])
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "router_pipeline"}
-                                           for n in names]}
-
-    @app.get("/health")
-    async def health():
-        r = gateway.router
-        return {"status": "ok", "router": getattr(r, "mode", None), "precision": getattr(r, "precision", "fp32"),
-                "device": r.device, "threshold": gateway.calibration.get("threshold"),
-                "cooling_down": gateway.backends.cooling()}
-
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        _admin(gateway, request)
-        return PlainTextResponse(await asyncio.to_thread(gateway.stats.prometheus),
-                                 media_type="text/plain; version=0.0.4")
-
+    _add_error_handlers(app)
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method])
     return app
 
 

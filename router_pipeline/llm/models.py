@@ -1,4 +1,5 @@
-"""Per-model prices (USD per million tokens) and the cost of one call.
+"""The Gemini models the package knows (the one place their ids are written), their
+prices (USD per million tokens) and the cost of one call.
 
 Costs always come from real token counts: the API's usage metadata, or the local
 tokenizer for local models.
@@ -6,13 +7,21 @@ tokenizer for local models.
 
 from __future__ import annotations
 
+FLASH_LITE = "gemini-2.5-flash-lite"
+FLASH = "gemini-2.5-flash"
+PRO = "gemini-2.5-pro"
+FLASH_2_0 = "gemini-2.0-flash"
+PRO_3_PREVIEW = "gemini-3-pro-preview"
+# Which tier each model plays (an llm-council winner's tier; 2 tiers: medium, large).
+TIER_OF = {FLASH_LITE: "medium", FLASH: "medium", FLASH_2_0: "medium", PRO: "large", PRO_3_PREVIEW: "large"}
+
 # (input, output) USD per 1M tokens; Gemini list prices for prompts up to 200k tokens.
 PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
-    "gemini-2.5-flash": (0.30, 2.50),
-    "gemini-2.5-flash-lite": (0.10, 0.40),
-    "gemini-2.5-pro": (1.25, 10.00),
-    "gemini-2.0-flash": (0.10, 0.40),
-    "gemini-3-pro-preview": (2.00, 12.00),
+    FLASH: (0.30, 2.50),
+    FLASH_LITE: (0.10, 0.40),
+    PRO: (1.25, 10.00),
+    FLASH_2_0: (0.10, 0.40),
+    PRO_3_PREVIEW: (2.00, 12.00),
 }
 
 

@@ -11,7 +11,7 @@ import re
 
 import pandas as pd
 
-from router_pipeline.llm import RoleSpec
+from router_pipeline.llm import RULES, RoleSpec
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
 from router_pipeline.llm.types import OK
 from router_pipeline.text import normalise
@@ -22,7 +22,6 @@ of fact it asks for, how specific or obscure that fact is, and any constraint
 
 Request: {query}
 Analysis:"""
-RULES_ANALYSER = "rules"
 ANALYSIS_COLUMNS = ["qid", "query", "analysis", "analyser"]
 
 _TARGETS = [
@@ -97,7 +96,7 @@ def analyse_queries(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, RunStats]:
     """One analysis per question (qid, query). Only the query is ever shown."""
-    rows = [{"qid": q, "query": text, "analysis": analyse_query(text), "analyser": RULES_ANALYSER}
+    rows = [{"qid": q, "query": text, "analysis": analyse_query(text), "analyser": RULES}
             for q, text in zip(questions["qid"], questions["query"])]
     stats = RunStats()
     if analyser is not None and rows:
@@ -109,7 +108,7 @@ def analyse_queries(
             if sentence:
                 row.update(analysis=sentence, analyser=analyser.model)
             else:
-                row["analyser"] = f"{RULES_ANALYSER} (fallback: {res.error or res.status})"
+                row["analyser"] = f"{RULES} (fallback: {res.error or res.status})"
     return pd.DataFrame(rows, columns=ANALYSIS_COLUMNS), stats
 
 
@@ -122,7 +121,7 @@ def scrub_leaks(analyses: pd.DataFrame, secrets_by_qid: dict[str, dict[str, str 
         leaks = find_leaks(row["analysis"], row["query"], secrets_by_qid.get(row["qid"], {}))
         if leaks:
             out.at[i, "analysis"] = analyse_query(row["query"])
-            out.at[i, "analyser"] = f"{RULES_ANALYSER} (replaced: revealed {', '.join(leaks)})"
+            out.at[i, "analyser"] = f"{RULES} (replaced: revealed {', '.join(leaks)})"
             replaced += 1
     return out, replaced
 
@@ -130,7 +129,7 @@ def scrub_leaks(analyses: pd.DataFrame, secrets_by_qid: dict[str, dict[str, str 
 def answer_secrets(questions: pd.DataFrame, answers: pd.DataFrame) -> dict[str, dict]:
     """qid -> {"gold": ..., "medium_answer": ..., "large_answer": ...}: what no analysis may
     reveal. Abstentions are left out (an "I don't know" reveals nothing)."""
-    from router_pipeline.judging import is_abstention
+    from router_pipeline.labels.judging import is_abstention
 
     out = {q: {"gold": g} for q, g in zip(questions["qid"], questions["gold_answer"])}
     for row in answers.itertuples(index=False):

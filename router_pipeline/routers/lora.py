@@ -1,4 +1,4 @@
-"""The router at inference time: base model + adapter -> a decision per query.
+"""The LoRA router at inference time: base model + adapter -> a decision per query.
 
 Routing confidence: the softmax over the three policies' first tokens
 at the point where the decision is made, so every decision carries a distribution.
@@ -18,79 +18,19 @@ An output the parser rejects never becomes a policy silently: the decision says
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from router_pipeline.artifacts import CALIBRATION_FILE, ROUTER_FILE, TRAINING_FILE
-from router_pipeline.policies import COMPLEX, POLICIES
-from router_pipeline.router_format import (
-    DECISION, DECISION_FIRST, DEFAULT_MODE, MODES, PROMPT_PREFIX, REASONING, build_prompt, parse_completion,
+from router_pipeline.artifacts import TRAINING_FILE
+from router_pipeline.policies import POLICIES
+from router_pipeline.routers.contract import RAISE, RouteDecision, RouterConfig, RouterOutputError, read_calibration, \
+    read_json_object
+from router_pipeline.routers.prompt import (
+    DECISION, DECISION_FIRST, DEFAULT_MODE, PROMPT_PREFIX, REASONING, build_prompt, parse_completion,
     prompt_suffix,
 )
 
-RAISE = "raise"
-
-
-class RouterOutputError(ValueError):
-    """The router produced no usable decision and the fallback is ``raise``."""
-
-
-@dataclass
-class RouteDecision:
-    query: str
-    policy: str  # the policy acted on (the fallback's when parse_ok is False)
-    probabilities: dict[str, float]  # softmax over the policies' first tokens; {} when unparsed
-    parse_ok: bool
-    mode: str
-    reasoning: str = ""
-    parse_error: str | None = None
-    fallback_used: bool = False
-    policy_mass: float | None = None  # share of the full-vocabulary mass on the three policy tokens
-    generated: str = ""
-    latency_ms: float = 0.0
-
-    @property
-    def confidence(self) -> float | None:
-        return self.probabilities.get(self.policy) if self.probabilities else None
-
-    @property
-    def p_large(self) -> float:
-        """Score for thresholds: the probability that the query needs the strong model
-        (Complex_Query); a fallback decision counts as certain."""
-        if self.probabilities:
-            return self.probabilities[COMPLEX]
-        return 1.0 if self.policy == COMPLEX else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    mode: str | None = None  # None: the mode recorded with the adapter
-    fallback: str = COMPLEX  # a policy, or "raise"
-    max_new_tokens: int = 96  # reasoning mode, and fast mode's optional reasoning
-    batch_size: int = 16
-    min_policy_mass: float = 0.0  # fast mode: below this the model is not deciding -> fallback
-    allow_hub: bool = False
-    # Decision-first modes: run the fixed prompt prefix once and reuse its KV cache for
-    # every query (a server's setting; a one-shot CLI call gains nothing from it).
-    prefix_cache: bool = False
-    # Head routers on Gemma: "fast" (bf16 weights where the CPU/GPU has bf16 units, the
-    # release's exported encoder) or "fp32", the reference. LoRA routers run in fp32.
-    precision: str = "fast"
-
-    def __post_init__(self):
-        from router_pipeline.features import PRECISIONS
-
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
-        if self.mode is not None and self.mode not in MODES:
-            raise ValueError(f"unknown router mode {self.mode!r}; expected one of {MODES}")
-        if self.fallback != RAISE and self.fallback not in POLICIES:
-            raise ValueError(f"fallback must be a policy {POLICIES} or {RAISE!r}, got {self.fallback!r}")
+LORA_KIND = "lora"
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:
@@ -103,18 +43,7 @@ def adapter_meta(adapter_dir: str | Path) -> dict:
     return meta
 
 
-def read_json_object(path: Path, holds: str, fix: str) -> dict:
-    """A JSON object from a file the pipeline wrote, or ValueError saying what is wrong."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): {fix}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold an object with {holds}; found {type(value).__name__}")
-    return value
-
-
-class Router:
+class LoraRouter:
     """Load once, route many. ``adapter_dir=None`` routes with the bare base model
     (useful for latency figures; its decisions are not meaningful)."""
 
@@ -311,40 +240,3 @@ class Router:
                 "device": self.device, "fallback": self.config.fallback, "calibration": self.calibration}
 
 
-def read_calibration(adapter_dir) -> dict:
-    if adapter_dir is None:
-        return {}
-    path = Path(adapter_dir) / CALIBRATION_FILE
-    if not path.exists():
-        return {}
-    return read_json_object(path, "the calibrated 'threshold'", "re-run router_evaluation and released_router")
-
-
-def load_router(path: str | Path, config: RouterConfig = RouterConfig()):
-    """The router saved at ``path``: a head router (``router.json`` says so) or a LoRA
-    adapter on its base model. Both route with ``route``/``route_batch`` and carry
-    their ``calibration``."""
-    from router_pipeline.heads import HEAD_KIND, HeadRouter
-
-    described = Path(path) / ROUTER_FILE
-    if described.is_file() and read_json_object(described, "the router's 'kind'", "retrain the router").get("kind") == HEAD_KIND:
-        return HeadRouter(path, precision=config.precision)
-    return Router(path, config=config)
-
-
-def decisions_frame(decisions: list[RouteDecision], qids: list[str] | None = None):
-    """One row per decision, with a column per policy probability (NaN when unparsed)."""
-    import pandas as pd
-
-    rows = []
-    for i, d in enumerate(decisions):
-        row = {k: v for k, v in d.to_dict().items() if k != "probabilities"}
-        row.update({f"p_{p}": d.probabilities.get(p) for p in POLICIES})
-        row["p_large"] = d.p_large
-        if qids is not None:
-            row["qid"] = qids[i]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-__all__ = ["Router", "RouterConfig", "RouteDecision", "RouterOutputError", "decisions_frame", "load_router"]

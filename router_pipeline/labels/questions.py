@@ -28,17 +28,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from router_pipeline.policies import CORRECT, IDK, INCORRECT
-from router_pipeline.text import check_query, clean_query, normalise, query_hash, unit_interval
+from router_pipeline.artifacts import OUTCOMES_QUERY, TRAFFIC_QUERY
+from router_pipeline.policies import CORRECT, IDK, INCORRECT, TIERS
+from router_pipeline.settings import SOURCES
+from router_pipeline.text import MAX_QUERY_CHARS, check_query, clean_query, normalise, query_hash, unit_interval
 
 # Package data, so an installed wheel has it too.
-BUNDLED_SIMPLEQA = Path(__file__).resolve().parent / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
+BUNDLED_SIMPLEQA = Path(__file__).resolve().parents[1] / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
 
-SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes", "traffic")
 RECORDED_SOURCES = ("outcomes", "traffic")  # sources whose rows carry per-tier answers, grades and costs
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
-TIERS = ("medium", "large")
 COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]  # + provenance (the source's name)
 OUTCOME_COLUMNS = [f"{t}_{k}" for t in TIERS for k in ("answer", "grade")]
 # Optional per tier: what the recorded call cost, as USD or as tokens (priced by the role).
@@ -70,7 +70,7 @@ def load_questions(
     hf_split: str = "test",
     sample_size: int = 0,
     sample_seed: int = 0,
-    max_query_chars: int = 4000,
+    max_query_chars: int = MAX_QUERY_CHARS,
 ) -> tuple[pd.DataFrame, list[Rejected]]:
     raw, rejected = read_source(source, path=path, url=url, hf_dataset=hf_dataset, hf_split=hf_split)
     frame, more = normalise_rows(raw, max_query_chars=max_query_chars,
@@ -111,7 +111,7 @@ LABEL_FIELDS = ("gold_answer", "medium_grade", "large_grade")  # what two copies
 
 
 def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: int = 0,
-                 max_query_chars: int = 4000, url: str = OPENAI_SIMPLEQA_URL, hf_dataset: str = DEFAULT_HF_DATASET,
+                 max_query_chars: int = MAX_QUERY_CHARS, url: str = OPENAI_SIMPLEQA_URL, hf_dataset: str = DEFAULT_HF_DATASET,
                  hf_split: str = "test") -> Merged:
     """Every source's questions in one frame, each row with its ``provenance``. A query in
     several sources (the same normalised query, hence the same qid) is kept once, from the
@@ -195,10 +195,7 @@ def _read_state_database(file: Path, source: str) -> pd.DataFrame:
     (only profiles that allow storing queries have them as text)."""
     import sqlite3
 
-    from router_pipeline.serve.feedback import OUTCOMES_QUERY
-
-    sql = {"outcomes": OUTCOMES_QUERY,
-           "traffic": "SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid"}.get(source)
+    sql = {"outcomes": OUTCOMES_QUERY, "traffic": TRAFFIC_QUERY}.get(source)
     if sql is None:
         raise QuestionSourceError(f"{file}: a .sqlite file is the routing server's state database, read by the "
                                   f"outcomes or traffic source, not by {source!r}")
@@ -357,7 +354,7 @@ def _meta(value) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = 4000, kind: str = "questions"):
+def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = MAX_QUERY_CHARS, kind: str = "questions"):
     """``kind``: questions (a gold answer each), outcomes or traffic (see the module doc)."""
     qcol = _pick(raw.columns, QUERY_ALIASES)
     if qcol is None:

@@ -13,7 +13,7 @@ against scikit-learn's own in the tests.
   linear scores, only fitted differently.
 - ``knn``: cosine k-nearest neighbours, votes weighted by 1 / distance.
 
-Probabilities are calibrated (``calibrate``) on out-of-fold predictions of the training
+Probabilities are calibrated (``training.heads.fit_calibration``) on out-of-fold predictions of the training
 rows, so that P(Complex_Query) matches how often such queries need the strong model,
 without reordering the queries: P(Complex_Query) is a monotone (Platt) map of the raw
 one, and the rest is shared between the other two policies by a temperature and a bias
@@ -40,6 +40,7 @@ import numpy as np
 
 from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
+from router_pipeline.routers.contract import RouteDecision, read_calibration, read_json_object
 
 HEAD_FILE = "head.npz"
 CLASSIFIERS = ("logistic", "lda", "knn")
@@ -66,7 +67,7 @@ class Head:
             return p
         if "complex_scale" not in self.arrays:  # calibrated by an earlier release: read as it was fitted
             return _scaled(p, float(self.arrays["temperature"]), self.arrays["bias"])
-        return _calibrated(p, float(self.arrays["complex_scale"]), float(self.arrays["temperature"]),
+        return calibrated_proba(p, float(self.arrays["complex_scale"]), float(self.arrays["temperature"]),
                            self.arrays["bias"])
 
     def decide(self, proba: np.ndarray) -> list[str]:
@@ -125,7 +126,7 @@ def _scaled(p: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
-def _calibrated(p: np.ndarray, scale: float, temperature: float, bias: np.ndarray) -> np.ndarray:
+def calibrated_proba(p: np.ndarray, scale: float, temperature: float, bias: np.ndarray) -> np.ndarray:
     """P(Complex_Query) = sigmoid(scale * logit(raw P(Complex_Query)) + bias[Complex]),
     increasing in the raw one (scale > 0); the rest goes to the other policies by a
     temperature and their biases on their log-probabilities."""
@@ -141,77 +142,17 @@ def _calibrated(p: np.ndarray, scale: float, temperature: float, bias: np.ndarra
     return out
 
 
-def calibrate(head: Head, oof_proba: np.ndarray, policies: list[str]) -> Head:
-    """Fit the calibration (``_calibrated``) on out-of-fold P(policy) of the training rows
-    by minimum log-loss, and record the training labels' policy shares as priors. A
-    policy absent from the labels keeps P = 0."""
-    from scipy.optimize import minimize
-
-    y = np.array([POLICIES.index(p) for p in policies])
-    prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
-    present = prior > 0
-    c = POLICIES.index(COMPLEX)
-    others = [i for i in range(len(POLICIES)) if i != c]
-
-    def unpack(theta):  # theta: log scale, log temperature, Complex's bias, the second other policy's bias
-        bias = np.zeros(len(POLICIES))
-        bias[c], bias[others[1]] = theta[2], theta[3]
-        bias[~present] = -50.0
-        return float(np.exp(theta[0])), float(np.exp(theta[1])), bias
-
-    def loss(theta):
-        q = _calibrated(oof_proba, *unpack(theta))
-        return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
-
-    scale, temperature, bias = unpack(minimize(loss, np.zeros(4), method="L-BFGS-B").x)
-    head.arrays.update(complex_scale=np.array(scale), temperature=np.array(temperature), bias=bias, prior=prior)
-    return head
-
-
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, shrinkage: float = 0.5,
-             k: int = 5, seed: int = 0) -> Head:
-    """Fit a head on (features, oracle policies): ``c`` is logistic's inverse
-    regularisation, ``shrinkage`` LDA's (0 the sample covariance, 1 the identity)."""
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {classifier!r}; expected one of {CLASSIFIERS}")
-    if len(policies) == 0:
-        raise ValueError("no training labels for the head")
-    unknown = set(policies) - set(POLICIES)
-    if unknown:
-        raise ValueError(f"unknown policies in the head's labels: {sorted(unknown)}")
-    classes = [p for p in POLICIES if p in set(policies)]
-    y = np.array([classes.index(p) for p in policies])
-    x = np.asarray(x, dtype=np.float64)
-    if len(classes) == 1:
-        return Head(classifier, classes, {}, k)
-    if classifier == "knn":
-        return Head("knn", classes, {"train": x.astype(np.float32), "labels": y}, k)
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.linear_model import LogisticRegression
-
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    if classifier == "lda":
-        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage)
-    else:
-        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
-    model.fit((x - mean) / scale, y)
-    return Head(classifier, classes, {"mean": mean, "scale": scale, "coef": np.atleast_2d(model.coef_),
-                                      "intercept": np.atleast_1d(model.intercept_)}, k)
-
-
 class HeadRouter:
-    """A saved head router, loaded once; routes like ``routing.Router``."""
+    """A saved head router, loaded once; a ``contract.Router``."""
 
     mode = HEAD_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
-        from router_pipeline.features import encoder_from_dict
-        from router_pipeline.routing import read_calibration, read_json_object
+        from router_pipeline.routers.features import encoder_from_dict
 
         self.path = Path(path)
         self.meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
@@ -236,8 +177,6 @@ class HeadRouter:
 
     def route_batch(self, queries: list[str], *, with_reasoning: bool = False, progress: bool = False,
                     batch_size: int = 16) -> list:
-        from router_pipeline.routing import RouteDecision
-
         if with_reasoning:
             raise ValueError(f"the released router is a {self.name} head router: it decides without reasoning")
         if not queries:
@@ -270,7 +209,7 @@ def export_head_router(folder: Path) -> dict | None:
     """Export the encoder of the head router at ``folder`` for the fast path (a Gemma
     encoder: its first blocks in bf16, hashed; MiniLM has nothing to export) and record
     it in router.json. Returns what was recorded, None when there is nothing to export."""
-    from router_pipeline.features import export_gemma, gemma_spec
+    from router_pipeline.routers.features import export_gemma, gemma_spec
 
     if not (folder / ROUTER_FILE).is_file():  # a LoRA adapter
         return None
@@ -286,4 +225,4 @@ def p_complex(proba: np.ndarray) -> np.ndarray:
     return proba[:, POLICIES.index(COMPLEX)]
 
 
-__all__ = ["Head", "HeadRouter", "fit_head", "save_head_router", "export_head_router", "p_complex"]
+__all__ = ["Head", "HeadRouter", "save_head_router", "export_head_router", "p_complex"]

@@ -15,17 +15,20 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
-from router_pipeline.artifacts import TRAINING_FILE
+from router_pipeline.artifacts import ADAPTER_CONFIG, TRAINING_FILE
+from router_pipeline.routers.features import cpu_has_bf16
+from router_pipeline.local_models import GEMMA3_270M
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    base_model: str = "gemma3-270m"  # production: google/gemma-2b (allow_hub=True)
+    base_model: str = GEMMA3_270M  # production: google/gemma-2b (allow_hub=True)
     mode: str = "fast"  # the completion format the data was built with
     lora_r: int = 16
     lora_alpha: int = 32
@@ -43,7 +46,7 @@ class TrainConfig:
     max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
     max_rows: int = 0  # > 0: train on a seeded sample of this many rows (a CPU time budget)
     beta: float = 0.1  # DPO only
-    quantization: str = "auto"  # auto: 4-bit on CUDA, none on CPU | 4bit | none
+    quantization: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit on CUDA, none on CPU
     save_steps: int = 50
     allow_hub: bool = False
 
@@ -61,6 +64,7 @@ class TrainConfig:
 
 
 DPO_DEFAULTS = {"learning_rate": 5e-5, "epochs": 1.0}
+COLUMNS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected")}  # what TRL reads per stage
 REWARD_SAMPLE = 64  # DPO pairs scored after training for reward accuracy / margin
 
 
@@ -127,14 +131,6 @@ def load_base(cfg: TrainConfig):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     return model, tokenizer
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix units on this CPU (AMX / AVX512-BF16): autocast is faster there."""
-    import torch
-
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dict:
@@ -279,7 +275,7 @@ def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path, callbacks: list
 
     model, tokenizer, device, common = _prepare(cfg, out)
     args = SFTConfig(completion_only_loss=True, packing=False, **common)
-    dataset = Dataset.from_pandas(rows[["prompt", "completion"]].reset_index(drop=True), preserve_index=False)
+    dataset = Dataset.from_pandas(rows[list(COLUMNS["sft"])].reset_index(drop=True), preserve_index=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=_lora(cfg), callbacks=callbacks)
     return trainer, tokenizer, device
@@ -308,14 +304,14 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
     if rows.empty:
         raise ValueError("the DPO dataset is empty: nothing to train on")
     sft_adapter = Path(sft_adapter)
-    if not (sft_adapter / "adapter_config.json").exists():
+    if not (sft_adapter / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(f"no SFT adapter at {sft_adapter}: materialise sft_adapter first")
     t0 = time.perf_counter()
     rows = sample_rows(rows, cfg, "dpo")
     base, tokenizer, device, common = _prepare(cfg, out)
     model = PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
     args = DPOConfig(beta=cfg.beta, **common)
-    dataset = Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]].reset_index(drop=True), preserve_index=False)
+    dataset = Dataset.from_pandas(rows[list(COLUMNS["dpo"])].reset_index(drop=True), preserve_index=False)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
     _train(trainer, out)

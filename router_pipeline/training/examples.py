@@ -9,17 +9,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import pandas as pd
 
 from router_pipeline.policies import POLICIES
-from router_pipeline.router_format import (
+from router_pipeline.routers.prompt import (
     DEFAULT_MODE, build_completion, build_prompt, parse_completion, query_from_prompt, router_query,
 )
-from router_pipeline.split import TRAIN, VALIDATION, validation_mask
+from router_pipeline.labels.split import TRAIN, VALIDATION, SplitSpec, validation_mask
 from router_pipeline.text import query_hash
 
 PRECEDENCE = ("oracle", "extra")
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """How the examples are made (the one owner of these defaults)."""
+
+    precedence: Literal["oracle", "council"] = "oracle"  # which label wins when oracle and council label a query
+    validation_fraction: float = 0.1  # held out from training; router_evaluation chooses and calibrates on it
+    seed: int = SplitSpec.seed
 OTHER_DOMAIN = "no domain"
+CONFLICT_COLUMNS = ("query", "oracle_policy", "extra_policy")
 EXAMPLE_COLUMNS = ["qid", "query_hash", "query", "policy", "analysis", "rationale", "source", "split"]
 
 
@@ -29,7 +42,7 @@ def build_training_examples(
     extra: pd.DataFrame | None = None,
     precedence: str = "oracle",
     validation_fraction: float = 0.0,
-    seed: int = 42,
+    seed: int = SplitSpec.seed,
     domains: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """(examples, duplicates dropped). ``extra`` (e.g. council labels) needs qid,
@@ -61,13 +74,13 @@ def build_training_examples(
 def label_conflicts(oracle_labels: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
     """Queries labelled by both sources with different policies."""
     if extra is None or extra.empty or oracle_labels.empty:
-        return pd.DataFrame(columns=["query", "oracle_policy", "extra_policy"])
+        return pd.DataFrame(columns=CONFLICT_COLUMNS)
     a = oracle_labels.assign(query_hash=oracle_labels["query"].map(query_hash))[["query_hash", "query", "policy"]]
     b = extra.assign(query_hash=extra["query"].map(query_hash))[["query_hash", "policy"]]
     both = a.merge(b, on="query_hash", suffixes=("_oracle", "_extra"))
     both = both[both["policy_oracle"] != both["policy_extra"]]
     return both.rename(columns={"policy_oracle": "oracle_policy", "policy_extra": "extra_policy"})[
-        ["query", "oracle_policy", "extra_policy"]].reset_index(drop=True)
+        list(CONFLICT_COLUMNS)].reset_index(drop=True)
 
 
 def training_rows(examples: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""llm-council sessions -> extra routing labels (README: "llm-council sessions").
+"""llm-council sessions -> extra routing labels (docs/pipeline.md: "llm-council sessions").
 
 Two file formats under the council folder:
 - ``*.jsonl``: llm-council's routing-label export, one object per line with
@@ -34,32 +34,32 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import pandas as pd
 
-from router_pipeline.policies import AMBIGUOUS, COMPLEX, STANDARD
-from router_pipeline.text import check_query, query_hash
+from router_pipeline.llm.models import TIER_OF
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, LARGE, MEDIUM, STANDARD
+from router_pipeline.text import MAX_QUERY_CHARS, check_query, query_hash
 
-TIER_POLICY = {"medium": STANDARD, "large": COMPLEX}
-LOW_AGREEMENT = ("drop", "ambiguous")
+TIER_POLICY = {MEDIUM: STANDARD, LARGE: COMPLEX}
+LowAgreement = Literal["drop", "ambiguous"]
+LOW_AGREEMENT = get_args(LowAgreement)
 LABEL_COLUMNS = ["qid", "query", "query_hash", "policy", "agreement", "winner", "winner_borda",
                  "reviewers", "rationale", "source", "file", "session"]
-DEFAULT_TIERS = {
-    "gemini-2.5-flash": "medium", "gemini-2.5-flash-lite": "medium", "gemini-2.0-flash": "medium",
-    "gemini-2.5-pro": "large", "gemini-3-pro-preview": "large",
-    "google/gemini-2.5-flash": "medium", "google/gemini-2.5-pro": "large", "google/gemini-3-pro-preview": "large",
-}
+# As sessions name the models: the id, or OpenRouter's google/<id>.
+DEFAULT_TIERS = {**TIER_OF, **{f"google/{m}": t for m, t in TIER_OF.items()}}
 EPS = 1e-9
 
 
 @dataclass(frozen=True)
 class CouncilRules:
-    model_tiers: dict = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    model_tiers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TIERS))  # winner model -> tier
     min_agreement: float = 0.6
-    low_agreement: str = "drop"  # drop | ambiguous
-    deadlock: str = "ambiguous"  # drop | ambiguous
+    low_agreement: LowAgreement = "drop"
+    deadlock: LowAgreement = "ambiguous"
     exclude_self_votes: bool = True
-    max_query_chars: int = 4000  # as for questions: longer queries do not fit the router prompt
+    max_query_chars: int = MAX_QUERY_CHARS  # as for questions: longer queries do not fit the router prompt
 
     def __post_init__(self):
         for name in ("low_agreement", "deadlock"):

@@ -18,17 +18,16 @@ from pathlib import Path
 import pandas as pd
 
 from router_pipeline import settings
-from router_pipeline.artifacts import STAGES
-from router_pipeline.training import TrainConfig, TrainResult, data_hash, train_dpo, train_sft
+from router_pipeline.artifacts import STAGES, TRAINING_FILE, install
+from router_pipeline.training.lora import COLUMNS, TrainConfig, TrainResult, data_hash, train_dpo, train_sft
 
 APP_NAME = "router-pipeline"
-COLUMNS = {"sft": ["prompt", "completion"], "dpo": ["prompt", "chosen", "rejected"]}
 
 
 def run_name(stage: str, rows: pd.DataFrame, cfg: TrainConfig, parent: str | None = None) -> str:
     """A run folder per (stage, data, config, parent adapter): an interrupted run of the
     same job resumes from its checkpoints; changed data or config starts afresh."""
-    blob = json.dumps([stage, data_hash(rows[COLUMNS[stage]]), cfg.to_dict(), parent], sort_keys=True)
+    blob = json.dumps([stage, data_hash(rows[list(COLUMNS[stage])]), cfg.to_dict(), parent], sort_keys=True)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -40,21 +39,11 @@ def train_stage(stage, rows, cfg, workdir, sft_adapter=None, callbacks=None) -> 
     return train_dpo(rows, sft_adapter, cfg, workdir, callbacks)
 
 
-def install_adapter(src: Path, dest: Path) -> Path:
-    """Copy a trained adapter to its stable place (artifacts/adapters/<stage>)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
-
-
 def run_local(stage: str, rows: pd.DataFrame, cfg: TrainConfig, root: Path, dest: Path,
               sft_adapter: Path | None = None) -> TrainResult:
     workdir = root / run_name(stage, rows, cfg, _adapter_id(sft_adapter))
     result = train_stage(stage, rows, cfg, workdir, sft_adapter)
-    install_adapter(Path(result.adapter_dir), dest)
+    install(Path(result.adapter_dir), dest)
     result.adapter_dir = str(dest)
     return result
 
@@ -62,7 +51,7 @@ def run_local(stage: str, rows: pd.DataFrame, cfg: TrainConfig, root: Path, dest
 def _adapter_id(path: Path | None) -> str | None:
     if path is None:
         return None
-    meta = Path(path) / "router_training.json"
+    meta = Path(path) / TRAINING_FILE
     return hashlib.sha256(meta.read_bytes()).hexdigest()[:12] if meta.exists() else str(path)
 
 
@@ -128,13 +117,13 @@ def launch_modal(stage: str, rows: pd.DataFrame, cfg: TrainConfig, dest: Path,
     require_modal_credentials()
     fn = modal.Function.from_name(APP_NAME, f"train_{stage}")
     name = run_name(stage, rows, cfg, _adapter_id(sft_adapter))
-    records = rows[COLUMNS[stage]].to_dict("records")
+    records = rows[list(COLUMNS[stage])].to_dict("records")
     parent = (pack_dir(sft_adapter),) if sft_adapter is not None else ()  # train_dpo only
     with modal.enable_output():  # the container's logs stream into this process (Dagster's compute logs)
         reply = fn.remote(records, cfg.to_dict(), name, *parent)
     tmp = dest.with_name(dest.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
-    install_adapter(unpack_dir(reply["adapter_tar"], tmp), dest)
+    install(unpack_dir(reply["adapter_tar"], tmp), dest)
     shutil.rmtree(tmp, ignore_errors=True)
     result = TrainResult(**reply["result"])
     result.adapter_dir = str(dest)
@@ -146,7 +135,8 @@ def route_queries(router_dir: str | Path, queries: list[str], router_config: dic
                   progress: bool = False) -> list[dict]:
     """Route every query with the router saved at ``router_dir`` (an adapter or a head
     router); plain dicts (RouteDecision.to_dict())."""
-    from router_pipeline.routing import RouterConfig, load_router
+    from router_pipeline.routers.contract import RouterConfig
+    from router_pipeline.routers.registry import load_router
 
     router = load_router(router_dir, RouterConfig(**router_config))
     return [d.to_dict() for d in router.route_batch(queries, progress=progress)]

@@ -11,6 +11,7 @@ of the training rows follows the same rule as the test split.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
@@ -21,6 +22,17 @@ from router_pipeline.text import unit_interval
 TRAIN, TEST, VALIDATION = "train", "test", "validation"
 SplitBy = Literal["question", "domain"]
 SPLIT_BY = get_args(SplitBy)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How the questions are split (the one owner of these defaults)."""
+
+    test_fraction: float = 0.2
+    seed: int = 42
+    # domain: whole domains (the questions' topic) held out for test, and for the validation
+    # slice too (training_examples follows the split it finds on train_questions).
+    by: SplitBy = "question"
 
 
 class SplitError(ValueError):
@@ -45,8 +57,8 @@ def held_out(qids: pd.Series, domains: pd.Series | None, fraction: float, seed: 
     return domains.isin(set(order[:take]))
 
 
-def assign_split(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42,
-                 by: str = "question") -> pd.Series:
+def assign_split(questions: pd.DataFrame, test_fraction: float = SplitSpec.test_fraction, seed: int = SplitSpec.seed,
+                 by: str = SplitSpec.by) -> pd.Series:
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     test = held_out(questions["qid"], _domains(questions, by), test_fraction, seed, "split")
@@ -63,14 +75,15 @@ def _domains(questions: pd.DataFrame, by: str) -> pd.Series | None:
     return questions["topic"]
 
 
-def split_questions(questions: pd.DataFrame, test_fraction: float = 0.2, seed: int = 42, by: str = "question"):
+def split_questions(questions: pd.DataFrame, test_fraction: float = SplitSpec.test_fraction,
+                    seed: int = SplitSpec.seed, by: str = SplitSpec.by):
     side = assign_split(questions, test_fraction, seed, by)
     train = questions[side == TRAIN].reset_index(drop=True)
     test = questions[side == TEST].reset_index(drop=True)
     return train, test
 
 
-def validation_mask(qids: pd.Series, fraction: float, seed: int = 42, domains: pd.Series | None = None) -> pd.Series:
+def validation_mask(qids: pd.Series, fraction: float, seed: int = SplitSpec.seed, domains: pd.Series | None = None) -> pd.Series:
     """True for the training rows held out as the validation slice (calibration and the
     choice between candidate routers): by question, a seeded hash of the qid, so a row's
     side never depends on the others; with ``domains``, whole domains."""
@@ -81,7 +94,8 @@ def validation_mask(qids: pd.Series, fraction: float, seed: int = 42, domains: p
     return held_out(qids, domains, fraction, seed, "validation")
 
 
-def outer_folds(questions: pd.DataFrame, folds: int = 5, seed: int = 42, by: str = "question") -> np.ndarray:
+def outer_folds(questions: pd.DataFrame, folds: int = 5, seed: int = SplitSpec.seed,
+                by: str = SplitSpec.by) -> np.ndarray:
     """The fold (0..folds-1) of every question for cross-fitting, where each question is a
     test row once: by question, a seeded hash of the qid; by domain, whole domains, the
     largest first, each to the fold with the fewest rows so far (ties by a seeded hash)."""

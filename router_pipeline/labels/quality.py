@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from router_pipeline.judging import GOLD, RUBRIC
+from router_pipeline.labels.judging import GOLD, RUBRIC
 from router_pipeline.policies import POLICIES
 
 UNKNOWN = "(unknown)"  # questions materialised before rows carried their provenance

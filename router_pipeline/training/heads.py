@@ -9,7 +9,7 @@ Candidates (artifacts.HEADS):
 - ``logistic``: logistic head on MiniLM embeddings (regularisation by CV);
 - ``knn``: cosine k-NN on MiniLM embeddings (k by CV).
 
-Every head is calibrated on its out-of-fold predictions (heads.calibrate), which are
+Every head is calibrated on its out-of-fold predictions (fit_calibration), which are
 saved beside it (OOF_FILE) as evidence for the release (release.py). The score
 cross-validation ranks by is the out-of-fold ROC AUC of P(Complex_Query)
 against the label "Complex_Query": what APGR rewards (ranking the queries that need
@@ -25,31 +25,33 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from router_pipeline.artifacts import OOF_FILE
-from router_pipeline.features import GemmaSpec, GemmaStates, MiniLM
-from router_pipeline.heads import Head, calibrate, fit_head, p_complex, save_head_router
+from router_pipeline.artifacts import HEADS, OOF_FILE
+from router_pipeline.routers.features import GemmaSpec, GemmaStates, MiniLM, Pooling
+from router_pipeline.routers.head import CLASSIFIERS, Head, calibrated_proba, p_complex, save_head_router
 from router_pipeline.policies import COMPLEX, POLICIES
+from router_pipeline.local_models import GEMMA3_270M
 
 MIN_ROWS_FOR_CV = 30  # fewer rows (or fewer than `folds` rows of a policy): the first grid value, uncalibrated
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    base_model: str = "gemma3-270m"
+    base_model: str = GEMMA3_270M
     allow_hub: bool = False
     layers: tuple[int, ...] = (3, 6, 9, 12)  # Gemma layers tried (the state after this many blocks)
     # True: the fewest blocks whose CV AUC is within one standard error of the best. Off:
     # a tie on the training rows is no evidence for the cheaper block, and on questions
-    # the router never saw the deeper one won (README: "Choosing the recipe").
+    # the router never saw the deeper one won (docs/results.md: "Choosing the recipe").
     cheapest_layer: bool = False
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     # The Gemma head's classifier. Shrinkage LDA ranks better than logistic regression on
-    # Gemma's states on the development file (README: "Choosing the recipe").
-    gemma_classifier: str = "lda"
+    # Gemma's states on the development file (docs/results.md: "Choosing the recipe").
+    gemma_classifier: Literal["lda", "logistic"] = "lda"
     # LDA's covariance shrinkage tried, the most regularised first (as c_values): it wins ties,
     # and it is the one used when there are too few rows to cross-validate.
     shrinkages: tuple[float, ...] = (0.95, 0.85, 0.7, 0.5, 0.3)
@@ -60,7 +62,7 @@ class HeadConfig:
     folds: int = 5
     seed: int = 0
     batch_size: int = 16
-    heads: tuple[str, ...] = ("gemma", "minilm_lda", "logistic", "knn")
+    heads: tuple[str, ...] = HEADS  # any of HEADS
 
 
 @dataclass
@@ -177,7 +179,7 @@ def fit_selected(x_for, policies: list[str], classifier: str, grid: list[dict], 
     head = fit_head(classifier, x_for(params), policies, seed=seed, **{k: v for k, v in params.items() if k in HYPER})
     oof = oofs[best]
     if oof is not None:
-        calibrate(head, oof, policies)
+        fit_calibration(head, oof, policies)
         oof = head.calibrated(oof)
     return Fitted(head, params, scored, scored[best]["cv_auc"], oof,
                   inner_folds(policies, folds, seed) if oof is not None else None, time.perf_counter() - t0)
@@ -248,3 +250,65 @@ def train_head_routers(examples: pd.DataFrame, config: HeadConfig, dest: dict[st
                                   seconds["gemma" if name == "gemma" else "minilm"], f.fit_s))
         log(f"{name} head ({f.head.classifier}): {f.params} (CV AUC {f.cv_auc:.3f})")
     return results
+
+
+# -- fitting one head ----------------------------------------------------------
+def fit_calibration(head: Head, oof_proba: np.ndarray, policies: list[str]) -> Head:
+    """Fit the calibration (``calibrated_proba``) on out-of-fold P(policy) of the training rows
+    by minimum log-loss, and record the training labels' policy shares as priors. A
+    policy absent from the labels keeps P = 0."""
+    from scipy.optimize import minimize
+
+    y = np.array([POLICIES.index(p) for p in policies])
+    prior = np.bincount(y, minlength=len(POLICIES)) / len(y)
+    present = prior > 0
+    c = POLICIES.index(COMPLEX)
+    others = [i for i in range(len(POLICIES)) if i != c]
+
+    def unpack(theta):  # theta: log scale, log temperature, Complex's bias, the second other policy's bias
+        bias = np.zeros(len(POLICIES))
+        bias[c], bias[others[1]] = theta[2], theta[3]
+        bias[~present] = -50.0
+        return float(np.exp(theta[0])), float(np.exp(theta[1])), bias
+
+    def loss(theta):
+        q = calibrated_proba(oof_proba, *unpack(theta))
+        return -np.mean(np.log(np.maximum(q[np.arange(len(y)), y], 1e-12)))
+
+    scale, temperature, bias = unpack(minimize(loss, np.zeros(4), method="L-BFGS-B").x)
+    head.arrays.update(complex_scale=np.array(scale), temperature=np.array(temperature), bias=bias, prior=prior)
+    return head
+
+
+def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, shrinkage: float = 0.5,
+             k: int = 5, seed: int = 0) -> Head:
+    """Fit a head on (features, oracle policies): ``c`` is logistic's inverse
+    regularisation, ``shrinkage`` LDA's (0 the sample covariance, 1 the identity)."""
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; expected one of {CLASSIFIERS}")
+    if len(policies) == 0:
+        raise ValueError("no training labels for the head")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        raise ValueError(f"unknown policies in the head's labels: {sorted(unknown)}")
+    classes = [p for p in POLICIES if p in set(policies)]
+    y = np.array([classes.index(p) for p in policies])
+    x = np.asarray(x, dtype=np.float64)
+    if len(classes) == 1:
+        return Head(classifier, classes, {}, k)
+    if classifier == "knn":
+        return Head("knn", classes, {"train": x.astype(np.float32), "labels": y}, k)
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    if classifier == "lda":
+        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage)
+    else:
+        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
+    model.fit((x - mean) / scale, y)
+    return Head(classifier, classes, {"mean": mean, "scale": scale, "coef": np.atleast_2d(model.coef_),
+                                      "intercept": np.atleast_1d(model.intercept_)}, k)
+
+

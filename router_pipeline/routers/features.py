@@ -18,19 +18,21 @@ import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-from router_pipeline.router_format import cut_tokens, router_query
+from router_pipeline.routers.contract import PRECISIONS
+from router_pipeline.routers.prompt import cut_tokens, router_query
+from router_pipeline.local_models import GEMMA3_270M
 
 Pooling = Literal["mean", "last", "mean+last"]
-POOLINGS = ("mean", "last", "mean+last")
+POOLINGS = get_args(Pooling)
 
 
 @dataclass(frozen=True)
 class GemmaSpec:
-    base_model: str = "gemma3-270m"
+    base_model: str = GEMMA3_270M
     layer: int = 9  # blocks run before the state is read (Gemma 3 270M has 18)
     pooling: Pooling = "mean"
     allow_hub: bool = False
@@ -45,13 +47,20 @@ class GemmaSpec:
         return {"encoder": "gemma", **asdict(self)}
 
 
-PRECISIONS = ("fast", "fp32")  # fp32 is the reference; fast is bf16 weights where the hardware has bf16 units
 EXPORT_DIR = "encoder"  # a released Gemma head router's sliced encoder (export_gemma)
 EXPORT_WEIGHTS = "model.safetensors"
 
 
 class ExportError(ValueError):
     """An exported encoder that does not match the router that names it."""
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units on this CPU (AMX / AVX512-BF16): autocast is faster there."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def fast_dtype(device: str):
@@ -61,8 +70,6 @@ def fast_dtype(device: str):
 
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    from router_pipeline.training import cpu_has_bf16
-
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 

@@ -20,13 +20,12 @@ from difflib import SequenceMatcher
 
 import pandas as pd
 
-from router_pipeline.llm import RoleSpec
+from router_pipeline.llm import RULES, RoleSpec
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
 from router_pipeline.llm.types import BLOCKED, EMPTY, ERROR, OK
 from router_pipeline.policies import CORRECT, IDK, INCORRECT
 from router_pipeline.text import normalise, unit_interval
 
-RULES_JUDGE = "rules"
 JUDGE_PROMPT = """You grade one answer to a factual question against a reference answer.
 
 Grades:
@@ -200,13 +199,13 @@ def judge_answers(
         elif ans["status"] == ERROR:
             row.update(judge="skipped", reason=f"answer call failed: {ans['error']}")
         elif ans["status"] in (BLOCKED, EMPTY) or not ans["answer"]:
-            row.update(label=IDK, judge=RULES_JUDGE, reason=f"no answer given ({ans['status']})")
+            row.update(label=IDK, judge=RULES, reason=f"no answer given ({ans['status']})")
         elif judge is None and gold is None:
             row.update(judge="skipped", reason="no reference answer: grading against the rubric needs an LLM judge "
                                                "(the gemini profile)")
         elif judge is None:
             label, reason = grade_with_rules(ans["answer"], gold)
-            row.update(label=label, judge=RULES_JUDGE, reason=reason)
+            row.update(label=label, judge=RULES, reason=reason)
         else:
             pending.append((len(rows), q["query"], gold, ans["answer"], False))
         rows.append(row)

@@ -6,7 +6,7 @@ job runs for ``batch_polls`` polls, then answers every request, in reverse order
 request with a status fault as a failed item and one matching ``batch_drop`` not at all).
 
 It is the test double for the ``gemini`` provider and a dry-run target:
-``python -m router_pipeline.fake_gemini --port 8555 --latency 0.2`` then
+``python -m router_pipeline.llm.fake_gemini --port 8555 --latency 0.2`` then
 ``GEMINI_BASE_URL=http://127.0.0.1:8555 GEMINI_API_KEY=x``.
 
 It replies with usage metadata and can inject faults per request: HTTP 429 with

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from router_pipeline.policies import AMBIGUOUS, COMPLEX, CORRECT, IDK, INCORRECT, POLICIES, STANDARD
+from router_pipeline.policies import AMBIGUOUS, COMPLEX, CORRECT, IDK, INCORRECT, POLICIES, STANDARD, TIERS
 
-AMBIGUOUS_CHOICES = ("medium", "large", "abstain")
+AMBIGUOUS_CHOICES = (*TIERS, "abstain")  # what Ambiguous_Query may route to
 
 
 def outcome_table(questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd.DataFrame) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def outcome_table(questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd.
     grades = judgments[judgments["qid"].isin(qids)].pivot_table(index="qid", columns="tier", values="label", aggfunc="first")
     costs = answers[answers["qid"].isin(qids)].pivot_table(index="qid", columns="tier", values="cost_usd", aggfunc="first")
     table = questions[["qid", "query"]].set_index("qid")
-    for tier in ("medium", "large"):
+    for tier in TIERS:
         table[f"{tier}_label"] = grades[tier] if tier in grades else None
         table[f"{tier}_cost"] = costs[tier] if tier in costs else np.nan
     table = table.dropna(subset=["medium_label", "large_label"])
@@ -184,7 +184,7 @@ def confusion(oracle: list[str], predicted: list[str]) -> pd.DataFrame:
 
 
 # -- threshold calibration ----------------------------------------------------
-def calibrate(table: pd.DataFrame, scores, *, target_share: float | None = None,
+def fit_threshold(table: pd.DataFrame, scores, *, target_share: float | None = None,
               target_pgr: float | None = None) -> dict:
     """The threshold on P(needs large) that reaches a target share of large calls, or the
     cheapest one reaching a target PGR, measured on (train) data."""
@@ -358,7 +358,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
     per_query = test.assign(oracle_policy=oracle)
     for name, (test_dec, val_dec) in candidates.items():
         dec = aligned(test_dec, test)
-        scores[name] = dec["p_large"].to_numpy(float)
+        scores[name] = dec["p_complex"].to_numpy(float)
         curves[name] = curve(test, scores[name])
         row = {**summarise(test, policy_tiers(dec["policy"], ambiguous), name), **curve_stats(curves[name]),
                "policy_accuracy": float(np.mean([a == b for a, b in zip(oracle, dec["policy"])])),
@@ -367,8 +367,8 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                **{f"mix_{p}": v for p, v in policy_mix(dec["policy"]).items()}}
         if len(validation):
             vdec = aligned(val_dec, validation)
-            val_apgr[name] = curve(validation, vdec["p_large"]).apgr
-            calibrations[name] = calibrate(validation, vdec["p_large"], target_share=target_share,
+            val_apgr[name] = curve(validation, vdec["p_complex"]).apgr
+            calibrations[name] = fit_threshold(validation, vdec["p_complex"], target_share=target_share,
                                            target_pgr=None if target_share is not None else target_pgr)
         else:
             val_apgr[name] = math.nan
@@ -379,7 +379,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                    served_large_share=served["large_share"], served_savings_vs_large=served["savings_vs_large"],
                    threshold=calibrations[name]["threshold"])
         rows.append(row)
-        per_query = per_query.assign(**{f"{name}_policy": dec["policy"].values, f"{name}_p_large": scores[name]})
+        per_query = per_query.assign(**{f"{name}_policy": dec["policy"].values, f"{name}_p_complex": scores[name]})
     rows.append(summarise(test, np.full(len(test), "medium"), "always-medium"))
     rows.append(summarise(test, np.full(len(test), "large"), "always-large"))
     curves["oracle"] = curve(test, oracle_scores(test))
@@ -387,7 +387,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                  "policy_accuracy": 1.0, **{f"mix_{p}": v for p, v in policy_mix(oracle).items()}})
     randoms = random_curves(test, random_seeds, seed)
     rng = np.random.default_rng(seed)
-    draws = [summarise(test, rng.choice(["medium", "large"], len(test)), "") for _ in range(random_seeds)]
+    draws = [summarise(test, rng.choice(list(TIERS), len(test)), "") for _ in range(random_seeds)]
     rows.append({**{k: float(np.mean([d[k] for d in draws])) for k in draws[0] if k != "router"},
                  "router": f"random (mean of {random_seeds})", **curve_stats(randoms)})
     curves["random (mean)"] = _mean_curve(randoms)
@@ -399,7 +399,7 @@ def evaluate(test: pd.DataFrame, validation: pd.DataFrame, candidates: dict[str,
                              columns=["a", "b", "diff", "lo", "hi", "resamples"])
     chosen_dec = aligned(candidates[chosen][0], test)
     routed_ = routed(test, policy_tiers(chosen_dec["policy"], ambiguous))
-    per_query = per_query.assign(candidate=chosen, policy=chosen_dec["policy"].values, p_large=scores[chosen],
+    per_query = per_query.assign(candidate=chosen, policy=chosen_dec["policy"].values, p_complex=scores[chosen],
                                  tier=routed_["tier"].values, label=routed_["label"].values,
                                  routed_cost_usd=routed_["cost_usd"].values)
     random_apgr = float(summary.loc[summary["router"].str.startswith("random"), "apgr"].iloc[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from router_pipeline.policies import LABELS, POLICIES, oracle_cell
+from router_pipeline.policies import GRADES, TIERS, oracle_cell
 
 ORACLE_COLUMNS = ["qid", "query", "medium_label", "large_label", "policy", "rationale"]
 
@@ -14,7 +14,7 @@ def build_oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame) 
     excluded with the reason, never guessed."""
     train = judgments[judgments["qid"].isin(train_questions["qid"])]
     grades = train.pivot_table(index="qid", columns="tier", values="label", aggfunc="first")
-    grades = grades.reindex(columns=["medium", "large"])
+    grades = grades.reindex(columns=list(TIERS))
     rows, excluded = [], []
     for _, q in train_questions.iterrows():
         g = grades.loc[q["qid"]] if q["qid"] in grades.index else None
@@ -33,8 +33,5 @@ def build_oracle_labels(judgments: pd.DataFrame, train_questions: pd.DataFrame) 
 def matrix_counts(labels: pd.DataFrame) -> pd.DataFrame:
     """3x3 counts, medium grade (rows) x large grade (columns), all cells present."""
     counts = pd.crosstab(labels["medium_label"], labels["large_label"])
-    return counts.reindex(index=list(LABELS), columns=list(LABELS), fill_value=0)
+    return counts.reindex(index=list(GRADES), columns=list(GRADES), fill_value=0)
 
-
-def policy_distribution(labels: pd.DataFrame) -> pd.Series:
-    return labels["policy"].value_counts().reindex(list(POLICIES), fill_value=0)

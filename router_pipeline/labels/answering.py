@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from router_pipeline.llm import RoleSpec
-from router_pipeline.llm.pricing import cost_usd
+from router_pipeline.llm import PROMPT_STYLES, RoleSpec
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.runner import RetryPolicy, RunStats, complete_all
 from router_pipeline.text import clean_query
 
@@ -29,7 +29,6 @@ FEW_SHOT = (
     ("Which engineer designed the third pumping station of the Lower Tisza canal in 1897?", "I don't know"),
     ("What is the capital city of Canada?", "Ottawa"),
 )
-PROMPT_STYLES = ("direct", "few_shot")
 STOP = ("\n",)
 ANSWER_COLUMNS = [
     "qid", "split", "tier", "provider", "model", "answer", "status", "error", "input_tokens",
