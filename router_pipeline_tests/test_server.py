@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 import threading
 import urllib.request
 from dataclasses import replace
@@ -113,7 +114,7 @@ profiles:
       rules: [{{kind: low_confidence, below: 1.01, target: escalate}}]
 """)
     state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
-                        config=replace(DEFAULTS, window_ms=100), router=router,
+                        config=replace(DEFAULTS, window_ms=100, database_timeout_s=1.0), router=router,
                         decision_log_path=tmp_path / "requests.jsonl")
     with serving(state) as url:
         yield url, state, council
@@ -434,6 +435,94 @@ def test_an_unreadable_ledger_stops_spending_without_a_budget_rule(server, gemin
     assert first.model_extra["routing"]["cost_usd"] > 0 and spent == pytest.approx(0.5 + first.model_extra["routing"]["cost_usd"])
     _state(tmp_path / "feedback").execute("DROP TABLE spend")  # the database fails
     refused()
+
+
+@contextlib.contextmanager
+def _write_locked(folder: Path):
+    """Another process's write lock on the SQLite state database, held until the block ends."""
+    holder = sqlite3.connect(folder / "requests.sqlite", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+
+def _spend(folder: Path, ledger: str) -> tuple[float, int]:
+    """(the ledger's spend, reservations left) in a SQLite state database."""
+    db = _state(folder)
+    ((usd,),) = db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ledger = ?", (ledger,))
+    ((left,),) = db.execute("SELECT COUNT(*) FROM reservations WHERE ledger = ?", (ledger,))
+    return usd, left
+
+
+def test_a_paid_answer_is_returned_when_the_state_database_fails_before_settling(server, gemini, tmp_path):
+    """The database fails while the model answers (issue 29, 1: a 503 inviting to pay again):
+    the answer comes back saying what could not be recorded, its spend waits in the fsync'd
+    journal, budgeted requests are refused (503, Retry-After, nothing paid) until the database
+    answers, and the journaled spend is then in the budget, its reservation gone."""
+    url, _, _ = server
+    folder = tmp_path / "feedback"
+    lock = contextlib.ExitStack()
+    gemini.on_request = lambda model, prompt: "paid" in prompt and lock.enter_context(_write_locked(folder))
+    first = ask(url, "A paid question?", profile="metered")
+    gemini.on_request = None
+    routing = first.model_extra["routing"]
+    assert first.choices[0].message.content.startswith(first.model) and routing["cost_usd"] > 0
+    assert routing["spend_journaled"] and routing["feedback_unavailable"] and routing["stats_unavailable"]
+    journal = [json.loads(line) for line in (folder / "spend-journal.jsonl").read_text().splitlines()]
+    assert [(e["spend"]["ledger"], e["spend"]["usd"]) for e in journal] == [("metered_spend.json", routing["cost_usd"])]
+    calls = len(gemini.calls)
+    raw = client(url, "metered").chat.completions.with_raw_response
+    with pytest.raises(openai.InternalServerError) as err:
+        raw.create(model="router", messages=[{"role": "user", "content": "While it is locked?"}])
+    assert err.value.status_code == 503 and err.value.response.headers["retry-after"] and len(gemini.calls) == calls
+    lock.close()  # the database answers again
+    second = ask(url, "Once it is back?", profile="metered")
+    spent, reservations = _spend(folder, "metered_spend.json")
+    assert spent == pytest.approx(routing["cost_usd"] + second.model_extra["routing"]["cost_usd"]) and reservations == 0
+    assert (folder / "spend-journal.jsonl").read_text() == ""
+
+
+def test_a_retry_with_the_same_idempotency_key_is_not_paid_again(server, gemini, tmp_path):
+    """Per profile and key: the recorded answer, even when it was recorded only in the journal
+    because the database failed; another body under the key is a 409; another profile's key
+    is its own."""
+    url, _, _ = server
+    folder = tmp_path / "feedback"
+
+    def create(profile="metered", key="order-17", text="Who wrote Hamlet?", **kw):
+        return client(url, profile).chat.completions.create(
+            model="router", messages=[{"role": "user", "content": text}], extra_headers={"Idempotency-Key": key}, **kw)
+
+    first = create()
+    calls = len(gemini.calls)
+    again = create()
+    assert again.choices[0].message.content == first.choices[0].message.content and len(gemini.calls) == calls
+    assert again.id == first.id and again.model_extra["routing"]["idempotent_replay"]
+    text = lambda chunks: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # noqa: E731
+    streamed = text(create(key="order-19", stream=True))  # a streamed answer is recorded as it was sent
+    calls = len(gemini.calls)
+    assert text(create(key="order-19", stream=True)) == streamed and len(gemini.calls) == calls
+    with pytest.raises(openai.ConflictError, match="different request"):
+        create(text="Who wrote Macbeth?")
+    with pytest.raises(openai.BadRequestError, match="Idempotency-Key"):
+        create(key="with space")
+    create(profile="app")  # the same key from another profile: its own request
+    assert len(gemini.calls) == calls + 1
+    before = _spend(folder, "metered_spend.json")[0]
+    lock = contextlib.ExitStack()
+    gemini.on_request = lambda model, prompt: "Othello" in prompt and lock.enter_context(_write_locked(folder))
+    paid = create(key="order-18", text="Who wrote Othello?")
+    gemini.on_request = None
+    assert paid.model_extra["routing"]["spend_journaled"]
+    calls = len(gemini.calls)
+    retried = create(key="order-18", text="Who wrote Othello?")  # the database still fails: the journal answers
+    assert retried.choices[0].message.content == paid.choices[0].message.content and len(gemini.calls) == calls
+    lock.close()
+    assert create(key="order-18", text="Who wrote Othello?").id == paid.id and len(gemini.calls) == calls
+    assert _spend(folder, "metered_spend.json") == (pytest.approx(before + paid.model_extra["routing"]["cost_usd"]), 0)
 
 
 def test_metrics_need_the_admin_key_and_health_shows_no_paths(server, router, monkeypatch):

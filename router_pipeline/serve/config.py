@@ -22,9 +22,15 @@ class ServingConfig:
     # Upstream models.
     cooldown_s: float = 30.0  # how long a model that failed (429/5xx/timeout) is skipped
     escalation_timeout_s: float = 120.0
+    # Idempotency-Key: a retry with the same key within the window gets the recorded answer.
+    idempotency_window_s: float = 86_400.0
+    idempotency_retry_after_s: int = 2  # what a retry of a request still in flight is told to wait
     # State: None -> SQLite in the feedback folder; a postgresql:// URL for several hosts
     # (from --database, else ROUTER_DATABASE_URL: it may hold a password).
     database: str | None = None
+    # A state database that does not answer within this is an error (503 with Retry-After), not a
+    # hung caller: SQLite's busy timeout, PostgreSQL's connect and statement timeouts.
+    database_timeout_s: float = 5.0
     # Process.
     graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled
     threshold_mappers: int = 256  # router-<threshold> mappers kept (least recently used dropped)

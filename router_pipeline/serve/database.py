@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from router_pipeline.artifacts import STATE_FILE
+from router_pipeline.serve.config import DEFAULTS
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -33,18 +34,20 @@ def describe(url: str) -> str:
     return f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}{parts.path}"
 
 
-def state_database(folder: str | Path, url: str | None = None) -> "Database":
+def state_database(folder: str | Path, url: str | None = None,
+                   timeout_s: float = DEFAULTS.database_timeout_s) -> "Database":
     """The serving state database: ``url`` (PostgreSQL) when given, else SQLite in ``folder``."""
     if url:
-        return Database(url)
+        return Database(url, timeout_s)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return Database(Path(folder) / STATE_FILE)
+    return Database(Path(folder) / STATE_FILE, timeout_s)
 
 
 class Database:
-    def __init__(self, target: str | Path):
-        """``target``: a SQLite file path, or a postgresql:// URL."""
-        self.target = str(target)
+    def __init__(self, target: str | Path, timeout_s: float = DEFAULTS.database_timeout_s):
+        """``target``: a SQLite file path, or a postgresql:// URL; ``timeout_s``: how long a
+        connection or a statement may wait (a lock, a server that does not answer)."""
+        self.target, self.timeout_s = str(target), timeout_s
         self.postgres = urlsplit(self.target).scheme in POSTGRES_SCHEMES
         self._lock = threading.RLock()
         self._conn = None
@@ -60,9 +63,11 @@ class Database:
             if self.postgres:
                 import psycopg
 
-                self._conn = psycopg.connect(self.target, autocommit=True, connect_timeout=10)
+                self._conn = psycopg.connect(self.target, autocommit=True, connect_timeout=max(1, round(self.timeout_s)),
+                                             options=f"-c statement_timeout={int(self.timeout_s * 1000)}")
             else:
-                self._conn = sqlite3.connect(self.target, timeout=30, isolation_level=None, check_same_thread=False)
+                self._conn = sqlite3.connect(self.target, timeout=self.timeout_s, isolation_level=None,
+                                             check_same_thread=False)
                 self._conn.execute("PRAGMA journal_mode=WAL")
         except Exception as exc:  # psycopg's message can quote the URL: never shown
             raise DatabaseError(f"cannot open the state database {self.name} ({type(exc).__name__})") from None

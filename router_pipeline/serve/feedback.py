@@ -32,6 +32,7 @@ from pathlib import Path
 
 from router_pipeline.artifacts import OUTCOME_FIELDS, OUTCOMES_QUERY
 from router_pipeline.policies import GRADES, TIERS
+from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.database import Database, state_database
 from router_pipeline.text import query_hash
 
@@ -75,9 +76,10 @@ class FeedbackStore:
     """``database``: None for SQLite in the feedback folder (requests.sqlite), or a
     postgresql:// URL shared by several server hosts."""
 
-    def __init__(self, folder: str | Path, capacity: int = 100_000, database: str | None = None):
+    def __init__(self, folder: str | Path, capacity: int = 100_000, database: str | None = None,
+                 timeout_s: float = DEFAULTS.database_timeout_s):
         self.folder, self.capacity = Path(folder), capacity
-        self._db = state_database(self.folder, database)
+        self._db = state_database(self.folder, database, timeout_s)
         self._inserted = 0
         for statement in _SCHEMA:
             self._db.execute(statement)

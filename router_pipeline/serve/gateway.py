@@ -10,6 +10,11 @@ since they may read the ledger) -> ``answer`` or ``stream`` (an upper bound of i
 reserved in the budget in the same locked step as the budget check; the backends with
 fallbacks and cooldowns; the council for escalations) -> ``settle`` (the cost charged in
 place of the reservation, stats, request memory for feedback, the decision log).
+
+Settling never loses a paid answer: whatever the state database does, the answer goes
+back with what could not be recorded said in ``routing``, and the spend (and the answer
+of an ``Idempotency-Key``) it could not write goes to the local journal, replayed into the
+database before the next budgeted request (serve/journal.py).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
 from router_pipeline.policies import TIERS
 from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
-from router_pipeline.serve.ledger import LedgerError
+from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyReused, check_key, fingerprint
+from router_pipeline.serve.journal import JournalError, SpendJournal
+from router_pipeline.serve.ledger import LedgerError, apply_spend
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, Mapping, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, Profiles
 from router_pipeline.serve.schemas import ChatRequest, Conversation
@@ -64,6 +71,7 @@ class Decided:
     router_ms: float
     reserved: bool = False  # the budget was checked and the cost reserved (reserve)
     reservation: str | None = None
+    claim: dict | None = None  # profile, key, fingerprint of the Idempotency-Key this request claimed
 
     @property
     def asked(self) -> int | None:
@@ -91,6 +99,8 @@ class Gateway:
     calibration: dict
     config: ServingConfig = DEFAULTS
     decision_log_path: Path | None = None
+    journal: SpendJournal | None = None  # what settling could not write to the state database
+    idempotency: IdempotencyStore | None = None
     mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
 
     async def start(self) -> None:
@@ -101,7 +111,8 @@ class Gateway:
         self.feedback.close()
 
     # -- deciding ---------------------------------------------------------------
-    async def decide(self, profile: Profile, body: Conversation) -> Decided:
+    async def decide(self, profile: Profile, body: Conversation, claim: dict | None = None) -> Decided:
+        """``claim``: the Idempotency-Key this request holds (``claim``), answered when settled."""
         t0 = time.perf_counter()
         tokens = body.output_tokens if isinstance(body, ChatRequest) else None
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
@@ -109,12 +120,14 @@ class Gateway:
                                  "invalid_field", param=tokens[0])
         mapper, threshold = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
+        # Journaled spend goes in before a budget is read; for a profile without one it may wait.
+        await self._replay(strict=mapper.ledger is not None)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
             await asyncio.to_thread(mapper.ledger.spent)
         decision = await self.batcher.route(text)
         mapping = await asyncio.to_thread(mapper.map, decision)  # rules may read files (the ledger)
         return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
-                       (time.perf_counter() - t0) * 1000)
+                       (time.perf_counter() - t0) * 1000, claim=claim)
 
     def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None]:
         if model in (None, ROUTER_MODEL):
@@ -148,6 +161,46 @@ class Gateway:
         system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")
                            and m["content"]) or None
         return text, conversation, system
+
+    async def _replay(self, strict: bool) -> None:
+        """Write the journal's entries into the state database; ``strict``: a database
+        that still fails is an error (budgets must count them), else they wait."""
+        if self.journal is None or not self.journal.pending():
+            return
+        try:
+            await asyncio.to_thread(self.journal.replay, self.feedback.db, _apply_journaled)
+        except DatabaseError:
+            if strict:
+                raise
+            log.warning("spend journal: the state database still fails; its entries wait")
+
+    async def claim(self, profile: Profile, body: Conversation, key: str | None) -> tuple[Answered | None, dict | None]:
+        """With an ``Idempotency-Key``: (the answer recorded for it, None) for a retry, whose
+        answer is given again and nothing paid, else (None, the claim) once this request
+        holds the key (hand it to ``decide``). Without a key: (None, None)."""
+        if key is None or self.idempotency is None:
+            return None, None
+        if (why := check_key(key)) is not None:
+            raise InvalidRequest(f"Idempotency-Key {why}", "invalid_idempotency_key", param="Idempotency-Key")
+        claim = {"profile": profile.name, "key": key, "fingerprint": fingerprint(body)}
+        await self._replay(strict=False)  # an answer journaled earlier may be this key's
+        journaled = self.journal and await asyncio.to_thread(self.journal.find_answer, profile.name, key)
+        if journaled and journaled["fingerprint"] == claim["fingerprint"]:  # the database still fails
+            return _replayed(journaled["answer"]), None
+        try:
+            recorded = await asyncio.to_thread(self.idempotency.claim, profile.name, key, claim["fingerprint"])
+        except KeyReused as exc:
+            raise Conflict(str(exc), "idempotency_key_reused", param="Idempotency-Key") from None
+        except InProgress as exc:
+            raise Conflict(str(exc), "idempotency_in_progress", param="Idempotency-Key",
+                           retry_after_s=self.config.idempotency_retry_after_s) from None
+        return (_replayed(recorded), None) if recorded is not None else (None, claim)
+
+    async def unclaim(self, claim: dict | None) -> None:
+        """The request failed before it was paid: a retry with its key may try again."""
+        if claim is not None:
+            with contextlib.suppress(DatabaseError):  # an unreadable claim expires with RESERVATION_TTL_S
+                await asyncio.to_thread(self.idempotency.release, claim["profile"], claim["key"])
 
     def routing(self, d: Decided, prefix: str) -> dict:
         return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
@@ -191,7 +244,7 @@ class Gateway:
             raise await self._upstream_failed(d, exc) from None
         routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
                        fallback_from=fallback_from)
-        usage = await self._settle(d, routing, model, tier, usage, cost, reservation)
+        usage = await self._settle(d, routing, model, tier, usage, cost, reservation, content)
         return Answered(content, model, usage, routing)
 
     async def stream(self, d: Decided):
@@ -227,13 +280,15 @@ class Gateway:
                 usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
                 usage = await asyncio.shield(self._settle(
                     d, routing, streamed.model, streamed.target, usage,
-                    cost_usd(usage["prompt_tokens"], usage["completion_tokens"], streamed.price), reservation))
+                    cost_usd(usage["prompt_tokens"], usage["completion_tokens"], streamed.price), reservation,
+                    "".join(sent)))
             yield usage
 
         return routing, items()
 
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
-        await asyncio.to_thread(self.stats.record_error, d.profile.name)
+        with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
+            await asyncio.to_thread(self.stats.record_error, d.profile.name)
         if isinstance(exc, AllTargetsFailed):
             return Unavailable(f"no model could answer: {exc}", "all_models_failed",
                                retry_after_s=int(max(self.backends.cooling().values(), default=5)) + 1)
@@ -269,34 +324,67 @@ class Gateway:
                 await asyncio.to_thread(d.mapper.ledger.release, reservation)
 
     async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
-                      reservation: str | None) -> dict:
+                      reservation: str | None, content: str | None) -> dict:
         """What every answered request does once its cost is known: charge the ledger,
-        count it, remember it for feedback, log the decision. Returns the usage block."""
+        count it, remember it for feedback, record the answer of its Idempotency-Key, log
+        the decision. The answer is paid for: nothing here stops it from being returned;
+        what could not be written is said in ``routing`` and the spend and the recorded
+        answer go to the journal. Returns the usage block."""
         routing.update(cost_usd=round(cost, 8))
-        try:
-            await asyncio.to_thread(d.mapper.record_spend, cost, reservation)
-        except LedgerError as exc:
-            # The answer is paid for: return it; the next request meets the unreadable ledger (503).
-            log.error("budget ledger: %s", exc)
-            routing["budget_error"] = f"budget ledger {exc.file or ''} cannot be read: spending stops from the next request"
+        usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        journal: dict = {}
+        if (ledger := d.mapper.ledger) is not None:
+            try:
+                await asyncio.to_thread(ledger.settle, reservation, cost)
+            except LedgerError as exc:
+                log.error("budget ledger: %s", exc)
+                if exc.database:  # the database failed: the spend waits in the journal
+                    journal["spend"] = ledger.settlement(reservation, cost)
+                else:  # the next request meets the unreadable ledger (503)
+                    routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
+                                               "from the next request")
         large_price = self.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
-        await asyncio.to_thread(
-            self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
-            total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
-            escalated=bool(routing.get("escalated")),
-            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
+        try:
+            await asyncio.to_thread(
+                self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+                total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
+                escalated=bool(routing.get("escalated")),
+                large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
+        except DatabaseError as exc:
+            log.error("stats: %s", exc)
+            routing["stats_unavailable"] = True
         try:
             await self._remember(d, routing["request_id"], tier)
-        except DatabaseError as exc:  # the answer is paid for: return it; only its feedback is lost
+        except DatabaseError as exc:  # only its feedback is lost
             log.error("request memory: %s", exc)
             routing["feedback_unavailable"] = True
+        if d.claim is not None:
+            record = {**d.claim, "at": time.time(), "answer": {"content": content, "model": model, "usage": usage,
+                                                               "routing": dict(routing)}}
+            try:
+                await asyncio.to_thread(self.idempotency.record, record)
+            except DatabaseError as exc:
+                log.error("idempotency: %s", exc)
+                journal["answer"] = record
+        if journal:
+            try:
+                if self.journal is None:
+                    raise JournalError("this gateway has no spend journal")
+                await asyncio.to_thread(self.journal.append, journal)
+                routing["spend_journaled" if "spend" in journal else "answer_journaled"] = True
+            except JournalError as exc:  # the local disk fails too: said, and logged for an operator
+                log.error("%s; not recorded: %s", exc, journal)
+                routing["budget_error"] = "the spend of this request could not be recorded"
         if self.decision_log_path is not None:
-            decision_log.append(self.decision_log_path, {
-                **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
-                "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
-                "fallback": routing["fallback"]})
-        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+            try:
+                decision_log.append(self.decision_log_path, {
+                    **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
+                    "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
+                    "fallback": routing["fallback"]})
+            except OSError as exc:
+                log.error("decision log: %s", exc)
+        return usage
 
     async def _remember(self, d: Decided, request_id: str, tier: str | None) -> None:
         """The request, for feedback (its tier when medium or large served it)."""
@@ -313,6 +401,19 @@ class Gateway:
             raise Conflict(str(exc), "feedback_conflict") from None
         except FeedbackError as exc:
             raise InvalidRequest(str(exc), "invalid_feedback") from None
+
+
+def _apply_journaled(db, entry: dict) -> None:
+    """A journal entry written into the state database (inside the replay's transaction)."""
+    if spend := entry.get("spend"):
+        apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
+    if answer := entry.get("answer"):
+        IdempotencyStore.write(db, answer)
+
+
+def _replayed(answer: dict) -> Answered:
+    """A recorded answer, given again (nothing is called or charged)."""
+    return Answered(answer["content"], answer["model"], answer["usage"], {**answer["routing"], "idempotent_replay": True})
 
 
 def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
@@ -353,7 +454,7 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
                                                          precision=config.precision))
     models = {tier: roles.spec(tier).model for tier in TIERS}
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
-    feedback = FeedbackStore(feedback_dir, database=config.database)
+    feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s)
     for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them
         if profile.mapper.ledger is not None:
             profile.mapper.ledger.bind(feedback.db)
@@ -365,4 +466,5 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
     return Gateway(
         router=router, batcher=batcher, profiles=profiles, backends=backends,
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
-        config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None)
+        config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
+        journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s))

@@ -32,9 +32,10 @@ class LedgerError(ValueError):
     """The ledger is unreadable or an amount is invalid: spending stops until a person fixes it.
     ``file``: the budget's name (what a caller may be told; the message may hold a path)."""
 
-    def __init__(self, message: str, file: str | None = None):
+    def __init__(self, message: str, file: str | None = None, database: bool = False):
         super().__init__(message)
         self.file = file
+        self.database = database  # the state database failed (it may come back), not the ledger's content
 
 
 def _valid_amount(value) -> bool:
@@ -104,7 +105,7 @@ class BudgetLedger:
         try:
             yield
         except DatabaseError as exc:
-            raise LedgerError(f"budget ledger {self.name}: {exc}; spending is stopped", self.name) from None
+            raise LedgerError(f"budget ledger {self.name}: {exc}; spending is stopped", self.name, database=True) from None
 
     def _adopt(self) -> None:
         """Take an older version's ledger file into the database, once (no spend rows yet)."""
@@ -150,11 +151,7 @@ class BudgetLedger:
     def _row(self, key: str):
         """The period's spend row, locked until the transaction ends."""
         with self._ready(), self.db.transaction():
-            self.db.execute("INSERT INTO spend (ledger, period, usd) VALUES (?, ?, 0) ON CONFLICT (ledger, period) "
-                            "DO NOTHING", (self.name, key))
-            rows = self.db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?"
-                                   + (" FOR UPDATE" if self.db.postgres else ""), (self.name, key))
-            yield float(rows[0][0])
+            yield _locked_spend(self.db, self.name, key)
 
     def admit(self, limit_usd: float, estimate_usd: float) -> str | None:
         """Reserve ``estimate_usd`` when the period's committed spend is below the limit;
@@ -172,15 +169,34 @@ class BudgetLedger:
         """Replace a reservation by the spend it became (None: a spend without one)."""
         if not _valid_amount(usd):
             raise LedgerError(f"spend must be a finite number >= 0, got {usd!r}")
-        key = self.key()
-        with self._row(key) as spent:
-            if reservation is not None:
-                self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
-            total = round(spent + float(usd), 10)
-            self.db.execute("UPDATE spend SET usd = ? WHERE ledger = ? AND period = ?", (total, self.name, key))
-            return total
+        with self._ready(), self.db.transaction():
+            return apply_spend(self.db, self.name, self.key(), usd, reservation)
+
+    def settlement(self, reservation: str | None, usd: float) -> dict:
+        """What ``settle`` writes, as a journal entry (serve/journal.py) for when it cannot."""
+        return {"ledger": self.name, "period": self.key(), "usd": float(usd), "reservation": reservation}
 
     def release(self, reservation: str) -> None:
         """Drop a reservation whose request spent nothing (every model failed)."""
         with self._ready():
             self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+
+
+def _locked_spend(db: Database, ledger: str, key: str) -> float:
+    """The period's spend, its row locked until the caller's transaction ends."""
+    db.execute("INSERT INTO spend (ledger, period, usd) VALUES (?, ?, 0) ON CONFLICT (ledger, period) DO NOTHING",
+               (ledger, key))
+    rows = db.execute("SELECT usd FROM spend WHERE ledger = ? AND period = ?" + (" FOR UPDATE" if db.postgres else ""),
+                      (ledger, key))
+    return float(rows[0][0])
+
+
+def apply_spend(db: Database, ledger: str, key: str, usd: float, reservation: str | None) -> float:
+    """Add ``usd`` to the period's spend in place of ``reservation``, inside the caller's
+    transaction (a settle now, or a journal entry replayed later); the new total."""
+    spent = _locked_spend(db, ledger, key)
+    if reservation is not None:
+        db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+    total = round(spent + float(usd), 10)
+    db.execute("UPDATE spend SET usd = ? WHERE ledger = ? AND period = ?", (total, ledger, key))
+    return total

@@ -176,15 +176,21 @@ async def chat_completions(request: Request):
     gateway = _gateway(request)
     profile = _profile(gateway, request)
     body = await _parse(gateway, request, ChatRequest)
-    d = await gateway.decide(profile, body)
-    await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream and not (d.mapping.abstain or d.mapping.escalate):
-        routing, texts = await gateway.stream(d)
-        return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
-                                 media_type="text/event-stream", headers=_headers(routing))
-    a = await gateway.answer(d)
-    if body.stream:  # an abstention or the council's answer: whole already
+    a, claim = await gateway.claim(profile, body, request.headers.get("idempotency-key"))  # a retry: its answer
+    if a is None:
+        try:
+            d = await gateway.decide(profile, body, claim)
+            await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
+            if body.stream and not (d.mapping.abstain or d.mapping.escalate):
+                routing, texts = await gateway.stream(d)
+                return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
+                                         media_type="text/event-stream", headers=_headers(routing))
+            a = await gateway.answer(d)
+        except Exception:
+            await gateway.unclaim(claim)  # refused before anything was paid: a retry with the key may try again
+            raise
+    if body.stream:  # an abstention, the council's answer or a recorded one: whole already
         return StreamingResponse(_sse(a.routing, a.model, _whole(a.content, a.usage), include_usage),
                                  media_type="text/event-stream", headers=_headers(a.routing))
     return JSONResponse({
