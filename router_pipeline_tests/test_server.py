@@ -213,6 +213,32 @@ def test_every_model_failing_is_a_503_with_the_reasons(server, gemini):
     assert "HTTP 503" in str(err.value) and "127.0.0.1" not in str(err.value)  # the kind, not the upstream host
 
 
+def test_one_profile_cannot_take_the_models_from_the_others(server, gemini):
+    """Issue 29, 3: a prompt that makes the provider fail (500) cools Pro and Flash down for
+    its own profile only; a 429 (the provider's quota) cools a model for every profile; a
+    400 (the request itself refused) comes back as a 400, is not tried on another model
+    and cools nothing."""
+    url, state, _ = server
+    gemini.add_faults("poison", Fault(status=500), Fault(status=500))
+    with pytest.raises(openai.InternalServerError) as err:
+        ask(url, "A poison prompt", model="router-0")
+    assert err.value.status_code == 503 and set(state.backends.cooling("app")) == {PRO, FLASH}
+    other = ask(url, "A normal question", model="router-0", profile="private")
+    assert other.model == PRO and not other.model_extra["routing"]["fallback"]
+    assert state.backends.cooling() == {} and json.loads(urllib.request.urlopen(f"{url}/health").read())[
+        "cooling_down"] == {}
+    gemini.add_faults("refused", Fault(status=400))
+    calls = len(gemini.calls)
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(url, "A refused prompt", model="router-0", profile="private")
+    assert err.value.code == "upstream_invalid_request" and "HTTP 400" in str(err.value)
+    assert len(gemini.calls) == calls + 1 and state.backends.cooling("private") == {}
+    assert ask(url, "The next question", model="router-0", profile="private").model == PRO
+    gemini.add_model_faults(PRO, Fault(status=429, retry_after=60))
+    assert ask(url, "Rate limited?", model="router-0", profile="private").model == FLASH
+    assert PRO in state.backends.cooling() and PRO in state.backends.cooling("metered")
+
+
 def test_unknown_or_missing_keys_get_401(server):
     url, _, _ = server
     with pytest.raises(openai.AuthenticationError):

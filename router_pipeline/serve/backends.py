@@ -4,8 +4,13 @@ out is skipped for a while and the next target of the caller's profile serves.
 A target is (alias, model id) as the caller's mapper resolves it; each model becomes
 one client of the pipeline's LLM layer (gemini or local), made once; medium and large
 keep their role's settings (prices, token budgets). A call is attempted once per
-target (no retry loop on the request path: the next target is the retry), and
-cooldowns are per model.
+target (no retry loop on the request path: the next target is the retry).
+
+One tenant cannot take a model from the others: a 5xx or a timeout (which one prompt can
+cause) cools the model down for the caller's profile only; only a 429, the provider's
+quota shared by every profile, cools it down for all, for its ``Retry-After``. A 4xx
+that is the caller's fault (400, 413, 422: the request itself is refused) is the
+caller's error, trips nothing and is not retried on another model.
 """
 
 from __future__ import annotations
@@ -26,6 +31,28 @@ from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
 from router_pipeline.policies import TIERS
 
 log = logging.getLogger(__name__)
+
+
+CALLER_ERRORS = {400, 413, 422}  # the provider refuses the request itself: another model would too
+RATE_LIMITED = "HTTP 429"  # how a RetryableError of the provider's quota begins (llm/gemini.py)
+EVERY_PROFILE = ""  # the cooldown scope of a model rate limited for every profile
+
+
+class RejectedRequest(RuntimeError):
+    """The provider refused the request as invalid (the caller's fault): ``status`` is what
+    a caller may read of it."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
+
+
+def _caller_fault(exc: Exception) -> str | None:
+    """'HTTP 400 INVALID_ARGUMENT' when the provider refused the request itself, else None."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code in CALLER_ERRORS:
+        return " ".join(str(p) for p in ("HTTP", code, getattr(exc, "status", None) or "") if p)
+    return None
 
 
 class AllTargetsFailed(RuntimeError):
@@ -84,7 +111,7 @@ class Backends:
         self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
         self.local_waits_for = local_waits_for
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
-        self._cooling: dict[str, float] = {}  # model -> monotonic time it may be called again
+        self._cooling: dict[tuple[str, str], float] = {}  # (profile or EVERY_PROFILE, model) -> when it may be called
         self._local_lock = asyncio.Lock()  # a local model generates one answer at a time
         self._making = threading.Lock()  # a client is made once, even when two requests ask together
 
@@ -109,16 +136,21 @@ class Backends:
             self._client(alias, model)
         return [m for _, m in local]
 
-    def cooling(self) -> dict[str, float]:
-        """model -> seconds left in its cooldown."""
-        now = time.monotonic()
-        return {m: round(until - now, 1) for m, until in self._cooling.items() if until > now}
+    def cooling(self, profile: str = EVERY_PROFILE) -> dict[str, float]:
+        """model -> seconds left in its cooldown for ``profile`` (its own and every profile's;
+        by default, only those of every profile)."""
+        now, out = time.monotonic(), {}
+        for (scope, model), until in self._cooling.items():
+            if until > now and scope in (EVERY_PROFILE, profile):
+                out[model] = max(out.get(model, 0.0), round(until - now, 1))
+        return out
 
-    async def _available(self, targets: list[tuple[str, str]], attempts: list[dict]):
-        """(target, model, spec, client) of each target not cooling down, in order, each
-        once; the ones cooling down are noted in ``attempts``."""
+    async def _available(self, targets: list[tuple[str, str]], attempts: list[dict], profile: str):
+        """(target, model, spec, client) of each target not cooling down for ``profile``, in
+        order, each once; the ones cooling down are noted in ``attempts``."""
+        cooling = self.cooling(profile)
         for target, model in dict.fromkeys(targets):
-            left = self.cooling().get(model)
+            left = cooling.get(model)
             if left is not None:
                 attempts.append({"target": target, "model": model, "error": f"cooling down ({left} s left)"})
                 continue
@@ -127,23 +159,29 @@ class Backends:
             # weights (seconds of a stalled event loop, for every caller, if done here).
             yield (target, model, *(made or await asyncio.to_thread(self._client, target, model)))
 
-    def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict]) -> None:
+    def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict],
+                profile: str) -> None:
+        if (status := _caller_fault(exc)) is not None:
+            log.info("%s (%s) refused the request of profile %s: %r", target, spec.model, profile, exc)
+            raise RejectedRequest(status) from None
         if isinstance(exc, RetryableError):
-            self._cooling[model] = time.monotonic() + (exc.retry_after or self.cooldown_s)
-            log.warning("%s (%s) failed, cooling down: %s", target, spec.model, exc)
+            scope = EVERY_PROFILE if str(exc).startswith(RATE_LIMITED) else profile
+            self._cooling[(scope, model)] = time.monotonic() + (exc.retry_after or self.cooldown_s)
+            log.warning("%s (%s) failed, cooling down for %s: %s", target, spec.model,
+                        "every profile" if scope == EVERY_PROFILE else f"profile {profile}", exc)
         else:  # a provider error that retrying the same model would not fix
             log.warning("%s (%s) failed: %r", target, spec.model, exc)
         attempts.append({"target": target, "model": spec.model, "error": _public(exc)})
 
     async def answer(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
-                     max_tokens: int | None) -> Served:
-        """The first of ``targets`` (alias, model id) that answers."""
+                     max_tokens: int | None, profile: str = EVERY_PROFILE) -> Served:
+        """The first of ``targets`` (alias, model id) that answers for ``profile``."""
         attempts: list[dict] = []
-        async for target, model, spec, client in self._available(targets, attempts):
+        async for target, model, spec, client in self._available(targets, attempts, profile):
             try:
                 result = await self._call(client, self._request(client, spec, prompt, system, max_tokens))
             except Exception as exc:
-                self._failed(target, model, spec, exc, attempts)
+                self._failed(target, model, spec, exc, attempts, profile)
                 continue
             if result.status != OK:
                 attempts.append({"target": target, "model": spec.model, "error": f"{result.status} reply"})
@@ -153,17 +191,17 @@ class Backends:
         raise AllTargetsFailed(attempts)
 
     async def stream(self, targets: list[tuple[str, str]], prompt: str, system: str | None,
-                     max_tokens: int | None) -> "Streamed":
+                     max_tokens: int | None, profile: str = EVERY_PROFILE) -> "Streamed":
         """The first of ``targets`` that starts answering, as a stream. A target that fails
         before its first text (429, 5xx, timeout, an empty or blocked reply) is skipped as
         in ``answer``: the caller never sees it."""
         attempts: list[dict] = []
-        async for target, model, spec, client in self._available(targets, attempts):
+        async for target, model, spec, client in self._available(targets, attempts, profile):
             chunks = self._chunks(client, self._request(client, spec, prompt, system, max_tokens))
             try:
                 first = await chunks.__anext__()
             except Exception as exc:
-                self._failed(target, model, spec, exc, attempts)
+                self._failed(target, model, spec, exc, attempts, profile)
                 continue
             if isinstance(first, LLMResult) and first.status != OK:  # ended before any text
                 await chunks.aclose()

@@ -34,7 +34,7 @@ from router_pipeline.llm.types import ERROR, LLMResult
 from router_pipeline.routers.contract import RouteDecision, Router, RouterConfig
 from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
-from router_pipeline.serve.backends import AllTargetsFailed, Backends, council_answer
+from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedRequest, council_answer
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
@@ -235,7 +235,7 @@ class Gateway:
                                                                 self.config.escalation_timeout_s)
                 routing["escalated"] = True
             else:
-                served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked)
+                served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked, d.profile.name)
                 content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
                 usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
                 fallback_from = served.attempts
@@ -256,7 +256,7 @@ class Gateway:
         reservation = await self.reserve(d)
         routing = self.routing(d, "chatcmpl")
         try:
-            streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked)
+            streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked, d.profile.name)
         except Exception as exc:
             await self._release(d, reservation)
             raise await self._upstream_failed(d, exc) from None
@@ -289,9 +289,13 @@ class Gateway:
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
             await asyncio.to_thread(self.stats.record_error, d.profile.name)
+        if isinstance(exc, RejectedRequest):  # the caller's fault: nothing cooled down, nothing retried
+            return InvalidRequest(f"the model refused this request as invalid ({exc.status}); check its "
+                                  "messages and parameters", "upstream_invalid_request")
         if isinstance(exc, AllTargetsFailed):
+            cooling = self.backends.cooling(d.profile.name)
             return Unavailable(f"no model could answer: {exc}", "all_models_failed",
-                               retry_after_s=int(max(self.backends.cooling().values(), default=5)) + 1)
+                               retry_after_s=int(max(cooling.values(), default=5)) + 1)
         log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
         return UpstreamFailed(f"the upstream model call failed ({type(exc).__name__})", "upstream_error")
 

@@ -220,7 +220,7 @@ async def stats(request: Request):
     snapshot = await asyncio.to_thread(gateway.stats.snapshot)  # a database read
     by_profile = snapshot if gateway.profiles.open else {profile.name: snapshot.get(profile.name, {})}
     return {"profiles": by_profile, "batches": gateway.batcher.batches, "routed": gateway.batcher.routed,
-            "cooling_down": gateway.backends.cooling()}
+            "cooling_down": gateway.backends.cooling(profile.name)}
 
 
 async def models(request: Request):
