@@ -32,6 +32,7 @@ SUMMARY_FILE = "summary.csv"  # one row per candidate / reference router (evalua
 INTERVALS_FILE = "intervals.csv"  # paired-bootstrap APGR differences between candidates (evaluation/)
 OOF_FILE = "oof_scores.csv"  # a head's out-of-fold P(Complex_Query) on its training rows: qid, fold, p_complex
 ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
+MANIFEST_FILE = "manifest.json"  # a released router's files and their sha256, checked when it is loaded
 STATE_FILE = "requests.sqlite"  # the routing server's default state database, in its feedback folder
 STAGES = ("sft", "dpo")
 # Head routers: frozen Gemma states; MiniLM with shrinkage LDA, logistic regression, k-NN.

@@ -156,6 +156,47 @@ def test_broken_head_router_folders_are_refused_clearly(tmp_path):
         load_router(tmp_path)
 
 
+def test_a_release_is_checked_against_its_manifest_and_its_encoder(labelled, tmp_path, capsys):
+    """Issue 29, 4: every file of a release is hashed in its manifest and checked at load, so a
+    head with negated coefficients, classes reordered in router.json or a file added are
+    refused naming the file; a head of the wrong width, a cut or a garbage head.npz are
+    refused naming head.npz (no traceback, no numpy advice), and `serve` does not start."""
+    from router_pipeline.routers.manifest import ReleaseIntegrityError, write_manifest
+    from router_pipeline.serve import cli
+
+    queries, x, policies = labelled
+    head = fit_head("logistic", x, policies, c=1.0)
+    path = save_head_router(tmp_path / "release", "logistic", {"encoder": "minilm"}, head)
+    write_manifest(path)
+    assert load_router(path).route(queries[0]).parse_ok
+    npz, meta = (path / "head.npz").read_bytes(), (path / "router.json").read_text()
+    Head("logistic", head.classes, {**head.arrays, "coef": -head.arrays["coef"]}).save(path / "head.npz")
+    with pytest.raises(ReleaseIntegrityError, match=r"head\.npz was changed after the release"):
+        load_router(path)
+    (path / "head.npz").write_bytes(npz)
+    (path / "router.json").write_text(meta.replace('"Standard_Query"', '"X"').replace('"Complex_Query"', '"Standard_Query"')
+                                      .replace('"X"', '"Complex_Query"'))
+    with pytest.raises(ReleaseIntegrityError, match=r"router\.json was changed"):
+        load_router(path)
+    (path / "router.json").write_text(meta)
+    (path / "extra.json").write_text("{}")
+    with pytest.raises(ReleaseIntegrityError, match=r"extra\.json was added"):
+        load_router(path)
+    (path / "extra.json").unlink()
+    (path / "manifest.json").unlink()  # unchecked files: the head is still checked against the encoder
+    Head("logistic", head.classes, {k: v[..., :100] if v.ndim else v for k, v in head.arrays.items()}).save(
+        path / "head.npz")
+    with pytest.raises(ValueError, match=r"head\.npz: the head reads 100 features, the encoder gives 384"):
+        load_router(path)
+    for broken in (npz[: len(npz) // 2], b"garbage" * 10):
+        (path / "head.npz").write_bytes(broken)
+        with pytest.raises(ValueError, match=r"head\.npz is not a head the pipeline wrote") as err:
+            load_router(path)
+        assert "allow_pickle" not in str(err.value)
+    assert cli.main(["serve", "--adapter", str(path), "--port", "1"]) == 1
+    assert "head.npz is not a head the pipeline wrote" in capsys.readouterr().err
+
+
 def test_gemma_states_read_the_layer_they_name(tiny_model_dir):
     """Truncated to k blocks, the encoder gives the full model's hidden state after block
     k; mean pooling ignores padding (a query encodes the same alone and in a batch)."""

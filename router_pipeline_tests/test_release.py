@@ -210,6 +210,9 @@ def test_record_and_publish_write_what_the_server_reads(tables, tmp_path):
     assert release.released_figures(layout) == {}  # nothing released yet
     released = release.publish(layout, "knn")
     assert released["router_dir"] == layout.release and (layout.release / ROUTER_FILE).is_file()
+    from router_pipeline.routers.manifest import check_manifest
+
+    assert check_manifest(layout.release)  # every released file hashed, as load_router checks it
     figures = release.released_figures(layout)
     assert figures["candidate"] == "knn" and figures["chosen"] and figures["release_evidence"] == choice.record
     assert (layout.release / CALIBRATION_FILE).is_file()

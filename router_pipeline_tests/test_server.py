@@ -569,6 +569,20 @@ def test_metrics_need_the_admin_key_and_health_shows_no_paths(server, router, mo
     assert router.adapter_dir not in health and "/" not in json.loads(health)["router"]
 
 
+def test_health_is_readiness_and_livez_is_liveness(server, tmp_path):
+    """/health answers 200 only when the router answers its probe (through the batcher) and
+    the state database a read; else 503 naming what fails. /livez: the process answers."""
+    url, state, _ = server
+    routed = state.batcher.routed
+    health = json.loads(urllib.request.urlopen(f"{url}/health").read())
+    assert health["status"] == "ok" and health["failing"] == {} and state.batcher.routed == routed + 1
+    _state(tmp_path / "feedback").execute("DROP TABLE requests")  # every request's settling would fail
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{url}/health")
+    assert err.value.code == 503 and json.loads(err.value.read())["failing"] == {"state_database": "unavailable"}
+    assert json.loads(urllib.request.urlopen(f"{url}/livez").read()) == {"status": "alive"}
+
+
 def test_concurrent_requests_share_router_passes_and_show_in_stats(server, monkeypatch):
     url, state, _ = server
     before = state.batcher.batches

@@ -42,6 +42,7 @@ from router_pipeline.evaluation.metrics import (
 )
 from router_pipeline.policies import CORRECT, MEDIUM, POLICIES
 from router_pipeline.routers.head import export_head_router
+from router_pipeline.routers.manifest import write_manifest
 
 VALIDATION_STRATUM = "validation"
 CANDIDATES = (*HEADS, *STAGES)  # every router kind the pipeline trains
@@ -290,6 +291,7 @@ def publish(layout: Artifacts, name: str) -> dict:
     exported = {} if export is None else {
         "export_sha256": export["sha256"], "export_s": round(time.perf_counter() - t0, 1),
         "export_mb": round(sum(f.stat().st_size for f in (staging / export["dir"]).iterdir()) / 1e6, 1)}
+    write_manifest(staging)  # every file the released router reads, checked when it is loaded
     dest = install(staging, layout.release)
     shutil.rmtree(staging, ignore_errors=True)
     return {"router_dir": dest, "from": str(src), **exported,

@@ -19,6 +19,7 @@ from router_pipeline.routers.prompt import MODES
 
 RAISE = "raise"  # RouterConfig.fallback: fail instead of deciding for the router
 PRECISIONS = ("fast", "fp32")  # fp32 is the reference; fast is bf16 weights where the hardware has bf16 units
+PROBE_QUERY = "Who wrote Hamlet?"  # what a router is asked to check it answers (its width at load, /health)
 
 
 class Router(Protocol):

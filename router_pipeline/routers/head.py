@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +41,14 @@ import numpy as np
 
 from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
-from router_pipeline.routers.contract import RouteDecision, read_calibration, read_json_object
+from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, read_calibration, read_json_object
 
 HEAD_FILE = "head.npz"
 CLASSIFIERS = ("logistic", "lda", "knn")
 LINEAR = ("logistic", "lda")  # a softmax over linear scores of the standardised features
+LINEAR_ARRAYS = ("mean", "scale", "coef", "intercept")
 HEAD_KIND = "head"
+REFIT = "re-run head_routers and released_router"
 
 
 @dataclass
@@ -115,8 +118,42 @@ class Head:
 
     @classmethod
     def load(cls, path: Path, classifier: str, classes: list[str], k: int) -> "Head":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(classifier, classes, {name: z[name] for name in z.files}, k)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(classifier, classes, {name: z[name] for name in z.files}, k)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:  # cut, garbage, or pickled
+            raise ValueError(f"{path} is not a head the pipeline wrote (cut, corrupted or not arrays: "
+                             f"{type(exc).__name__}); {REFIT}") from None
+
+    def check(self, width: int, where: Path) -> None:
+        """ValueError naming ``where`` unless the arrays fit an encoder of ``width`` features
+        and the three policies: a head of the wrong width, or a broken one, never serves."""
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ValueError(f"{where}: {what}; {REFIT}")
+
+        a = self.arrays
+        need(self.classifier in CLASSIFIERS, f"unknown classifier {self.classifier!r}")
+        need(isinstance(self.classes, list) and 1 <= len(self.classes) == len(set(self.classes))
+             and set(self.classes) <= set(POLICIES), f"classes must be distinct policies of {POLICIES}")
+        names = (LINEAR_ARRAYS if self.classifier in LINEAR else ("train", "labels")) if len(self.classes) > 1 else ()
+        need(all(n in a for n in names), f"a {self.classifier} head needs the arrays {list(names)}")
+        need(all(np.issubdtype(v.dtype, np.number) and np.isfinite(v).all() for v in a.values()),
+             "every array must be finite numbers")
+        if self.classifier in LINEAR and names:
+            rows = a["coef"].shape[0] if a["coef"].ndim == 2 else -1
+            need(a["mean"].shape == a["scale"].shape == (width,) and a["coef"].shape[1:] == (width,),
+                 f"the head reads {a['coef'].shape[-1]} features, the encoder gives {width}")
+            need(rows in ({len(self.classes)} | ({1} if len(self.classes) == 2 else set()))
+                 and a["intercept"].shape == (rows,), f"coef has {rows} rows for {len(self.classes)} classes")
+            need(bool((a["scale"] > 0).all()), "scale must be positive")
+        elif names:
+            need(a["train"].ndim == 2 and a["train"].shape[1] == width,
+                 f"the head's neighbours have {a['train'].shape[-1]} features, the encoder gives {width}")
+            need(a["labels"].shape == (len(a["train"]),) and bool(np.isin(a["labels"], range(len(self.classes))).all()),
+                 "labels must number the classes, one per neighbour")
+        for n in ("bias", "prior"):
+            need(n not in a or a[n].shape == (len(POLICIES),), f"{n} must hold one value per policy")
 
 
 def _scaled(p: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
@@ -164,6 +201,7 @@ class HeadRouter:
         self.head = Head.load(head_file, self.meta["classifier"], self.meta["classes"], self.meta.get("k", 5))
         self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
                                                     export=self.meta.get("export"), folder=self.path)
+        self.head.check(self.encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
         self.calibration = read_calibration(self.path)
         self.device = getattr(self.encoder, "device", "cpu")
         self.precision = getattr(self.encoder, "precision", "fp32")

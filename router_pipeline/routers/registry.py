@@ -9,6 +9,7 @@ from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.routers.contract import Router, RouterConfig, read_json_object
 from router_pipeline.routers.head import HEAD_KIND, HeadRouter
 from router_pipeline.routers.lora import LORA_KIND, LoraRouter
+from router_pipeline.routers.manifest import check_manifest
 
 KINDS = {HEAD_KIND: lambda path, config: HeadRouter(path, precision=config.precision),
          LORA_KIND: lambda path, config: LoraRouter(path, config=config)}
@@ -26,5 +27,7 @@ def kind_of(path: str | Path) -> str:
 
 def load_router(path: str | Path, config: RouterConfig = RouterConfig()) -> Router:
     """The router saved at ``path``, of whichever kind it is; all route with
-    ``route``/``route_batch`` and carry their ``calibration``."""
+    ``route``/``route_batch`` and carry their ``calibration``. A release's files are
+    checked against its manifest first (ReleaseIntegrityError naming the file)."""
+    check_manifest(path)
     return KINDS[kind_of(path)](path, config)

@@ -276,6 +276,11 @@ def serve(args) -> int:
                      database=url)
     state = build_gateway(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
                           feedback_dir=folder)
+    from router_pipeline.artifacts import MANIFEST_FILE
+
+    if not (Path(adapter) / MANIFEST_FILE).is_file():
+        print(f"warning: {adapter} has no {MANIFEST_FILE} (not a release, or an older one): its files are not "
+              "checked", file=sys.stderr)
     if state.profiles.open:
         print("warning: no --profiles: every caller is served without a key; bind to 127.0.0.1 only",
               file=sys.stderr)

@@ -32,6 +32,7 @@ class ServingConfig:
     # hung caller: SQLite's busy timeout, PostgreSQL's connect and statement timeouts.
     database_timeout_s: float = 5.0
     # Process.
+    readiness_timeout_s: float = 5.0  # /health: the router's probe must answer within this
     graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled
     threshold_mappers: int = 256  # router-<threshold> mappers kept (least recently used dropped)
 

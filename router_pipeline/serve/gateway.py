@@ -31,7 +31,7 @@ from pathlib import Path
 from router_pipeline import settings
 from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.types import ERROR, LLMResult
-from router_pipeline.routers.contract import RouteDecision, Router, RouterConfig
+from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, Router, RouterConfig
 from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedRequest, council_answer
@@ -109,6 +109,22 @@ class Gateway:
     async def stop(self) -> None:
         await self.batcher.stop()
         self.feedback.close()
+
+    async def ready(self) -> dict[str, str]:
+        """What cannot serve now (component -> why), empty when the router answers a probe
+        through the batcher and the state database answers a read: readiness, for /health."""
+        failing = {}
+        try:
+            await asyncio.wait_for(self.batcher.route(PROBE_QUERY), self.config.readiness_timeout_s)
+        except Exception as exc:  # whatever it is, the router cannot route
+            log.error("readiness: the router failed its probe: %r", exc)
+            failing["router"] = "timed out" if isinstance(exc, asyncio.TimeoutError) else "failed its probe"
+        try:
+            await asyncio.to_thread(self.feedback.db.execute, "SELECT 1 FROM requests LIMIT 1")
+        except DatabaseError as exc:
+            log.error("readiness: %s", exc)
+            failing["state_database"] = "unavailable"
+        return failing
 
     # -- deciding ---------------------------------------------------------------
     async def decide(self, profile: Profile, body: Conversation, claim: dict | None = None) -> Decided:

@@ -10,7 +10,8 @@ models, plus route / feedback / stats (``router-pipeline serve``; FastAPI + uvic
 - ``POST /v1/route``: the decision only, for callers that call models themselves.
 - ``POST /v1/feedback``: a grade or a preferred tier for a request id; lands in the
   outcomes file the pipeline's ``outcomes`` source reads (serve/feedback.py).
-- ``GET /v1/stats``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
+- ``GET /v1/stats``, ``GET /v1/models``, ``GET /metrics`` (Prometheus); ``GET /health`` (readiness: the
+  router answers a probe, the state database a read) and ``GET /livez`` (liveness).
 
 Callers authenticate with ``Authorization: Bearer <key>`` (serve/profiles.py).
 """
@@ -233,11 +234,20 @@ async def models(request: Request):
 
 
 async def health(request: Request):
+    """Readiness: 200 when the router answers a probe and the state database a read, else
+    503 naming what fails (a load balancer stops sending requests here)."""
     gateway = _gateway(request)
     r = gateway.router
-    return {"status": "ok", "router": getattr(r, "mode", None), "precision": getattr(r, "precision", "fp32"),
-            "device": r.device, "threshold": gateway.calibration.get("threshold"),
-            "cooling_down": gateway.backends.cooling()}
+    failing = await gateway.ready()
+    return JSONResponse({"status": "unavailable" if failing else "ok", "failing": failing,
+                         "router": getattr(r, "mode", None), "precision": getattr(r, "precision", "fp32"),
+                         "device": r.device, "threshold": gateway.calibration.get("threshold"),
+                         "cooling_down": gateway.backends.cooling()}, status_code=503 if failing else 200)
+
+
+async def livez(request: Request):
+    """Liveness: the process answers (restart it when this fails, not when /health does)."""
+    return {"status": "alive"}
 
 
 async def metrics(request: Request):
@@ -248,7 +258,7 @@ async def metrics(request: Request):
 
 ROUTES = [("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/route", route),
           ("POST", "/v1/feedback", feedback), ("GET", "/v1/stats", stats), ("GET", "/v1/models", models),
-          ("GET", "/health", health), ("GET", "/metrics", metrics)]
+          ("GET", "/health", health), ("GET", "/livez", livez), ("GET", "/metrics", metrics)]
 
 
 # -- the app --------------------------------------------------------------------
