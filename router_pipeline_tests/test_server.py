@@ -398,6 +398,47 @@ def test_bad_requests_get_clear_400s_naming_the_field(server, gemini):
     assert len(state.mappers) == 0
 
 
+def test_openai_fields_the_server_does_not_honour_are_refused_by_name(server, gemini, monkeypatch):
+    """Issue 29, 5: tools and tool turns, n > 1, logprobs, response_format, stop, seed, image
+    parts and unknown fields are a 400 unsupported_parameter naming the field (none reaches a
+    model); what asks for nothing is accepted and sampling hints are named as ignored; NaN,
+    Infinity and loose router-<threshold> names are refused; a bug is OpenAI's error object."""
+    url, state, _ = server
+    user = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chat = lambda body: _post(url, "/v1/chat/completions", json.dumps(body).encode())  # noqa: E731
+    calls = len(gemini.calls)
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "weather"}}], "tool_choice": "required"},
+                          "tools"), ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 3}, "n"),
+                         ({"logprobs": True}, "logprobs"), ({"stop": ["\n"]}, "stop"), ({"seed": 7}, "seed"),
+                         ({"n": True}, "n"), ({"frobnicate": 1}, "frobnicate")):
+        code, err = chat({"model": "router", "messages": user, **extra})
+        assert code == 400 and err["code"] == "unsupported_parameter" and err["param"] == param, (extra, err)
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}
+    for messages, param in (([*user, {"role": "assistant", "content": None, "tool_calls": [call]}], "messages.1.tool_calls"),
+                            ([*user, result], "messages.1.role"),
+                            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
+                             "messages.0.content.0.type")):
+        code, err = chat({"model": "router", "messages": messages})
+        assert code == 400 and err["code"] == "unsupported_parameter" and err["param"] == param, (messages, err)
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        code, err = _post(url, "/v1/chat/completions", b'{"model": "router", "messages": [{"role": "user", "content": '
+                          b'"x"}], "max_tokens": ' + constant + b"}")
+        assert code == 400 and constant.decode().lstrip("-") in err["message"]
+    for name in ("router-1e-400", "router- 0.5", "router-1e-1", "router-0.5 "):
+        assert chat({"model": name, "messages": user})[0] == 404, name
+    assert len(gemini.calls) == calls
+    reply = client(url).chat.completions.create(model="router-0.25", messages=user, n=1, temperature=0.2, stop=None)
+    assert reply.model_extra["routing"]["ignored_parameters"] == ["temperature"] and len(gemini.calls) == calls + 1
+
+    async def broken(query):
+        raise RuntimeError("a bug at /srv/secret/path")
+    monkeypatch.setattr(state.batcher, "route", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        ask(url)
+    assert err.value.status_code == 500 and err.value.code == "internal_error" and "secret" not in str(err.value)
+
+
 def test_bodies_are_limited_while_they_are_read(server):
     """A declared 100 MB body is refused before it is sent; a body streamed without a
     length is cut at the limit; neither is held whole."""

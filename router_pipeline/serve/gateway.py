@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -52,6 +53,12 @@ from router_pipeline.text import check_query
 
 log = logging.getLogger(__name__)
 ROUTER_MODEL = "router"
+THRESHOLD_NAME = re.compile(re.escape(ROUTER_MODEL) + r"-((?:0|1)(?:\.\d{1,8})?|\.\d{1,8})")  # router-<threshold>
+
+
+def threshold_model(threshold: float) -> str:
+    """The model name that routes at ``threshold`` (what THRESHOLD_NAME reads back)."""
+    return f"{ROUTER_MODEL}-{threshold:.4f}".rstrip("0").rstrip(".")
 
 
 @dataclass
@@ -148,11 +155,9 @@ class Gateway:
     def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None]:
         if model in (None, ROUTER_MODEL):
             return profile.mapper, None
-        threshold = -1.0
-        if model.startswith(ROUTER_MODEL + "-") and len(model) <= 32:
-            with contextlib.suppress(ValueError):
-                threshold = float(model[len(ROUTER_MODEL) + 1:])
-        if not 0.0 <= threshold <= 1.0:  # NaN included
+        # Written as a plain decimal only: "router-1e-400", "router- 0.5" and "router-nan" name nothing.
+        threshold = float(m.group(1)) if (m := THRESHOLD_NAME.fullmatch(model)) else -1.0
+        if not 0.0 <= threshold <= 1.0:
             shown = model if len(model) <= 64 else model[:64] + "..."
             raise NotFound(f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
                            f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'",
@@ -223,7 +228,8 @@ class Gateway:
                 "probabilities": {k: round(v, 4) for k, v in d.decision.probabilities.items()},
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
-                "router_ms": round(d.router_ms, 2)}
+                "router_ms": round(d.router_ms, 2),
+                **({"ignored_parameters": ignored} if (ignored := getattr(d.body, "ignored", None)) else {})}
 
     async def route(self, d: Decided) -> dict:
         """The decision only (the caller calls the model): remembered for feedback, counted."""

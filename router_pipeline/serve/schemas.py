@@ -1,8 +1,15 @@
 """The server's request bodies, declared: every field typed and bounded, as OpenAI-
-compatible servers declare them. Fields OpenAI clients send that the router does not
-use (temperature, user, ...) are accepted and ignored; a field the router does use
-with a wrong type or value is a 400 naming it (``invalid_field``), never coerced
-("100" is not 100) and never echoed back.
+compatible servers declare them. A field the router uses with a wrong type or value is
+a 400 naming it (``invalid_field``), never coerced ("100" is not 100) and never echoed
+back.
+
+Nothing a caller asks for is dropped without a word: a chat field this server does not
+honour (tools and tool turns, ``n`` > 1, ``logprobs``, ``response_format`` other than
+text, ``stop``, ``seed``, content parts other than text, any field it does not know) is a
+400 ``unsupported_parameter`` naming it, unless it holds the value that asks for
+nothing (``n: 1``, ``tools: []``, ``null``, ...). Sampling hints the answer does not
+depend on (``IGNORED``: temperature, top_p, ...) are accepted and named in the reply's
+``routing.ignored_parameters``. JSON's NaN and Infinity are refused.
 """
 
 from __future__ import annotations
@@ -18,14 +25,30 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 Tier = Literal[TIERS]  # type: ignore[valid-type]
 MAX_MESSAGES = 256
 MAX_ID_CHARS = 200
+UNSUPPORTED = "unsupported_parameter"
+# Accepted, not honoured, named in the reply: the models' own sampling settings answer instead.
+IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "user", "metadata", "store")
+# Unknown fields accepted only with the value that asks for nothing beyond a plain answer.
+NO_OP = {"n": (1,), "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+         "stop": ([],), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+         "parallel_tool_calls": (True, False), "modalities": (["text"],), "logit_bias": ({},)}
 
 
 class RequestError(ValueError):
-    """A body that is not what the endpoint declares; ``param`` names the field."""
+    """A body that is not what the endpoint declares; ``param`` names the field, ``code``
+    says why when it is not a wrong value (``unsupported_parameter``)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+def _asks_nothing(name: str, value) -> bool:
+    return value is None or any(type(value) is type(v) and value == v for v in NO_OP.get(name, ()))
+
+
+def _unsupported(param: str, what: str) -> RequestError:
+    return RequestError(f"{param}: {what} is not supported by this server", param, UNSUPPORTED)
 
 
 class ContentPart(BaseModel):
@@ -46,11 +69,21 @@ class Message(BaseModel):
     content: StrictStr | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """The message's text: a string, or its text parts joined (images and audio are
-        not read by the router)."""
+        """The message's text: a string, or its text parts joined."""
         if isinstance(self.content, list):
             return " ".join(p.text for p in self.content if p.type == "text" and p.text)
         return self.content or ""
+
+    def check_supported(self, where: str) -> None:
+        """RequestError for what this message holds that would not reach the model."""
+        if self.role == "tool":
+            raise _unsupported(f"{where}.role", "a tool result (role 'tool': tool calling)")
+        for name in ("tool_calls", "function_call"):
+            if (self.model_extra or {}).get(name) not in (None, []):
+                raise _unsupported(f"{where}.{name}", "an assistant's tool call (tool calling)")
+        for i, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text":
+                raise _unsupported(f"{where}.content.{i}.type", f"a {part.type!r} content part (only text is read)")
 
 
 class StreamOptions(BaseModel):
@@ -72,6 +105,10 @@ class Conversation(BaseModel):
             raise ValueError("give 'messages' (a non-empty list of {role, content}) or 'query'")
         return self
 
+    def check_supported(self) -> None:
+        for i, m in enumerate(self.messages or []):
+            m.check_supported(f"messages.{i}")
+
     def plain_messages(self) -> list[dict]:
         """The conversation as {role, content: str} dicts."""
         if self.messages is None:
@@ -86,6 +123,17 @@ class ChatRequest(Conversation):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name, value in (self.model_extra or {}).items():
+            if name not in IGNORED and not _asks_nothing(name, value):
+                raise _unsupported(name, "this field" if name not in NO_OP else f"{name} with this value")
+
+    @property
+    def ignored(self) -> list[str]:
+        """The fields given that are accepted but not honoured (IGNORED)."""
+        return [n for n in IGNORED if (self.model_extra or {}).get(n) is not None]
 
     @property
     def output_tokens(self) -> tuple[str, int] | None:
@@ -107,7 +155,7 @@ class FeedbackRequest(BaseModel):
 def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
     """``raw`` (the whole body) as ``model``, or RequestError naming what is wrong."""
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise RequestError("request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -117,10 +165,17 @@ def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     try:
-        return model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors(include_input=False, include_url=False)[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise RequestError(f"{param}: {err['msg']}" if param else err["msg"], param) from None
     except RecursionError:
         raise RequestError("request body is nested too deeply") from None
+    if hasattr(parsed, "check_supported"):
+        parsed.check_supported()
+    return parsed
+
+
+def _no_constant(name: str):
+    raise RequestError(f"request body holds {name}, which is not a JSON number")

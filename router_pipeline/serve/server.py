@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from router_pipeline import settings
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
-from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway
+from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, threshold_model
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.profiles import Profile
 from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
@@ -84,7 +84,8 @@ async def _parse(gateway: Gateway, request: Request, schema):
     try:
         return parse(schema, await _read_body(request, gateway.config.max_body_bytes))
     except RequestError as exc:
-        raise InvalidRequest(str(exc), "invalid_field" if exc.param else "invalid_json", param=exc.param) from None
+        raise InvalidRequest(str(exc), exc.code or ("invalid_field" if exc.param else "invalid_json"),
+                             param=exc.param) from None
 
 
 def _admin(gateway: Gateway, request: Request) -> None:
@@ -160,6 +161,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(503, "the server's state database is unavailable; try again later", "database_unavailable",
                       "server_error", headers={"Retry-After": "5"})
 
+    @app.exception_handler(Exception)
+    async def unhandled(request: Request, exc: Exception):
+        # A bug: the caller gets OpenAI's error object without internals, the log the traceback.
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error(500, "the server failed on this request", "internal_error", "server_error")
+
     @app.exception_handler(LedgerError)
     async def ledger_error(request: Request, exc: LedgerError):
         # Money state that cannot be read stops spending (fail closed), with the file named.
@@ -228,7 +235,7 @@ async def models(request: Request):
     gateway = _gateway(request)
     _profile(gateway, request)
     threshold = gateway.calibration.get("threshold")
-    names = [ROUTER_MODEL] + ([f"{ROUTER_MODEL}-{threshold:.4g}"] if threshold is not None else [])
+    names = [ROUTER_MODEL] + ([threshold_model(threshold)] if threshold is not None else [])
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "router_pipeline"}
                                        for n in names]}
 
