@@ -53,7 +53,7 @@ SHORT = {"default": "batching+prefix", "batching": "batching only", "prefix": "p
          "b64": "max batch 64"}
 HOSTILE = ("32 KB digits", "100 MB body", "max_tokens 100000", "private -> local model")
 PRIVATE = "Call me back on 555-123-4567 and write a very long essay on everything."
-KEY_ENV, KEY = "ROUTER_BENCH_KEYS", "benchmark"  # the load profile's API key (not a secret)
+KEY_ENV, KEY = "ROUTER_BENCH_KEYS", "benchmark-load-key-0001"  # the load profile's API key (not a secret)
 HOSTILE_PAUSE_S = 0.1  # each hostile client sends up to 10 requests/s: bad requests, not a flood (a proxy's job)
 
 

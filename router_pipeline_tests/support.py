@@ -59,12 +59,13 @@ def serving(state):
     """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
     import uvicorn
 
-    from router_pipeline.serve.server import create_app
+    from router_pipeline.serve.server import create_app, uvicorn_options
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
+                                           **uvicorn_options(state.config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):

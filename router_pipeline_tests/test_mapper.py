@@ -196,8 +196,8 @@ def test_a_router_without_calibration_is_served_with_the_balanced_preset_and_a_w
     from router_pipeline.serve.profiles import OPEN, load_profiles
 
     models = {"medium": "gemini-2.5-flash", "large": "gemini-2.5-pro"}
-    monkeypatch.setenv("TEST_KEYS_A", "key-a")
-    monkeypatch.setenv("TEST_KEYS_B", "key-b")
+    monkeypatch.setenv("TEST_KEYS_A", "key-a-0123456789abcdef")
+    monkeypatch.setenv("TEST_KEYS_B", "key-b-0123456789abcdef")
     own = tmp_path / "own.yaml"  # every profile brings its mapper: nothing falls back to the preset
     own.write_text("profiles:\n  a: {keys_env: TEST_KEYS_A, mapper: {preset: cost_first}}\n")
     mixed = tmp_path / "mixed.yaml"

@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import json
+import re
 import sqlite3
 import threading
 import urllib.request
@@ -30,8 +31,7 @@ from router_pipeline.training.examples import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
 
 FLASH, PRO = "gemini-2.5-flash", "gemini-2.5-pro"
-KEYS = {"app": "sk-app-test", "frugal": "sk-frugal-test", "private": "sk-private-test", "council": "sk-council-test",
-        "metered": "sk-metered-test"}
+KEYS = {name: f"sk-{name}-test-key-0001" for name in ("app", "frugal", "private", "council", "metered")}
 ADMIN_KEY = "sk-admin-test"
 
 
@@ -437,6 +437,66 @@ def test_openai_fields_the_server_does_not_honour_are_refused_by_name(server, ge
     with pytest.raises(openai.InternalServerError) as err:
         ask(url)
     assert err.value.status_code == 500 and err.value.code == "internal_error" and "secret" not in str(err.value)
+
+
+def test_profiles_are_read_strictly(router, gemini, tmp_path, monkeypatch):
+    """Issue 29, 7: a quoted "no" is not a boolean, allowed names the mapper's aliases, a key
+    is long enough, and keys_file is not the profiles file; each refusal names the profile
+    and the place, never the key."""
+    from router_pipeline.serve.profiles import ProfileError
+
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    monkeypatch.setenv("TEST_KEYS_SHORT", "k")
+    profiles = tmp_path / "profiles.yaml"
+    for entry, message in (('{keys_env: TEST_KEYS_APP, store_queries: "no"}', "store_queries must be true or false"),
+                           ("{keys_env: TEST_KEYS_APP, allowed: [lrage]}", "allowed names ['lrage']"),
+                           ("{keys_env: TEST_KEYS_APP, fallbacks: [medium, lrage]}", "fallbacks names ['lrage']"),
+                           ("{keys_env: TEST_KEYS_SHORT}", "key 1 of TEST_KEYS_SHORT is not a usable key"),
+                           ("{keys_file: profiles.yaml}", "keys_file is the profiles file")):
+        profiles.write_text(f"profiles:\n  app: {entry}\n")
+        with pytest.raises(ProfileError, match=re.escape(message)) as err:
+            build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback", router=router)
+        assert "'app'" in str(err.value) and KEYS["app"] not in str(err.value)
+
+
+def test_without_profiles_only_loopback_json_callers_are_served(router, gemini, tmp_path):
+    """Issue 29, 7: with no keys, a page on another origin could POST text/plain (no
+    preflight) or reach the port by DNS rebinding: only JSON bodies, from loopback, to a
+    loopback Host, are served; nothing else reaches a model."""
+    state = build_gateway(router.adapter_dir, profiles_path=None, feedback_dir=tmp_path / "feedback", router=router)
+    body = json.dumps({"model": "router", "messages": [{"role": "user", "content": "Who wrote Hamlet?"}]}).encode()
+    with serving(state) as url:
+        def post(headers):
+            req = urllib.request.Request(f"{url}/v1/chat/completions", body, headers, method="POST")
+            try:
+                return urllib.request.urlopen(req).status
+            except urllib.error.HTTPError as err:
+                return err.code
+        assert post({"Content-Type": "text/plain"}) == 415
+        assert post({"Content-Type": "application/json", "Host": "evil.example"}) == 403
+        assert gemini.calls == []
+        assert post({"Content-Type": "application/json"}) == 200 and len(gemini.calls) == 1
+
+
+def test_headers_are_limited_before_they_are_held(server):
+    """Issue 29, 7: a 1 MB Authorization header is refused unread; the server answers the next."""
+    import http.client
+
+    url, _, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/v1/route")
+    conn.putheader("Authorization", "Bearer " + "x" * 1_000_000)
+    conn.putheader("Content-Length", "2")
+    with contextlib.suppress(ConnectionError):
+        conn.endheaders(b"{}")
+    try:
+        status = conn.getresponse().status
+    except (ConnectionError, http.client.HTTPException):
+        status = None  # the connection closed before a reply
+    assert status in (None, 400, 431)
+    conn.close()
+    assert _post(url, "/v1/route", json.dumps({"query": "Who wrote Hamlet?"}).encode())[0] == 200
 
 
 def test_bodies_are_limited_while_they_are_read(server):

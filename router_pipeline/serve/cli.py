@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                                       f"${DATABASE_VAR}, else SQLite in the feedback folder)")
     s.add_argument("--graceful-shutdown-s", type=float, default=DEFAULTS.graceful_shutdown_s,
                    help="after SIGTERM, how long requests in flight may finish before they are cancelled")
+    s.add_argument("--database-timeout-s", type=float, default=DEFAULTS.database_timeout_s,
+                   help="how long the state database may take to connect or run a statement before a 503")
+    s.add_argument("--open-to-remote", action="store_true",
+                   help="without --profiles, answer callers that are not on loopback too (anyone reaching the "
+                        "port spends on the models)")
     s = sub.add_parser("export-outcomes", help="write the outcomes rows of the server's feedback as JSONL")
     s.add_argument("--out", required=True, help="the JSONL file to write (replaced whole)")
     s.add_argument("--feedback-dir", help="the SQLite state database's folder (default: <artifacts>/feedback)")
@@ -261,7 +266,7 @@ def serve(args) -> int:
     import uvicorn
 
     from router_pipeline.serve.gateway import build_gateway
-    from router_pipeline.serve.server import create_app
+    from router_pipeline.serve.server import create_app, uvicorn_options
 
     adapter = args.adapter or default_router_dir()
     if adapter is None:
@@ -272,8 +277,8 @@ def serve(args) -> int:
     config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
                      window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
-                     graceful_shutdown_s=args.graceful_shutdown_s,
-                     database=url)
+                     graceful_shutdown_s=args.graceful_shutdown_s, open_to_remote=args.open_to_remote,
+                     database_timeout_s=args.database_timeout_s, database=url)
     state = build_gateway(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
                           feedback_dir=folder)
     from router_pipeline.artifacts import MANIFEST_FILE
@@ -286,8 +291,7 @@ def serve(args) -> int:
               file=sys.stderr)
     # SIGTERM: stop accepting, give requests in flight graceful_shutdown_s, then cancel them
     # and run the app's shutdown (the feedback database is closed there).
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=config.graceful_shutdown_s)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info", **uvicorn_options(config))
     return 0
 
 

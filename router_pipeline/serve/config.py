@@ -16,6 +16,10 @@ class ServingConfig:
     precision: str = "fast"  # head routers on Gemma: fast (bf16 weights, the exported encoder) or fp32
     # Limits on what a caller may send.
     max_body_bytes: int = 1_000_000  # enforced while the body is read
+    max_header_bytes: int = 32_768  # the request line and headers together (h11); more is refused unread
+    # Without profiles (no keys): only loopback callers, with Host a loopback name and JSON bodies (so a web
+    # page cannot POST to it), unless the operator opens it (serve --open-to-remote).
+    open_to_remote: bool = False
     max_conversation_chars: int = 32_000  # the router reads the head and tail of a longer one
     max_output_tokens: int = 8_192  # a request's max_tokens; more is a 400
     local_max_output_tokens: int = 512  # what a local tier generates at most, whatever the caller asks

@@ -19,7 +19,10 @@ text of its queries may be stored with feedback.
                  rules: [...]}
 
 Keys are compared by SHA-256 digest in constant time; they are never logged, and
-only a profile's name appears in stats and logs.
+only a profile's name appears in stats and logs. The file is read strictly: a key is at
+least MIN_KEY_CHARS characters, ``store_queries`` is a YAML boolean (``"no"`` in quotes
+is a string, refused), ``allowed`` and ``fallbacks`` name the mapper's model aliases,
+and ``keys_file`` is never the profiles file itself (whose lines would become keys).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evalua
 from router_pipeline.policies import TIERS
 
 OPEN = "default"  # the profile of a server started without a profiles file
+MIN_KEY_CHARS = 16  # a shorter API key is guessable
 log = logging.getLogger(__name__)
 
 
@@ -75,31 +79,49 @@ class Profiles:
         return None
 
 
-def _keys(name: str, raw: dict, base: Path) -> frozenset[bytes]:
-    keys: list[str] = []
+def _keys(name: str, raw: dict, profiles_file: Path) -> frozenset[bytes]:
+    keys: list[tuple[str, str]] = []  # (where it came from, key): errors name the place, never the key
     if "keys_env" in raw:
         value = settings.secret(str(raw["keys_env"]))
         if not value:
             raise ProfileError(f"profile {name!r}: environment variable {raw['keys_env']} holds no key")
-        keys += [k.strip() for k in value.split(",") if k.strip()]
+        keys += [(f"key {i} of {raw['keys_env']}", k.strip()) for i, k in enumerate(value.split(","), 1) if k.strip()]
     if "keys_file" in raw:
         path = Path(raw["keys_file"])
-        path = path if path.is_absolute() else base / path
+        path = path if path.is_absolute() else profiles_file.parent / path
         try:
-            keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if path.is_file() and path.samefile(profiles_file):
+                raise ProfileError(f"profile {name!r}: keys_file is the profiles file {profiles_file} itself: its "
+                                   "lines would become keys; give a file with one key per line")
+            keys += [(f"{path} line {i}", line.strip()) for i, line in
+                     enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
                      if line.strip() and not line.startswith("#")]
         except (OSError, UnicodeDecodeError) as exc:
             raise ProfileError(f"profile {name!r}: cannot read keys_file {path}: {exc}") from None
     if not keys:
         raise ProfileError(f"profile {name!r} has no key: give keys_env (an environment variable) or keys_file")
-    return frozenset(_digest(k) for k in keys)
+    for where, key in keys:
+        if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+            raise ProfileError(f"profile {name!r}: the {where} is not a usable key (at least {MIN_KEY_CHARS} "
+                               "characters, no spaces)")
+    return frozenset(_digest(k) for _, k in keys)
 
 
-def _targets(name: str, raw: dict, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    value = raw.get(key, list(default))
+def _targets(name: str, raw: dict, key: str, default: tuple[str, ...], mapper: PolicyMapper) -> tuple[str, ...]:
+    value = raw.get(key, [t for t in default if t in mapper.models])
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise ProfileError(f"profile {name!r}: {key} must be a list of model aliases, got {value!r}")
+    if unknown := [t for t in value if t not in mapper.models]:
+        raise ProfileError(f"profile {name!r}: {key} names {unknown}, not model aliases of its mapper "
+                           f"{sorted(mapper.models)}")
     return tuple(value)
+
+
+def _flag(name: str, raw: dict, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):  # YAML's "no" in quotes is a string, and a string is true
+        raise ProfileError(f"profile {name!r}: {key} must be true or false (unquoted), got {value!r}")
+    return value
 
 
 def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str]) -> Profiles:
@@ -132,15 +154,15 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
                                             default_models=default_models)
         except MapperConfigError as exc:
             raise ProfileError(f"{path}: profile {name!r}: {exc}") from None
-        digests = _keys(str(name), raw, path.parent)
+        digests = _keys(str(name), raw, path)
         for d in digests:
             if d in seen:
                 raise ProfileError(f"{path}: profiles {seen[d]!r} and {name!r} share a key")
             seen[d] = str(name)
         profiles[str(name)] = Profile(
-            str(name), mapper, allowed=_targets(name, raw, "allowed", Profile.allowed),
-            fallbacks=_targets(name, raw, "fallbacks", Profile.fallbacks),
-            store_queries=bool(raw.get("store_queries", False)), key_digests=digests)
+            str(name), mapper, allowed=_targets(name, raw, "allowed", Profile.allowed, mapper),
+            fallbacks=_targets(name, raw, "fallbacks", Profile.fallbacks, mapper),
+            store_queries=_flag(name, raw, "store_queries"), key_digests=digests)
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)
     return Profiles(profiles)

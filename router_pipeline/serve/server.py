@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -57,7 +58,41 @@ def _key(request: Request) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return host is not None and (host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback)
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _open_guard(gateway: Gateway, request: Request) -> None:
+    """Without profiles anyone who reaches the server spends on its models: only loopback
+    callers, naming a loopback Host (a DNS-rebound page names its own), and POSTs in JSON
+    (a cross-origin form or text/plain POST needs no preflight), unless opened."""
+    if not gateway.profiles.open or gateway.config.open_to_remote:
+        return
+    host = _host_name(request.headers.get("host") or "")
+    if not _loopback(request.client.host if request.client else None) or not _loopback(host):
+        raise APIError(403, "without --profiles this server answers only loopback callers at a loopback address; "
+                            "configure profiles (API keys) or start it with --open-to-remote", "loopback_only",
+                       "permission_error")
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if request.method == "POST" and media != "application/json":
+        raise APIError(415, "request bodies must be sent as Content-Type: application/json", "unsupported_media_type")
+
+
 def _profile(gateway: Gateway, request: Request) -> Profile:
+    _open_guard(gateway, request)
     profile = gateway.profiles.authenticate(_key(request))
     if profile is None:
         raise APIError(401, "missing or unknown API key (Authorization: Bearer <key>)", "invalid_api_key",
@@ -92,7 +127,7 @@ def _admin(gateway: Gateway, request: Request) -> None:
     """/metrics shows every profile's traffic and spend: with profiles configured, only
     the admin key (ROUTER_ADMIN_KEY) may read it."""
     if gateway.profiles.open:
-        return
+        return _open_guard(gateway, request)
     admin = settings.secret(ADMIN_KEY_VAR)
     if admin is None:
         raise APIError(403, f"/metrics needs an admin key: set {ADMIN_KEY_VAR} where the server runs",
@@ -269,6 +304,14 @@ ROUTES = [("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/rout
 
 
 # -- the app --------------------------------------------------------------------
+def uvicorn_options(config) -> dict:
+    """How uvicorn serves the app: h11, whose parser refuses a request line and headers over
+    ``max_header_bytes`` before they are held (httptools parses a 16 MB header), and the
+    graceful shutdown."""
+    return {"http": "h11", "h11_max_incomplete_event_size": config.max_header_bytes,
+            "timeout_graceful_shutdown": config.graceful_shutdown_s}
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
