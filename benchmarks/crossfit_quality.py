@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from router_pipeline.evaluation import metrics as ev
-    from router_pipeline.training.heads import HYPER, HeadConfig, chosen_index, chosen_params, cross_validate, fit_heads
+    from router_pipeline.training.heads import (
+        HYPER, HeadConfig, chosen_index, chosen_params, cross_validate, encode_cached, fit_heads,
+    )
     from router_pipeline.training.heads import fit_calibration, fit_head
     from router_pipeline.routers.head import p_complex
     from router_pipeline.policies import COMPLEX, CORRECT, oracle_cell
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     config = HeadConfig()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    feats, seconds = _features(list(questions["query"]), replace(config, layers=(*config.layers, *DEEPER)), out)
+    feats, seconds = encode_cached(list(questions["query"]), replace(config, layers=(*config.layers, *DEEPER)), out)
     print(f"{args.outcomes}: {len(questions)} questions, features in {sum(seconds.values()):.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})", flush=True)
 
@@ -151,24 +153,6 @@ def main(argv=None) -> int:
     (out / "crossfit_quality.json").write_text(json.dumps(report, indent=1, default=float))
     print(f"wrote {out / 'crossfit_quality.json'}")
     return 0
-
-
-def _features(queries: list[str], config, out: Path) -> tuple[dict, dict]:
-    """head_training.encode's features for ``queries``, kept in ``out`` and reused when
-    the queries and the encoder settings are the same."""
-    import hashlib
-
-    from router_pipeline.training.heads import encode
-
-    key = hashlib.sha256(json.dumps([queries, config.base_model, list(config.layers), config.pooling]).encode())
-    path = out / f"features-{key.hexdigest()[:16]}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            feats = {"gemma": {layer: z[f"gemma_{layer}"] for layer in config.layers}, "minilm": z["minilm"]}
-        return feats, {"cached": 0.0}
-    feats, seconds = encode(queries, config, progress=True)
-    np.savez(path, minilm=feats["minilm"], **{f"gemma_{layer}": x for layer, x in feats["gemma"].items()})
-    return feats, seconds
 
 
 def _x(feats: dict, name: str, params: dict) -> np.ndarray:

@@ -85,7 +85,7 @@ def latency(router_dir: Path, queries: list[str]) -> dict:
             "p95_ms": round(float(np.percentile(times, 95)), 1), "device": router.device}
 
 
-def precision_check(head_dir: Path, test: "pd.DataFrame", work: Path) -> dict:
+def precision_check(head_dir: Path, test, work: Path) -> dict:
     """The LM router released as the pipeline releases it (its encoder exported), routed
     on the test rows through the fast path and through the fp32 reference: APGR of each
     and how many decisions agree."""

@@ -202,6 +202,23 @@ def encode(queries: list[str], config: HeadConfig, *, progress: bool = False) ->
     return feats, seconds
 
 
+def encode_cached(queries: list[str], config: HeadConfig, folder: Path) -> tuple[dict, dict[str, float]]:
+    """``encode``'s features for ``queries``, kept in ``folder`` and reused when the queries
+    and the encoder settings are the same (benchmarks encode the same file many times)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([queries, config.base_model, list(config.layers), config.pooling]).encode())
+    path = Path(folder) / f"features-{key.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {"gemma": {layer: z[f"gemma_{layer}"] for layer in config.layers}, "minilm": z["minilm"]}, \
+                {"cached": 0.0}
+    feats, seconds = encode(queries, config, progress=True)
+    np.savez(path, minilm=feats["minilm"], **{f"gemma_{layer}": x for layer, x in feats["gemma"].items()})
+    return feats, seconds
+
+
 def fit_heads(feats: dict, policies: list[str], config: HeadConfig, *, cv: bool) -> dict[str, Fitted]:
     """Choose (by cross-validation) and fit every configured head on the rows of ``feats``."""
     fitted = {}

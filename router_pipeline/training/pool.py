@@ -1,0 +1,153 @@
+"""Training the pool router: a head per model of the pool on frozen features, its
+hyper-parameters by cross-validation on the training rows (the mean over models of the
+out-of-fold ROC AUC of P(correct)), Platt-calibrated on out-of-fold scores.
+
+LDA here is fitted in closed form for every model at once: the features standardised,
+the within-class covariance of model m's labels is the total covariance minus its
+between-class term, shrunk towards a scaled identity, and solved against the
+difference of the two class means; one covariance per fold serves every model (what
+makes a grid of blocks x shrinkages x models cheap on a CPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from router_pipeline.routers.head import CLASSIFIERS
+from router_pipeline.routers.pool import PoolHead
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return (x - mean) / scale, mean, scale
+
+
+def _lda(z: np.ndarray, correct: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """(coef (models, d), intercept (models,)) of binary shrinkage LDA per model."""
+    n, d = z.shape
+    total = np.cov(z, rowvar=False, bias=True)
+    coefs, intercepts = [], []
+    for y in correct.T:
+        p1 = float(y.mean())
+        if p1 in (0.0, 1.0):  # one class only: a constant P, no direction
+            coefs.append(np.zeros(d))
+            intercepts.append(np.log(max(p1, 1e-6) / max(1 - p1, 1e-6)))
+            continue
+        mu1, mu0 = z[y].mean(axis=0), z[~y].mean(axis=0)
+        delta = mu1 - mu0
+        within = total - p1 * (1 - p1) * np.outer(delta, delta)
+        shrunk = (1 - shrinkage) * within + shrinkage * (np.trace(within) / d) * np.eye(d)
+        w = np.linalg.solve(shrunk, delta)
+        coefs.append(w)
+        intercepts.append(-0.5 * w @ (mu1 + mu0) + np.log(p1 / (1 - p1)))
+    return np.array(coefs), np.array(intercepts)
+
+
+def _logistic(z: np.ndarray, correct: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    coefs, intercepts = [], []
+    for y in correct.T:
+        if y.all() or not y.any():
+            coefs.append(np.zeros(z.shape[1]))
+            intercepts.append(np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6)))
+            continue
+        model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(z, y)
+        coefs.append(model.coef_[0])
+        intercepts.append(float(model.intercept_[0]))
+    return np.array(coefs), np.array(intercepts)
+
+
+def fit_pool_head(classifier: str, x: np.ndarray, correct: np.ndarray, costs: np.ndarray, models: list[str], *,
+                  shrinkage: float = 0.5, c: float = 1e-3, k: int = 15, seed: int = 0) -> PoolHead:
+    """A head per model on (features, which models were right), uncalibrated. ``costs``:
+    each model's mean cost per query on these rows."""
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; expected one of {CLASSIFIERS}")
+    correct = np.asarray(correct, bool)
+    if correct.shape != (len(x), len(models)):
+        raise ValueError(f"correct must be (rows, models) = {(len(x), len(models))}, got {correct.shape}")
+    arrays = {"costs": np.asarray(costs, float)}
+    if classifier == "knn":
+        arrays.update(train=np.asarray(x, np.float32), correct=correct)
+        return PoolHead(list(models), "knn", arrays, k)
+    z, mean, scale = _standardise(np.asarray(x, np.float64))
+    coef, intercept = _lda(z, correct, shrinkage) if classifier == "lda" else _logistic(z, correct, c, seed)
+    arrays.update(mean=mean, scale=scale, coef=coef, intercept=intercept)
+    return PoolHead(list(models), classifier, arrays, k)
+
+
+def fit_platt(head: PoolHead, oof_scores: np.ndarray, correct: np.ndarray) -> PoolHead:
+    """Each model's P(correct) = sigmoid(a * score + b), fitted on out-of-fold scores."""
+    from sklearn.linear_model import LogisticRegression
+
+    a, b = np.ones(len(head.models)), np.zeros(len(head.models))
+    for m, y in enumerate(np.asarray(correct, bool).T):
+        if y.all() or not y.any():
+            a[m], b[m] = 0.0, np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6))
+            continue
+        fit = LogisticRegression(C=1e4, max_iter=1000).fit(oof_scores[:, [m]], y)
+        a[m], b[m] = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    head.arrays.update(platt_a=a, platt_b=b)
+    return head
+
+
+def inner_folds(n: int, folds: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.arange(n) % folds)
+
+
+def _mean_auc(scores: np.ndarray, correct: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y, s) for s, y in zip(scores.T, correct.T) if 0 < y.mean() < 1]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+@dataclass
+class FittedPool:
+    head: PoolHead
+    params: dict
+    cv_auc: float
+    grid: list[dict]
+    oof: np.ndarray  # calibrated out-of-fold P(correct) of the training rows
+
+
+def fit_pool(x_for, correct: np.ndarray, cost: np.ndarray, models: list[str], classifier: str, grid: list[dict], *,
+             folds: int = 5, seed: int = 0) -> FittedPool:
+    """Cross-validate ``grid`` (dicts of layer / shrinkage / c / k; ``x_for(params)`` the
+    features they read), fit the best on every row, Platt-calibrate it on its out-of-fold
+    scores. ``cost``: (rows, models) USD per call on these rows."""
+    correct = np.asarray(correct, bool)
+    costs = np.asarray(cost, float).mean(axis=0)
+    fold_of = inner_folds(len(correct), folds, seed)
+    scored, oofs = [], []
+    for params in grid:
+        hyper = {k: v for k, v in params.items() if k != "layer"}
+        x = x_for(params)
+        oof = np.zeros(correct.shape)
+        for f in range(folds):
+            held = fold_of == f
+            head = fit_pool_head(classifier, x[~held], correct[~held], costs, models, seed=seed, **hyper)
+            oof[held] = head.scores(x[held])
+        scored.append({**params, "cv_auc": _mean_auc(oof, correct)})
+        oofs.append(oof)
+    best = max(range(len(grid)), key=lambda i: (scored[i]["cv_auc"], -i))  # ties: the earlier (more regularised)
+    params = grid[best]
+    hyper = {k: v for k, v in params.items() if k != "layer"}
+    head = fit_platt(fit_pool_head(classifier, x_for(params), correct, costs, models, seed=seed, **hyper),
+                     oofs[best], correct)
+    return FittedPool(head, params, scored[best]["cv_auc"], scored, head.calibrated(oofs[best]))
+
+
+def pool_grid(classifier: str, *, layers=None, shrinkages=(0.95, 0.85, 0.7, 0.5, 0.3),
+              c_values=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3), knn_k=(5, 15, 45)) -> list[dict]:
+    hyper = {"lda": [{"shrinkage": s} for s in shrinkages], "logistic": [{"c": c} for c in c_values],
+             "knn": [{"k": k} for k in knn_k]}[classifier]
+    if layers is None:
+        return hyper
+    return [{"layer": layer, **h} for layer, h in itertools.product(layers, hyper)]

@@ -1,0 +1,289 @@
+"""Routing among N models: the pool's configuration, outcomes of any number of models,
+per-model P(correct) heads, the knob set on validation rows, the frontier, and the
+OpenAI-compatible backend against a real local HTTP server."""
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from router_pipeline.evaluation import frontier as fr
+from router_pipeline.labels.outcomes import OutcomesError, read_outcomes
+from router_pipeline.llm.pool import PoolError, gemini_pool, load_pool, pool_from_dict
+from router_pipeline.routers.pool import Knob, decide, knob, lambdas
+from router_pipeline.training.pool import _lda, fit_pool, pool_grid
+
+MMLU_PRO = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_pro_dev_outcomes.csv"
+
+
+def _model(name="a", **over):
+    return {"name": name, "backend": "gemini", "model": "gemini-2.5-flash", "input_usd_per_mtok": 0.3,
+            "output_usd_per_mtok": 2.5, **over}
+
+
+# -- the pool's configuration ------------------------------------------------------
+@pytest.mark.parametrize("entry, problem", [
+    (_model(backend="bedrock"), r"models\[0\] \(a\): unknown backend 'bedrock'; expected one of gemini, local, openai"),
+    ({k: v for k, v in _model().items() if k != "output_usd_per_mtok"}, "'output_usd_per_mtok' is missing"),
+    (_model(input_usd_per_mtok=-1), "'input_usd_per_mtok' must be a finite number >= 0"),
+    (_model(input_usd_per_mtok=True), "'input_usd_per_mtok' must be a finite number >= 0"),
+    (_model(backend="openai"), "the openai backend needs 'base_url'"),
+    (_model(name=" a"), "'name' must be a non-empty name"),
+    (_model(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    ("flash", "must be a mapping"),
+])
+def test_a_bad_pool_entry_is_refused_naming_the_entry_and_the_field(entry, problem):
+    with pytest.raises(PoolError, match=problem):
+        pool_from_dict({"models": [entry]})
+
+
+def test_duplicate_names_and_empty_pools_are_refused(tmp_path):
+    with pytest.raises(PoolError, match="duplicate model name 'a'"):
+        pool_from_dict([_model("a"), _model("a", model="gemini-2.5-pro")])
+    with pytest.raises(PoolError, match="non-empty 'models' list"):
+        pool_from_dict({"models": []})
+    bad = tmp_path / "pool.yaml"
+    bad.write_text("models: [{name: a, backend: gemini}")
+    with pytest.raises(PoolError, match=f"{bad}: not valid YAML"):
+        load_pool(bad)
+    bad.write_text("models:\n  - {name: a, backend: gemini, model: m, input_usd_per_mtok: 1}\n")
+    with pytest.raises(PoolError, match=f"{bad}: models\\[0\\] \\(a\\): 'output_usd_per_mtok' is missing"):
+        load_pool(bad)
+
+
+def test_a_pool_file_loads_and_orders_fallbacks_by_price(tmp_path):
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n"
+                    "  - {name: pro, backend: gemini, model: gemini-2.5-pro, input_usd_per_mtok: 1.25, output_usd_per_mtok: 10}\n"
+                    "  - {name: llama, backend: openai, model: meta-llama/Llama-3.1-8B-Instruct, base_url: http://vllm:8000/v1,\n"
+                    "     api_key_env: VLLM_KEY, input_usd_per_mtok: 0.18, output_usd_per_mtok: 0.18}\n"
+                    "  - {name: gemma, backend: local, model: gemma3-270m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}\n")
+    pool = load_pool(path)
+    assert pool.names == ["pro", "llama", "gemma"] and [m.name for m in pool.by_price()] == ["gemma", "llama", "pro"]
+    assert pool["pro"].cost(1_000_000, 100_000) == pytest.approx(1.25 + 1.0)
+    assert pool_from_dict(pool.to_dict()) == pool
+    assert gemini_pool().names == ["flash-lite", "flash", "pro"] and gemini_pool()["pro"].output_usd_per_mtok == 10.0
+
+
+# -- outcomes of N models ------------------------------------------------------------
+def _three(rows=6) -> pd.DataFrame:
+    frame = pd.DataFrame({"qid": [f"q{i}" for i in range(rows)], "query": [f"Question number {i}?" for i in range(rows)]})
+    for m, cost in (("small", 0.0001), ("mid", 0.0005), ("big", 0.002)):
+        frame[f"{m}_grade"] = ["Correct" if (i + len(m)) % 2 else "Incorrect" for i in range(rows)]
+        frame[f"{m}_cost_usd"] = cost
+    return frame
+
+
+def test_a_row_missing_a_models_grade_or_cost_is_rejected_with_the_model_named():
+    frame = _three()
+    frame.loc[1, "mid_grade"] = None
+    frame.loc[3, "big_cost_usd"] = float("nan")
+    frame.loc[4, "small_grade"] = "Maybe"
+    out = read_outcomes(frame)
+    assert out.models == ["small", "mid", "big"] and list(out.frame["qid"]) == ["q0", "q2", "q5"]
+    assert out.rejected == [(3, "mid: grade None is not one of ('Correct', 'Incorrect', 'IDK')"),
+                            (5, "big: cost nan is not a finite number >= 0"),
+                            (6, "small: grade 'Maybe' is not one of ('Correct', 'Incorrect', 'IDK')")]
+    assert out.correct.shape == (3, 3) and out.cost[:, 2].tolist() == [0.002] * 3
+    # The same file read for two of its models keeps the row missing only the third's grade.
+    assert "q1" in set(read_outcomes(frame, ["small", "big"]).frame["qid"])
+    with pytest.raises(OutcomesError, match=r"no _grade and _cost_usd columns for \['huge'\]"):
+        read_outcomes(frame, ["small", "huge"])
+
+
+@pytest.mark.skipif(not MMLU_PRO.is_file(), reason=f"the MMLU-Pro development outcomes are not at {MMLU_PRO}")
+def test_the_six_model_file_is_read_whole():
+    out = read_outcomes(MMLU_PRO)
+    assert len(out.models) == 6 and len(out.frame) + len(out.rejected) == 4582
+    assert out.correct.mean(axis=0)[out.models.index("gemini-1.5-pro")] == pytest.approx(0.711, abs=0.005)
+
+
+# -- the frontier -----------------------------------------------------------------------
+def test_the_frontier_is_the_non_decreasing_upper_hull():
+    f = fr.frontier(np.array([1.0, 2.0, 3.0, 4.0, 2.5]), np.array([0.5, 0.55, 0.8, 0.7, 0.9]))
+    assert f.cost.tolist() == [1.0, 2.5] and f.accuracy.tolist() == [0.5, 0.9]  # (2, .55) under the chord; 3, 4 dominated
+    assert f.accuracy_at(1.75) == pytest.approx(0.7) and f.accuracy_at(4.0) == 0.9 and np.isnan(f.accuracy_at(0.5))
+    assert f.cost_at(0.7) == pytest.approx(1.75) and np.isnan(f.cost_at(0.95))
+    assert fr.frontier(np.array([1.0, 3.0]), np.array([0.6, 0.6])).aiq(1.0, 3.0) == pytest.approx(0.6)
+
+
+def test_oracle_and_random_mix_bound_the_single_models():
+    rng = np.random.default_rng(0)
+    correct = rng.random((400, 3)) < [0.4, 0.6, 0.75]
+    cost = np.tile([0.001, 0.003, 0.01], (400, 1))
+    oracle, mix = fr.oracle(correct, cost, lambdas(cost.mean(axis=0))), fr.random_mix(correct, cost)
+    for m in range(3):
+        c, a = cost[:, m].mean(), correct[:, m].mean()
+        assert mix.frontier().accuracy_at(c) >= a - 1e-12
+        # At the cheapest model's cost every query goes to it: the oracle gains only above it.
+        assert oracle.frontier().accuracy_at(c) > a if m else oracle.frontier().accuracy_at(c) == pytest.approx(a)
+    assert fr.aiq(oracle, cost) > fr.aiq(mix, cost) > fr.aiq(fr.singles(correct, cost)[0], cost)
+    w = fr.resample_weights(400, 50, 0)
+    d = fr.interval(lambda x: fr.aiq(oracle, cost, x) - fr.aiq(mix, cost, x), w)
+    assert 0 < d["lo"] < d["diff"] < d["hi"]
+
+
+# -- the heads and the knob -------------------------------------------------------------
+def _synthetic(n=900, seed=0):
+    """Model 0 (cheap) is right on x[0] > 0, model 1 on x[1] > 0, model 2 (dear) mostly."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8))
+    correct = np.stack([x[:, 0] + 0.3 * rng.normal(size=n) > 0, x[:, 1] + 0.3 * rng.normal(size=n) > 0,
+                        rng.random(n) < 0.7], axis=1)
+    cost = np.tile([0.0005, 0.001, 0.004], (n, 1))
+    return x, correct, cost
+
+
+def test_closed_form_lda_is_scikit_learns_without_shrinkage():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, correct, _ = _synthetic(300)
+    coef, intercept = _lda(x, correct, 0.0)
+    for m in range(2):
+        ref = LinearDiscriminantAnalysis(solver="lsqr").fit(x, correct[:, m])
+        assert coef[m] == pytest.approx(ref.coef_[0], rel=1e-6, abs=1e-8)
+        assert intercept[m] == pytest.approx(ref.intercept_[0], rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("classifier", ["lda", "logistic", "knn"])
+def test_a_pool_router_learns_which_model_is_right_and_beats_a_random_mix(classifier):
+    x, correct, cost = _synthetic()
+    train, test = slice(0, 600), slice(600, None)
+    fitted = fit_pool(lambda p: x[train], correct[train], cost[train], ["cheap", "mid", "dear"], classifier,
+                      pool_grid(classifier, c_values=(0.1, 1.0)), folds=3)
+    p = fitted.head.proba(x[test])
+    assert p.shape == (300, 3) and ((0 <= p) & (p <= 1)).all() and fitted.cv_auc > 0.7
+    sweep = lambdas(cost.mean(axis=0))
+    routed = fr.curve(np.stack([decide(p, fitted.head.costs, lam) for lam in sweep], axis=1), correct[test], cost[test])
+    assert fr.aiq(routed, cost[test]) > fr.aiq(fr.random_mix(correct[test], cost[test]), cost[test]) + 0.05
+
+
+def test_the_knob_is_set_on_validation_rows_and_a_budget_is_never_overspent_there():
+    x, correct, cost = _synthetic(seed=1)
+    fitted = fit_pool(lambda p: x[:500], correct[:500], cost[:500], ["cheap", "mid", "dear"], "lda", pool_grid("lda"),
+                      folds=3)
+    val = slice(500, 700)
+    p_val = fitted.head.proba(x[val])
+    for budget in (0.5, 0.8, 1.2, 2.0, 3.5):
+        chosen = knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("budget", budget))
+        pick = decide(p_val, fitted.head.costs, chosen["lambda"])
+        spend = cost[val][np.arange(200), pick].mean() * 1000
+        assert spend <= budget + 1e-9 and chosen["usd_per_1000"] == pytest.approx(spend)
+    quality = knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("quality", 0.95))
+    assert quality["accuracy"] >= 0.95 * correct[val].mean(axis=0).max() - 1e-9
+    # Only the validation rows set it: other rows' outcomes change nothing.
+    again = knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("quality", 0.95))
+    assert again == quality and quality["validation_rows"] == 200
+    assert knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("lambda", 0.0))["lambda"] == 0.0
+    with pytest.raises(ValueError, match="unknown knob"):
+        Knob("cheapest", 1.0)
+
+
+# -- the OpenAI-compatible backend -------------------------------------------------------
+class _OpenAIServer(ThreadingHTTPServer):
+    """A local server speaking OpenAI's chat-completions protocol; ``status`` sets its reply."""
+
+    def __init__(self):
+        self.requests, self.status = [], 200
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(handler):
+                body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+                self.requests.append({"path": handler.path, "auth": handler.headers.get("Authorization"), **body})
+                if self.status != 200:
+                    reply = json.dumps({"error": {"message": "nope", "type": "x", "code": None}}).encode()
+                    handler.send_response(self.status)
+                    handler.send_header("Retry-After", "7")
+                elif body.get("stream"):
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "text/event-stream")
+                    chunks = [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in
+                              ("Par", "is")]
+                    chunks.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2,
+                                                            "total_tokens": 11}})
+                    reply = "".join(f"data: {json.dumps({'id': 'c', 'object': 'chat.completion.chunk', 'created': 0, 'model': body['model'], **c})}\n\n"
+                                    for c in chunks).encode() + b"data: [DONE]\n\n"
+                else:
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "application/json")
+                    reply = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                                        "choices": [{"index": 0, "finish_reason": "stop",
+                                                     "message": {"role": "assistant", "content": " Paris "}}],
+                                        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}).encode()
+                handler.send_header("Content-Length", str(len(reply)))
+                handler.end_headers()
+                handler.wfile.write(reply)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def openai_server():
+    server = _OpenAIServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def test_the_openai_backend_speaks_the_protocol_to_a_local_server(openai_server, monkeypatch):
+    from router_pipeline.llm.openai_compat import OpenAIClient
+    from router_pipeline.llm.types import LLMRequest, RetryableError
+
+    monkeypatch.setenv("TEST_VLLM_KEY", "sk-local-123")
+    url = f"http://127.0.0.1:{openai_server.server_address[1]}/v1"
+    client = OpenAIClient("meta-llama/Llama-3.1-8B-Instruct", base_url=url, price=(0.18, 0.18),
+                          api_key_env="TEST_VLLM_KEY")
+    request = LLMRequest("Capital of France?", max_output_tokens=12, system="Answer briefly.", stop=("\n",))
+
+    async def run():
+        whole = await client.complete(request)
+        streamed = [item async for item in client.stream(request)]
+        openai_server.status = 429
+        with pytest.raises(RetryableError) as limited:
+            await client.complete(request)
+        openai_server.status = 400
+        with pytest.raises(Exception) as refused:
+            await client.complete(request)
+        await client.aclose()
+        return whole, streamed, limited.value, refused.value
+
+    whole, streamed, limited, refused = asyncio.run(run())
+    assert (whole.text, whole.status, whole.input_tokens, whole.output_tokens) == ("Paris", "ok", 9, 2)
+    assert streamed[:2] == ["Par", "is"] and streamed[-1].text == "Paris" and streamed[-1].output_tokens == 2
+    assert limited.retry_after == 7.0 and not isinstance(refused, RetryableError)
+    first = openai_server.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-local-123"
+    assert first["model"] == "meta-llama/Llama-3.1-8B-Instruct" and first["max_tokens"] == 12
+    assert first["messages"] == [{"role": "system", "content": "Answer briefly."},
+                                 {"role": "user", "content": "Capital of France?"}] and first["stop"] == ["\n"]
+
+
+def test_a_saved_pool_router_routes_as_it_was_fitted(tmp_path):
+    import json as json_
+
+    from router_pipeline.artifacts import CALIBRATION_FILE
+    from router_pipeline.routers.pool import PoolRouter, save_pool_router
+
+    x, correct, cost = _synthetic(300)
+    fitted = fit_pool(lambda p: x, correct, cost, ["cheap", "mid", "dear"], "lda", pool_grid("lda"), folds=3)
+    path = save_pool_router(tmp_path / "pool", {"encoder": "minilm"}, fitted.head, params=fitted.params)
+    (path / CALIBRATION_FILE).write_text(json_.dumps({"knob": "lambda", "lambda": 50.0}))
+
+    class Rows:  # an encoder that maps "row i" to the i-th feature row
+        def encode(self, queries):
+            return x[[int(q.split()[1]) for q in queries]]
+
+    router = PoolRouter(path, encoder=Rows())
+    queries = [f"row {i}" for i in range(20)]
+    p, picked = router.choose(queries)
+    assert p == pytest.approx(fitted.head.proba(x[:20]))
+    assert picked == [["cheap", "mid", "dear"][i] for i in decide(p, fitted.head.costs, 50.0)] and router.lam == 50.0
+    assert router.choose(queries, lam=float("inf"))[1] == ["cheap"] * 20
