@@ -237,10 +237,15 @@ def test_the_openai_backend_speaks_the_protocol_to_a_local_server(openai_server,
     from router_pipeline.llm.openai_compat import OpenAIClient
     from router_pipeline.llm.types import LLMRequest, RetryableError
 
+    from router_pipeline.llm.pool import client_for
+
     monkeypatch.setenv("TEST_VLLM_KEY", "sk-local-123")
     url = f"http://127.0.0.1:{openai_server.server_address[1]}/v1"
-    client = OpenAIClient("meta-llama/Llama-3.1-8B-Instruct", base_url=url, price=(0.18, 0.18),
-                          api_key_env="TEST_VLLM_KEY")
+    pool = pool_from_dict([{"name": "llama", "backend": "openai", "model": "meta-llama/Llama-3.1-8B-Instruct",
+                            "base_url": url, "api_key_env": "TEST_VLLM_KEY", "input_usd_per_mtok": 0.18,
+                            "output_usd_per_mtok": 0.18}])
+    client = client_for(pool["llama"])
+    assert isinstance(client, OpenAIClient) and client.price == (0.18, 0.18)
     request = LLMRequest("Capital of France?", max_output_tokens=12, system="Answer briefly.", stop=("\n",))
 
     async def run():

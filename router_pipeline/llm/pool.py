@@ -132,6 +132,21 @@ def load_pool(path: str | Path) -> Pool:
         raise PoolError(f"{path}: {exc}") from None
 
 
+def client_for(model: PoolModel, *, gemini_base_url: str | None = None, timeout_s: float | None = None):
+    """The LLM client that calls ``model`` on its backend, priced as the pool says."""
+    price = (model.input_usd_per_mtok, model.output_usd_per_mtok)
+    if model.backend == "openai":
+        from router_pipeline.llm.openai_compat import OpenAIClient
+
+        return OpenAIClient(model.model, base_url=model.base_url, price=price, api_key_env=model.api_key_env,
+                            timeout_s=timeout_s)
+    from router_pipeline.llm import RoleSpec, make_client
+
+    return make_client(RoleSpec(model.backend, model.model, max_output_tokens=model.max_output_tokens,
+                                input_price_per_mtok=price[0], output_price_per_mtok=price[1]),
+                       gemini_base_url=gemini_base_url, timeout_s=timeout_s)
+
+
 def gemini_pool() -> Pool:
     """The gemini profile's default pool: Flash-Lite, Flash and Pro at list prices."""
     return pool_from_dict([{"name": name, "backend": "gemini", "model": model,
