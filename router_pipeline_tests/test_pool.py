@@ -163,7 +163,7 @@ def test_a_pool_router_learns_which_model_is_right_and_beats_a_random_mix(classi
     assert fr.aiq(routed, cost[test]) > fr.aiq(fr.random_mix(correct[test], cost[test]), cost[test]) + 0.05
 
 
-def test_the_knob_is_set_on_validation_rows_and_a_budget_is_never_overspent_there():
+def test_a_budget_knob_never_overspends_on_the_validation_rows_and_quality_reaches_its_share():
     x, correct, cost = _synthetic(seed=1)
     fitted = fit_pool(lambda p: x[:500], correct[:500], cost[:500], ["cheap", "mid", "dear"], "lda", pool_grid("lda"),
                       folds=3)
@@ -176,9 +176,7 @@ def test_the_knob_is_set_on_validation_rows_and_a_budget_is_never_overspent_ther
         assert spend <= budget + 1e-9 and chosen["usd_per_1000"] == pytest.approx(spend)
     quality = knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("quality", 0.95))
     assert quality["accuracy"] >= 0.95 * correct[val].mean(axis=0).max() - 1e-9
-    # Only the validation rows set it: other rows' outcomes change nothing.
-    again = knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("quality", 0.95))
-    assert again == quality and quality["validation_rows"] == 200
+    assert quality["validation_rows"] == 200
     assert knob(p_val, correct[val], cost[val], fitted.head.costs, Knob("lambda", 0.0))["lambda"] == 0.0
     with pytest.raises(ValueError, match="unknown knob"):
         Knob("cheapest", 1.0)
