@@ -31,7 +31,7 @@ from router_pipeline.training.examples import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
 
 FLASH, PRO = "gemini-2.5-flash", "gemini-2.5-pro"
-KEYS = {name: f"sk-{name}-test-key-0001" for name in ("app", "frugal", "private", "council", "metered")}
+KEYS = {name: f"sk-{name}-test-key-0001" for name in ("app", "frugal", "private", "council", "metered", "limited")}
 ADMIN_KEY = "sk-admin-test"
 
 
@@ -107,6 +107,11 @@ profiles:
   metered:
     keys_env: TEST_KEYS_METERED
     mapper: {{budget: {{ledger: metered_spend.json, period: month}}}}
+  limited:
+    keys_env: TEST_KEYS_LIMITED
+    mapper:
+      budget: {{ledger: limited, period: month}}
+      rules: [{{kind: budget, limit_usd: 100.0, target: medium}}, {{kind: threshold, at_least: 0.0, target: large}}]
   council:
     keys_env: TEST_KEYS_COUNCIL
     mapper:
@@ -553,6 +558,7 @@ def test_an_unreadable_ledger_stops_spending_without_a_budget_rule(server, gemin
         with pytest.raises(openai.InternalServerError) as err:
             ask(url, "Another question?", profile="metered")
         assert err.value.status_code == 503 and "metered_spend.json" in str(err.value)
+        assert err.value.code == "budget_ledger_unreadable" and "retry-after" not in err.value.response.headers
         assert str(tmp_path) not in str(err.value) and len(gemini.calls) == calls
 
     refused()
@@ -560,7 +566,13 @@ def test_an_unreadable_ledger_stops_spending_without_a_budget_rule(server, gemin
     first = ask(url, profile="metered")
     ((spent,),) = _state(tmp_path / "feedback").execute("SELECT usd FROM spend WHERE ledger = 'metered_spend.json'")
     assert first.model_extra["routing"]["cost_usd"] > 0 and spent == pytest.approx(0.5 + first.model_extra["routing"]["cost_usd"])
-    _state(tmp_path / "feedback").execute("DROP TABLE spend")  # the database fails
+    calls = len(gemini.calls)
+    with _write_locked(tmp_path / "feedback"):  # another process holds the write lock: transient, retry
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(url, "While it is locked?", profile="limited")  # its budget check cannot lock the period's row
+    assert err.value.code == "database_unavailable" and err.value.response.headers["retry-after"] == "5"
+    assert len(gemini.calls) == calls and ask(url, "Once it is free?", profile="limited").model == PRO
+    _state(tmp_path / "feedback").execute("DROP TABLE spend")  # the database answers wrongly: an operator's job
     refused()
 
 

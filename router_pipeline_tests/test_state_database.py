@@ -55,3 +55,34 @@ def test_an_unreachable_database_is_a_clear_error_without_the_password():
         db.execute("SELECT 1")
     assert "postgresql://router@127.0.0.1:1/state" in str(err.value) and "s3cret" not in str(err.value)
     assert describe("postgresql://u:p@h:5/db") == "postgresql://u@h:5/db"
+    assert "nothing accepts connections at this host and port" in str(err.value)
+
+
+def test_connection_errors_say_what_is_wrong_and_a_held_lock_fails_fast(postgres_url, tmp_path):
+    """Issue 29, 6: a missing database or user is named as such (never the password); a
+    statement held behind another that hangs fails after the timeout instead of waiting."""
+    import threading
+
+    base = postgres_url.rsplit("/", 1)[0]
+    for url, why in ((f"{base}/no_such_db", "the database does not exist"),
+                     (base.replace("postgres@", "nobody:pw-s3cret@") + "/postgres", "the user does not exist")):
+        with pytest.raises(DatabaseError) as err:
+            Database(url).execute("SELECT 1")
+        assert why in str(err.value) and "s3cret" not in str(err.value)
+    db = Database(tmp_path / "state.sqlite", timeout_s=0.2)
+    db.execute("SELECT 1")
+    held, release = threading.Event(), threading.Event()
+
+    def hang():  # a statement that does not return (a frozen server), holding the connection
+        with db.transaction():
+            held.set()
+            release.wait(10)
+    worker = threading.Thread(target=hang)
+    worker.start()
+    held.wait(5)
+    with pytest.raises(DatabaseError, match="busy") as err:
+        db.execute("SELECT 1")
+    assert err.value.transient
+    release.set()
+    worker.join()
+    assert db.execute("SELECT 1") == [(1,)]

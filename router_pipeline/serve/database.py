@@ -24,7 +24,42 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class DatabaseError(RuntimeError):
-    """The state database cannot be opened or used; the message never holds a password."""
+    """The state database cannot be opened or used; the message never holds a password.
+    ``transient``: it may answer again by itself (unreachable, locked, busy, timed out), as
+    opposed to a database that answers wrongly (a table gone) and needs an operator."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(w in str(exc).lower() for w in ("locked", "busy", "unable to open", "disk i/o"))
+    # psycopg: a connection lost or refused, a statement timed out or cancelled (not a wrong query).
+    return bool({c.__name__ for c in type(exc).__mro__} & {"OperationalError", "InterfaceError"})
+
+
+# What a connection failure says, by the driver's words: which of password, user, database or
+# host is wrong (the driver's own message may quote the connection string: never shown).
+_CONNECT_FAILURES = (
+    ("password authentication failed", "the password was refused for this user"),
+    ("no password supplied", "the server asks for a password and none was given"),
+    ("role", "the user does not exist on the server"),
+    ("database", "the database does not exist on the server"),
+    ("could not translate host name", "the host name does not resolve"),
+    ("connection refused", "nothing accepts connections at this host and port"),
+    ("timeout expired", "the host did not answer in time"),
+    ("no route to host", "the host cannot be reached"),
+)
+
+
+def _connect_failure(exc: Exception) -> str:
+    text = str(exc).lower()
+    for words, why in _CONNECT_FAILURES:
+        if words in text and (words not in ("role", "database") or "does not exist" in text):
+            return why
+    return type(exc).__name__
 
 
 def describe(url: str) -> str:
@@ -49,8 +84,20 @@ class Database:
         connection or a statement may wait (a lock, a server that does not answer)."""
         self.target, self.timeout_s = str(target), timeout_s
         self.postgres = urlsplit(self.target).scheme in POSTGRES_SCHEMES
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one connection per process: its statements one at a time
         self._conn = None
+
+    @contextlib.contextmanager
+    def _held(self):
+        """The connection's lock, waited for at most ``timeout_s``: a statement that hangs (a
+        frozen server) makes the other callers fail fast, not hang behind it."""
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise DatabaseError(f"the state database {self.name} is busy: a statement has not returned "
+                                f"within {self.timeout_s:g} s")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     @property
     def name(self) -> str:
@@ -70,12 +117,12 @@ class Database:
                                              check_same_thread=False)
                 self._conn.execute("PRAGMA journal_mode=WAL")
         except Exception as exc:  # psycopg's message can quote the URL: never shown
-            raise DatabaseError(f"cannot open the state database {self.name} ({type(exc).__name__})") from None
+            raise DatabaseError(f"cannot open the state database {self.name}: {_connect_failure(exc)}") from None
         return self._conn
 
     def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Run one statement; its rows (an empty list for statements without rows)."""
-        with self._lock:
+        with self._held():
             conn = self._connect()
             try:
                 cursor = conn.execute(sql.replace("?", "%s") if self.postgres else sql, params)
@@ -84,12 +131,12 @@ class Database:
                 if self.postgres and conn.closed:
                     self._conn = None  # the server went away: reconnect on the next statement
                 raise DatabaseError(f"the state database {self.name} failed: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200]}") from None
+                                    f"{str(exc).splitlines()[0][:200]}", _transient(exc)) from None
 
     @contextlib.contextmanager
     def transaction(self):
         """One writer at a time across processes from the first read to the commit."""
-        with self._lock:
+        with self._held():
             self.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
                 yield self

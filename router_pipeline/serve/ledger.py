@@ -32,10 +32,11 @@ class LedgerError(ValueError):
     """The ledger is unreadable or an amount is invalid: spending stops until a person fixes it.
     ``file``: the budget's name (what a caller may be told; the message may hold a path)."""
 
-    def __init__(self, message: str, file: str | None = None, database: bool = False):
+    def __init__(self, message: str, file: str | None = None, database: bool = False, transient: bool = False):
         super().__init__(message)
         self.file = file
-        self.database = database  # the state database failed (it may come back), not the ledger's content
+        self.database = database  # the state database failed, not the ledger's content
+        self.transient = transient  # ... in a way that may pass by itself (DatabaseError.transient)
 
 
 def _valid_amount(value) -> bool:
@@ -105,7 +106,8 @@ class BudgetLedger:
         try:
             yield
         except DatabaseError as exc:
-            raise LedgerError(f"budget ledger {self.name}: {exc}; spending is stopped", self.name, database=True) from None
+            raise LedgerError(f"budget ledger {self.name}: {exc}; spending is stopped", self.name, database=True,
+                              transient=exc.transient) from None
 
     def _adopt(self) -> None:
         """Take an older version's ledger file into the database, once (no spend rows yet)."""

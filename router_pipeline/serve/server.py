@@ -38,6 +38,7 @@ from router_pipeline.serve.profiles import Profile
 from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5  # what a caller is told to wait when the state database fails (it may come back)
 ADMIN_KEY_VAR = "ROUTER_ADMIN_KEY"  # the bearer key /metrics asks for when profiles are configured
 STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, UpstreamFailed: 502, Unavailable: 503}  # the gateway's refusals
 
@@ -193,8 +194,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DatabaseError)
     async def database_error(request: Request, exc: DatabaseError):
         log.error("%s", exc)
+        if not exc.transient:  # it answers, wrongly: a retry will not help until an operator looks
+            return _error(503, "the server's state database is broken; an operator must restore it",
+                          "database_broken", "server_error")
         return _error(503, "the server's state database is unavailable; try again later", "database_unavailable",
-                      "server_error", headers={"Retry-After": "5"})
+                      "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception):
@@ -204,8 +208,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LedgerError)
     async def ledger_error(request: Request, exc: LedgerError):
-        # Money state that cannot be read stops spending (fail closed), with the file named.
+        # Money state that cannot be read stops spending (fail closed), with the budget named: a
+        # database that failed may come back (retry), a ledger that is broken needs an operator.
         log.error("budget ledger: %s", exc)
+        if exc.transient:
+            return _error(503, f"budget {exc.file or ''}: the state database is unavailable; try again later",
+                          "database_unavailable", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
         return _error(503, f"budget ledger {exc.file or ''} cannot be read: spending is stopped until an operator "
                            "restores it", "budget_ledger_unreadable", "server_error")
 
