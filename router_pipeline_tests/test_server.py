@@ -664,6 +664,47 @@ def test_a_retry_with_the_same_idempotency_key_is_not_paid_again(server, gemini,
     assert _spend(folder, "metered_spend.json") == (pytest.approx(before + paid.model_extra["routing"]["cost_usd"]), 0)
 
 
+def test_a_budget_is_never_silently_counted_again_from_zero(router, gemini, tmp_path, monkeypatch):
+    """Issue 29, 2: the state file emptied while the server is stopped: a budget-bearing
+    server refuses to start, naming the database, until the operator accepts a new one; the
+    file deleted while it runs stops budgeted requests (503) and /health says so."""
+    from router_pipeline.serve.identity import StateIdentityError
+
+    monkeypatch.setenv("TEST_KEYS_LIMITED", KEYS["limited"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("""
+profiles:
+  limited:
+    keys_env: TEST_KEYS_LIMITED
+    mapper:
+      budget: {ledger: team, period: total}
+      rules: [{kind: budget, limit_usd: 0.000001, target: medium}, {kind: threshold, at_least: 0.0, target: large}]
+""")
+    folder = tmp_path / "feedback"
+    start = lambda **kw: build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=folder,  # noqa: E731
+                                       router=router, config=replace(DEFAULTS, **kw))
+    with serving(start()) as url:
+        assert ask(url, profile="limited").model == PRO  # spends past the limit
+        assert ask(url, "Again?", profile="limited").model == FLASH
+    (folder / "requests.sqlite").write_bytes(b"")  # `: > requests.sqlite` while it is stopped
+    with pytest.raises(StateIdentityError, match="is new or empty.*--accept-new-database") as err:
+        start()
+    assert str(folder / "requests.sqlite") in str(err.value)
+    state = start(accept_new_database=True)  # the operator says so: the budgets begin anew
+    with serving(state) as url:
+        assert ask(url, profile="limited").model == PRO
+        (folder / "requests.sqlite").unlink()  # deleted while it runs
+        calls = len(gemini.calls)
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(url, "After the delete?", profile="limited")
+        assert err.value.code == "database_broken" and len(gemini.calls) == calls
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"{url}/health")
+        assert json.loads(health.value.read())["failing"] == {"state_database": "broken or replaced"}
+    with pytest.raises(StateIdentityError, match="is new or empty"):
+        start()  # after a restart the fresh file is refused too
+
+
 def test_metrics_need_the_admin_key_and_health_shows_no_paths(server, router, monkeypatch):
     url, _, _ = server
     with pytest.raises(urllib.error.HTTPError) as err:  # no admin key configured

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="after SIGTERM, how long requests in flight may finish before they are cancelled")
     s.add_argument("--database-timeout-s", type=float, default=DEFAULTS.database_timeout_s,
                    help="how long the state database may take to connect or run a statement before a 503")
+    s.add_argument("--accept-new-database", action="store_true",
+                   help="start on a new or emptied state database although this feedback folder records another: "
+                        "every budget starts again from $0")
     s.add_argument("--open-to-remote", action="store_true",
                    help="without --profiles, answer callers that are not on loopback too (anyone reaching the "
                         "port spends on the models)")
@@ -278,7 +281,8 @@ def serve(args) -> int:
                      window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
                      graceful_shutdown_s=args.graceful_shutdown_s, open_to_remote=args.open_to_remote,
-                     database_timeout_s=args.database_timeout_s, database=url)
+                     database_timeout_s=args.database_timeout_s, accept_new_database=args.accept_new_database,
+                     database=url)
     state = build_gateway(adapter, profiles_path=args.profiles, config=config, decision_log_path=args.log,
                           feedback_dir=folder)
     from router_pipeline.artifacts import MANIFEST_FILE

@@ -35,6 +35,10 @@ class ServingConfig:
     # A state database that does not answer within this is an error (503 with Retry-After), not a
     # hung caller: SQLite's busy timeout, PostgreSQL's connect and statement timeouts.
     database_timeout_s: float = 5.0
+    # A budget-bearing server refuses a new or emptied state database where its folder records
+    # another (serve/identity.py) unless the operator accepts it; a PostgreSQL id is re-read this often.
+    accept_new_database: bool = False
+    identity_check_s: float = 10.0
     # Process.
     readiness_timeout_s: float = 5.0  # /health: the router's probe must answer within this
     graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled

@@ -42,6 +42,7 @@ from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
 from router_pipeline.policies import TIERS
 from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.identity import StateIdentity
 from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyReused, check_key, fingerprint
 from router_pipeline.serve.journal import JournalError, SpendJournal
 from router_pipeline.serve.ledger import LedgerError, apply_spend
@@ -108,6 +109,7 @@ class Gateway:
     decision_log_path: Path | None = None
     journal: SpendJournal | None = None  # what settling could not write to the state database
     idempotency: IdempotencyStore | None = None
+    identity: StateIdentity | None = None  # established when a profile keeps a budget
     mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
 
     async def start(self) -> None:
@@ -128,9 +130,11 @@ class Gateway:
             failing["router"] = "timed out" if isinstance(exc, asyncio.TimeoutError) else "failed its probe"
         try:
             await asyncio.to_thread(self.feedback.db.execute, "SELECT 1 FROM requests LIMIT 1")
+            if self.identity is not None:
+                await asyncio.to_thread(self.identity.check)
         except DatabaseError as exc:
             log.error("readiness: %s", exc)
-            failing["state_database"] = "unavailable"
+            failing["state_database"] = "unavailable" if exc.transient else "broken or replaced"
         return failing
 
     # -- deciding ---------------------------------------------------------------
@@ -143,6 +147,8 @@ class Gateway:
                                  "invalid_field", param=tokens[0])
         mapper, threshold = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
+        if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
+            await asyncio.to_thread(self.identity.check)
         # Journaled spend goes in before a budget is read; for a profile without one it may wait.
         await self._replay(strict=mapper.ledger is not None)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
@@ -188,6 +194,8 @@ class Gateway:
         that still fails is an error (budgets must count them), else they wait."""
         if self.journal is None or not self.journal.pending():
             return
+        if self.identity is not None:  # never into a database that replaced the budgets' one
+            await asyncio.to_thread(self.identity.check)
         try:
             await asyncio.to_thread(self.journal.replay, self.feedback.db, _apply_journaled)
         except DatabaseError:
@@ -481,8 +489,12 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
     models = {tier: roles.spec(tier).model for tier in TIERS}
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
     feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s)
+    identity = None
     for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them
         if profile.mapper.ledger is not None:
+            if identity is None:  # refused when it is not the database the budgets were kept in
+                identity = StateIdentity(feedback.db, feedback_dir, config.identity_check_s)
+                identity.establish(config.accept_new_database)
             profile.mapper.ledger.bind(feedback.db)
     batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
     backends = Backends(roles, cooldown_s=config.cooldown_s, local_max_output_tokens=config.local_max_output_tokens,
@@ -493,4 +505,5 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         router=router, batcher=batcher, profiles=profiles, backends=backends,
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
-        journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s))
+        journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s),
+        identity=identity)
