@@ -194,14 +194,14 @@ class Gateway:
         that still fails is an error (budgets must count them), else they wait."""
         if self.journal is None or not self.journal.pending():
             return
-        if self.identity is not None:  # never into a database that replaced the budgets' one
-            await asyncio.to_thread(self.identity.check)
         try:
+            if self.identity is not None:  # never into a database that replaced the budgets' one
+                await asyncio.to_thread(self.identity.check)
             await asyncio.to_thread(self.journal.replay, self.feedback.db, _apply_journaled)
-        except DatabaseError:
+        except DatabaseError as exc:
             if strict:
                 raise
-            log.warning("spend journal: the state database still fails; its entries wait")
+            log.warning("spend journal: its entries wait (%s)", exc)
 
     async def claim(self, profile: Profile, body: Conversation, key: str | None) -> tuple[Answered | None, dict | None]:
         """With an ``Idempotency-Key``: (the answer recorded for it, None) for a retry, whose
@@ -226,10 +226,19 @@ class Gateway:
         return (_replayed(recorded), None) if recorded is not None else (None, claim)
 
     async def unclaim(self, claim: dict | None) -> None:
-        """The request failed before it was paid: a retry with its key may try again."""
-        if claim is not None:
-            with contextlib.suppress(DatabaseError):  # an unreadable claim expires with RESERVATION_TTL_S
-                await asyncio.to_thread(self.idempotency.release, claim["profile"], claim["key"])
+        """The request failed before it was paid: a retry with its key may try again (when
+        the database fails now, once the journal is replayed: until then the key is in flight)."""
+        if claim is None:
+            return
+        try:
+            await asyncio.to_thread(self.idempotency.release, claim["profile"], claim["key"])
+        except DatabaseError:
+            try:
+                if self.journal is not None:
+                    await asyncio.to_thread(self.journal.append, {"release": claim})
+            except JournalError as exc:  # the claim then expires after RESERVATION_TTL_S
+                log.error("%s; the claim of an Idempotency-Key of profile %s stays until it expires", exc,
+                          claim["profile"])
 
     def routing(self, d: Decided, prefix: str) -> dict:
         return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
@@ -443,6 +452,8 @@ def _apply_journaled(db, entry: dict) -> None:
         apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
     if answer := entry.get("answer"):
         IdempotencyStore.write(db, answer)
+    if release := entry.get("release"):
+        IdempotencyStore.forget(db, release["profile"], release["key"])
 
 
 def _replayed(answer: dict) -> Answered:

@@ -74,9 +74,13 @@ class IdempotencyStore:
             self.db.execute("DELETE FROM idempotency WHERE at < ?", (now - self.window_s,))
         return None
 
-    def release(self, profile: str, key: str) -> None:
+    @staticmethod
+    def forget(db: Database, profile: str, key: str) -> None:
         """Drop an unanswered claim (its request failed: nothing was paid)."""
-        self.db.execute("DELETE FROM idempotency WHERE profile = ? AND key = ? AND response IS NULL", (profile, key))
+        db.execute("DELETE FROM idempotency WHERE profile = ? AND key = ? AND response IS NULL", (profile, key))
+
+    def release(self, profile: str, key: str) -> None:
+        self.forget(self.db, profile, key)
 
     @staticmethod
     def write(db: Database, record: dict) -> None:

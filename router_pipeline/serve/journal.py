@@ -2,7 +2,8 @@
 
 A request is paid upstream before it is settled; if the state database fails in between,
 the answer still goes back to the caller, and what settling could not write (the spend in
-place of the reservation, the recorded answer of an ``Idempotency-Key``) is appended here:
+place of the reservation, the recorded answer of an ``Idempotency-Key``, or the release of a
+key whose request failed unpaid) is appended here:
 one JSON line per request, fsync'd before the answer is returned, in a file next to the
 state database. ``replay`` writes the entries into the database once it answers again
 (each entry once: its id is recorded in ``journal_applied`` in the same transaction), so

@@ -1,0 +1,344 @@
+"""No paid answer lost, none paid twice, no budget overspent: the routing server while its
+state database is killed, stopped and frozen (issue 29).
+
+The server (serve/gateway.py behind serve/server.py, in this process on 127.0.0.1) answers
+``--requests`` budgeted chat requests per backend, 8 at a time, from a local server
+speaking Gemini's protocol (every call it answers is a paid call). Each request carries
+an ``Idempotency-Key`` and is retried under it (after a 503, a 409 in flight, or a
+dropped connection) until it is answered; the budget (a limit of about 70% of what the
+requests would cost; its rule then abstains, paying nothing) is the thing to protect.
+Meanwhile the state database fails at random points, 0.3-1.5 s at a time:
+
+- SQLite: another process holds the write lock (what a stuck writer or a backup does);
+- PostgreSQL (Debian's server binaries, as the tests start it): killed (``pg_ctl stop -m
+  immediate``), stopped (``-m fast``) and frozen (SIGSTOP of every server process), then
+  started or thawed again.
+
+A bystander profile without a budget sends requests all along; its p99 latency is
+compared with the same requests before any fault. The router is a constant stub (this
+measures the state path, not routing). Prints per backend, ending with:
+
+    paid upstream N                              calls the model server answered
+    paid but neither returned nor recorded N     (target 0)
+    double payments N                            requests paid more than once (target 0)
+    overspend beyond one request N               (target 0)
+
+    python benchmarks/serving_faults.py [--requests 500] [--backends sqlite,postgresql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from router_pipeline.llm.fake_gemini import FakeGemini
+from router_pipeline.policies import COMPLEX, POLICIES
+from router_pipeline.routers.contract import RouteDecision
+
+KEYS = {"budgeted": "bench-budgeted-key-0001", "bystander": "bench-bystander-key-0001"}
+PRO = "gemini-2.5-pro"
+CONCURRENCY = 8
+SHARE_OF_COST = 0.7  # the budget's limit, as a share of what every budgeted request would cost on Pro
+
+
+class StubRouter:
+    """Every query is Complex_Query (the profile's threshold rule sends it to Pro)."""
+
+    mode, calibration, device, precision = "stub", {}, "cpu", "fp32"
+
+    def route(self, query, *, with_reasoning=False):
+        return self.route_batch([query])[0]
+
+    def route_batch(self, queries, *, with_reasoning=False, progress=False):
+        return [RouteDecision(q, COMPLEX, {p: float(p == COMPLEX) for p in POLICIES}, True, "stub") for q in queries]
+
+
+# -- the state databases and their faults -------------------------------------------------
+class SQLiteFaults:
+    name = "sqlite"
+
+    def __init__(self, folder: Path):
+        self.file, self.url = folder / "requests.sqlite", None
+
+    def fault(self, seconds: float) -> str:
+        holder = sqlite3.connect(self.file, isolation_level=None, timeout=10)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            time.sleep(seconds)
+            holder.execute("COMMIT")
+        finally:
+            holder.close()
+        return "write lock held"
+
+    def close(self):
+        pass
+
+
+class PostgresFaults:
+    name = "postgresql"
+
+    def __init__(self, folder: Path):
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL's server binaries (Debian's postgresql package) are not installed")
+        self.bindir, self.data = Path(bins[-1]).parent, Path(tempfile.mkdtemp(prefix="faults-pg-"))
+        self.as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_pg:
+            shutil.chown(self.data, "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._pg("initdb", "-D", str(self.data / "db"), "-A", "trust", "-U", "postgres")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, tool: str, *args: str, check: bool = True):
+        return subprocess.run(self.as_pg + [str(self.bindir / tool), *args], check=check, capture_output=True)
+
+    def start(self):
+        self._pg("pg_ctl", "-D", str(self.data / "db"), "-l", str(self.data / "log"), "-w", "-o",
+                 f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        main = int((self.data / "db" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout.split()
+        return [main, *map(int, children)]
+
+    def fault(self, seconds: float) -> str:
+        kind = random.choice(("killed", "stopped", "frozen"))
+        if kind == "frozen":
+            pids = self._pids()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            time.sleep(seconds)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        else:
+            self._pg("pg_ctl", "-D", str(self.data / "db"), "-m", "immediate" if kind == "killed" else "fast", "stop",
+                     check=False)
+            time.sleep(seconds)
+            self.start()
+        return kind
+
+    def close(self):
+        self._pg("pg_ctl", "-D", str(self.data / "db"), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _serve(state):
+    import uvicorn
+
+    from router_pipeline.serve.server import create_app, uvicorn_options
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="critical",
+                                           **uvicorn_options(state.config)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def _post(client: httpx.Client, url: str, profile: str, text: str, key: str | None = None):
+    headers = {"Authorization": f"Bearer {KEYS[profile]}", **({"Idempotency-Key": key} if key else {})}
+    body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
+    return client.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+
+def run(backend: str, n: int, seed: int) -> dict:
+    from router_pipeline.serve.config import DEFAULTS
+    from router_pipeline.serve.gateway import build_gateway
+
+    random.seed(seed)
+    work = Path(tempfile.mkdtemp(prefix="serving-faults-"))
+    faults = SQLiteFaults(work / "feedback") if backend == "sqlite" else PostgresFaults(work)
+    with FakeGemini(latency_s=0.02) as fake:
+        os.environ.update(ROUTER_PIPELINE_PROFILE="gemini", GEMINI_BASE_URL=fake.base_url,
+                          GEMINI_API_KEY="serving-faults-not-secret", ROUTER_BENCH_BUDGETED=KEYS["budgeted"],
+                          ROUTER_BENCH_BYSTANDER=KEYS["bystander"])
+        per_request = _pro_cost(fake, n)
+        limit = round(SHARE_OF_COST * n * per_request, 8)
+        profiles = work / "profiles.json"
+        profiles.write_text(json.dumps({"profiles": {
+            "budgeted": {"keys_env": "ROUTER_BENCH_BUDGETED", "mapper": {
+                "budget": {"ledger": "bench", "period": "total"},
+                "rules": [{"kind": "budget", "limit_usd": limit, "target": "abstain"},
+                          {"kind": "threshold", "at_least": 0.0, "target": "large"}]}},
+            "bystander": {"keys_env": "ROUTER_BENCH_BYSTANDER", "mapper": {
+                "rules": [{"kind": "threshold", "at_least": 0.0, "target": "large"}]}}}}))
+        config = replace(DEFAULTS, database=faults.url, database_timeout_s=1.0, window_ms=1.0)
+        state = build_gateway(None, profiles_path=profiles, feedback_dir=work / "feedback", config=config,
+                              router=StubRouter())
+        url, server, thread = _serve(state)
+        client = httpx.Client()
+        try:
+            baseline = [_timed(client, url, "bystander", f"bystander baseline {i}") for i in range(100)]
+            fake.calls.clear()
+            stop, fault_log, during = threading.Event(), Counter(), []
+
+            def inject():
+                time.sleep(0.3)
+                while not stop.is_set():
+                    fault_log[faults.fault(random.uniform(0.3, 1.5))] += 1
+                    stop.wait(random.uniform(0.3, 1.0))
+
+            def bystander():
+                j = 0
+                while not stop.is_set():
+                    with httpx.Client() as c:
+                        during.append(_timed(c, url, "bystander", f"bystander during {j}"))
+                    j += 1
+
+            injector, watcher = threading.Thread(target=inject), threading.Thread(target=bystander)
+            injector.start()
+            watcher.start()
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+                outcomes = list(pool.map(lambda i: _until_answered(url, i), range(n)))
+            wall = time.perf_counter() - t0
+            stop.set()
+            injector.join()
+            watcher.join()
+            time.sleep(0.5)
+            # The database answers again: one more budgeted request replays the journal into it.
+            _until_answered(url, n)
+            spend = _spend(state.feedback.db)
+            recorded = _recorded(state.feedback.db)
+        finally:
+            client.close()
+            server.should_exit = True
+            thread.join(20)
+            faults.close()
+    paid = Counter(c.prompt.split("bench request ")[1].split()[0] for c in fake.calls if "bench request " in c.prompt)
+    returned = {str(i) for i, (status, body) in enumerate(outcomes) if status == 200 and body["model"] == PRO}
+    lost = [p for p in paid if p not in returned and p not in recorded]
+    over_usd = max(0.0, spend - limit)
+    bystander_ok = [ms for status, ms in during if status == "200"]
+    p99_base, p99_during = np.percentile([ms for _, ms in baseline], 99), (
+        np.percentile(bystander_ok, 99) if bystander_ok else float("nan"))
+    return {"backend": backend, "requests": n, "wall_s": round(wall, 1), "faults": dict(fault_log),
+            "limit_usd": limit, "per_request_usd": per_request, "spend_recorded_usd": round(spend, 8),
+            "spend_of_paid_usd": round(sum(paid.values()) * per_request, 8),
+            "answered": sum(s == 200 for s, _ in outcomes), "returned_paid": len(returned),
+            "abstained": sum(s == 200 and b["model"] == "abstain" for s, b in outcomes),
+            "attempts": sum(b.get("attempts", 1) for _, b in outcomes),
+            "paid": sum(paid.values()), "lost": len(lost), "double": sum(c > 1 for c in paid.values()),
+            "overspend_requests": max(0, int(np.ceil(round(over_usd / per_request, 6))) - 1) if per_request else 0,
+            "bystander_p99_ms": (round(float(p99_base), 1), round(float(p99_during), 1)),
+            "bystander_failed": dict(Counter(status for status, _ in during if status != "200")),
+            "bystander_requests": len(during),
+            "unanswered": dict(Counter(f"{s} {b.get('error', '')[:60]}".strip() for s, b in outcomes if s != 200))}
+
+
+def _text(i: int) -> str:
+    return f"bench request {i} : what is {i} plus {i}?"
+
+
+def _pro_cost(fake: FakeGemini, n: int) -> float:
+    """The most one budgeted request costs on Pro (the fake counts a prompt's words as tokens)."""
+    from router_pipeline.llm.models import cost_usd, price_for
+    from router_pipeline.routers.prompt import conversation_text
+
+    prompts = [conversation_text([{"role": "user", "content": _text(i)}]) for i in range(n + 1)]
+    return max(cost_usd(len(p.split()), len(fake.responder(PRO, p).split()), price_for(PRO)) for p in prompts)
+
+
+def _timed(client: httpx.Client, url: str, profile: str, text: str) -> tuple[str, float]:
+    """(the status, or the code of the error, or the transport error; milliseconds)."""
+    t0 = time.perf_counter()
+    try:
+        reply = _post(client, url, profile, text)
+        status = "200" if reply.status_code == 200 else f"{reply.status_code} {reply.json()['error']['code']}"
+    except httpx.HTTPError as exc:
+        status = type(exc).__name__
+    return status, (time.perf_counter() - t0) * 1000
+
+
+def _until_answered(url: str, i: int) -> tuple[int, dict]:
+    """A budgeted request, retried under its Idempotency-Key until answered (or 60 tries)."""
+    key, text, attempts = f"bench-{i}", _text(i), 0
+    with httpx.Client() as client:
+        for attempts in range(1, 61):
+            try:
+                reply = _post(client, url, "budgeted", text, key)
+            except httpx.HTTPError:  # the connection dropped: the same key again
+                time.sleep(0.2)
+                continue
+            if reply.status_code == 200:
+                return 200, {**reply.json(), "attempts": attempts}
+            if reply.status_code not in (409, 503):
+                return reply.status_code, {"error": reply.text[:200], "attempts": attempts}
+            time.sleep(min(float(reply.headers.get("retry-after", 1)), 1.0) * random.uniform(0.2, 0.5))
+    return 0, {"attempts": attempts}
+
+
+def _spend(db) -> float:
+    rows = db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ledger = 'bench'")
+    return float(rows[0][0])
+
+
+def _recorded(db) -> set[str]:
+    """The requests whose answer is recorded under their key (paid, and kept)."""
+    rows = db.execute("SELECT key FROM idempotency WHERE profile = 'budgeted' AND response IS NOT NULL")
+    return {k.removeprefix("bench-") for (k,) in rows}
+
+
+def main(argv=None) -> int:
+    logging.getLogger("router_pipeline").setLevel(logging.CRITICAL)  # each fault logs per request: counted here
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--seed", type=int, default=29)
+    args = p.parse_args(argv)
+    totals = Counter()
+    for backend in args.backends.split(","):
+        r = run(backend, args.requests, args.seed)
+        base, during = r["bystander_p99_ms"]
+        print(f"== {backend}: {r['requests']} budgeted requests, 8 at a time, in {r['wall_s']} s; database faults "
+              f"{r['faults']}")
+        print(f"   answered {r['answered']} ({r['returned_paid']} by Pro, {r['abstained']} abstained once over "
+              f"budget) after {r['attempts']} attempts")
+        print(f"   spend recorded ${r['spend_recorded_usd']:.8f} of ${r['spend_of_paid_usd']:.8f} paid; "
+              f"limit ${r['limit_usd']:.8f}, one request ${r['per_request_usd']:.8f}")
+        print(f"   bystander (no budget) p99 {base} ms before, {during} ms during the faults "
+              f"({during / base:.2f}x) over {r['bystander_requests']} requests; failed: {r['bystander_failed']}")
+        if r["unanswered"]:
+            print(f"   budgeted requests not answered after 60 tries: {r['unanswered']}")
+        totals.update(paid=r["paid"], lost=r["lost"], double=r["double"], over=r["overspend_requests"])
+        print(f"   paid {r['paid']}, lost {r['lost']}, double {r['double']}, overspend {r['overspend_requests']}")
+    print(f"paid upstream {totals['paid']}")
+    print(f"paid but neither returned nor recorded {totals['lost']}")
+    print(f"double payments {totals['double']}")
+    print(f"overspend beyond one request {totals['over']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
