@@ -733,7 +733,7 @@ def test_health_is_readiness_and_livez_is_liveness(server, tmp_path):
     _state(tmp_path / "feedback").execute("DROP TABLE requests")  # every request's settling would fail
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{url}/health")
-    assert err.value.code == 503 and json.loads(err.value.read())["failing"] == {"state_database": "unavailable"}
+    assert err.value.code == 503 and json.loads(err.value.read())["failing"] == {"state_database": "broken or replaced"}
     assert json.loads(urllib.request.urlopen(f"{url}/livez").read()) == {"status": "alive"}
 
 
