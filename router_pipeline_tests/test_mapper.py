@@ -136,8 +136,8 @@ def test_budget_rule_switches_when_spent(tmp_path):
     m = PolicyMapper.from_dict(spec, base_dir=tmp_path)
     m.ledger.bind(Database(tmp_path / "state.sqlite"))
     assert m.map(decision(policy=COMPLEX)).target == "large"
-    m.record_spend(0.004)
-    m.record_spend(0.006)
+    m.ledger.settle(None, 0.004)  # what the gateway charges once a call is answered
+    m.ledger.settle(None, 0.006)
     got = m.map(decision(policy=COMPLEX))
     assert (got.target, got.rule) == ("medium", "budget") and "$0.0100" in got.reason
     assert m.describe()["budget"] == {"ledger": "spend.json", "period": "total"}  # a name, not a path

@@ -415,7 +415,7 @@ class Gateway:
                 if self.journal is None:
                     raise JournalError("this gateway has no spend journal")
                 await asyncio.to_thread(self.journal.append, journal)
-                routing["spend_journaled" if "spend" in journal else "answer_journaled"] = True
+                routing.update({f"{part}_journaled": True for part in journal})  # spend_journaled, answer_journaled
             except JournalError as exc:  # the local disk fails too: said, and logged for an operator
                 log.error("%s; not recorded: %s", exc, journal)
                 routing["budget_error"] = "the spend of this request could not be recorded"

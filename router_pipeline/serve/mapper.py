@@ -260,11 +260,6 @@ class PolicyMapper:
             return f"confidence {conf:.2f} < {rule.below:.2f}" if conf < rule.below else None
         return f"policy {d.policy}" if d.policy in rule.map else None
 
-    def record_spend(self, usd: float, reservation: str | None = None) -> float | None:
-        """Add a call's cost to the persisted budget, in place of its reservation (no-op
-        without a budget)."""
-        return self.ledger.settle(reservation, usd) if self.ledger is not None else None
-
     def budget_limit(self) -> float | None:
         """The tightest budget rule's limit (None without a budget rule)."""
         limits = [r.limit_usd for r in self.rules if r.kind == "budget"]
