@@ -1,6 +1,7 @@
 """The routing server, live on 127.0.0.1, driven by the real `openai` client, with local
 Gemini-protocol servers as the medium and large models."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -242,6 +243,30 @@ def test_one_profile_cannot_take_the_models_from_the_others(server, gemini):
     gemini.add_model_faults(PRO, Fault(status=429, retry_after=60))
     assert ask(url, "Rate limited?", model="router-0", profile="private").model == FLASH
     assert PRO in state.backends.cooling() and PRO in state.backends.cooling("metered")
+
+
+def test_a_caller_that_leaves_before_its_request_is_answered_is_not_paid_for(server, gemini, monkeypatch):
+    """Issue 29, 6: a request held up before its model call (here the router; a hung database
+    alike) whose caller has left is not sent upstream once it could be."""
+    url, state, _ = server
+    held, release, route = threading.Event(), threading.Event(), state.batcher.route
+
+    async def slow(query):
+        held.set()
+        await asyncio.to_thread(release.wait, 10)
+        return await route(query)
+    monkeypatch.setattr(state.batcher, "route", slow)
+    impatient = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["app"], max_retries=0, timeout=1.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        left = pool.submit(impatient.chat.completions.create, model="router",
+                           messages=[{"role": "user", "content": "Still there?"}])
+        with pytest.raises(openai.APITimeoutError):
+            left.result()
+    assert held.is_set()
+    release.set()
+    monkeypatch.setattr(state.batcher, "route", route)
+    ask(url, "The next one")  # served; the one before it never reached a model
+    assert [c.prompt for c in gemini.calls if "Still there?" in c.prompt] == []
 
 
 def test_unknown_or_missing_keys_get_401(server):

@@ -361,6 +361,10 @@ class Gateway:
             d.mapping = await asyncio.to_thread(d.mapper.map, d.decision, over_budget=True)
         return reservation
 
+    async def abandon(self, d: Decided) -> None:
+        """The caller left before anything was called: nothing is paid for nobody."""
+        await self._release(d, d.reservation)
+
     async def _release(self, d: Decided, reservation: str | None) -> None:
         if reservation is not None:
             with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending

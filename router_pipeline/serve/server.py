@@ -233,6 +233,9 @@ async def chat_completions(request: Request):
         try:
             d = await gateway.decide(profile, body, claim)
             await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
+            if await request.is_disconnected():  # it left while routed or reserved (a queue, a slow database)
+                await gateway.abandon(d)
+                raise APIError(499, "the client closed the request before it was answered", "client_closed_request")
             if body.stream and not (d.mapping.abstain or d.mapping.escalate):
                 routing, texts = await gateway.stream(d)
                 return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
