@@ -149,23 +149,6 @@ class PostgresFaults:
 
 
 # -- the run ---------------------------------------------------------------------------------
-def _serve(state):
-    import uvicorn
-
-    from router_pipeline.serve.server import create_app, uvicorn_options
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="critical",
-                                           **uvicorn_options(state.config)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 def _post(client: httpx.Client, url: str, profile: str, text: str, key: str | None = None):
     headers = {"Authorization": f"Bearer {KEYS[profile]}", **({"Idempotency-Key": key} if key else {})}
     body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
@@ -174,6 +157,7 @@ def _post(client: httpx.Client, url: str, profile: str, text: str, key: str | No
 
 def run(backend: str, n: int, seed: int) -> dict:
     from router_pipeline.serve.config import DEFAULTS
+    from router_pipeline.serve.server import serving_in_thread
     from router_pipeline.serve.gateway import build_gateway
 
     random.seed(seed)
@@ -196,45 +180,41 @@ def run(backend: str, n: int, seed: int) -> dict:
         config = replace(DEFAULTS, database=faults.url, database_timeout_s=1.0, window_ms=1.0)
         state = build_gateway(None, profiles_path=profiles, feedback_dir=work / "feedback", config=config,
                               router=StubRouter())
-        url, server, thread = _serve(state)
-        client = httpx.Client()
         try:
-            baseline = [_timed(client, url, "bystander", f"bystander baseline {i}") for i in range(100)]
-            fake.calls.clear()
-            stop, fault_log, during = threading.Event(), Counter(), []
+            with serving_in_thread(state, log_level="critical") as url, httpx.Client() as client:
+                baseline = [_timed(client, url, "bystander", f"bystander baseline {i}") for i in range(100)]
+                fake.calls.clear()
+                stop, fault_log, during = threading.Event(), Counter(), []
 
-            def inject():
-                time.sleep(0.3)
-                while not stop.is_set():
-                    fault_log[faults.fault(random.uniform(0.3, 1.5))] += 1
-                    stop.wait(random.uniform(0.3, 1.0))
+                def inject():
+                    time.sleep(0.3)
+                    while not stop.is_set():
+                        fault_log[faults.fault(random.uniform(0.3, 1.5))] += 1
+                        stop.wait(random.uniform(0.3, 1.0))
 
-            def bystander():
-                j = 0
-                while not stop.is_set():
-                    with httpx.Client() as c:
-                        during.append(_timed(c, url, "bystander", f"bystander during {j}"))
-                    j += 1
+                def bystander():
+                    j = 0
+                    while not stop.is_set():
+                        with httpx.Client() as c:
+                            during.append(_timed(c, url, "bystander", f"bystander during {j}"))
+                        j += 1
 
-            injector, watcher = threading.Thread(target=inject), threading.Thread(target=bystander)
-            injector.start()
-            watcher.start()
-            t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-                outcomes = list(pool.map(lambda i: _until_answered(url, i), range(n)))
-            wall = time.perf_counter() - t0
-            stop.set()
-            injector.join()
-            watcher.join()
-            time.sleep(0.5)
-            # The database answers again: one more budgeted request replays the journal into it.
-            _until_answered(url, n)
-            spend = _spend(state.feedback.db)
-            recorded = _recorded(state.feedback.db)
+                injector, watcher = threading.Thread(target=inject), threading.Thread(target=bystander)
+                injector.start()
+                watcher.start()
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+                    outcomes = list(pool.map(lambda i: _until_answered(url, i), range(n)))
+                wall = time.perf_counter() - t0
+                stop.set()
+                injector.join()
+                watcher.join()
+                time.sleep(0.5)
+                # The database answers again: one more budgeted request replays the journal into it.
+                _until_answered(url, n)
+                spend = _spend(state.feedback.db)
+                recorded = _recorded(state.feedback.db)
         finally:
-            client.close()
-            server.should_exit = True
-            thread.join(20)
             faults.close()
     paid = Counter(c.prompt.split("bench request ")[1].split()[0] for c in fake.calls if "bench request " in c.prompt)
     returned = {str(i) for i, (status, body) in enumerate(outcomes) if status == 200 and body["model"] == PRO}

@@ -1,9 +1,5 @@
 """Helpers several test modules share (test modules never import each other)."""
 
-import contextlib
-import socket
-import threading
-import time
 
 import dagster as dg
 import pandas as pd
@@ -54,26 +50,8 @@ class FakeRemote:
         return self._fn.local(*args)
 
 
-@contextlib.contextmanager
 def serving(state):
     """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
-    import uvicorn
+    from router_pipeline.serve.server import serving_in_thread
 
-    from router_pipeline.serve.server import create_app, uvicorn_options
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
-                                           **uvicorn_options(state.config)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    return serving_in_thread(state)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from router_pipeline.artifacts import CALIBRATION_FILE
+from router_pipeline.artifacts import CALIBRATION_FILE, ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.routers.prompt import MODES
 
@@ -101,6 +101,17 @@ def read_json_object(path: Path, holds: str, fix: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold an object with {holds}; found {type(value).__name__}")
     return value
+
+
+def read_router_folder(path: Path, kind: str, arrays: str) -> tuple[dict, Path]:
+    """(router.json's contents, the arrays file) of a saved ``kind`` router at ``path``,
+    or an error naming what is missing or wrong."""
+    meta = read_json_object(path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path / ROUTER_FILE} describes a {meta.get('kind')!r} router, not a {kind} router")
+    if not (path / arrays).is_file():
+        raise FileNotFoundError(f"{path / arrays} is missing: the {kind} router at {path} is incomplete")
+    return meta, path / arrays
 
 
 def read_calibration(adapter_dir) -> dict:

@@ -41,7 +41,7 @@ import numpy as np
 
 from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
-from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, read_calibration, read_json_object
+from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, read_calibration, read_router_folder
 
 HEAD_FILE = "head.npz"
 CLASSIFIERS = ("logistic", "lda", "knn")
@@ -192,12 +192,7 @@ class HeadRouter:
         from router_pipeline.routers.features import encoder_from_dict
 
         self.path = Path(path)
-        self.meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
-        if self.meta.get("kind") != HEAD_KIND:
-            raise ValueError(f"{self.path / ROUTER_FILE} describes a {self.meta.get('kind')!r} router, not a head router")
-        head_file = self.path / HEAD_FILE
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file} is missing: the head router at {self.path} is incomplete")
+        self.meta, head_file = read_router_folder(self.path, HEAD_KIND, HEAD_FILE)
         self.head = Head.load(head_file, self.meta["classifier"], self.meta["classes"], self.meta.get("k", 5))
         self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
                                                     export=self.meta.get("export"), folder=self.path)

@@ -146,15 +146,11 @@ class PoolRouter:
     mode = POOL_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
-        from router_pipeline.routers.contract import read_calibration, read_json_object
+        from router_pipeline.routers.contract import read_calibration, read_router_folder
         from router_pipeline.routers.features import encoder_from_dict
-        from router_pipeline.artifacts import ROUTER_FILE
 
         self.path = Path(path)
-        self.meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
-        head_file = self.path / POOL_HEAD_FILE
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file} is missing: the pool router at {self.path} is incomplete")
+        self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
         self.head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
         self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
                                                     export=self.meta.get("export"), folder=self.path)

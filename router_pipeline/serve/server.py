@@ -323,6 +323,33 @@ def uvicorn_options(config) -> dict:
             "timeout_graceful_shutdown": config.graceful_shutdown_s}
 
 
+@contextlib.contextmanager
+def serving_in_thread(gateway: Gateway, *, log_level: str = "warning"):
+    """The app on a free 127.0.0.1 port, served by uvicorn in a thread: its URL while the
+    block runs (tests and benchmarks that drive a live server)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level=log_level,
+                                           **uvicorn_options(gateway.config)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
