@@ -8,7 +8,7 @@ import json
 from urllib.parse import urlparse
 
 from router_pipeline import settings
-from router_pipeline.llm.types import BLOCKED, EMPTY, OK, LLMRequest, LLMResult, RetryableError
+from router_pipeline.llm.types import BLOCKED, EMPTY, OK, LLMRequest, LLMResult, RetryableError, retry_after
 
 RETRYABLE_CODES = {408, 429, 500, 502, 503, 504}
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -34,17 +34,6 @@ def api_key_from_env() -> str:
     return key
 
 
-def _retry_after(exc) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if not headers:
-        return None
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _reraise(exc: Exception):
     """Raise a provider exception as the runner sees it: RetryableError when trying again
     may work (429, 5xx, timeouts, dropped connections), else the exception itself."""
@@ -52,7 +41,7 @@ def _reraise(exc: Exception):
 
     if isinstance(exc, errors.APIError):
         if exc.code in RETRYABLE_CODES:
-            raise RetryableError(f"HTTP {exc.code} {exc.status}", _retry_after(exc)) from exc
+            raise RetryableError(f"HTTP {exc.code} {exc.status}", retry_after(exc)) from exc
     elif isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError)):
         raise RetryableError(f"{type(exc).__name__}: {exc}", maybe_billed=True) from exc
     elif "Timeout" in type(exc).__name__ or "Connect" in type(exc).__name__:

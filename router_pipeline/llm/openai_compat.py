@@ -5,18 +5,10 @@ Retry-After is honoured and attempts are counted, as for Gemini."""
 from __future__ import annotations
 
 from router_pipeline import settings
-from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult, RetryableError
+from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult, RetryableError, retry_after
 
 RETRYABLE_CODES = {408, 409, 429, 500, 502, 503, 504}
 DEFAULT_TIMEOUT_S = 120.0
-
-
-def _retry_after(exc) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        return float(headers.get("retry-after")) if headers.get("retry-after") is not None else None
-    except ValueError:
-        return None
 
 
 class OpenAIClient:
@@ -40,7 +32,7 @@ class OpenAIClient:
     def _raise(self, exc: Exception):
         o = self._openai
         if isinstance(exc, o.APIStatusError) and exc.status_code in RETRYABLE_CODES:
-            raise RetryableError(f"HTTP {exc.status_code}", _retry_after(exc)) from exc
+            raise RetryableError(f"HTTP {exc.status_code}", retry_after(exc)) from exc
         if isinstance(exc, o.APITimeoutError):
             raise RetryableError(f"timeout: {exc}", maybe_billed=True) from exc
         if isinstance(exc, o.APIConnectionError):

@@ -82,3 +82,13 @@ class RetryableError(Exception):
         # A timeout or a dropped connection: the provider may have finished (and billed)
         # the call we are about to send again.
         self.maybe_billed = maybe_billed
+
+
+def retry_after(exc) -> float | None:
+    """The seconds an HTTP error's Retry-After header asks for (None when absent or not a number)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    value = (headers.get("Retry-After") or headers.get("retry-after")) if headers else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

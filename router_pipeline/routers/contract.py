@@ -114,6 +114,21 @@ def read_router_folder(path: Path, kind: str, arrays: str) -> tuple[dict, Path]:
     return meta, path / arrays
 
 
+def write_router_folder(path: Path, kind: str, arrays: str, save, meta: dict) -> Path:
+    """Write a ``kind`` router folder at ``path`` (``save(file)`` writes the arrays; router.json
+    the kind and ``meta``), replacing an older one only once the new one is whole."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp / arrays)
+    (tmp / ROUTER_FILE).write_text(json.dumps({"kind": kind, **meta}, indent=2, default=float))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 def read_calibration(adapter_dir) -> dict:
     if adapter_dir is None:
         return {}

@@ -265,3 +265,9 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_encoder(meta: dict, folder: Path, precision: str = "fast"):
+    """The encoder a saved router folder names in its router.json (``meta``), with the
+    exported weights it keeps beside it."""
+    return encoder_from_dict(meta["encoder"], precision=precision, export=meta.get("export"), folder=folder)

@@ -41,7 +41,8 @@ import numpy as np
 
 from router_pipeline.artifacts import ROUTER_FILE
 from router_pipeline.policies import COMPLEX, POLICIES
-from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, read_calibration, read_router_folder
+from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, read_calibration, read_router_folder, \
+    write_router_folder
 
 HEAD_FILE = "head.npz"
 CLASSIFIERS = ("logistic", "lda", "knn")
@@ -189,13 +190,12 @@ class HeadRouter:
     mode = HEAD_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
-        from router_pipeline.routers.features import encoder_from_dict
+        from router_pipeline.routers.features import folder_encoder
 
         self.path = Path(path)
         self.meta, head_file = read_router_folder(self.path, HEAD_KIND, HEAD_FILE)
         self.head = Head.load(head_file, self.meta["classifier"], self.meta["classes"], self.meta.get("k", 5))
-        self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
-                                                    export=self.meta.get("export"), folder=self.path)
+        self.encoder = encoder or folder_encoder(self.meta, self.path, precision)
         self.head.check(self.encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
         self.calibration = read_calibration(self.path)
         self.device = getattr(self.encoder, "device", "cpu")
@@ -224,18 +224,9 @@ class HeadRouter:
 
 def save_head_router(path: Path, name: str, encoder: dict, head: Head, **about) -> Path:
     """Write a head router folder (replacing an older one at ``path``)."""
-    import shutil
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    head.save(tmp / HEAD_FILE)
-    meta = {"kind": HEAD_KIND, "name": name, "encoder": encoder, "classifier": head.classifier,
-            "classes": head.classes, "k": head.k, **about}
-    (tmp / ROUTER_FILE).write_text(json.dumps(meta, indent=2, default=float))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return write_router_folder(path, HEAD_KIND, HEAD_FILE, head.save,
+                               {"name": name, "encoder": encoder, "classifier": head.classifier,
+                                "classes": head.classes, "k": head.k, **about})
 
 
 def export_head_router(folder: Path) -> dict | None:

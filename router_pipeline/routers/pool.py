@@ -13,7 +13,6 @@ for (a budget per 1,000 queries, a share of the best model's accuracy, or lambda
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,20 +139,19 @@ def knob(p: np.ndarray, correct: np.ndarray, cost: np.ndarray, costs: np.ndarray
 
 
 class PoolRouter:
-    """A saved pool router, loaded once: ``route_batch`` gives each query's P(correct) per
-    model and the model chosen at the router's lambda."""
+    """A saved pool router, loaded once: ``choose`` gives each query's P(correct) per model
+    and the model chosen at the router's lambda."""
 
     mode = POOL_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
         from router_pipeline.routers.contract import read_calibration, read_router_folder
-        from router_pipeline.routers.features import encoder_from_dict
+        from router_pipeline.routers.features import folder_encoder
 
         self.path = Path(path)
         self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
         self.head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
-        self.encoder = encoder or encoder_from_dict(self.meta["encoder"], precision=precision,
-                                                    export=self.meta.get("export"), folder=self.path)
+        self.encoder = encoder or folder_encoder(self.meta, self.path, precision)
         self.calibration = read_calibration(self.path)
         self.lam = float(self.calibration.get("lambda", 0.0))
 
@@ -164,17 +162,9 @@ class PoolRouter:
 
 
 def save_pool_router(path: Path, encoder: dict, head: PoolHead, **about) -> Path:
-    import shutil
+    """Write a pool router folder (replacing an older one at ``path``)."""
+    from router_pipeline.routers.contract import write_router_folder
 
-    from router_pipeline.artifacts import ROUTER_FILE
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    head.save(tmp / POOL_HEAD_FILE)
-    meta = {"kind": POOL_KIND, "models": head.models, "encoder": encoder, "classifier": head.classifier,
-            "k": head.k, **about}
-    (tmp / ROUTER_FILE).write_text(json.dumps(meta, indent=2, default=float))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return write_router_folder(path, POOL_KIND, POOL_HEAD_FILE, head.save,
+                               {"models": head.models, "encoder": encoder, "classifier": head.classifier,
+                                "k": head.k, **about})

@@ -297,6 +297,13 @@ def fit_calibration(head: Head, oof_proba: np.ndarray, policies: list[str]) -> H
     return head
 
 
+def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, mean, scale): every feature centred and scaled (a constant one keeps scale 1)."""
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return (x - mean) / scale, mean, scale
+
+
 def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 1.0, shrinkage: float = 0.5,
              k: int = 5, seed: int = 0) -> Head:
     """Fit a head on (features, oracle policies): ``c`` is logistic's inverse
@@ -318,13 +325,12 @@ def fit_head(classifier: str, x: np.ndarray, policies: list[str], *, c: float = 
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.linear_model import LogisticRegression
 
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale < 1e-12] = 1.0
+    z, mean, scale = standardise(x)
     if classifier == "lda":
         model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage)
     else:
         model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
-    model.fit((x - mean) / scale, y)
+    model.fit(z, y)
     return Head(classifier, classes, {"mean": mean, "scale": scale, "coef": np.atleast_2d(model.coef_),
                                       "intercept": np.atleast_1d(model.intercept_)}, k)
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from router_pipeline.routers.head import CLASSIFIERS
+from router_pipeline.training.heads import standardise
 from router_pipeline.routers.pool import PoolHead
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    return (x - mean) / scale, mean, scale
+def _constant(y: np.ndarray) -> float:
+    """The log-odds of a label that never varies on these rows: a constant P, no direction."""
+    p = float(np.mean(y))
+    return float(np.log(max(p, 1e-6) / max(1 - p, 1e-6)))
 
 
 def _lda(z: np.ndarray, correct: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
@@ -33,9 +34,9 @@ def _lda(z: np.ndarray, correct: np.ndarray, shrinkage: float) -> tuple[np.ndarr
     coefs, intercepts = [], []
     for y in correct.T:
         p1 = float(y.mean())
-        if p1 in (0.0, 1.0):  # one class only: a constant P, no direction
+        if p1 in (0.0, 1.0):
             coefs.append(np.zeros(d))
-            intercepts.append(np.log(max(p1, 1e-6) / max(1 - p1, 1e-6)))
+            intercepts.append(_constant(y))
             continue
         mu1, mu0 = z[y].mean(axis=0), z[~y].mean(axis=0)
         delta = mu1 - mu0
@@ -54,7 +55,7 @@ def _logistic(z: np.ndarray, correct: np.ndarray, c: float, seed: int) -> tuple[
     for y in correct.T:
         if y.all() or not y.any():
             coefs.append(np.zeros(z.shape[1]))
-            intercepts.append(np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6)))
+            intercepts.append(_constant(y))
             continue
         model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(z, y)
         coefs.append(model.coef_[0])
@@ -75,7 +76,7 @@ def fit_pool_head(classifier: str, x: np.ndarray, correct: np.ndarray, costs: np
     if classifier == "knn":
         arrays.update(train=np.asarray(x, np.float32), correct=correct)
         return PoolHead(list(models), "knn", arrays, k)
-    z, mean, scale = _standardise(np.asarray(x, np.float64))
+    z, mean, scale = standardise(np.asarray(x, np.float64))
     coef, intercept = _lda(z, correct, shrinkage) if classifier == "lda" else _logistic(z, correct, c, seed)
     arrays.update(mean=mean, scale=scale, coef=coef, intercept=intercept)
     return PoolHead(list(models), classifier, arrays, k)
@@ -88,7 +89,7 @@ def fit_platt(head: PoolHead, oof_scores: np.ndarray, correct: np.ndarray) -> Po
     a, b = np.ones(len(head.models)), np.zeros(len(head.models))
     for m, y in enumerate(np.asarray(correct, bool).T):
         if y.all() or not y.any():
-            a[m], b[m] = 0.0, np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6))
+            a[m], b[m] = 0.0, _constant(y)
             continue
         fit = LogisticRegression(C=1e4, max_iter=1000).fit(oof_scores[:, [m]], y)
         a[m], b[m] = float(fit.coef_[0, 0]), float(fit.intercept_[0])
