@@ -6,9 +6,12 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import json
+import os
 import re
+import signal
 import sqlite3
 import threading
+import time
 import urllib.request
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -687,6 +690,71 @@ def test_a_retry_with_the_same_idempotency_key_is_not_paid_again(server, gemini,
     lock.close()
     assert create(key="order-18", text="Who wrote Othello?").id == paid.id and len(gemini.calls) == calls
     assert _spend(folder, "metered_spend.json") == (pytest.approx(before + paid.model_extra["routing"]["cost_usd"]), 0)
+
+
+@contextlib.contextmanager
+def _frozen_backend(db: Database):
+    """The PostgreSQL server process behind ``db``'s connection stopped (SIGSTOP) until the
+    block ends: a statement sent to it hangs, and no statement_timeout fires."""
+    ((pid,),) = db.execute("SELECT pg_backend_pid()")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _no_budget_answers_while_the_database_is_stuck(url: str, state, stuck) -> None:
+    """Requests of a profile without a budget (and without an Idempotency-Key) while
+    ``stuck`` holds the state database, which would make them wait 10 s: answered at once,
+    saying their recording is deferred; once the database answers, their stats and their
+    request memory (feedback works) are in."""
+    before = state.stats.snapshot().get("app", {}).get("requests", 0)
+    assert "recording_deferred" not in ask(url, "Before it is stuck?").model_extra["routing"]
+    timed = []
+    with stuck:
+        for text in ("While it is stuck?", "And once more?"):
+            t0 = time.perf_counter()
+            routing = ask(url, text).model_extra["routing"]
+            timed.append((time.perf_counter() - t0, routing))
+    assert all(seconds < 2.0 and routing["recording_deferred"] for seconds, routing in timed), timed
+    assert not any("unavailable" in key for _, routing in timed for key in routing)
+    deadline = time.monotonic() + 30  # the writes finish in the background
+    while (counted := state.stats.snapshot()["app"]["requests"]) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted == before + 3
+    for _, routing in timed:
+        code, body = _post(url, "/v1/feedback", json.dumps({"request_id": routing["request_id"],
+                                                            "preferred_tier": "large"}).encode())
+        assert code == 200 and body["outcome_row"], body
+
+
+def test_a_request_without_a_budget_never_waits_for_a_locked_state_database(router, gemini, tmp_path,
+                                                                             monkeypatch):
+    """Issue 29's bystander: another process holds SQLite's write lock (a stuck writer, a
+    backup) for longer than the recording wait; a request without a budget is answered
+    within it, not after the 10 s busy timeout."""
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
+    folder = tmp_path / "feedback"
+    state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=folder, router=router,
+                          config=replace(DEFAULTS, database_timeout_s=10.0))
+    with serving(state) as url:
+        _no_budget_answers_while_the_database_is_stuck(url, state, _write_locked(folder))
+
+
+def test_a_request_without_a_budget_never_waits_for_a_frozen_postgresql(router, gemini, postgres_url, tmp_path,
+                                                                        monkeypatch):
+    """The same with the PostgreSQL backend of the server's connection frozen (SIGSTOP): its
+    statement in flight hangs, and the request without a budget is answered all the same."""
+    monkeypatch.setenv("TEST_KEYS_APP", KEYS["app"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  app: {keys_env: TEST_KEYS_APP, store_queries: true}\n")
+    state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
+                          router=router, config=replace(DEFAULTS, database=postgres_url, database_timeout_s=10.0))
+    with serving(state) as url:
+        _no_budget_answers_while_the_database_is_stuck(url, state, _frozen_backend(state.feedback.db))
 
 
 def test_a_budget_is_never_silently_counted_again_from_zero(router, gemini, tmp_path, monkeypatch):

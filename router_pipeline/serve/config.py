@@ -35,6 +35,15 @@ class ServingConfig:
     # A state database that does not answer within this is an error (503 with Retry-After), not a
     # hung caller: SQLite's busy timeout, PostgreSQL's connect and statement timeouts.
     database_timeout_s: float = 5.0
+    # A request without a budget and without an Idempotency-Key waits at most this for its stats and its
+    # request memory (for feedback) to be written, and not at all while the database is already known to
+    # be slow; past it the answer goes back with routing.recording_deferred and they are written later.
+    record_wait_s: float = 0.1
+    max_deferred_recordings: int = 10_000  # writes waiting in the background; more are dropped (logged)
+    # Threads for the state database, apart from the router's and the models' thread work (a locked or
+    # frozen database holds its threads): requests' own reads and writes, and the deferred writes.
+    database_threads: int = 4
+    recording_threads: int = 2
     # A budget-bearing server refuses a new or emptied state database where its folder records
     # another (serve/identity.py) unless the operator accepts it; a PostgreSQL id is re-read this often.
     accept_new_database: bool = False
@@ -51,6 +60,9 @@ class ServingConfig:
                 raise ValueError(f"serving setting {f.name} must be >= 0, got {value}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        for name in ("database_threads", "recording_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 DEFAULTS = ServingConfig()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -86,6 +87,7 @@ class Database:
         self.postgres = urlsplit(self.target).scheme in POSTGRES_SCHEMES
         self._lock = threading.RLock()  # one connection per process: its statements one at a time
         self._conn = None
+        self._held_since: float | None = None  # when the statement (or transaction) holding it began
 
     @contextlib.contextmanager
     def _held(self):
@@ -94,10 +96,21 @@ class Database:
         if not self._lock.acquire(timeout=self.timeout_s):
             raise DatabaseError(f"the state database {self.name} is busy: a statement has not returned "
                                 f"within {self.timeout_s:g} s")
+        outermost = self._held_since is None  # a transaction's statements take it again
+        if outermost:
+            self._held_since = time.monotonic()
         try:
             yield
         finally:
+            if outermost:
+                self._held_since = None
             self._lock.release()
+
+    def held_s(self) -> float:
+        """How long the statement or transaction now holding the connection has run (0.0 when
+        none does): a held write lock or a frozen server shows here before its timeout."""
+        since = self._held_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def name(self) -> str:

@@ -14,18 +14,25 @@ place of the reservation, stats, request memory for feedback, the decision log).
 Settling never loses a paid answer: whatever the state database does, the answer goes
 back with what could not be recorded said in ``routing``, and the spend (and the answer
 of an ``Idempotency-Key``) it could not write goes to the local journal, replayed into the
-database before the next budgeted request (serve/journal.py).
+database before the next budgeted request (serve/journal.py). A request without a budget
+and without an ``Idempotency-Key`` never waits on the state database beyond
+``ServingConfig.record_wait_s``: its stats and request memory are then written in the
+background (``routing.recording_deferred``), and the journal's replay runs in the
+background for it. State-database calls run in threads of their own (``_in_db``), so a
+locked or frozen database cannot take the threads the router and the models use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -111,13 +118,53 @@ class Gateway:
     idempotency: IdempotencyStore | None = None
     identity: StateIdentity | None = None  # established when a profile keeps a budget
     mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
+    # The state database's threads ("request": requests' own calls; "recording": what may be left behind).
+    _pools: dict = field(default_factory=dict, init=False, repr=False)
+    _background: set = field(default_factory=set, init=False, repr=False)  # deferred recordings, replays
+    _replaying: asyncio.Task | None = field(default=None, init=False, repr=False)  # the background replay
+    _overdue: int = field(default=0, init=False, repr=False)  # recordings whose request stopped waiting
 
     async def start(self) -> None:
         await self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await self._drain()
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
+        self._pools.clear()
         self.feedback.close()
+
+    async def _drain(self) -> None:
+        """The background writes finish (for at most the database's timeout and the graceful
+        shutdown); what is still waiting then is dropped, and logged."""
+        if not self._background:
+            return
+        _, left = await asyncio.wait(set(self._background),
+                                     timeout=self.config.database_timeout_s + self.config.graceful_shutdown_s)
+        if left:
+            log.error("stopping: %d background writes to the state database did not finish (deferred stats and "
+                      "request memory, a journal replay) and are dropped; the journal keeps its entries", len(left))
+            for task in left:
+                task.cancel()
+
+    async def _in_db(self, fn, *args, pool: str = "request", **kwargs):
+        """``fn(*args, **kwargs)`` in a thread kept for the state database (``pool``: "request",
+        what a request waits for; "recording", writes it may leave behind): a database that
+        holds its threads (a held lock, a frozen server) never holds the router's or the
+        models' thread work, nor requests' own calls behind a backlog of deferred writes."""
+        executor = self._pools.get(pool)
+        if executor is None:
+            threads = self.config.database_threads if pool == "request" else self.config.recording_threads
+            executor = self._pools[pool] = ThreadPoolExecutor(threads, thread_name_prefix=f"state-db-{pool}")
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """A background task, kept until it ends (``stop`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def ready(self) -> dict[str, str]:
         """What cannot serve now (component -> why), empty when the router answers a probe
@@ -129,9 +176,9 @@ class Gateway:
             log.error("readiness: the router failed its probe: %r", exc)
             failing["router"] = "timed out" if isinstance(exc, asyncio.TimeoutError) else "failed its probe"
         try:
-            await asyncio.to_thread(self.feedback.db.execute, "SELECT 1 FROM requests LIMIT 1")
+            await self._in_db(self.feedback.db.execute, "SELECT 1 FROM requests LIMIT 1")
             if self.identity is not None:
-                await asyncio.to_thread(self.identity.check)
+                await self._in_db(self.identity.check)
         except DatabaseError as exc:
             log.error("readiness: %s", exc)
             failing["state_database"] = "unavailable" if exc.transient else "broken or replaced"
@@ -148,13 +195,16 @@ class Gateway:
         mapper, threshold = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
         if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
-            await asyncio.to_thread(self.identity.check)
-        # Journaled spend goes in before a budget is read; for a profile without one it may wait.
-        await self._replay(strict=mapper.ledger is not None)
+            await self._in_db(self.identity.check)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
-            await asyncio.to_thread(mapper.ledger.spent)
+            await self._replay(strict=True)  # journaled spend goes in before a budget is read
+            await self._in_db(mapper.ledger.spent)
+        else:  # nothing to count it against: the replay goes on in the background, unwaited for
+            self._replay_soon()
         decision = await self.batcher.route(text)
-        mapping = await asyncio.to_thread(mapper.map, decision)  # rules may read files (the ledger)
+        # Rules may read the ledger (the state database); without one they read nothing.
+        mapping = await (self._in_db(mapper.map, decision) if mapper.ledger is not None
+                         else asyncio.to_thread(mapper.map, decision))
         return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
                        (time.perf_counter() - t0) * 1000, claim=claim)
 
@@ -189,19 +239,33 @@ class Gateway:
                            and m["content"]) or None
         return text, conversation, system
 
-    async def _replay(self, strict: bool) -> None:
+    async def _replay(self, strict: bool, pool: str = "request") -> None:
         """Write the journal's entries into the state database; ``strict``: a database
         that still fails is an error (budgets must count them), else they wait."""
         if self.journal is None or not self.journal.pending():
             return
         try:
             if self.identity is not None:  # never into a database that replaced the budgets' one
-                await asyncio.to_thread(self.identity.check)
-            await asyncio.to_thread(self.journal.replay, self.feedback.db, _apply_journaled)
+                await self._in_db(self.identity.check, pool=pool)
+            await self._in_db(self.journal.replay, self.feedback.db, _apply_journaled, pool=pool)
         except DatabaseError as exc:
             if strict:
                 raise
             log.warning("spend journal: its entries wait (%s)", exc)
+
+    def _replay_soon(self) -> None:
+        """The journal's replay in the background, one at a time, for a caller that reads no
+        budget and does not wait for it (the next budgeted request replays what is left)."""
+        if self.journal is None or not self.journal.pending() or (self._replaying and not self._replaying.done()):
+            return
+
+        async def replay():
+            try:
+                await self._replay(strict=False, pool="recording")
+            except Exception as exc:  # nobody waits for it: said in the log, the entries stay
+                log.error("spend journal: the background replay failed, its entries wait: %r", exc)
+
+        self._replaying = self._spawn(replay())
 
     async def claim(self, profile: Profile, body: Conversation, key: str | None) -> tuple[Answered | None, dict | None]:
         """With an ``Idempotency-Key``: (the answer recorded for it, None) for a retry, whose
@@ -213,11 +277,11 @@ class Gateway:
             raise InvalidRequest(f"Idempotency-Key {why}", "invalid_idempotency_key", param="Idempotency-Key")
         claim = {"profile": profile.name, "key": key, "fingerprint": fingerprint(body)}
         await self._replay(strict=False)  # an answer journaled earlier may be this key's
-        journaled = self.journal and await asyncio.to_thread(self.journal.find_answer, profile.name, key)
+        journaled = self.journal and await self._in_db(self.journal.find_answer, profile.name, key)
         if journaled and journaled["fingerprint"] == claim["fingerprint"]:  # the database still fails
             return _replayed(journaled["answer"]), None
         try:
-            recorded = await asyncio.to_thread(self.idempotency.claim, profile.name, key, claim["fingerprint"])
+            recorded = await self._in_db(self.idempotency.claim, profile.name, key, claim["fingerprint"])
         except KeyReused as exc:
             raise Conflict(str(exc), "idempotency_key_reused", param="Idempotency-Key") from None
         except InProgress as exc:
@@ -231,11 +295,11 @@ class Gateway:
         if claim is None:
             return
         try:
-            await asyncio.to_thread(self.idempotency.release, claim["profile"], claim["key"])
+            await self._in_db(self.idempotency.release, claim["profile"], claim["key"])
         except DatabaseError:
             try:
                 if self.journal is not None:
-                    await asyncio.to_thread(self.journal.append, {"release": claim})
+                    await self._in_db(self.journal.append, {"release": claim})
             except JournalError as exc:  # the claim then expires after RESERVATION_TTL_S
                 log.error("%s; the claim of an Idempotency-Key of profile %s stays until it expires", exc,
                           claim["profile"])
@@ -327,7 +391,7 @@ class Gateway:
 
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
-            await asyncio.to_thread(self.stats.record_error, d.profile.name)
+            await self._in_db(self.stats.record_error, d.profile.name)
         if isinstance(exc, RejectedRequest):  # the caller's fault: nothing cooled down, nothing retried
             return InvalidRequest(f"the model refused this request as invalid ({exc.status}); check its "
                                   "messages and parameters", "upstream_invalid_request")
@@ -368,7 +432,7 @@ class Gateway:
     async def _release(self, d: Decided, reservation: str | None) -> None:
         if reservation is not None:
             with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
-                await asyncio.to_thread(d.mapper.ledger.release, reservation)
+                await self._in_db(d.mapper.ledger.release, reservation)
 
     async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
                       reservation: str | None, content: str | None) -> dict:
@@ -382,7 +446,7 @@ class Gateway:
         journal: dict = {}
         if (ledger := d.mapper.ledger) is not None:
             try:
-                await asyncio.to_thread(ledger.settle, reservation, cost)
+                await self._in_db(ledger.settle, reservation, cost)
             except LedgerError as exc:
                 log.error("budget ledger: %s", exc)
                 if exc.database:  # the database failed: the spend waits in the journal
@@ -392,25 +456,20 @@ class Gateway:
                                                "from the next request")
         large_price = self.backends.roles.spec_for("large", d.mapper.models["large"]).price
         total_ms = (time.perf_counter() - d.t0) * 1000
-        try:
-            await asyncio.to_thread(
-                self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
-                total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
-                escalated=bool(routing.get("escalated")),
-                large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
-        except DatabaseError as exc:
-            log.error("stats: %s", exc)
-            routing["stats_unavailable"] = True
-        try:
-            await self._remember(d, routing["request_id"], tier)
-        except DatabaseError as exc:  # only its feedback is lost
-            log.error("request memory: %s", exc)
-            routing["feedback_unavailable"] = True
+        count = functools.partial(
+            self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+            total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
+            escalated=bool(routing.get("escalated")),
+            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
+        if ledger is None and d.claim is None:  # nothing it records is money or an answer: it never waits long
+            await self._record_bounded(d, routing, tier, count)
+        else:
+            routing.update(await self._record(d, routing["request_id"], tier, count))
         if d.claim is not None:
             record = {**d.claim, "at": time.time(), "answer": {"content": content, "model": model, "usage": usage,
                                                                "routing": dict(routing)}}
             try:
-                await asyncio.to_thread(self.idempotency.record, record)
+                await self._in_db(self.idempotency.record, record)
             except DatabaseError as exc:
                 log.error("idempotency: %s", exc)
                 journal["answer"] = record
@@ -418,7 +477,7 @@ class Gateway:
             try:
                 if self.journal is None:
                     raise JournalError("this gateway has no spend journal")
-                await asyncio.to_thread(self.journal.append, journal)
+                await self._in_db(self.journal.append, journal)
                 routing.update({f"{part}_journaled": True for part in journal})  # spend_journaled, answer_journaled
             except JournalError as exc:  # the local disk fails too: said, and logged for an operator
                 log.error("%s; not recorded: %s", exc, journal)
@@ -433,10 +492,60 @@ class Gateway:
                 log.error("decision log: %s", exc)
         return usage
 
-    async def _remember(self, d: Decided, request_id: str, tier: str | None) -> None:
+    async def _record(self, d: Decided, request_id: str, tier: str | None, count, pool: str = "request") -> dict:
+        """Remember the request for feedback, then count it (``count``: its ``stats.record``);
+        what could not be written, as ``routing``'s flags."""
+        failed = {}
+        try:
+            await self._remember(d, request_id, tier, pool=pool)
+        except DatabaseError as exc:  # only its feedback is lost
+            log.error("request memory of %s, so feedback for it is unavailable: %s", request_id, exc)
+            failed["feedback_unavailable"] = True
+        try:
+            await self._in_db(count, pool=pool)
+        except DatabaseError as exc:
+            log.error("stats of %s: %s", request_id, exc)
+            failed["stats_unavailable"] = True
+        return failed
+
+    async def _record_bounded(self, d: Decided, routing: dict, tier: str | None, count) -> None:
+        """``_record`` for a request without a budget or a key: waited for at most
+        ``record_wait_s``, and not at all while earlier ones are overdue or a statement
+        has held the database longer than that (it is locked or frozen). Past it the
+        answer goes back with ``recording_deferred`` and the writes finish in the
+        background (what fails then is logged: stats dropped, or no feedback for it)."""
+        request_id, wait_s = routing["request_id"], self.config.record_wait_s
+        if len(self._background) >= self.config.max_deferred_recordings:
+            log.error("%d writes wait for the state database: request %s is not counted and feedback for it is "
+                      "unavailable", len(self._background), request_id)
+            routing.update(stats_unavailable=True, feedback_unavailable=True)
+            return
+        task = self._spawn(self._record(d, request_id, tier, count, pool="recording"))
+        if self._overdue or self.feedback.db.held_s() > wait_s:
+            wait_s = 0.0
+        try:
+            routing.update(await asyncio.wait_for(asyncio.shield(task), wait_s))
+            return
+        except asyncio.TimeoutError:
+            pass
+        routing["recording_deferred"] = True
+        self._overdue += 1
+
+        def written(task: asyncio.Task) -> None:
+            self._overdue -= 1
+            if task.cancelled():
+                log.error("request %s: its deferred stats and request memory were dropped (the server stopped); "
+                          "feedback for it is unavailable", request_id)
+            elif task.exception() is not None:
+                log.error("request %s: its deferred stats and request memory failed: %r", request_id,
+                          task.exception())
+
+        task.add_done_callback(written)
+
+    async def _remember(self, d: Decided, request_id: str, tier: str | None, pool: str = "request") -> None:
         """The request, for feedback (its tier when medium or large served it)."""
-        await asyncio.to_thread(self.feedback.remember, ServedRequest(
-            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries))
+        await self._in_db(self.feedback.remember, ServedRequest(
+            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries), pool=pool)
 
     # -- feedback ---------------------------------------------------------------
     async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:
