@@ -13,6 +13,9 @@ other.
     <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate
     <root>/evaluation/                     SUMMARY_FILE, INTERVALS_FILE: every candidate
     <root>/router/                         the released router (adapter or head) + calibration + figures
+    <root>/pool/<candidate>/               pool routers (training/pool.POOL_CANDIDATES) with their knob's calibration
+    <root>/evaluation/pool_<candidate>/    EVALUATION_FILE of a pool router on the test split
+    <root>/pool_router/                    the released pool router + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI
     <root>/cache/llm_cache.sqlite          every paid model response
     <root>/feedback/                       the routing server's state database (STATE_FILE)
@@ -101,6 +104,16 @@ class Artifacts:
     @property
     def release(self) -> Path:
         return self.root / "router"
+
+    def pool_candidate(self, name: str) -> Path:
+        return self.root / "pool" / name
+
+    def pool_evaluation(self, name: str) -> Path:
+        return self.root / "evaluation" / f"pool_{name}"
+
+    @property
+    def pool_release(self) -> Path:
+        return self.root / "pool_router"
 
     @property
     def plots(self) -> Path:

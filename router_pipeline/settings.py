@@ -12,6 +12,7 @@ never part of ``Settings`` (so they cannot end up in a repr, a log or metadata).
 | ROUTER_PIPELINE_ARTIFACTS | ``artifacts_dir``: everything the pipeline writes | ./artifacts |
 | ROUTER_PIPELINE_MODELS | ``models_dir``: converted offline models | <artifacts>/models |
 | ROUTER_PIPELINE_ALLOW_HUB | ``allow_hub``: 1 lets model names resolve on the HF hub | 0 |
+| ROUTER_PIPELINE_POOL | ``pool_file``: the model pool (YAML/JSON, llm/pool.py) | the profile's pool |
 | ROUTER_PIPELINE_COUNCIL_DIR | ``council_dir``: the llm-council drop folder | ./council_sessions |
 | ROUTER_{MEDIUM,LARGE,JUDGE,ANALYSER}_MODEL | ``gemini_models``: a role's model in the gemini profile | llm.roles.GEMINI_MODELS |
 | ROUTER_CONCURRENCY | ``concurrency``: model calls in flight (gemini profile) | 16 |
@@ -59,6 +60,7 @@ class Settings:
     models_dir: Path = Path("artifacts/models")
     allow_hub: bool = False
     council_dir: Path = Path("council_sessions")
+    pool_file: Path | None = None  # None: the profile's default pool (llm.pool.pool_for)
     gemini_models: dict[str, str] = field(default_factory=dict)  # role -> model id set in the environment
     concurrency: int = 16
     gemini_base_url: str | None = None
@@ -116,6 +118,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         models_dir=Path(env.get("ROUTER_PIPELINE_MODELS") or artifacts / d.models_dir.name).expanduser(),
         allow_hub=env.get("ROUTER_PIPELINE_ALLOW_HUB", "0") == "1",
         council_dir=Path(env.get("ROUTER_PIPELINE_COUNCIL_DIR") or Path.cwd() / d.council_dir).expanduser(),
+        pool_file=Path(env["ROUTER_PIPELINE_POOL"]).expanduser() if env.get("ROUTER_PIPELINE_POOL") else d.pool_file,
         gemini_models={r: env[f"ROUTER_{r.upper()}_MODEL"] for r in ROLES if env.get(f"ROUTER_{r.upper()}_MODEL")},
         concurrency=_int(env, "ROUTER_CONCURRENCY", d.concurrency, 1),
         gemini_base_url=env.get("GEMINI_BASE_URL") or d.gemini_base_url,

@@ -280,9 +280,9 @@ def test_a_saved_pool_router_routes_as_it_was_fitted(tmp_path):
     path = save_pool_router(tmp_path / "pool", {"encoder": "minilm"}, fitted.head, params=fitted.params)
     (path / CALIBRATION_FILE).write_text(json_.dumps({"knob": "lambda", "lambda": 50.0}))
 
-    class Rows:  # an encoder that maps "row i" to the i-th feature row
+    class Rows:  # an encoder that maps "row i" to the i-th feature row (anything else: row 0)
         def encode(self, queries):
-            return x[[int(q.split()[1]) for q in queries]]
+            return x[[int(q.split()[1]) if q.startswith("row ") else 0 for q in queries]]
 
     router = PoolRouter(path, encoder=Rows())
     queries = [f"row {i}" for i in range(20)]
@@ -290,3 +290,86 @@ def test_a_saved_pool_router_routes_as_it_was_fitted(tmp_path):
     assert p == pytest.approx(fitted.head.proba(x[:20]))
     assert picked == [["cheap", "mid", "dear"][i] for i in decide(p, fitted.head.costs, 50.0)] and router.lam == 50.0
     assert router.choose(queries, lam=float("inf"))[1] == ["cheap"] * 20
+
+
+def _served_pool_router(tmp_path):
+    """A pool router over three Gemini-backend models (flash-lite, flash, pro at list
+    prices) whose encoder reads "row i" as the i-th synthetic feature row, saved as the
+    pipeline saves one, with a validation sweep recorded for the knob."""
+    import json as json_
+
+    from router_pipeline.artifacts import CALIBRATION_FILE
+    from router_pipeline.llm.pool import gemini_pool
+    from router_pipeline.routers.pool import PoolRouter, save_pool_router, sweep
+    from router_pipeline.training.pool import _json_sweep
+
+    pool = gemini_pool()
+    x, correct, cost = _synthetic(300)
+    fitted = fit_pool(lambda p: x, correct, cost, pool.names, "lda", pool_grid("lda"), folds=3)
+    path = save_pool_router(tmp_path / "pool", {"encoder": "minilm"}, fitted.head, pool=pool.to_dict(),
+                            params=fitted.params)
+    val = slice(200, 300)
+    p_val = fitted.head.proba(x[val])
+    (path / CALIBRATION_FILE).write_text(json_.dumps({
+        "lambda": 0.0, "knob": "lambda", "knob_value": 0.0, "best_single_accuracy": float(correct[val].mean(0).max()),
+        "validation_sweep": _json_sweep(sweep(p_val, correct[val], cost[val], fitted.head.costs))}))
+
+    class Rows:
+        def encode(self, queries):
+            return x[[int(q.rsplit(" ", 1)[1]) if q.startswith("row ") else 0 for q in queries]]
+
+    return PoolRouter(path, encoder=Rows()), fitted, x
+
+
+def test_the_server_answers_from_the_model_the_pool_router_chose_counts_and_takes_feedback_per_model(
+        tmp_path, monkeypatch):
+    """The openai client against a served pool router: the answering model is the one
+    P(correct) - lambda * cost picks (lambda from the model name: 'router', a budget, a
+    lambda); fallbacks go down the pool; /v1/stats counts per pool model; feedback names a
+    pool model, and a name outside the pool is a 400."""
+    import httpx
+    import openai
+
+    from router_pipeline.llm.fake_gemini import Fault, FakeGemini
+    from router_pipeline.llm.models import FLASH_LITE, PRO
+    from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline_tests.support import serving
+
+    router, fitted, x = _served_pool_router(tmp_path)
+    names = router.models
+    with FakeGemini() as fake:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+        gateway = build_gateway(None, router=router, feedback_dir=tmp_path / "state")
+        with serving(gateway) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            ask = lambda q, model="router": client.chat.completions.create(  # noqa: E731
+                model=model, messages=[{"role": "user", "content": q}])
+            expected = [names[i] for i in decide(fitted.head.proba(x[:12]), fitted.head.costs, 0.0)]
+            replies = [ask(f"row {i}") for i in range(12)]
+            served = [r.model_extra["routing"]["served_by"] for r in replies]
+            assert served == expected and len(set(served)) > 1  # lambda 0: the model most likely right
+            assert [c.model for c in fake.calls] == [router.pool()[n].model for n in expected]
+            # The cheapest budget there is: every query to the cheapest model.
+            cheap = ask("row 3", model="router-budget-0")
+            assert cheap.model_extra["routing"]["served_by"] == "flash-lite" and cheap.model == FLASH_LITE
+            assert ask("row 3", model="router-lambda-0").model_extra["routing"]["served_by"] == expected[3]
+            with pytest.raises(openai.NotFoundError, match="router-budget-"):
+                ask("row 3", model="router-budget-1e9")
+            # Pro fails (a 500): the request goes down the pool by price, to flash.
+            dear = next(i for i, n in enumerate(expected) if n == "pro")
+            fake.add_model_faults(PRO, Fault(status=500))
+            fallen = ask(f"row {dear}").model_extra["routing"]
+            assert fallen["served_by"] == "flash" and fallen["fallback_from"][0]["target"] == "pro"
+            stats = httpx.get(url + "/v1/stats").json()["profiles"]["default"]["models"]
+            counted = pd.Series(expected + ["flash-lite", expected[3], "flash"]).value_counts().to_dict()
+            assert stats == counted
+            rid = replies[0].model_extra["routing"]["request_id"]
+            ok = httpx.post(url + "/v1/feedback", json={"request_id": rid, "grade": "Correct"})
+            assert ok.status_code == 200 and ok.json()["grades"] == {expected[0]: "Correct"}
+            other = next(n for n in names if n != expected[0])
+            named = httpx.post(url + "/v1/feedback", json={"request_id": rid, "model": other, "grade": "Incorrect"})
+            assert named.status_code == 200 and named.json()["grades"][other] == "Incorrect"
+            outside = httpx.post(url + "/v1/feedback", json={"request_id": rid, "model": "gpt-9", "grade": "Correct"})
+            assert outside.status_code == 400 and "gpt-9" in outside.json()["error"]["message"]

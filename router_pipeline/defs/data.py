@@ -132,6 +132,11 @@ def answers(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
     with artifacts.llm_cache() as cache:
         frame, stats = answering.generate_answers(both, tiers, clients, cache, concurrency=roles.concurrency,
                                                   retry=roles.retry(), progress=compute.progress)
+    yield from answered(frame, stats, roles.describe())
+
+
+def answered(frame: pd.DataFrame, stats: dict, models: dict):
+    """The Output and the no_failed_calls check of an answers asset (``models``: who answered)."""
     calls = sum(s.calls for s in stats.values())
     errors = frame[frame["status"] == "error"]
     status = frame.groupby(["tier", "status"]).size().rename("count").reset_index()
@@ -151,7 +156,7 @@ def answers(llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
         "cost_by_tier": table(frame.groupby("tier")[["input_tokens", "output_tokens", "cost_usd"]].sum().round(6)),
         "status": table(status),
         "runs": _stats_table(stats),
-        "models": dg.MetadataValue.json(roles.describe()),
+        "models": dg.MetadataValue.json(models),
     })
     yield dg.AssetCheckResult(
         check_name="no_failed_calls", passed=errors.empty,

@@ -93,3 +93,22 @@ def label_mix(quality, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cost_accuracy_frontiers(frontiers: dict, points: dict, path: Path,
+                            title: str = "Cost-accuracy frontier on the test split") -> Path:
+    """Each router's frontier (``frontiers``: name -> (USD per 1,000 queries, accuracy) of
+    its hull's vertices) and the single models (``points``: name -> (USD per 1,000, accuracy))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for name, (x, y) in frontiers.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if name in ("random mix", "oracle") else "-")
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], s=45, zorder=5, marker="s", label=name)
+    ax.set(title=title, xlabel="USD per 1,000 queries", ylabel="accuracy (share correct)", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@
 |---|---|---|
 | ``artifacts`` | where everything is written (the artifact contract) | IO manager, training, evaluation, release |
 | ``llm`` | the four LLM roles, retries, concurrency | answers, judgments, query_analyses |
+| ``pool`` | the models a pool router chooses among, their backends and prices | pool_answers, pool_routers |
 | ``compute`` | where training and evaluation run, GPU prices, progress bars | answers ... released_router |
 | ``router_format`` | the completion format (mode) | sft_dataset, dpo_dataset, the training assets |
 | ``council_inbox`` | the llm-council drop folder | council_labels, council_sensor |
@@ -28,6 +29,7 @@ from router_pipeline.artifacts import Artifacts
 from router_pipeline.defs.config import derived
 from router_pipeline.llm import PROMPT_STYLES, PROVIDERS, RoleSpec
 from router_pipeline.llm.cache import ResponseCache
+from router_pipeline.llm.pool import BACKENDS, Pool, PoolModel, pool_for, pool_from_dict
 from router_pipeline.llm.roles import ROLES, Roles, roles_for
 from router_pipeline.routers.prompt import DEFAULT_MODE, Mode
 from router_pipeline.settings import Compute, Settings
@@ -117,6 +119,23 @@ class _LLMRoles(dg.ConfigurableResource):
 LLMRoles = derived(Roles, _LLMRoles, name="LLMRoles")
 
 
+PoolEntry = derived(PoolModel, name="PoolEntry", types={"backend": Literal[BACKENDS]})  # type: ignore[valid-type]
+
+
+class ModelPool(dg.ConfigurableResource):
+    """The models a pool router chooses among (llm/pool.py): ROUTER_PIPELINE_POOL's file, else
+    the profile's pool. Validated as a pool file is (names, backends, prices)."""
+
+    models: list[PoolEntry]
+
+    @classmethod
+    def of(cls, pool: Pool) -> "ModelPool":
+        return cls(models=[PoolEntry(**vars(m)) for m in pool.models])
+
+    def pool(self) -> Pool:
+        return pool_from_dict([m.model_dump() for m in self.models])
+
+
 class TrainingCompute(dg.ConfigurableResource):
     """Where the router trains (A100s on Modal, or here) and is evaluated (a T4, or here)."""
 
@@ -150,6 +169,7 @@ def build_resources(s: Settings) -> dict:
         "io_manager": ParquetIOManager(artifacts=store),
         "artifacts": store,
         "llm": LLMRoles.of(roles_for(s)),
+        "pool": ModelPool.of(pool_for(s)),
         "compute": TrainingCompute(),
         "router_format": RouterFormat(),
         "council_inbox": CouncilInbox(folder=str(s.council_dir)),

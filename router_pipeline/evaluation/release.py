@@ -277,22 +277,27 @@ def gate(report: Report, test: pd.DataFrame, chosen_figures: dict, released: dic
 # -- the release ----------------------------------------------------------------------
 def publish(layout: Artifacts, name: str) -> dict:
     """Copy candidate ``name`` with its calibration and figures to the release folder
-    (what `router-pipeline route` and `serve` run by default); a Gemma head router's
-    encoder is exported for the fast path on the way. Returns what was released."""
-    src, evaluated = layout.candidate(name), layout.evaluation(name)
+    (what `router-pipeline route` and `serve` run by default). Returns what was released."""
+    evaluated = layout.evaluation(name)
     if not (evaluated / EVALUATION_FILE).exists():
         raise ReleaseError(f"no evaluation of {name} at {evaluated}: evaluate the candidates first")
-    staging = layout.root / "release-staging"
+    return install_release(layout.candidate(name), [evaluated / CALIBRATION_FILE, evaluated / EVALUATION_FILE],
+                           layout.release, layout.root / "release-staging")
+
+
+def install_release(src, files: list, dest, staging) -> dict:
+    """``src`` with ``files`` added, installed whole at ``dest``: a Gemma encoder exported
+    for the fast path on the way, and a manifest of every file the router reads."""
     install(src, staging)
-    for file in (CALIBRATION_FILE, EVALUATION_FILE):
-        shutil.copy2(evaluated / file, staging / file)
+    for file in files:
+        shutil.copy2(file, staging / file.name)
     t0 = time.perf_counter()
     export = export_head_router(staging)
     exported = {} if export is None else {
         "export_sha256": export["sha256"], "export_s": round(time.perf_counter() - t0, 1),
         "export_mb": round(sum(f.stat().st_size for f in (staging / export["dir"]).iterdir()) / 1e6, 1)}
     write_manifest(staging)  # every file the released router reads, checked when it is loaded
-    dest = install(staging, layout.release)
+    dest = install(staging, dest)
     shutil.rmtree(staging, ignore_errors=True)
     return {"router_dir": dest, "from": str(src), **exported,
             "figures": json.loads((dest / EVALUATION_FILE).read_text())}

@@ -106,3 +106,24 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise OutcomesError(f"{path}: no such file") from None
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise OutcomesError(f"{path}: not a readable CSV ({exc})") from None
+
+
+def outcomes_table(questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd.DataFrame,
+                   models: list[str]) -> pd.DataFrame:
+    """The pipeline's answers and grades of every model of a pool as an outcomes frame
+    (what ``read_outcomes`` reads): a row per question with qid, query, split, domain and
+    ``<model>_grade`` / ``_answer`` / ``_cost_usd`` / ``_input_tokens`` / ``_output_tokens``
+    (a grade left blank where the judge gave none)."""
+    keep = ["qid", "query", "split"] + [c for c in ("topic", "holdout_domain") if c in questions]
+    frame = questions[keep].rename(columns={"topic": "domain"}).drop_duplicates("qid").set_index("qid")
+    grades = judgments.drop_duplicates(["qid", "tier"]).set_index(["qid", "tier"])["label"]
+    calls = answers.drop_duplicates(["qid", "tier"]).set_index(["qid", "tier"])
+    for m in models:
+        if m not in set(answers["tier"]):
+            raise OutcomesError(f"no answers of model {m!r}; the answers hold {sorted(set(answers['tier']))}")
+        frame[m + GRADE] = grades.xs(m, level="tier").reindex(frame.index) if m in set(judgments["tier"]) else None
+        mine = calls.xs(m, level="tier").reindex(frame.index)
+        frame[m + "_answer"] = mine["answer"]
+        frame[m + COST] = mine["cost_usd"]
+        frame[m + "_input_tokens"], frame[m + "_output_tokens"] = mine["input_tokens"], mine["output_tokens"]
+    return frame.reset_index()

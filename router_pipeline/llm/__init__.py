@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from router_pipeline.llm.models import price_for
 from router_pipeline.llm.types import LLMRequest, LLMResult
 
-PROVIDERS = ("gemini", "local")
+PROVIDERS = ("gemini", "local", "openai")  # openai: any OpenAI-compatible endpoint (llm.pool)
 RULES = "rules"  # what a role without a model is recorded as: the deterministic grader or analyser
 PROMPT_STYLES = ("direct", "few_shot")  # how an answerer is prompted (labels.answering.answer_prompt)
 
@@ -60,6 +60,9 @@ def make_client(spec: RoleSpec, *, gemini_base_url: str | None = None, timeout_s
 
         return GeminiClient(spec.model, price=spec.price, base_url=gemini_base_url, timeout_s=timeout_s,
                             batch=batch, batch_poll_s=batch_poll_s)
+    if spec.provider == "openai":  # its endpoint and key live in its pool entry
+        raise ValueError(f"{spec.model}: an OpenAI-compatible model is called through its pool entry "
+                         "(llm.pool.client_for), which has its base_url")
     from router_pipeline.llm.local import LocalClient
 
     return LocalClient(spec.model, price=spec.price, batch_size=batch_size)

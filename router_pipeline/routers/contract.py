@@ -9,7 +9,7 @@ the ``calibration`` its release recorded. The kinds (``head.HeadRouter``,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +51,11 @@ class RouteDecision:
     policy_mass: float | None = None  # share of the full-vocabulary mass on the three policy tokens
     generated: str = ""
     latency_ms: float = 0.0
+    # A pool router's decision: P(correct) of each model of its pool, and the model that
+    # maximises P(correct) - lambda * cost at the router's lambda (``policy`` then reads it
+    # as two tiers: Standard_Query for the cheapest model, Complex_Query for any other).
+    p_correct: dict[str, float] = field(default_factory=dict)
+    model: str | None = None
 
     @property
     def confidence(self) -> float | None:

@@ -238,7 +238,9 @@ def export_head_router(folder: Path) -> dict | None:
     if not (folder / ROUTER_FILE).is_file():  # a LoRA adapter
         return None
     meta = json.loads((folder / ROUTER_FILE).read_text())
-    if meta.get("kind") != HEAD_KIND or (meta.get("encoder") or {}).get("encoder") != "gemma":
+    from router_pipeline.routers.pool import POOL_KIND  # a pool router reads the same encoder
+
+    if meta.get("kind") not in (HEAD_KIND, POOL_KIND) or (meta.get("encoder") or {}).get("encoder") != "gemma":
         return None
     meta["export"] = export_gemma(gemma_spec(meta["encoder"]), folder)
     (folder / ROUTER_FILE).write_text(json.dumps(meta, indent=2, default=float))

@@ -67,6 +67,18 @@ class PoolHead:
     def save(self, path: Path) -> None:
         np.savez(path, **self.arrays)
 
+    def check(self, width: int, where: Path) -> None:
+        """ValueError naming ``where`` unless the arrays fit an encoder of ``width`` features
+        and one head per model: a head of the wrong width never serves."""
+        a, m = self.arrays, len(self.models)
+        if self.classifier == "knn":
+            ok = a["train"].ndim == 2 and a["train"].shape[1] == width and a["correct"].shape == (len(a["train"]), m)
+        else:
+            ok = a["coef"].shape == (m, width) and a["mean"].shape == a["scale"].shape == (width,)
+        if not ok or a["costs"].shape != (m,):
+            raise ValueError(f"{where}: the pool head does not fit {m} models on an encoder of {width} features; "
+                             "retrain the pool router")
+
     @classmethod
     def load(cls, path: Path, models: list[str], classifier: str, k: int) -> "PoolHead":
         with np.load(path, allow_pickle=False) as z:
@@ -112,53 +124,129 @@ class Knob:
             raise ValueError(f"knob {self.kind} needs a finite value >= 0 (a share <= 1 for quality), got {self.value!r}")
 
 
-def knob(p: np.ndarray, correct: np.ndarray, cost: np.ndarray, costs: np.ndarray, want: Knob) -> dict:
-    """lambda from validation rows only (``p``: the router's P(correct); ``correct``,
-    ``cost``: what each model did and cost on those rows), with the validation figures
-    at that lambda. budget: the best accuracy whose spend per 1,000 queries stays within
-    the budget (the cheapest model's spend when none does); quality: the cheapest lambda
-    reaching that share of the best single model's accuracy (the most accurate one when
-    none does); lambda: as given."""
+def sweep(p: np.ndarray, correct: np.ndarray, cost: np.ndarray, costs: np.ndarray,
+          values: np.ndarray | None = None) -> list[dict]:
+    """What the router does on some rows at each lambda of ``values`` (default: ``lambdas``):
+    accuracy and USD per 1,000 queries. ``p``: its P(correct); ``correct``, ``cost``: what
+    each model did and cost on those rows."""
     rows = np.arange(len(p))
-    figures = []
-    for lam in ([want.value] if want.kind == "lambda" else lambdas(costs)):
-        pick = decide(p, costs, lam)
-        figures.append({"lambda": float(lam), "accuracy": float(correct[rows, pick].mean()),
-                        "usd_per_1000": float(cost[rows, pick].mean() * 1000)})
+    out = []
+    for lam in (lambdas(costs) if values is None else values):
+        pick_ = decide(p, costs, lam)
+        out.append({"lambda": float(lam), "accuracy": float(correct[rows, pick_].mean()),
+                    "usd_per_1000": float(cost[rows, pick_].mean() * 1000)})
+    return out
+
+
+def pick(figures: list[dict], best_accuracy: float, want: Knob) -> dict:
+    """The point of a sweep (``sweep`` on validation rows) that ``want`` asks for. budget:
+    the best accuracy whose spend per 1,000 queries stays within the budget (the cheapest
+    point when none does); quality: the cheapest point reaching that share of
+    ``best_accuracy`` (the best single model's; the most accurate point when none does);
+    lambda: as given (the figures of the nearest swept lambda)."""
     if want.kind == "budget":
         within = [f for f in figures if f["usd_per_1000"] <= want.value + 1e-12]
         chosen = max(within, key=lambda f: (f["accuracy"], -f["usd_per_1000"])) if within else \
             min(figures, key=lambda f: f["usd_per_1000"])
     elif want.kind == "quality":
-        target = want.value * float(correct.mean(axis=0).max())
-        reaching = [f for f in figures if f["accuracy"] >= target - 1e-12]
-        chosen = min(reaching, key=lambda f: f["usd_per_1000"]) if reaching else max(figures, key=lambda f: f["accuracy"])
+        reaching = [f for f in figures if f["accuracy"] >= want.value * best_accuracy - 1e-12]
+        chosen = min(reaching, key=lambda f: f["usd_per_1000"]) if reaching else \
+            max(figures, key=lambda f: f["accuracy"])
     else:
-        chosen = figures[0]
-    return {**chosen, "knob": want.kind, "value": want.value, "validation_rows": len(p)}
+        chosen = {**min(figures, key=lambda f: abs(math.log1p(f["lambda"]) - math.log1p(want.value))
+                        if math.isfinite(f["lambda"]) else math.inf), "lambda": want.value}
+    return {**chosen, "knob": want.kind, "value": want.value}
+
+
+def knob(p: np.ndarray, correct: np.ndarray, cost: np.ndarray, costs: np.ndarray, want: Knob) -> dict:
+    """lambda from validation rows only, with the validation figures at that lambda (``pick``
+    over ``sweep``; a lambda knob is scored at itself)."""
+    values = np.array([want.value]) if want.kind == "lambda" else None
+    chosen = pick(sweep(p, correct, cost, costs, values), float(correct.mean(axis=0).max()), want)
+    return {**chosen, "validation_rows": len(p)}
 
 
 class PoolRouter:
-    """A saved pool router, loaded once: ``choose`` gives each query's P(correct) per model
-    and the model chosen at the router's lambda."""
+    """A saved pool router, loaded once. ``route``/``route_batch`` give each query's
+    P(correct) per model and the model chosen at the release's lambda (a ``Router``, so
+    the evaluation, the CLI and the server drive it as any kind); ``at`` chooses again at
+    another lambda, ``lambda_for`` turns a knob into one from the validation sweep the
+    release recorded."""
 
     mode = POOL_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
-        from router_pipeline.routers.contract import read_calibration, read_router_folder
+        from router_pipeline.routers.contract import PROBE_QUERY, read_calibration, read_router_folder
         from router_pipeline.routers.features import folder_encoder
 
         self.path = Path(path)
         self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
         self.head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
         self.encoder = encoder or folder_encoder(self.meta, self.path, precision)
+        self.head.check(self.encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
+        self.device = getattr(self.encoder, "device", "cpu")
+        self.precision = getattr(self.encoder, "precision", "fp32")
         self.calibration = read_calibration(self.path)
-        self.lam = float(self.calibration.get("lambda", 0.0))
+        lam = self.calibration.get("lambda", 0.0)
+        self.lam = math.inf if lam is None else float(lam)
+
+    @property
+    def models(self) -> list[str]:
+        return self.head.models
+
+    def pool(self):
+        """The pool the router was trained for (names, backends, prices: llm.pool.Pool)."""
+        from router_pipeline.llm.pool import pool_from_dict
+
+        if "pool" not in self.meta:
+            raise ValueError(f"{self.path}: router.json records no 'pool': retrain the pool router")
+        return pool_from_dict(self.meta["pool"])
 
     def choose(self, queries: list[str], lam: float | None = None) -> tuple[np.ndarray, list[str]]:
         p = self.head.proba(self.encoder.encode(queries))
-        pick = decide(p, self.head.costs, self.lam if lam is None else lam)
-        return p, [self.head.models[i] for i in pick]
+        pick_ = decide(p, self.head.costs, self.lam if lam is None else lam)
+        return p, [self.head.models[i] for i in pick_]
+
+    def route(self, query: str, *, with_reasoning: bool = False):
+        return self.route_batch([query])[0]
+
+    def route_batch(self, queries: list[str], *, with_reasoning: bool = False, progress: bool = False) -> list:
+        import time
+
+        t0 = time.perf_counter()
+        p, chosen = self.choose(list(queries))
+        ms = (time.perf_counter() - t0) * 1000 / max(len(queries), 1)
+        return [self._decision(q, row, model, ms) for q, row, model in zip(queries, p, chosen)]
+
+    def at(self, decision, lam: float):
+        """``decision`` with the model chosen again at ``lam``."""
+        from dataclasses import replace
+
+        p = np.array([[decision.p_correct[m] for m in self.models]])
+        model = self.models[int(decide(p, self.head.costs, lam)[0])]
+        return replace(decision, model=model, policy=self._policy(model))
+
+    def lambda_for(self, want: Knob) -> float:
+        """The lambda of ``want`` on the validation rows of the release (its recorded sweep)."""
+        if want.kind == "lambda":
+            return want.value
+        figures = self.calibration.get("validation_sweep")
+        if not figures:
+            raise ValueError(f"{self.path}: the calibration records no validation sweep: only 'router' and "
+                             "'router-lambda-<value>' can be served; re-run pool_evaluation")
+        figures = [{**f, "lambda": math.inf if f["lambda"] is None else f["lambda"]} for f in figures]
+        return pick(figures, float(self.calibration["best_single_accuracy"]), want)["lambda"]
+
+    def _policy(self, model: str) -> str:
+        from router_pipeline.policies import COMPLEX, STANDARD
+
+        return STANDARD if model == self.models[int(np.argmin(self.head.costs))] else COMPLEX
+
+    def _decision(self, query: str, p: np.ndarray, model: str, ms: float):
+        from router_pipeline.routers.contract import RouteDecision
+
+        return RouteDecision(query, self._policy(model), {}, True, POOL_KIND, latency_ms=ms,
+                             p_correct={m: round(float(v), 6) for m, v in zip(self.models, p)}, model=model)
 
 
 def save_pool_router(path: Path, encoder: dict, head: PoolHead, **about) -> Path:

@@ -10,9 +10,11 @@ from router_pipeline.routers.contract import Router, RouterConfig, read_json_obj
 from router_pipeline.routers.head import HEAD_KIND, HeadRouter
 from router_pipeline.routers.lora import LORA_KIND, LoraRouter
 from router_pipeline.routers.manifest import check_manifest
+from router_pipeline.routers.pool import POOL_KIND, PoolRouter
 
 KINDS = {HEAD_KIND: lambda path, config: HeadRouter(path, precision=config.precision),
-         LORA_KIND: lambda path, config: LoraRouter(path, config=config)}
+         LORA_KIND: lambda path, config: LoraRouter(path, config=config),
+         POOL_KIND: lambda path, config: PoolRouter(path, precision=config.precision)}
 
 
 def kind_of(path: str | Path) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.models import cost_usd
+from router_pipeline.llm.pool import Pool, PoolModel, client_for
 from router_pipeline.llm.roles import Roles
 from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
 from router_pipeline.policies import TIERS
@@ -105,33 +106,52 @@ class Streamed:
 
 class Backends:
     def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int,
-                 local_waits_for: threading.Event | None = None):
+                 local_waits_for: threading.Event | None = None, pool: Pool | None = None):
         """``local_waits_for``: a local model runs each forward pass only once this is
-        set (the batcher's ``idle``: routing comes first on a shared CPU)."""
+        set (the batcher's ``idle``: routing comes first on a shared CPU). ``pool``: a pool
+        router's models, called by their pool names with the pool's backends and prices."""
         self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
+        self.pool = pool
         self.local_waits_for = local_waits_for
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
         self._cooling: dict[tuple[str, str], float] = {}  # (profile or EVERY_PROFILE, model) -> when it may be called
         self._local_lock = asyncio.Lock()  # a local model generates one answer at a time
         self._making = threading.Lock()  # a client is made once, even when two requests ask together
 
-    @staticmethod
-    def _key(alias: str, model: str) -> tuple[str, str]:
-        return (alias if alias in TIERS else "", model)
+    def _pooled(self, alias: str, model: str) -> PoolModel | None:
+        if self.pool is not None and alias in self.pool.names and self.pool[alias].model == model:
+            return self.pool[alias]
+        return None
+
+    def _key(self, alias: str, model: str) -> tuple[str, str]:
+        return (alias if alias in TIERS or self._pooled(alias, model) else "", model)
+
+    def spec_for(self, alias: str, model: str) -> RoleSpec:
+        """Who answers for a target: a pool model as the pool says, else the role's (llm.roles)."""
+        pooled = self._pooled(alias, model)
+        return pooled.role() if pooled else self.roles.spec_for(alias, model)
+
+    def reference_price(self, mapper) -> tuple[float, float]:
+        """What savings are counted against: the dearest pool model, else the large role."""
+        if self.pool is not None:
+            return self.pool.by_price()[-1].role().price
+        return self.roles.spec_for("large", mapper.models["large"]).price
 
     def _client(self, alias: str, model: str):
         key = self._key(alias, model)
         with self._making:
             if key not in self._clients:
-                spec = self.roles.spec_for(alias, model)
-                self._clients[key] = (spec, self.roles.client_for(spec))
+                pooled, spec = self._pooled(alias, model), self.spec_for(alias, model)
+                client = client_for(pooled, gemini_base_url=self.roles.gemini_base_url, timeout_s=self.roles.timeout_s,
+                                    batch_size=self.roles.local_batch_size) if pooled else self.roles.client_for(spec)
+                self._clients[key] = (spec, client)
         return self._clients[key]
 
     def preload_local(self, targets: list[tuple[str, str]]) -> list[str]:
         """Load now the local models among ``targets`` (alias, model id); returns their ids.
         Loading one (its 262k-token tokenizer is parsed in Python, holding the interpreter)
         stalled every request in flight for about 4 s when the first private query came."""
-        local = [(a, m) for a, m in dict.fromkeys(targets) if self.roles.spec_for(a, m).provider == "local"]
+        local = [(a, m) for a, m in dict.fromkeys(targets) if self.spec_for(a, m).provider == "local"]
         for alias, model in local:
             self._client(alias, model)
         return [m for _, m in local]

@@ -27,11 +27,20 @@ from router_pipeline.text import MAX_QUERY_CHARS
 EXIT_USAGE = 2
 
 
-def default_router_dir() -> Path | None:
-    """artifacts/router (the released router), else the SFT adapter (Artifacts.default_router)."""
+def default_router_dir(pool: bool = False) -> Path | None:
+    """artifacts/router (the released router), else the SFT adapter (Artifacts.default_router);
+    ``pool``: artifacts/pool_router, the released pool router (None when there is none)."""
     from router_pipeline.artifacts import Artifacts
 
-    return Artifacts.from_settings().default_router()
+    layout = Artifacts.from_settings()
+    if pool:
+        return layout.pool_release if layout.pool_release.is_dir() else None
+    return layout.default_router()
+
+
+NO_ROUTER = ("error: no trained router found; materialise released_router (or sft_adapter; released_pool_router "
+             "for --pool), or pass --adapter")
+POOL_HELP = "the released pool router (artifacts/pool_router): route among every model of its pool"
 
 
 DATABASE_VAR = "ROUTER_DATABASE_URL"  # a PostgreSQL URL may hold a password: an environment variable, not a flag
@@ -47,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("queries", nargs="+", help="queries, or - to read one per line from stdin")
         s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
+        s.add_argument("--pool", action="store_true", help=POOL_HELP)
         s.add_argument("--base-model", help="route with a bare base model (no adapter): latency checks only")
         s.add_argument("--mode", choices=MODES, help="default: the mode the adapter was trained in")
         s.add_argument("--reasoning", action="store_true", help="explained mode: also generate the reasoning")
@@ -66,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
+    s.add_argument("--pool", action="store_true", help=POOL_HELP)
     s.add_argument("--profiles", help="caller profiles (YAML/JSON): API keys -> mapper, budget, models; "
                                       "default: no key needed, the calibrated threshold for everyone")
     s.add_argument("--feedback-dir", help="the state database's folder (SQLite: request memory, feedback, outcomes, "
@@ -147,17 +158,23 @@ def _mapper(args, roles, router):
     """The mapper from --mapper or --preset; by default, the mapping the evaluation scored
     (the calibrated threshold) when the router carries one. Aliases medium/large default
     to the profile's models."""
-    from router_pipeline.serve.mapper import DEFAULT_PRESET, PolicyMapper, evaluated_spec
+    from router_pipeline.serve.mapper import DEFAULT_PRESET, PolicyMapper, evaluated_spec, pool_spec
 
+    models = _profile_models(roles)
+    if hasattr(router, "lambda_for"):  # a pool router: its pool's models, by their pool names
+        pool = router.pool()
+        models = {m.name: m.model for m in pool.models}
     if args.mapper:  # an older JSON ledger of the budget is looked for beside the mapper file
-        return PolicyMapper.from_file(args.mapper, default_models=_profile_models(roles))
+        return PolicyMapper.from_file(args.mapper, default_models=models)
     elif args.preset:
         spec = {"preset": args.preset}
+    elif hasattr(router, "lambda_for"):
+        spec = pool_spec([m.name for m in pool.by_price()])
     elif router.calibration:
         spec = evaluated_spec(router.calibration)
     else:
         spec = {"preset": DEFAULT_PRESET}
-    return PolicyMapper.from_dict(spec, default_models=_profile_models(roles))
+    return PolicyMapper.from_dict(spec, default_models=models)
 
 
 async def _answers(router, mapper, queries: list[str], log_path: str | None, folder: Path, url: str | None) -> list:
@@ -208,10 +225,9 @@ def run(args) -> int:
         print(f"error: --log {args.log} is a directory; give a file to append decisions to", file=sys.stderr)
         return EXIT_USAGE
     roles = roles_for(settings.load())
-    adapter = args.adapter or (None if args.base_model else default_router_dir())
+    adapter = args.adapter or (None if args.base_model else default_router_dir(args.pool))
     if adapter is None and not args.base_model:
-        print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
-              file=sys.stderr)
+        print(NO_ROUTER, file=sys.stderr)
         return EXIT_USAGE
     config = RouterConfig(mode=args.mode, fallback=args.fallback, precision=args.precision)
     router = LoraRouter(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
@@ -248,15 +264,16 @@ def _decision(d, mapping) -> dict:
     return {"query": d.query, "policy": d.policy, "probabilities": d.probabilities, "parse_ok": d.parse_ok,
             "parse_error": d.parse_error, "fallback_used": d.fallback_used, "model": mapping.model,
             "target": mapping.target, "rule": mapping.rule, "why": mapping.reason, "reasoning": d.reasoning,
-            "route_latency_ms": round(d.latency_ms, 2)}
+            "route_latency_ms": round(d.latency_ms, 2), **({"p_correct": d.p_correct} if d.p_correct else {})}
 
 
 def _human(out: dict) -> str:
     probs = ", ".join(f"{k} {v:.2f}" for k, v in out["probabilities"].items()) or "n/a"
     lines = [f"query:     {out['query']}",
              f"policy:    {out['policy']}" + ("" if out["parse_ok"] else f"  (fallback: {out['parse_error']})"),
-             f"p:         {probs}",
-             f"model:     {out['model'] or out['target']}  [rule {out['rule']}: {out['why']}]"]
+             f"p:         {probs}" if "p_correct" not in out else
+             "P(correct): " + ", ".join(f"{k} {v:.2f}" for k, v in out["p_correct"].items()),
+             f"model:     {out['target'] if out['model'] is None else out['target'] + ' (' + out['model'] + ')'}  [rule {out['rule']}: {out['why']}]"]
     if out["reasoning"]:
         lines.append(f"reasoning: {out['reasoning']}")
     if "answer" in out:
@@ -271,10 +288,9 @@ def serve(args) -> int:
     from router_pipeline.serve.gateway import build_gateway
     from router_pipeline.serve.server import create_app, uvicorn_options
 
-    adapter = args.adapter or default_router_dir()
+    adapter = args.adapter or default_router_dir(args.pool)
     if adapter is None:
-        print("error: no trained router found; materialise released_router (or sft_adapter), or pass --adapter",
-              file=sys.stderr)
+        print(NO_ROUTER, file=sys.stderr)
         return EXIT_USAGE
     folder, url = _state(args)
     config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,

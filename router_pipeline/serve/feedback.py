@@ -77,8 +77,10 @@ class FeedbackStore:
     postgresql:// URL shared by several server hosts."""
 
     def __init__(self, folder: str | Path, capacity: int = 100_000, database: str | None = None,
-                 timeout_s: float = DEFAULTS.database_timeout_s):
-        self.folder, self.capacity = Path(folder), capacity
+                 timeout_s: float = DEFAULTS.database_timeout_s, tiers: tuple[str, ...] = TIERS):
+        """``tiers``: the models a grade may name (a pool router's pool; medium and large by
+        default). An outcomes row is written once medium and large are both graded."""
+        self.folder, self.capacity, self.tiers = Path(folder), capacity, tuple(tiers)
         self._db = state_database(self.folder, database, timeout_s)
         self._inserted = 0
         for statement in _SCHEMA:
@@ -127,9 +129,10 @@ class FeedbackStore:
             new = PREFERRED[preferred_tier]
         else:
             tier = tier or served_tier
-            if tier not in TIERS:
-                raise FeedbackError(f"this request was not answered by medium or large ({served_tier}); "
-                                    f"name the graded tier with 'tier' ({' or '.join(TIERS)})")
+            if tier not in self.tiers:
+                raise FeedbackError(f"{tier!r} is not a model of this server's pool {list(self.tiers)}" if tier else
+                                    f"this request was not answered by a model of {list(self.tiers)}; name the "
+                                    f"graded model with 'tier' (or 'model')")
             new = {tier: grade}
         clash = {t: (grades[t], g) for t, g in new.items() if t in grades and grades[t] != g}
         if clash:

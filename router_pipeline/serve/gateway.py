@@ -38,6 +38,7 @@ from pathlib import Path
 
 from router_pipeline import settings
 from router_pipeline.llm.models import cost_usd
+from router_pipeline.llm.pool import Pool
 from router_pipeline.llm.types import ERROR, LLMResult
 from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, Router, RouterConfig
 from router_pipeline.routers.prompt import conversation_text
@@ -62,6 +63,9 @@ from router_pipeline.text import check_query
 log = logging.getLogger(__name__)
 ROUTER_MODEL = "router"
 THRESHOLD_NAME = re.compile(re.escape(ROUTER_MODEL) + r"-((?:0|1)(?:\.\d{1,8})?|\.\d{1,8})")  # router-<threshold>
+# A pool router's knob: router-budget-<USD per 1,000 queries>, router-quality-<share of the
+# best model's accuracy>, router-lambda-<lambda>; plain decimals only.
+KNOB_NAME = re.compile(re.escape(ROUTER_MODEL) + r"-(budget|quality|lambda)-(\d{1,9}(?:\.\d{1,8})?)")
 
 
 def threshold_model(threshold: float) -> str:
@@ -77,7 +81,7 @@ class Decided:
     profile: Profile
     body: Conversation
     mapper: PolicyMapper
-    threshold: float | None
+    threshold: float | None  # a pool router's: None (its lambda is ``lam``)
     text: str  # what the router read
     prompt: str  # what the answering model reads
     system: str | None
@@ -87,6 +91,7 @@ class Decided:
     reserved: bool = False  # the budget was checked and the cost reserved (reserve)
     reservation: str | None = None
     claim: dict | None = None  # profile, key, fingerprint of the Idempotency-Key this request claimed
+    lam: float | None = None  # a pool router's lambda for this request (from the model name)
 
     @property
     def asked(self) -> int | None:
@@ -117,6 +122,7 @@ class Gateway:
     journal: SpendJournal | None = None  # what settling could not write to the state database
     idempotency: IdempotencyStore | None = None
     identity: StateIdentity | None = None  # established when a profile keeps a budget
+    pool: Pool | None = None  # a pool router's models (names, backends, prices); None: two tiers
     mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
     # The state database's threads ("request": requests' own calls; "recording": what may be left behind).
     _pools: dict = field(default_factory=dict, init=False, repr=False)
@@ -192,7 +198,7 @@ class Gateway:
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
             raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
                                  "invalid_field", param=tokens[0])
-        mapper, threshold = self._mapper(profile, body.model)
+        mapper, threshold, lam = self._mapper(profile, body.model)
         text, prompt, system = self._conversation(body)
         if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
             await self._in_db(self.identity.check)
@@ -202,15 +208,20 @@ class Gateway:
         else:  # nothing to count it against: the replay goes on in the background, unwaited for
             self._replay_soon()
         decision = await self.batcher.route(text)
+        if lam is not None:  # the pool router's choice at the lambda the model name asks for
+            decision = self.router.at(decision, lam)
         # Rules may read the ledger (the state database); without one they read nothing.
         mapping = await (self._in_db(mapper.map, decision) if mapper.ledger is not None
                          else asyncio.to_thread(mapper.map, decision))
         return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
-                       (time.perf_counter() - t0) * 1000, claim=claim)
+                       (time.perf_counter() - t0) * 1000, claim=claim, lam=lam)
 
-    def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None]:
+    def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None, float | None]:
+        """(mapper, threshold, a pool router's lambda) for the model name asked for."""
         if model in (None, ROUTER_MODEL):
-            return profile.mapper, None
+            return profile.mapper, None, None
+        if self.pool is not None:
+            return profile.mapper, None, self._lambda(model)
         # Written as a plain decimal only: "router-1e-400", "router- 0.5" and "router-nan" name nothing.
         threshold = float(m.group(1)) if (m := THRESHOLD_NAME.fullmatch(model)) else -1.0
         if not 0.0 <= threshold <= 1.0:
@@ -225,7 +236,23 @@ class Gateway:
             self.mappers[key] = _threshold_mapper(profile.mapper, threshold)
             while len(self.mappers) > self.config.threshold_mappers:
                 self.mappers.popitem(last=False)
-        return self.mappers[key], threshold
+        return self.mappers[key], threshold, None
+
+    def _lambda(self, model: str) -> float:
+        from router_pipeline.routers.pool import Knob
+
+        m = KNOB_NAME.fullmatch(model)
+        try:
+            if m is None:
+                raise ValueError("not a knob name")
+            return self.router.lambda_for(Knob(m.group(1), float(m.group(2))))
+        except ValueError:
+            shown = model if len(model) <= 64 else model[:64] + "..."
+            raise NotFound(f"model {shown!r} does not exist: use 'router' (the released knob), "
+                           "'router-budget-<USD per 1,000 queries>' (e.g. router-budget-0.30), "
+                           "'router-quality-<share of the best model's accuracy, at most 1>' (e.g. "
+                           "router-quality-0.95) or 'router-lambda-<lambda>'", "model_not_found",
+                           param="model") from None
 
     def _conversation(self, body: Conversation) -> tuple[str, str, str | None]:
         """(routing text, prompt for the answering model, system text)."""
@@ -310,18 +337,28 @@ class Gateway:
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
                 "router_ms": round(d.router_ms, 2),
+                **({"p_correct": d.decision.p_correct, "lambda": self.router.lam if d.lam is None else d.lam}
+                   if d.decision.p_correct else {}),
                 **({"ignored_parameters": ignored} if (ignored := getattr(d.body, "ignored", None)) else {})}
 
     async def route(self, d: Decided) -> dict:
         """The decision only (the caller calls the model): remembered for feedback, counted."""
         routing = self.routing(d, "route")
         await self._remember(d, routing["request_id"], d.mapping.target)
-        await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy, model=d.mapping.model,
+        await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy,
+                                model=self._counted(d.mapping.target, d.mapping.model),
                                 router_ms=d.router_ms, total_ms=d.router_ms)
         return {"model": d.mapping.model, **routing}
 
+    def _counted(self, target: str | None, model: str | None) -> str | None:
+        """What stats count a request under: a pool model's name (two may share a model id),
+        else the model id."""
+        return target if self.pool is not None and target in self.pool.names else model
+
     # -- answering --------------------------------------------------------------
     def _targets(self, d: Decided) -> list[tuple[str, str]]:
+        if self.pool is not None and d.mapping.target in self.pool.names:  # down the pool by price, then up
+            return servable(d.profile, d.mapper, [d.mapping.target, *self.pool.fallbacks(d.mapping.target)])
         return servable(d.profile, d.mapper, [d.mapping.target, *d.profile.fallbacks])
 
     async def answer(self, d: Decided) -> Answered:
@@ -417,7 +454,7 @@ class Gateway:
         budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
         if limit is None or d.mapping.model is None or d.mapping.rule in budget_rules:
             return None
-        spec = self.backends.roles.spec_for(d.mapping.target, d.mapping.model)
+        spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
         # Prompt tokens at 2 characters each and the whole output budget: above what it can cost.
         estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
         reservation = await asyncio.to_thread(d.mapper.ledger.admit, limit, estimate)
@@ -454,10 +491,11 @@ class Gateway:
                 else:  # the next request meets the unreadable ledger (503)
                     routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
                                                "from the next request")
-        large_price = self.backends.roles.spec_for("large", d.mapper.models["large"]).price
+        large_price = self.backends.reference_price(d.mapper)
         total_ms = (time.perf_counter() - d.t0) * 1000
         count = functools.partial(
-            self.stats.record, d.profile.name, policy=d.decision.policy, model=model, router_ms=d.router_ms,
+            self.stats.record, d.profile.name, policy=d.decision.policy, model=self._counted(tier, model),
+            router_ms=d.router_ms,
             total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
             escalated=bool(routing.get("escalated")),
             large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
@@ -545,7 +583,8 @@ class Gateway:
     async def _remember(self, d: Decided, request_id: str, tier: str | None, pool: str = "request") -> None:
         """The request, for feedback (its tier when medium or large served it)."""
         await self._in_db(self.feedback.remember, ServedRequest(
-            request_id, d.profile.name, d.text, tier if tier in TIERS else None, d.profile.store_queries), pool=pool)
+            request_id, d.profile.name, d.text, tier if tier in self.feedback.tiers else None, d.profile.store_queries),
+            pool=pool)
 
     # -- feedback ---------------------------------------------------------------
     async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:
@@ -610,9 +649,15 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
     roles = roles_for(settings.load())
     router = router or load_router(adapter, RouterConfig(batch_size=config.max_batch, prefix_cache=config.prefix_cache,
                                                          precision=config.precision))
-    models = {tier: roles.spec(tier).model for tier in TIERS}
-    profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models)
-    feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s)
+    pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router knows its pool
+    if pool is None:
+        models, names = {tier: roles.spec(tier).model for tier in TIERS}, None
+    else:
+        models, names = {m.name: m.model for m in pool.models}, [m.name for m in pool.by_price()]
+    profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models,
+                                         pool=names)
+    feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s,
+                             tiers=tuple(names) if names else TIERS)
     identity = None
     for profile in profiles.profiles.values():  # budgets in the state database: replicas sharing it share them
         if profile.mapper.ledger is not None:
@@ -622,7 +667,7 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
             profile.mapper.ledger.bind(feedback.db)
     batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
     backends = Backends(roles, cooldown_s=config.cooldown_s, local_max_output_tokens=config.local_max_output_tokens,
-                        local_waits_for=batcher.idle)
+                        local_waits_for=batcher.idle, pool=pool)
     if loaded := backends.preload_local([t for p in profiles.profiles.values() for t in reachable(p)]):
         log.info("local models loaded before serving: %s", ", ".join(loaded))
     return Gateway(
@@ -630,4 +675,4 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
         journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s),
-        identity=identity)
+        identity=identity, pool=pool)

@@ -15,6 +15,9 @@ kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
                      calibrated threshold the evaluation scored)
 - ``policy``         ``map`` from policy to target (Ambiguous_Query may map to
                      ``abstain``: answer "I don't know" without a model call)
+- ``pool``           a pool router's choice (no target: the model of the pool whose
+                     P(correct) - lambda * cost is highest, lambda from the model name
+                     the caller asked for); what a pool router serves by default
 
 Nothing matched (e.g. a policy missing from the map) -> ``fallback``. Presets
 ``cost_first``, ``quality_first`` and ``balanced`` are complete rule lists; a
@@ -35,7 +38,7 @@ from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
 ABSTAIN = "abstain"
 ESCALATE = "escalate"
 ABSTAIN_ANSWER = "I don't know."
-KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy")
+KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy", "pool")
 
 PII_PATTERNS: dict[str, str] = {
     # A match starts only where a run of its characters starts (the lookbehind): linear
@@ -134,6 +137,12 @@ def evaluated_spec(calibration: dict) -> dict:
     return {"fallback": "medium", "rules": rules}
 
 
+def pool_spec(models_by_price: list[str]) -> dict:
+    """What a pool router serves by default: its choice at the requested lambda, the
+    cheapest model when nothing decides (an unparsed decision)."""
+    return {"fallback": models_by_price[0], "rules": [{"kind": "pool", "name": "pool_choice"}]}
+
+
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
                  ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None,
@@ -203,7 +212,7 @@ class PolicyMapper:
             raise MapperConfigError(f"{path}: {exc}") from None
 
     def _validate(self) -> None:
-        targets = {self.fallback} | {r.target for r in self.rules if r.kind != "policy"}
+        targets = {self.fallback} | {r.target for r in self.rules if r.kind not in ("policy", "pool")}
         targets |= {t for r in self.rules if r.kind == "policy" for t in r.map.values()}
         for t in targets:
             if t not in self.models and t not in (ABSTAIN, ESCALATE):
@@ -226,8 +235,9 @@ class PolicyMapper:
                       else self._match(rule, decision))
             if reason is None:
                 continue
-            target = rule.map.get(decision.policy) if rule.kind == "policy" else rule.target
-            if target is None:
+            target = {"policy": rule.map.get(decision.policy), "pool": getattr(decision, "model", None)}.get(
+                rule.kind, rule.target)
+            if target is None or (rule.kind == "pool" and target not in self.models):
                 continue
             return Mapping(self.models.get(target), target, rule.label, decision.policy, reason)
         return Mapping(self.models.get(self.fallback), self.fallback, "fallback", decision.policy,
@@ -258,6 +268,9 @@ class PolicyMapper:
             if conf is None:
                 return f"no confidence (router output unparsed: {getattr(d, 'parse_error', None)})"
             return f"confidence {conf:.2f} < {rule.below:.2f}" if conf < rule.below else None
+        if rule.kind == "pool":
+            model = getattr(d, "model", None)
+            return f"P(correct) - lambda * cost is highest for {model}" if model else None
         return f"policy {d.policy}" if d.policy in rule.map else None
 
     def budget_limit(self) -> float | None:
@@ -302,7 +315,9 @@ def _rule(raw, index: int) -> Rule:
     if kind not in KINDS:
         raise MapperConfigError(f"{where}: unknown kind {kind!r}; expected one of {KINDS}")
     fields = dict(raw)
-    if kind == "policy":
+    if kind == "pool":
+        fields.setdefault("target", "")
+    elif kind == "policy":
         bad = set(fields.get("map", {})) - set(POLICIES)
         if not fields.get("map") or bad:
             raise MapperConfigError(f"{where}: a policy rule needs 'map' from {POLICIES} to targets (bad keys {sorted(bad)})")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router_pipeline import settings
-from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec
+from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec, pool_spec
 from router_pipeline.policies import TIERS
 
 OPEN = "default"  # the profile of a server started without a profiles file
@@ -124,15 +124,23 @@ def _flag(name: str, raw: dict, key: str) -> bool:
     return value
 
 
-def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str]) -> Profiles:
+def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str],
+                  pool: list[str] | None = None) -> Profiles:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
-    the calibrated threshold. ``calibration`` is the released router's."""
-    default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
+    the calibrated threshold. ``calibration`` is the released router's. ``pool``: a pool
+    router's models, cheapest first: a profile without a mapper serves its choice, may use
+    every model of the pool, and falls back down the pool (the gateway's order)."""
+    if pool:
+        default_spec, allowed, fallbacks = pool_spec(pool), (*pool, "local"), ()
+    else:
+        default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
+        allowed, fallbacks = Profile.allowed, Profile.fallbacks
     if path is None:
         if not calibration:
             _uncalibrated([OPEN])
         mapper = PolicyMapper.from_dict(default_spec, default_models=default_models)
-        return Profiles({OPEN: Profile(OPEN, mapper)}, open=True)
+        return Profiles({OPEN: Profile(OPEN, mapper, allowed=_targets(OPEN, {}, "allowed", allowed, mapper),
+                                       fallbacks=fallbacks)}, open=True)
     path = Path(path)
     try:
         spec = load_spec(path)
@@ -160,8 +168,8 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
                 raise ProfileError(f"{path}: profiles {seen[d]!r} and {name!r} share a key")
             seen[d] = str(name)
         profiles[str(name)] = Profile(
-            str(name), mapper, allowed=_targets(name, raw, "allowed", Profile.allowed, mapper),
-            fallbacks=_targets(name, raw, "fallbacks", Profile.fallbacks, mapper),
+            str(name), mapper, allowed=_targets(name, raw, "allowed", allowed, mapper),
+            fallbacks=_targets(name, raw, "fallbacks", fallbacks, mapper),
             store_queries=_flag(name, raw, "store_queries"), key_digests=digests)
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)

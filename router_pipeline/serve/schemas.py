@@ -148,7 +148,10 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: StrictStr = Field(min_length=1, max_length=MAX_ID_CHARS)
     grade: Literal[GRADES] | None = None  # type: ignore[valid-type]
-    tier: Tier | None = None
+    # The model graded: medium / large, or a pool router's model by its pool name (``model``
+    # says the same; the server answers 400 for a name outside its pool).
+    tier: StrictStr | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    model: StrictStr | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     preferred_tier: Tier | None = None
 
 

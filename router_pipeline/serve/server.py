@@ -264,7 +264,10 @@ async def feedback(request: Request):
     gateway = _gateway(request)
     profile = _profile(gateway, request)
     body = await _parse(gateway, request, FeedbackRequest)
-    return await gateway.give_feedback(profile, body.request_id, grade=body.grade, tier=body.tier,
+    if body.tier and body.model and body.tier != body.model:
+        raise InvalidRequest("give the graded model as 'tier' or 'model', not two different ones",
+                             "invalid_feedback", param="model")
+    return await gateway.give_feedback(profile, body.request_id, grade=body.grade, tier=body.tier or body.model,
                                        preferred_tier=body.preferred_tier)
 
 
@@ -282,6 +285,8 @@ async def models(request: Request):
     _profile(gateway, request)
     threshold = gateway.calibration.get("threshold")
     names = [ROUTER_MODEL] + ([threshold_model(threshold)] if threshold is not None else [])
+    if gateway.pool is not None:  # the knob's forms (any value may be asked for)
+        names += [f"{ROUTER_MODEL}-budget-0.30", f"{ROUTER_MODEL}-quality-0.95", f"{ROUTER_MODEL}-lambda-0"]
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "router_pipeline"}
                                        for n in names]}
 

@@ -12,7 +12,7 @@ makes a grid of blocks x shrinkages x models cheap on a CPU).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -152,3 +152,98 @@ def pool_grid(classifier: str, *, layers=None, shrinkages=(0.95, 0.85, 0.7, 0.5,
     if layers is None:
         return hyper
     return [{"layer": layer, **h} for layer, h in itertools.product(layers, hyper)]
+
+
+# -- the pipeline's pool routers ------------------------------------------------
+# Candidate -> (encoder, classifier). gemma_lda is the recipe pool_quality.py measures as
+# "router"; the MiniLM heads are its baselines, candidates too: the choice is evidence's.
+POOL_CANDIDATES = {"gemma_lda": ("gemma", "lda"), "minilm_lda": ("minilm", "lda"),
+                   "minilm_logistic": ("minilm", "logistic"), "minilm_knn": ("minilm", "knn")}
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How the pool routers are trained and how their knob is set (on validation rows)."""
+
+    candidates: tuple[str, ...] = ("gemma_lda", "minilm_lda", "minilm_knn")  # any of POOL_CANDIDATES
+    knob: str = "quality"  # budget (USD per 1,000 queries) | quality (share of the best model's accuracy) | lambda
+    knob_value: float = 0.95
+
+
+@dataclass
+class PoolResult:
+    name: str
+    path: object
+    params: dict
+    cv_auc: float
+    calibration: dict  # lambda, the knob, the validation sweep it was read from
+
+
+def _json_sweep(figures: list[dict]) -> list[dict]:
+    """A sweep as JSON can hold it: lambda infinity (the cheapest model) written as null."""
+    return [{**f, "lambda": None if np.isinf(f["lambda"]) else f["lambda"]} for f in figures]
+
+
+def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, dest: dict, *,
+                       progress: bool = False, log=print) -> list[PoolResult]:
+    """Fit each candidate of ``spec`` on ``train`` (an ``Outcomes`` of the training rows),
+    set its knob on ``validation`` (the held-out slice: an ``Outcomes`` of the same
+    models) and save it to ``dest[name]`` with the pool it routes among (``pool``, a
+    ``Pool.to_dict()``) and its calibration: lambda, the knob and the validation sweep
+    that later knobs (a serving model name) are read from."""
+    import json
+
+    from router_pipeline.artifacts import CALIBRATION_FILE
+    from router_pipeline.routers.features import GemmaSpec
+    from router_pipeline.routers.pool import Knob, knob, save_pool_router, sweep
+    from router_pipeline.training.heads import MIN_ROWS_FOR_CV, encode
+
+    want = Knob(spec.knob, spec.knob_value)
+    unknown = [c for c in spec.candidates if c not in POOL_CANDIDATES]
+    if unknown or not spec.candidates:
+        raise ValueError(f"unknown pool candidates {unknown}; expected some of {sorted(POOL_CANDIDATES)}")
+    if validation.frame.empty:
+        raise ValueError("no validation rows: the knob is set on them (materialise more questions)")
+    models, n = train.models, len(train.frame)
+    encoders = {POOL_CANDIDATES[c][0] for c in spec.candidates}
+    config = replace(heads, heads=tuple(sorted({"gemma" if e == "gemma" else "minilm_lda" for e in encoders})))
+    feats, _ = encode(list(train.frame["query"]) + list(validation.frame["query"]), config, progress=progress)
+    cv = n >= MIN_ROWS_FOR_CV
+    if not cv:
+        log(f"{n} training rows: fewer than {MIN_ROWS_FOR_CV}, so each pool router takes the first value of its "
+            "grid, uncalibrated")
+    results = []
+    for name in spec.candidates:
+        encoder, classifier = POOL_CANDIDATES[name]
+        if encoder == "gemma":
+            grid = pool_grid(classifier, layers=config.layers, shrinkages=config.shrinkages, c_values=config.c_values)
+            x_of = lambda p: feats["gemma"][p["layer"]]  # noqa: E731
+        else:
+            grid = pool_grid(classifier, shrinkages=config.shrinkages, c_values=config.c_values, knn_k=config.knn_k)
+            x_of = lambda p: feats["minilm"]  # noqa: E731
+        if cv:
+            fitted = fit_pool(lambda p: x_of(p)[:n], train.correct, train.cost, models, classifier, grid,
+                              folds=config.folds, seed=config.seed)
+            head, params, cv_auc = fitted.head, fitted.params, fitted.cv_auc
+        else:
+            params, cv_auc = grid[0], float("nan")
+            hyper = {k: v for k, v in params.items() if k != "layer"}
+            head = fit_pool_head(classifier, x_of(params)[:n], train.correct, train.cost.mean(axis=0), models,
+                                 seed=config.seed, **hyper)
+        p_val = head.proba(x_of(params)[n:])
+        figures = sweep(p_val, validation.correct, validation.cost, head.costs)
+        chosen = knob(p_val, validation.correct, validation.cost, head.costs, want)
+        calibration = {"lambda": None if np.isinf(chosen["lambda"]) else chosen["lambda"], "knob": want.kind, "knob_value": want.value,
+                       "validation_accuracy": chosen["accuracy"], "validation_usd_per_1000": chosen["usd_per_1000"],
+                       "validation_rows": len(p_val),
+                       "best_single_accuracy": float(validation.correct.mean(axis=0).max()),
+                       "validation_sweep": _json_sweep(figures)}
+        enc = GemmaSpec(config.base_model, params["layer"], config.pooling, config.allow_hub).to_dict() \
+            if encoder == "gemma" else {"encoder": "minilm"}
+        path = save_pool_router(dest[name], enc, head, pool=pool, params=params, cv_auc=cv_auc, training_rows=n,
+                                candidate=name)
+        (path / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=1))
+        log(f"{name}: {params} (CV AUC {cv_auc:.3f}); {want.kind} {want.value} -> lambda {chosen['lambda']:.4g}, "
+            f"validation accuracy {chosen['accuracy']:.3f} at ${chosen['usd_per_1000']:.3f}/1000")
+        results.append(PoolResult(name, path, params, cv_auc, calibration))
+    return results
