@@ -8,9 +8,10 @@ folds' rows (hyper-parameters by 5-fold cross-validation, Platt calibration on
 out-of-fold scores: training/pool.py) and routes the held-out fold at every value of
 its knob. Each router's points pool the held-out rows of all folds at the same lambda.
 
-Rows: the router (a head per model on a frozen Gemma 3 270M state: block and shrinkage
-by CV), LDA, logistic and k-NN heads on MiniLM embeddings (the baselines), each single
-model, a random mix of models (the hull of the single models), and the oracle. For
+Rows: the router (the mean log-odds of two heads per model: LDA on a frozen Gemma 3 270M
+state, block and shrinkage by CV, and LDA on MiniLM embeddings: training/pool.py's
+gemma_minilm_lda), its Gemma member alone (the ablation), LDA, logistic and k-NN heads
+on MiniLM embeddings (the baselines), each single model, a random mix of models (the hull of the single models), and the oracle. For
 each: AIQ (area under the non-decreasing cost-accuracy hull between the cheapest and
 the dearest model's cost, over that range), accuracy at the cheapest model's cost, cost
 at the best single model's accuracy and at 95% of it, and accuracy at half the best
@@ -34,10 +35,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTCOMES = ROOT.parent / "shared" / "data" / "routing_outcomes" / "mmlu_pro_dev_outcomes.csv"
-ROUTERS = {"router": "router: Gemma head per model (LDA; block, shrinkage by CV)", "minilm_lda": "LDA on MiniLM",
+ROUTERS = {"router": "router: Gemma LDA + MiniLM LDA (mean log-odds)",
+           "gemma_lda": "Gemma LDA alone (the router less its MiniLM member)", "minilm_lda": "LDA on MiniLM",
            "logistic": "logistic (MiniLM)", "knn": "k-NN (MiniLM)"}
 BASELINES = ("minilm_lda", "logistic", "knn")
-CLASSIFIER = {"router": "lda", "minilm_lda": "lda", "logistic": "logistic", "knn": "knn"}
+MEMBERS = ("gemma_lda", "minilm_lda")  # the router's: its P is their ensemble (routers.pool.ensemble)
+CLASSIFIER = {"gemma_lda": "lda", "minilm_lda": "lda", "logistic": "logistic", "knn": "knn"}
 
 
 def main(argv=None) -> int:
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     from router_pipeline.evaluation import frontier as fr
     from router_pipeline.labels.outcomes import read_outcomes
     from router_pipeline.labels.split import outer_folds
-    from router_pipeline.routers.pool import decide, lambdas
+    from router_pipeline.routers.pool import decide, ensemble, lambdas
     from router_pipeline.training.heads import HeadConfig, encode_cached
     from router_pipeline.training.pool import fit_pool, pool_grid
 
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     feats, seconds = encode_cached(list(frame["query"]), config, out)
     print(f"features in {sum(seconds.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})",
           flush=True)
-    grid = {"router": pool_grid("lda", layers=config.layers, shrinkages=config.shrinkages),
+    grid = {"gemma_lda": pool_grid("lda", layers=config.layers, shrinkages=config.shrinkages),
             "minilm_lda": pool_grid("lda", shrinkages=config.shrinkages),
             "logistic": pool_grid("logistic", c_values=config.c_values),
             "knn": pool_grid("knn", knn_k=config.knn_k)}
@@ -97,16 +100,20 @@ def main(argv=None) -> int:
             held = folds == fold
             if two_tier is not None:
                 two_tier[held] = _two_tier_scores(feats, correct, cost, ~held, held, config)
-            for name in ROUTERS:
-                x_of = (lambda p, n=name: feats["gemma"][p["layer"]]) if name == "router" else \
+            for name in CLASSIFIER:
+                x_of = (lambda p, n=name: feats["gemma"][p["layer"]]) if name == "gemma_lda" else \
                     (lambda p: feats["minilm"])
                 fitted = fit_pool(lambda p: x_of(p)[~held], correct[~held], cost[~held], models, CLASSIFIER[name],
                                   grid[name], folds=config.folds, seed=config.seed)
                 prob[name][held] = fitted.head.proba(x_of(fitted.params)[held])
+                chosen[name].append({k: v for k, v in fitted.params.items()})
+            prob["router"][held] = ensemble([prob[m][held] for m in MEMBERS])
+            chosen["router"].append(chosen["gemma_lda"][-1])
+            for name in ROUTERS:  # fitted.head.costs: the training rows' mean cost per model, the same for all
                 choice[name][held] = np.stack([decide(prob[name][held], fitted.head.costs, lam) for lam in sweep],
                                               axis=1)
-                chosen[name].append({k: v for k, v in fitted.params.items()})
-            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows; router {chosen['router'][-1]}) "
+            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows; Gemma member "
+                  f"{chosen['gemma_lda'][-1]}) "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         curves = {name: fr.curve(choice[name], correct, cost) for name in ROUTERS}
         single = dict(zip(models, fr.singles(correct, cost)))
@@ -175,7 +182,7 @@ def _report(by, curves, single, correct, cost, folds, models, args, fr, chosen, 
     best_baseline = max(BASELINES, key=lambda b: aiq[b])
     intervals = {other: fr.interval(lambda w, o=other: fr.aiq(curves["router"], cost, w) - fr.aiq(curves[o], cost, w),
                                     weights)
-                 for other in (*BASELINES, "random mix")}
+                 for other in (*BASELINES, "gemma_lda", "random mix")}
 
     def gain_at_half(w):  # the router at half the best model's cost, minus that model
         mean = (lambda v: v.mean()) if w is None else (lambda v: w @ v / w.sum())
@@ -186,7 +193,7 @@ def _report(by, curves, single, correct, cost, folds, models, args, fr, chosen, 
     print(f"\n## {by}: {args.folds} outer folds of {np.bincount(folds).tolist()} rows ({time.perf_counter() - t0:.0f} s)\n")
     print(table.round(3).to_markdown(index=False))
     print("\nsingle models: " + "; ".join(f"{m} {a:.3f} at ${c:.3f}/1000" for m, a, c in zip(models, acc, per_1000)))
-    print("router's blocks per fold: " + str([p.get("layer") for p in chosen["router"]]))
+    print("router's Gemma blocks per fold: " + str([p.get("layer") for p in chosen["gemma_lda"]]))
     for other, d in intervals.items():
         print(f"router - {other} AIQ {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     print(f"router at half {models[best]}'s cost - {models[best]} accuracy {at_half['diff']:+.3f} "

@@ -13,7 +13,7 @@ other.
     <root>/evaluation/<candidate>/         CALIBRATION_FILE, EVALUATION_FILE per candidate
     <root>/evaluation/                     SUMMARY_FILE, INTERVALS_FILE: every candidate
     <root>/router/                         the released router (adapter or head) + calibration + figures
-    <root>/pool/<candidate>/               pool routers (training/pool.POOL_CANDIDATES) with their knob's calibration
+    <root>/pool/<candidate>/               pool routers (training/pool.POOL_CANDIDATES, POOL_ENSEMBLES) with their knob's calibration
     <root>/evaluation/pool_<candidate>/    EVALUATION_FILE of a pool router on the test split
     <root>/pool_router/                    the released pool router + calibration + figures
     <root>/plots/                          PNGs shown in the Dagster UI

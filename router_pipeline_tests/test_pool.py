@@ -373,3 +373,54 @@ def test_the_server_answers_from_the_model_the_pool_router_chose_counts_and_take
             assert named.status_code == 200 and named.json()["grades"][other] == "Incorrect"
             outside = httpx.post(url + "/v1/feedback", json={"request_id": rid, "model": "gpt-9", "grade": "Correct"})
             assert outside.status_code == 400 and "gpt-9" in outside.json()["error"]["message"]
+
+
+@pytest.mark.skipif(not MMLU_PRO.is_file(), reason=f"the MMLU-Pro development outcomes are not at {MMLU_PRO}")
+def test_the_ensemble_router_is_its_members_mean_log_odds_and_its_release_checks_every_member(tmp_path):
+    """gemma_minilm_lda on real recorded outcomes and the real encoders: saved with its
+    members, loaded as one router whose P is the mean log-odds of the members' (each
+    loaded alone), released with a manifest that covers the members' files."""
+    from router_pipeline.artifacts import CALIBRATION_FILE, EVALUATION_FILE
+    from router_pipeline.evaluation.release import install_release
+    from router_pipeline.labels.outcomes import Outcomes
+    from router_pipeline.routers.manifest import ReleaseIntegrityError
+    from router_pipeline.routers.pool import MEMBERS_DIR, PoolRouter, ensemble
+    from router_pipeline.routers.registry import load_router
+    from router_pipeline.training.heads import HeadConfig
+    from router_pipeline.training.pool import PoolSpec, train_pool_routers
+
+    models = ["llama-3.1-8b-instruct", "gemini-1.5-flash", "gemini-1.5-pro"]
+    whole = read_outcomes(pd.read_csv(MMLU_PRO, dtype={"qid": str}), models)
+    frame = whole.frame.sample(n=120, random_state=1).reset_index(drop=True)
+    part = lambda rows: Outcomes(frame.iloc[rows].reset_index(drop=True), models, [])  # noqa: E731
+    train, validation = part(slice(0, 90)), part(slice(90, 120))
+    names = ("gemma_minilm_lda", "gemma_lda", "minilm_lda")
+    spec = PoolSpec(candidates=names, knob="quality", knob_value=0.95)
+    results = train_pool_routers(train, validation, spec, HeadConfig(layers=(6,), shrinkages=(0.9,), folds=3),
+                                 gemini_pool().to_dict(), {n: tmp_path / n for n in names}, log=lambda _: None)
+    by_name = {r.name: r for r in results}
+    assert set(by_name) == set(names) and by_name["gemma_minilm_lda"].params == {
+        "gemma_lda": by_name["gemma_lda"].params, "minilm_lda": by_name["minilm_lda"].params}
+    assert sorted(p.name for p in (tmp_path / "gemma_minilm_lda" / MEMBERS_DIR).iterdir()) == ["gemma_lda", "minilm_lda"]
+
+    queries = list(validation.frame["query"][:12])
+    both = PoolRouter(tmp_path / "gemma_minilm_lda")
+    assert both.models == models and len(both.parts) == 2
+    (gemma, _), (minilm, _) = both.parts
+    alone = {n: PoolRouter(tmp_path / n, encoder=enc) for n, enc in (("gemma_lda", gemma), ("minilm_lda", minilm))}
+    p = both.proba(queries)
+    assert p == pytest.approx(ensemble([alone["gemma_lda"].proba(queries), alone["minilm_lda"].proba(queries)]))
+    assert not np.allclose(p, alone["gemma_lda"].proba(queries))  # the MiniLM member moves it
+    calibration = json.loads((tmp_path / "gemma_minilm_lda" / CALIBRATION_FILE).read_text())
+    assert calibration["knob"] == "quality" and calibration["validation_rows"] == 30
+
+    evaluation = tmp_path / EVALUATION_FILE
+    evaluation.write_text(json.dumps({"AIQ": 0.7}))
+    released = install_release(tmp_path / "gemma_minilm_lda", [evaluation], tmp_path / "release", tmp_path / "staging")
+    assert released["export_sha256"]  # the Gemma member's encoder, exported for the fast path
+    fast = load_router(tmp_path / "release")  # the manifest checked, the Gemma member on its bf16 export
+    assert isinstance(fast, PoolRouter) and np.abs(fast.proba(queries) - p).max() < 0.05
+    head = tmp_path / "release" / MEMBERS_DIR / "minilm_lda" / "pool_head.npz"
+    head.write_bytes(head.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ReleaseIntegrityError, match="members/minilm_lda/pool_head.npz"):
+        load_router(tmp_path / "release")

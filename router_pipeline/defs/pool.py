@@ -27,7 +27,7 @@ from router_pipeline.policies import CORRECT, GRADES, IDK
 from router_pipeline.routers.pool import PoolRouter
 from router_pipeline.text import unit_interval
 from router_pipeline.training.heads import HeadConfig
-from router_pipeline.training.pool import POOL_CANDIDATES, PoolSpec, train_pool_routers
+from router_pipeline.training.pool import POOL_CANDIDATES, POOL_ENSEMBLES, PoolSpec, train_pool_routers
 
 POOL_GROUP = "pool_routing"
 MIN_VALIDATION_ROWS = 2  # when training_examples holds no validation slice out (a run of a few questions)
@@ -172,13 +172,13 @@ def pool_evaluation(context: dg.AssetExecutionContext, config: PoolEvaluationCon
         if router.models != models:
             raise dg.Failure(f"pool router {name} routes among {router.models}, the pool is {models}: "
                              "rematerialise pool_routers")
-        p = router.head.proba(router.encoder.encode(list(test.frame["query"]) + list(validation.frame["query"])))
+        p = router.proba(list(test.frame["query"]) + list(validation.frame["query"]))
         p_test[name], p_val[name] = p[:len(test.frame)], p[len(test.frame):]
     validation_aiq = {name: pool_eval.sweep_aiq(p_val[name], validation.correct, validation.cost,
-                                                routers[name].head.costs) for name in routers}
+                                                routers[name].costs) for name in routers}
     chosen, why = pool_eval.choose(validation_aiq, list(routers))
     context.log.info(f"chosen: {chosen} ({why})")
-    report = pool_eval.evaluate(p_test, {n: r.head.costs for n, r in routers.items()},
+    report = pool_eval.evaluate(p_test, {n: r.costs for n, r in routers.items()},
                                 {n: r.lam for n, r in routers.items()}, test.correct, test.cost, models, chosen, why,
                                 resamples=config.bootstrap_resamples)
     figures = report.table.set_index("router").loc[chosen].to_dict()
@@ -222,7 +222,7 @@ def released_pool_router(artifacts: ArtifactStore, pool_evaluation: pd.DataFrame
     pool_evaluation's blocking checks pass."""
     layout = artifacts.layout()
     chosen = set(pool_evaluation["candidate"])
-    if len(chosen) != 1 or (name := chosen.pop()) not in POOL_CANDIDATES:
+    if len(chosen) != 1 or (name := chosen.pop()) not in {**POOL_CANDIDATES, **POOL_ENSEMBLES}:
         raise dg.Failure(f"pool_evaluation names {sorted(set(pool_evaluation['candidate']))}; expected one candidate")
     try:
         released = install_release(layout.pool_candidate(name), [layout.pool_evaluation(name) / EVALUATION_FILE],

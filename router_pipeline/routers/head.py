@@ -238,8 +238,12 @@ def export_head_router(folder: Path) -> dict | None:
     if not (folder / ROUTER_FILE).is_file():  # a LoRA adapter
         return None
     meta = json.loads((folder / ROUTER_FILE).read_text())
-    from router_pipeline.routers.pool import POOL_KIND  # a pool router reads the same encoder
+    from router_pipeline.routers.pool import MEMBERS_DIR, POOL_KIND  # a pool router reads the same encoder
 
+    if meta.get("kind") == POOL_KIND and "members" in meta:  # an ensemble: its members' encoders
+        exports = [(f"{MEMBERS_DIR}/{name}", export_head_router(folder / MEMBERS_DIR / name))
+                   for name in meta["members"]]
+        return next(({**e, "dir": f"{where}/{e['dir']}"} for where, e in exports if e is not None), None)
     if meta.get("kind") not in (HEAD_KIND, POOL_KIND) or (meta.get("encoder") or {}).get("encoder") != "gemma":
         return None
     meta["export"] = export_gemma(gemma_spec(meta["encoder"]), folder)

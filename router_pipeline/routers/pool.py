@@ -6,7 +6,9 @@ shrinkage LDA or logistic regression (a linear score per model, then a Platt map
 on out-of-fold scores so that P_m is a frequency and comparable across models), or
 k-NN (P_m: the distance-weighted share of the nearest training queries model m got
 right). ``cost_m`` is the model's mean cost per query on the training rows (USD).
-``lambda`` (USD^-1) is the single knob: 0 picks the model most likely to be right, a
+An ensemble router averages its members' calibrated log-odds (``ensemble``): a Gemma
+head and a MiniLM head err on different queries, and their mean ranks better than
+either (benchmarks/pool_quality.py). ``lambda`` (USD^-1) is the single knob: 0 picks the model most likely to be right, a
 large value the cheapest; ``knob`` sets it on validation rows from what the user asks
 for (a budget per 1,000 queries, a share of the best model's accuracy, or lambda itself).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 POOL_HEAD_FILE = "pool_head.npz"
+MEMBERS_DIR = "members"  # an ensemble's member routers, each a whole pool router folder
 POOL_KIND = "pool"
 KNOBS = ("budget", "quality", "lambda")
 
@@ -87,6 +90,14 @@ class PoolHead:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ensemble(probs: list[np.ndarray]) -> np.ndarray:
+    """P(correct) of an ensemble: the sigmoid of its members' mean log-odds."""
+    if len(probs) == 1:
+        return probs[0]
+    logits = [np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1)) for p in probs]
+    return np.exp(-np.logaddexp(0.0, -np.mean(logits, axis=0)))
 
 
 def decide(p: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
@@ -176,23 +187,51 @@ class PoolRouter:
     mode = POOL_KIND
 
     def __init__(self, path: str | Path, encoder=None, precision: str = "fast"):
-        from router_pipeline.routers.contract import PROBE_QUERY, read_calibration, read_router_folder
-        from router_pipeline.routers.features import folder_encoder
+        from router_pipeline.artifacts import ROUTER_FILE
+        from router_pipeline.routers.contract import read_calibration, read_json_object
 
         self.path = Path(path)
-        self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
-        self.head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
-        self.encoder = encoder or folder_encoder(self.meta, self.path, precision)
-        self.head.check(self.encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
+        meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
+        if "members" in meta:  # an ensemble: every member a whole router, one knob over their mean
+            if meta.get("kind") != POOL_KIND or not meta["members"]:
+                raise ValueError(f"{self.path / ROUTER_FILE}: an ensemble needs kind {POOL_KIND!r} and members")
+            self.meta = meta
+            self.parts = [part for name in meta["members"]
+                          for part in PoolRouter(self.path / MEMBERS_DIR / name, precision=precision).parts]
+            if any(head.models != meta["models"] for _, head in self.parts):
+                raise ValueError(f"{self.path}: a member routes among other models than {meta['models']}; "
+                                 "retrain the pool router")
+        else:
+            self.parts = [self._part(encoder, precision)]
+        self.encoder = self.parts[0][0]
         self.device = getattr(self.encoder, "device", "cpu")
         self.precision = getattr(self.encoder, "precision", "fp32")
         self.calibration = read_calibration(self.path)
         lam = self.calibration.get("lambda", 0.0)
         self.lam = math.inf if lam is None else float(lam)
 
+    def _part(self, encoder, precision: str) -> tuple:
+        from router_pipeline.routers.contract import PROBE_QUERY, read_router_folder
+        from router_pipeline.routers.features import folder_encoder
+
+        self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
+        head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
+        encoder = encoder or folder_encoder(self.meta, self.path, precision)
+        head.check(encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
+        return encoder, head
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Each model's mean cost per query (USD) on the training rows."""
+        return self.parts[0][1].costs
+
+    def proba(self, queries: list[str]) -> np.ndarray:
+        """P(correct) per (query, model)."""
+        return ensemble([head.proba(encoder.encode(list(queries))) for encoder, head in self.parts])
+
     @property
     def models(self) -> list[str]:
-        return self.head.models
+        return list(self.meta["models"])
 
     def pool(self):
         """The pool the router was trained for (names, backends, prices: llm.pool.Pool)."""
@@ -203,9 +242,9 @@ class PoolRouter:
         return pool_from_dict(self.meta["pool"])
 
     def choose(self, queries: list[str], lam: float | None = None) -> tuple[np.ndarray, list[str]]:
-        p = self.head.proba(self.encoder.encode(queries))
-        pick_ = decide(p, self.head.costs, self.lam if lam is None else lam)
-        return p, [self.head.models[i] for i in pick_]
+        p = self.proba(queries)
+        pick_ = decide(p, self.costs, self.lam if lam is None else lam)
+        return p, [self.models[i] for i in pick_]
 
     def route(self, query: str, *, with_reasoning: bool = False):
         return self.route_batch([query])[0]
@@ -223,7 +262,7 @@ class PoolRouter:
         from dataclasses import replace
 
         p = np.array([[decision.p_correct[m] for m in self.models]])
-        model = self.models[int(decide(p, self.head.costs, lam)[0])]
+        model = self.models[int(decide(p, self.costs, lam)[0])]
         return replace(decision, model=model, policy=self._policy(model))
 
     def lambda_for(self, want: Knob) -> float:
@@ -240,7 +279,7 @@ class PoolRouter:
     def _policy(self, model: str) -> str:
         from router_pipeline.policies import COMPLEX, STANDARD
 
-        return STANDARD if model == self.models[int(np.argmin(self.head.costs))] else COMPLEX
+        return STANDARD if model == self.models[int(np.argmin(self.costs))] else COMPLEX
 
     def _decision(self, query: str, p: np.ndarray, model: str, ms: float):
         from router_pipeline.routers.contract import RouteDecision
@@ -256,3 +295,15 @@ def save_pool_router(path: Path, encoder: dict, head: PoolHead, **about) -> Path
     return write_router_folder(path, POOL_KIND, POOL_HEAD_FILE, head.save,
                                {"models": head.models, "encoder": encoder, "classifier": head.classifier,
                                 "k": head.k, **about})
+
+
+def save_pool_ensemble(path: Path, members: dict, **about) -> Path:
+    """Write an ensemble's folder: ``members`` (name -> a function writing that member's
+    pool router folder at the path it is given) under ``members/``, router.json naming them."""
+    from router_pipeline.routers.contract import write_router_folder
+
+    def save(folder: Path) -> None:
+        for name, write in members.items():
+            write(folder / name)
+
+    return write_router_folder(path, POOL_KIND, MEMBERS_DIR, save, {"members": list(members), **about})

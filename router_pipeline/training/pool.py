@@ -155,17 +155,19 @@ def pool_grid(classifier: str, *, layers=None, shrinkages=(0.95, 0.85, 0.7, 0.5,
 
 
 # -- the pipeline's pool routers ------------------------------------------------
-# Candidate -> (encoder, classifier). gemma_lda is the recipe pool_quality.py measures as
-# "router"; the MiniLM heads are its baselines, candidates too: the choice is evidence's.
+# Candidate -> (encoder, classifier), or an ensemble -> its members (each a candidate).
+# gemma_minilm_lda is the recipe pool_quality.py measures as "router"; its members and
+# the MiniLM heads are candidates too: the choice is evidence's.
 POOL_CANDIDATES = {"gemma_lda": ("gemma", "lda"), "minilm_lda": ("minilm", "lda"),
                    "minilm_logistic": ("minilm", "logistic"), "minilm_knn": ("minilm", "knn")}
+POOL_ENSEMBLES = {"gemma_minilm_lda": ("gemma_lda", "minilm_lda")}
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     """How the pool routers are trained and how their knob is set (on validation rows)."""
 
-    candidates: tuple[str, ...] = ("gemma_lda", "minilm_lda", "minilm_knn")  # any of POOL_CANDIDATES
+    candidates: tuple[str, ...] = ("gemma_minilm_lda", "gemma_lda", "minilm_lda", "minilm_knn")  # POOL_CANDIDATES, POOL_ENSEMBLES
     knob: str = "quality"  # budget (USD per 1,000 queries) | quality (share of the best model's accuracy) | lambda
     knob_value: float = 0.95
 
@@ -195,25 +197,27 @@ def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, des
 
     from router_pipeline.artifacts import CALIBRATION_FILE
     from router_pipeline.routers.features import GemmaSpec
-    from router_pipeline.routers.pool import Knob, knob, save_pool_router, sweep
+    from router_pipeline.routers.pool import Knob, ensemble, knob, save_pool_ensemble, save_pool_router, sweep
     from router_pipeline.training.heads import MIN_ROWS_FOR_CV, encode
 
     want = Knob(spec.knob, spec.knob_value)
-    unknown = [c for c in spec.candidates if c not in POOL_CANDIDATES]
+    unknown = [c for c in spec.candidates if c not in POOL_CANDIDATES and c not in POOL_ENSEMBLES]
     if unknown or not spec.candidates:
-        raise ValueError(f"unknown pool candidates {unknown}; expected some of {sorted(POOL_CANDIDATES)}")
+        raise ValueError(f"unknown pool candidates {unknown}; expected some of "
+                         f"{sorted(POOL_CANDIDATES) + sorted(POOL_ENSEMBLES)}")
     if validation.frame.empty:
         raise ValueError("no validation rows: the knob is set on them (materialise more questions)")
     models, n = train.models, len(train.frame)
-    encoders = {POOL_CANDIDATES[c][0] for c in spec.candidates}
+    singles = sorted({m for c in spec.candidates for m in POOL_ENSEMBLES.get(c, (c,))})
+    encoders = {POOL_CANDIDATES[c][0] for c in singles}
     config = replace(heads, heads=tuple(sorted({"gemma" if e == "gemma" else "minilm_lda" for e in encoders})))
     feats, _ = encode(list(train.frame["query"]) + list(validation.frame["query"]), config, progress=progress)
     cv = n >= MIN_ROWS_FOR_CV
     if not cv:
         log(f"{n} training rows: fewer than {MIN_ROWS_FOR_CV}, so each pool router takes the first value of its "
             "grid, uncalibrated")
-    results = []
-    for name in spec.candidates:
+
+    def fit(name: str) -> dict:
         encoder, classifier = POOL_CANDIDATES[name]
         if encoder == "gemma":
             grid = pool_grid(classifier, layers=config.layers, shrinkages=config.shrinkages, c_values=config.c_values)
@@ -230,18 +234,34 @@ def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, des
             hyper = {k: v for k, v in params.items() if k != "layer"}
             head = fit_pool_head(classifier, x_of(params)[:n], train.correct, train.cost.mean(axis=0), models,
                                  seed=config.seed, **hyper)
-        p_val = head.proba(x_of(params)[n:])
-        figures = sweep(p_val, validation.correct, validation.cost, head.costs)
-        chosen = knob(p_val, validation.correct, validation.cost, head.costs, want)
-        calibration = {"lambda": None if np.isinf(chosen["lambda"]) else chosen["lambda"], "knob": want.kind, "knob_value": want.value,
-                       "validation_accuracy": chosen["accuracy"], "validation_usd_per_1000": chosen["usd_per_1000"],
-                       "validation_rows": len(p_val),
-                       "best_single_accuracy": float(validation.correct.mean(axis=0).max()),
-                       "validation_sweep": _json_sweep(figures)}
         enc = GemmaSpec(config.base_model, params["layer"], config.pooling, config.allow_hub).to_dict() \
             if encoder == "gemma" else {"encoder": "minilm"}
-        path = save_pool_router(dest[name], enc, head, pool=pool, params=params, cv_auc=cv_auc, training_rows=n,
-                                candidate=name)
+        about = {"pool": pool, "params": params, "cv_auc": cv_auc, "training_rows": n, "candidate": name}
+        return {"head": head, "params": params, "cv_auc": cv_auc, "p_val": head.proba(x_of(params)[n:]),
+                "write": lambda path: save_pool_router(path, enc, head, **about)}
+
+    fitted = {name: fit(name) for name in singles}
+    results = []
+    for name in spec.candidates:
+        members = POOL_ENSEMBLES.get(name)
+        if members is None:
+            f = fitted[name]
+            params, cv_auc, p_val = f["params"], f["cv_auc"], f["p_val"]
+            path = f["write"](dest[name])
+        else:
+            params = {m: fitted[m]["params"] for m in members}
+            cv_auc = float(np.mean([fitted[m]["cv_auc"] for m in members]))
+            p_val = ensemble([fitted[m]["p_val"] for m in members])
+            path = save_pool_ensemble(dest[name], {m: fitted[m]["write"] for m in members}, models=models, pool=pool,
+                                      params=params, cv_auc=cv_auc, training_rows=n, candidate=name)
+        costs = fitted[POOL_ENSEMBLES.get(name, (name,))[0]]["head"].costs
+        figures = sweep(p_val, validation.correct, validation.cost, costs)
+        chosen = knob(p_val, validation.correct, validation.cost, costs, want)
+        calibration = {"lambda": None if np.isinf(chosen["lambda"]) else chosen["lambda"], "knob": want.kind,
+                       "knob_value": want.value, "validation_accuracy": chosen["accuracy"],
+                       "validation_usd_per_1000": chosen["usd_per_1000"], "validation_rows": len(p_val),
+                       "best_single_accuracy": float(validation.correct.mean(axis=0).max()),
+                       "validation_sweep": _json_sweep(figures)}
         (path / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=1))
         log(f"{name}: {params} (CV AUC {cv_auc:.3f}); {want.kind} {want.value} -> lambda {chosen['lambda']:.4g}, "
             f"validation accuracy {chosen['accuracy']:.3f} at ${chosen['usd_per_1000']:.3f}/1000")
