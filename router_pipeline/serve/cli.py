@@ -186,7 +186,9 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
     from router_pipeline.serve.profiles import OPEN, Profile, Profiles
     from router_pipeline.serve.schemas import ChatRequest
 
-    profile = Profile(OPEN, mapper)
+    pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router: served by its pool's models
+    profile = Profile(OPEN, mapper) if pool is None else \
+        Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=())  # as load_profiles' open pool profile
     gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
                             config=replace(DEFAULTS, database=url), decision_log_path=log_path)
     await gateway.start()
