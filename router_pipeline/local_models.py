@@ -9,8 +9,10 @@ when the caller allows it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -42,12 +44,27 @@ def resolve_model(name: str, *, allow_hub: bool = False) -> str:
     )
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock across processes: Dagster runs steps in parallel processes, and
+    two converting into one folder at once lose each other's files."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _convert_embedded(name: str) -> Path:
     target = models_dir() / name
     if (target / "config.json").exists():
         return target
-    with _convert_lock:
-        if (target / "config.json").exists():
+    with _convert_lock, _file_lock(models_dir() / f".{name}.lock"):
+        if (target / "config.json").exists():  # another thread or process converted it meanwhile
             return target
         import importlib
 
@@ -66,6 +83,7 @@ def _convert_embedded(name: str) -> Path:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(loaded.state_dict())
         tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # what a conversion killed half-way left
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
