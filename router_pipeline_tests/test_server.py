@@ -757,6 +757,36 @@ def test_a_request_without_a_budget_never_waits_for_a_frozen_postgresql(router, 
         _no_budget_answers_while_the_database_is_stuck(url, state, _frozen_backend(state.feedback.db))
 
 
+def test_a_budget_check_runs_in_the_state_database_threads(router, gemini, tmp_path, monkeypatch):
+    """Issue 29's bystander: a budgeted request's ledger check (which a frozen database holds
+    for up to its timeout) runs in the state database's own threads, never in the default
+    ones that the router, the models and requests without a budget share."""
+    from router_pipeline.serve.ledger import BudgetLedger
+
+    monkeypatch.setenv("TEST_KEYS_LIMITED", KEYS["limited"])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("""
+profiles:
+  limited:
+    keys_env: TEST_KEYS_LIMITED
+    mapper:
+      budget: {ledger: team, period: total}
+      rules: [{kind: budget, limit_usd: 1.0, target: medium}, {kind: threshold, at_least: 0.0, target: large}]
+""")
+    admit, threads = BudgetLedger.admit, []
+
+    def recorded(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return admit(self, *args, **kwargs)
+
+    monkeypatch.setattr(BudgetLedger, "admit", recorded)
+    state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback",
+                          router=router)
+    with serving(state) as url:
+        assert ask(url, profile="limited").model == PRO
+    assert threads and all(name.startswith("state-db-request") for name in threads), threads
+
+
 def test_a_budget_is_never_silently_counted_again_from_zero(router, gemini, tmp_path, monkeypatch):
     """Issue 29, 2: the state file emptied while the server is stopped: a budget-bearing
     server refuses to start, naming the database, until the operator accepts a new one; the

@@ -457,9 +457,11 @@ class Gateway:
         spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
         # Prompt tokens at 2 characters each and the whole output budget: above what it can cost.
         estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
-        reservation = await asyncio.to_thread(d.mapper.ledger.admit, limit, estimate)
+        # The state database's threads, not the default ones: a frozen ledger holds its own callers
+        # only, never the router's, the models' or a bystander's mapping work (asyncio.to_thread).
+        reservation = await self._in_db(d.mapper.ledger.admit, limit, estimate)
         if reservation is None:
-            d.mapping = await asyncio.to_thread(d.mapper.map, d.decision, over_budget=True)
+            d.mapping = await self._in_db(d.mapper.map, d.decision, over_budget=True)
         return reservation
 
     async def abandon(self, d: Decided) -> None:
