@@ -263,20 +263,24 @@ def _timed(client: httpx.Client, url: str, profile: str, text: str) -> tuple[str
 
 def _until_answered(url: str, i: int) -> tuple[int, dict]:
     """A budgeted request, retried under its Idempotency-Key until answered (or 60 tries)."""
-    key, text, attempts = f"bench-{i}", _text(i), 0
+    key, text, attempts, last = f"bench-{i}", _text(i), 0, ""
     with httpx.Client() as client:
         for attempts in range(1, 61):
             try:
                 reply = _post(client, url, "budgeted", text, key)
-            except httpx.HTTPError:  # the connection dropped: the same key again
+            except httpx.HTTPError as exc:  # the connection dropped: the same key again
+                last = type(exc).__name__
                 time.sleep(0.2)
                 continue
+            last = f"{reply.status_code} {reply.text[:200]}"
+            with contextlib.suppress(Exception):
+                last = f"{reply.status_code} {reply.json()['error']['code']}"
             if reply.status_code == 200:
                 return 200, {**reply.json(), "attempts": attempts}
             if reply.status_code not in (409, 503):
                 return reply.status_code, {"error": reply.text[:200], "attempts": attempts}
             time.sleep(min(float(reply.headers.get("retry-after", 1)), 1.0) * random.uniform(0.2, 0.5))
-    return 0, {"attempts": attempts}
+    return 0, {"attempts": attempts, "error": f"last: {last}"}  # what the last try was told (a 409 in flight?)
 
 
 def _spend(db) -> float:
