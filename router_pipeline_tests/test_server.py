@@ -130,6 +130,22 @@ profiles:
     council.shutdown()
 
 
+def _budgeted_profile(tmp_path, monkeypatch, name: str, limit_usd: float, target: str):
+    """A profiles file of one profile ``name`` (its key in TEST_KEYS_<NAME>) with a total
+    budget of ``limit_usd`` on the ledger ``team``: within it ``target``, else large."""
+    monkeypatch.setenv(f"TEST_KEYS_{name.upper()}", KEYS[name])
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(f"""
+profiles:
+  {name}:
+    keys_env: TEST_KEYS_{name.upper()}
+    mapper:
+      budget: {{ledger: team, period: total}}
+      rules: [{{kind: budget, limit_usd: {limit_usd:f}, target: {target}}}, {{kind: threshold, at_least: 0.0, target: large}}]
+""")
+    return profiles
+
+
 def client(url, profile="app"):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS.get(profile, profile), max_retries=0)
 
@@ -299,16 +315,7 @@ def test_a_stream_whose_budget_runs_out_in_flight_is_not_answered_by_a_model(rou
     streamed request gets the abstention, not a paid model's answer."""
     from router_pipeline.serve.mapper import ABSTAIN_ANSWER
 
-    monkeypatch.setenv("TEST_KEYS_METERED", KEYS["metered"])
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text("""
-profiles:
-  metered:
-    keys_env: TEST_KEYS_METERED
-    mapper:
-      budget: {ledger: team, period: total}
-      rules: [{kind: budget, limit_usd: 1.0, target: abstain}, {kind: threshold, at_least: 0.0, target: large}]
-""")
+    profiles = _budgeted_profile(tmp_path, monkeypatch, "metered", 1.0, "abstain")
     state = build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=tmp_path / "feedback", router=router)
     ledger = state.profiles.profiles["metered"].mapper.ledger
     monkeypatch.setattr(ledger, "admit", lambda limit, estimate: None)  # used up by requests in flight
@@ -763,16 +770,7 @@ def test_a_budget_check_runs_in_the_state_database_threads(router, gemini, tmp_p
     ones that the router, the models and requests without a budget share."""
     from router_pipeline.serve.ledger import BudgetLedger
 
-    monkeypatch.setenv("TEST_KEYS_LIMITED", KEYS["limited"])
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text("""
-profiles:
-  limited:
-    keys_env: TEST_KEYS_LIMITED
-    mapper:
-      budget: {ledger: team, period: total}
-      rules: [{kind: budget, limit_usd: 1.0, target: medium}, {kind: threshold, at_least: 0.0, target: large}]
-""")
+    profiles = _budgeted_profile(tmp_path, monkeypatch, "limited", 1.0, "medium")
     admit, threads = BudgetLedger.admit, []
 
     def recorded(self, *args, **kwargs):
@@ -793,16 +791,7 @@ def test_a_budget_is_never_silently_counted_again_from_zero(router, gemini, tmp_
     file deleted while it runs stops budgeted requests (503) and /health says so."""
     from router_pipeline.serve.identity import StateIdentityError
 
-    monkeypatch.setenv("TEST_KEYS_LIMITED", KEYS["limited"])
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text("""
-profiles:
-  limited:
-    keys_env: TEST_KEYS_LIMITED
-    mapper:
-      budget: {ledger: team, period: total}
-      rules: [{kind: budget, limit_usd: 0.000001, target: medium}, {kind: threshold, at_least: 0.0, target: large}]
-""")
+    profiles = _budgeted_profile(tmp_path, monkeypatch, "limited", 0.000001, "medium")
     folder = tmp_path / "feedback"
     start = lambda **kw: build_gateway(router.adapter_dir, profiles_path=profiles, feedback_dir=folder,  # noqa: E731
                                        router=router, config=replace(DEFAULTS, **kw))

@@ -36,14 +36,20 @@ def cost_quality_curves(curves: dict, points: dict, path: Path, title: str = "Co
 
     ``curves``: name -> (shares, accuracies); ``points``: name -> (share, accuracy)
     for single routings (always-medium, always-large, the router's own decisions)."""
+    dashed = [name for name in curves if name.startswith("random")]
+    return _curves_and_points(curves, points, dashed, path, title=title, xlabel="share of calls to the large model",
+                              xlim=(-0.02, 1.02))
+
+
+def _curves_and_points(curves: dict, points: dict, dashed: list, path: Path, **axes) -> Path:
+    """Accuracy curves (the ``dashed`` ones are references) and single points, saved to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for name, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if name.startswith("random") else "-")
+        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if name in dashed else "-")
     for name, (x, y) in points.items():
         ax.scatter([x], [y], s=45, zorder=5, label=name, marker="s")
-    ax.set(title=title, xlabel="share of calls to the large model", ylabel="accuracy (share correct)", xlim=(-0.02, 1.02),
-           ylim=(-0.02, 1.02))
+    ax.set(ylabel="accuracy (share correct)", ylim=(-0.02, 1.02), **axes)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -99,16 +105,5 @@ def cost_accuracy_frontiers(frontiers: dict, points: dict, path: Path,
                             title: str = "Cost-accuracy frontier on the test split") -> Path:
     """Each router's frontier (``frontiers``: name -> (USD per 1,000 queries, accuracy) of
     its hull's vertices) and the single models (``points``: name -> (USD per 1,000, accuracy))."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    for name, (x, y) in frontiers.items():
-        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if name in ("random mix", "oracle") else "-")
-    for name, (x, y) in points.items():
-        ax.scatter([x], [y], s=45, zorder=5, marker="s", label=name)
-    ax.set(title=title, xlabel="USD per 1,000 queries", ylabel="accuracy (share correct)", ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _curves_and_points(frontiers, points, ["random mix", "oracle"], path, title=title,
+                              xlabel="USD per 1,000 queries")

@@ -191,34 +191,22 @@ class PoolRouter:
         from router_pipeline.routers.contract import read_calibration, read_json_object
 
         self.path = Path(path)
-        meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
-        if "members" in meta:  # an ensemble: every member a whole router, one knob over their mean
-            if meta.get("kind") != POOL_KIND or not meta["members"]:
+        self.meta = read_json_object(self.path / ROUTER_FILE, "the router's 'kind'", "retrain the router")
+        if "members" in self.meta:  # an ensemble: every member a whole router, one knob over their mean
+            if self.meta.get("kind") != POOL_KIND or not self.meta["members"]:
                 raise ValueError(f"{self.path / ROUTER_FILE}: an ensemble needs kind {POOL_KIND!r} and members")
-            self.meta = meta
-            self.parts = [part for name in meta["members"]
-                          for part in PoolRouter(self.path / MEMBERS_DIR / name, precision=precision).parts]
-            if any(head.models != meta["models"] for _, head in self.parts):
-                raise ValueError(f"{self.path}: a member routes among other models than {meta['models']}; "
+            self.parts = [_load_part(self.path / MEMBERS_DIR / name, None, precision) for name in self.meta["members"]]
+            if any(head.models != self.meta["models"] for _, head in self.parts):
+                raise ValueError(f"{self.path}: a member routes among other models than {self.meta['models']}; "
                                  "retrain the pool router")
         else:
-            self.parts = [self._part(encoder, precision)]
+            self.parts = [_load_part(self.path, encoder, precision)]
         self.encoder = self.parts[0][0]
         self.device = getattr(self.encoder, "device", "cpu")
         self.precision = getattr(self.encoder, "precision", "fp32")
         self.calibration = read_calibration(self.path)
         lam = self.calibration.get("lambda", 0.0)
         self.lam = math.inf if lam is None else float(lam)
-
-    def _part(self, encoder, precision: str) -> tuple:
-        from router_pipeline.routers.contract import PROBE_QUERY, read_router_folder
-        from router_pipeline.routers.features import folder_encoder
-
-        self.meta, head_file = read_router_folder(self.path, POOL_KIND, POOL_HEAD_FILE)
-        head = PoolHead.load(head_file, self.meta["models"], self.meta["classifier"], self.meta.get("k", 15))
-        encoder = encoder or folder_encoder(self.meta, self.path, precision)
-        head.check(encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
-        return encoder, head
 
     @property
     def costs(self) -> np.ndarray:
@@ -286,6 +274,19 @@ class PoolRouter:
 
         return RouteDecision(query, self._policy(model), {}, True, POOL_KIND, latency_ms=ms,
                              p_correct={m: round(float(v), 6) for m, v in zip(self.models, p)}, model=model)
+
+
+def _load_part(path: Path, encoder, precision: str) -> tuple:
+    """(encoder, head) of the single pool router folder at ``path``, the head checked
+    against the encoder's width."""
+    from router_pipeline.routers.contract import PROBE_QUERY, read_router_folder
+    from router_pipeline.routers.features import folder_encoder
+
+    meta, head_file = read_router_folder(path, POOL_KIND, POOL_HEAD_FILE)
+    head = PoolHead.load(head_file, meta["models"], meta["classifier"], meta.get("k", 15))
+    encoder = encoder or folder_encoder(meta, path, precision)
+    head.check(encoder.encode([PROBE_QUERY]).shape[1], head_file)  # the encoder's width
+    return encoder, head
 
 
 def save_pool_router(path: Path, encoder: dict, head: PoolHead, **about) -> Path:
