@@ -27,9 +27,10 @@ from router_pipeline.labels.questions import load_questions
 from router_pipeline.routers.lora import LoraRouter
 from router_pipeline.routers.contract import RouterConfig
 from router_pipeline.serve import cli
-from router_pipeline.serve.database import Database
+from router_pipeline.serve.database import Database, DatabaseError
 from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.gateway import build_gateway
+from router_pipeline.serve.idempotency import IdempotencyStore, InProgress
 from router_pipeline.training.lora import TrainConfig, train_sft
 from router_pipeline.training.examples import build_sft_dataset
 from router_pipeline_tests.support import serving, training_examples
@@ -697,6 +698,33 @@ def test_a_retry_with_the_same_idempotency_key_is_not_paid_again(server, gemini,
     lock.close()
     assert create(key="order-18", text="Who wrote Othello?").id == paid.id and len(gemini.calls) == calls
     assert _spend(folder, "metered_spend.json") == (pytest.approx(before + paid.model_extra["routing"]["cost_usd"]), 0)
+
+
+def test_a_claim_committed_as_the_database_failed_does_not_hold_its_key(server, gemini, tmp_path, monkeypatch):
+    """The claim of an Idempotency-Key lands but its commit's reply is lost (the database
+    dies at that moment): the request is a 503 and nothing is paid; the retry under the key
+    is answered (not told 'in progress' until the claim expires), and another attempt's
+    claim is never dropped for it."""
+    url, state, _ = server
+    store, real = state.idempotency, state.idempotency.claim
+
+    def lost_commit(*args):
+        real(*args)
+        raise DatabaseError("the state database failed: OperationalError: server closed the connection")
+
+    monkeypatch.setattr(store, "claim", lost_commit)
+    send = lambda key: client(url, "metered").chat.completions.create(  # noqa: E731
+        model="router", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], extra_headers={"Idempotency-Key": key})
+    with pytest.raises(openai.InternalServerError) as err:
+        send("order-40")
+    assert err.value.code == "database_unavailable" and gemini.calls == []
+    monkeypatch.setattr(store, "claim", real)
+    answered = send("order-40")
+    assert answered.choices[0].message.content.startswith(answered.model) and len(gemini.calls) == 1
+    store.claim("metered", "order-41", "print", "another-attempt")  # in flight elsewhere
+    IdempotencyStore.forget(store.db, "metered", "order-41", "this-attempt")
+    with pytest.raises(InProgress):
+        store.claim("metered", "order-41", "print", "third-attempt")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ processes of one host) and PostgreSQL (several hosts), two replicas each."""
 
 import concurrent.futures
 import json
+import time
 
 import pytest
 
@@ -86,3 +87,23 @@ def test_connection_errors_say_what_is_wrong_and_a_held_lock_fails_fast(postgres
     release.set()
     worker.join()
     assert db.execute("SELECT 1") == [(1,)]
+
+
+def test_an_idempotency_table_from_before_claims_had_owners_gains_the_column(tmp_path):
+    """A state database written by an older server: its recorded answers stay, and a claim
+    now names its owner, so only that attempt drops it."""
+    from router_pipeline.serve.idempotency import IdempotencyStore, InProgress
+
+    db = Database(tmp_path / "requests.sqlite")
+    db.execute("CREATE TABLE idempotency (profile TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, "
+               "response TEXT, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (profile, key))")
+    IdempotencyStore.write(db, {"profile": "app", "key": "old", "fingerprint": "f", "answer": {"content": "kept"},
+                                "at": time.time()})
+    store = IdempotencyStore(db, window_s=3600)
+    assert store.claim("app", "old", "f", "a1") == {"content": "kept"}
+    assert store.claim("app", "new", "f", "a1") is None
+    IdempotencyStore.forget(db, "app", "new", "a2")  # not its claim
+    with pytest.raises(InProgress):
+        store.claim("app", "new", "f", "a3")
+    store.release({"profile": "app", "key": "new", "owner": "a1"})
+    assert store.claim("app", "new", "f", "a3") is None

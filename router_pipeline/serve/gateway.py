@@ -302,13 +302,17 @@ class Gateway:
             return None, None
         if (why := check_key(key)) is not None:
             raise InvalidRequest(f"Idempotency-Key {why}", "invalid_idempotency_key", param="Idempotency-Key")
-        claim = {"profile": profile.name, "key": key, "fingerprint": fingerprint(body)}
+        claim = {"profile": profile.name, "key": key, "fingerprint": fingerprint(body), "owner": uuid.uuid4().hex}
         await self._replay(strict=False)  # an answer journaled earlier may be this key's
         journaled = self.journal and await self._in_db(self.journal.find_answer, profile.name, key)
         if journaled and journaled["fingerprint"] == claim["fingerprint"]:  # the database still fails
             return _replayed(journaled["answer"]), None
         try:
-            recorded = await self._in_db(self.idempotency.claim, profile.name, key, claim["fingerprint"])
+            recorded = await self._in_db(self.idempotency.claim, profile.name, key, claim["fingerprint"],
+                                         claim["owner"])
+        except DatabaseError:  # its commit may have landed all the same: dropped once the database is back
+            await self._journal_release(claim)
+            raise
         except KeyReused as exc:
             raise Conflict(str(exc), "idempotency_key_reused", param="Idempotency-Key") from None
         except InProgress as exc:
@@ -322,14 +326,18 @@ class Gateway:
         if claim is None:
             return
         try:
-            await self._in_db(self.idempotency.release, claim["profile"], claim["key"])
+            await self._in_db(self.idempotency.release, claim)
         except DatabaseError:
-            try:
-                if self.journal is not None:
-                    await self._in_db(self.journal.append, {"release": claim})
-            except JournalError as exc:  # the claim then expires after RESERVATION_TTL_S
-                log.error("%s; the claim of an Idempotency-Key of profile %s stays until it expires", exc,
-                          claim["profile"])
+            await self._journal_release(claim)
+
+    async def _journal_release(self, claim: dict) -> None:
+        """Drop ``claim`` when the journal is next replayed (the database fails now)."""
+        try:
+            if self.journal is not None:
+                await self._in_db(self.journal.append, {"release": claim})
+        except JournalError as exc:  # the claim then expires after RESERVATION_TTL_S
+            log.error("%s; the claim of an Idempotency-Key of profile %s stays until it expires", exc,
+                      claim["profile"])
 
     def routing(self, d: Decided, prefix: str) -> dict:
         return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
@@ -607,7 +615,7 @@ def _apply_journaled(db, entry: dict) -> None:
     if answer := entry.get("answer"):
         IdempotencyStore.write(db, answer)
     if release := entry.get("release"):
-        IdempotencyStore.forget(db, release["profile"], release["key"])
+        IdempotencyStore.forget(db, release["profile"], release["key"], release.get("owner"))
 
 
 def _replayed(answer: dict) -> Answered:

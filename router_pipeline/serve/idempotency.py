@@ -6,7 +6,10 @@ so two retries racing through two replicas claim it once); the answer is recorde
 the request is settled (or journaled with its spend when the state database fails then:
 serve/journal.py), and a claim whose request failed is dropped so that a retry may try
 again. A claim still unanswered is a request in flight: a retry is told to wait; after
-``RESERVATION_TTL_S`` (its process died) it may be claimed again.
+``RESERVATION_TTL_S`` (its process died) it may be claimed again. Each claim names its
+owner (one attempt), so that an attempt drops only its own claim: one whose commit may
+have landed although the database failed is dropped later from the journal, never a
+newer attempt's.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import hashlib
 import json
 import time
 
-from router_pipeline.serve.database import Database
+from router_pipeline.serve.database import Database, DatabaseError
 from router_pipeline.serve.ledger import RESERVATION_TTL_S
 
 MAX_KEY_CHARS = 255
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS idempotency (profile TEXT NOT NULL, key TEXT NOT NULL, "
-           "fingerprint TEXT NOT NULL, response TEXT, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (profile, key))")
+           "fingerprint TEXT NOT NULL, response TEXT, at DOUBLE PRECISION NOT NULL, owner TEXT, PRIMARY KEY (profile, key))")
 _WRITE = ("INSERT INTO idempotency (profile, key, fingerprint, response, at) VALUES (?, ?, ?, ?, ?) "
           "ON CONFLICT (profile, key) DO UPDATE SET response = excluded.response")
 
@@ -50,10 +53,14 @@ class IdempotencyStore:
         self.db, self.window_s = db, window_s
         self._claims = 0
         db.execute(_SCHEMA)
+        try:  # a table made before claims had owners
+            db.execute("SELECT owner FROM idempotency WHERE 1 = 0")
+        except DatabaseError:
+            db.execute("ALTER TABLE idempotency ADD COLUMN owner TEXT")
 
-    def claim(self, profile: str, key: str, print_: str) -> dict | None:
+    def claim(self, profile: str, key: str, print_: str, owner: str) -> dict | None:
         """The answer recorded for ``(profile, key)``, or None once the key is claimed for
-        this request. KeyReused, InProgress, or DatabaseError."""
+        this request (its attempt ``owner``). KeyReused, InProgress, or DatabaseError."""
         now = time.time()
         with self.db.transaction():
             rows = self.db.execute("SELECT fingerprint, response, at FROM idempotency WHERE profile = ? AND key = ?"
@@ -66,21 +73,24 @@ class IdempotencyStore:
                     return json.loads(response)
                 if at > now - RESERVATION_TTL_S:
                     raise InProgress("the request first sent with this Idempotency-Key is still being answered")
-            self.db.execute("INSERT INTO idempotency (profile, key, fingerprint, response, at) VALUES (?, ?, ?, NULL, ?) "
-                            "ON CONFLICT (profile, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
-                            "response = NULL, at = excluded.at", (profile, key, print_, now))
+            self.db.execute("INSERT INTO idempotency (profile, key, fingerprint, response, at, owner) "
+                            "VALUES (?, ?, ?, NULL, ?, ?) ON CONFLICT (profile, key) DO UPDATE SET "
+                            "fingerprint = excluded.fingerprint, response = NULL, at = excluded.at, owner = excluded.owner",
+                            (profile, key, print_, now, owner))
         self._claims += 1
         if self._claims % 1000 == 0:  # keys older than the window are forgotten
             self.db.execute("DELETE FROM idempotency WHERE at < ?", (now - self.window_s,))
         return None
 
     @staticmethod
-    def forget(db: Database, profile: str, key: str) -> None:
-        """Drop an unanswered claim (its request failed: nothing was paid)."""
-        db.execute("DELETE FROM idempotency WHERE profile = ? AND key = ? AND response IS NULL", (profile, key))
+    def forget(db: Database, profile: str, key: str, owner: str | None) -> None:
+        """Drop the unanswered claim of attempt ``owner`` (its request failed: nothing was
+        paid); ``owner`` None (a journal written before claims had owners): any one."""
+        db.execute("DELETE FROM idempotency WHERE profile = ? AND key = ? AND response IS NULL"
+                   + ("" if owner is None else " AND owner = ?"), (profile, key) + (() if owner is None else (owner,)))
 
-    def release(self, profile: str, key: str) -> None:
-        self.forget(self.db, profile, key)
+    def release(self, claim: dict) -> None:
+        self.forget(self.db, claim["profile"], claim["key"], claim["owner"])
 
     @staticmethod
     def write(db: Database, record: dict) -> None:
