@@ -249,3 +249,36 @@ def test_domain_split_needs_a_domain_per_question():
         split_questions(frame, 0.2, 42, by="domain")
     with pytest.raises(SplitError, match="at least two domains"):
         split_questions(frame.assign(topic="x"), 0.2, 42, by="domain")
+
+
+def test_an_outcomes_file_of_a_pools_models_is_read_per_model_and_never_paid_again(tmp_path):
+    """Three pool models by their pool names, no medium or large: a row missing one model's
+    outcome is rejected, naming the model (every router is scored on the same rows); a
+    reference answer's column is not a model; what is kept reaches pool_answers as recorded
+    (no call, the recorded cost) and judging as recorded grades."""
+    from router_pipeline.labels.answering import generate_answers
+    from router_pipeline.labels.judging import judge_answers
+    from router_pipeline.llm import RoleSpec
+
+    path = tmp_path / "pool.csv"
+    pd.DataFrame([
+        {"query": "Q1?", "reference_answer": "A1", "flash-lite_grade": "Incorrect", "flash-lite_cost_usd": 0.0001,
+         "flash_grade": "Correct", "flash_cost_usd": 0.0004, "pro_grade": "Correct", "pro_cost_usd": 0.005},
+        {"query": "Q2?", "reference_answer": "A2", "flash-lite_grade": "Correct", "flash-lite_cost_usd": 0.0001,
+         "flash_grade": "Correct", "flash_cost_usd": 0.0004, "pro_grade": None, "pro_cost_usd": 0.005},
+        {"query": "Q3?", "reference_answer": "A3", "flash-lite_grade": "IDK", "flash-lite_cost_usd": 0.0002,
+         "flash_grade": "Incorrect", "flash_cost_usd": 0.0003, "pro_grade": "Correct", "pro_cost_usd": 0.006},
+    ]).to_csv(path, index=False)
+    frame, rejected = load_questions("outcomes", path=str(path))
+    assert frame["query"].tolist() == ["Q1?", "Q3?"]
+    assert [(r.row, r.reason) for r in rejected] == [(3, "neither pro_answer nor pro_grade is given")]
+    assert "reference_grade" not in frame and frame["medium_grade"].isna().all()
+    assert frame["pro_cost_usd"].tolist() == [0.005, 0.006] and frame["flash-lite_grade"].tolist() == [INCORRECT, IDK]
+    pool = {m: RoleSpec("gemini", f"gemini-{m}") for m in ("flash-lite", "flash", "pro")}
+    answers, stats = generate_answers(frame.assign(split="train"), pool, {}, None, progress=False)
+    assert (answers["status"] == "recorded").all() and all(s.calls == 0 for s in stats.values())
+    assert answers.set_index(["qid", "tier"]).loc[(frame["qid"][1], "flash"), "cost_usd"] == 0.0003
+    judged, _ = judge_answers(answers, frame)
+    assert sorted(zip(judged["qid"].map(dict(zip(frame["qid"], frame["query"]))), judged["tier"], judged["label"])) == [
+        ("Q1?", "flash", CORRECT), ("Q1?", "flash-lite", INCORRECT), ("Q1?", "pro", CORRECT),
+        ("Q3?", "flash", INCORRECT), ("Q3?", "flash-lite", IDK), ("Q3?", "pro", CORRECT)]

@@ -2,12 +2,16 @@
 
 Every source yields the same columns: qid, query, gold_answer, topic (a ``topic`` or
 ``domain`` column, or the metadata's topic: what a domain split holds out), answer_type,
-source_row, and (for recorded outcomes and traffic) medium_answer / large_answer /
-medium_grade / large_grade with their recorded costs. Bad rows are rejected one by one
-with the row and the reason; the rest are kept.
+source_row, and (for recorded outcomes and traffic) ``<model>_answer``, ``<model>_grade``
+and the recorded ``<model>_cost_usd`` / ``_input_tokens`` / ``_output_tokens`` of every
+model the source records (medium and large always; a pool's models by their pool names,
+so that ``pool_answers`` never pays for what the log holds). Bad rows are rejected one
+by one with the row and the reason; the rest are kept.
 
-- ``outcomes``: graded (or answered and gold-referenced) rows: every tier has an answer
-  or a grade.
+- ``outcomes``: graded (or answered and gold-referenced) rows: every model the source
+  records (medium and large when it records none) has an answer or a grade; a row
+  missing one is rejected, naming the model, so that no router is scored on a row where
+  a model has no outcome.
 - ``traffic``: a team's own queries, usually without a reference answer, each with
   whatever its log holds (a tier's answer, grade, cost or tokens); or the routing
   server's state database ``requests.sqlite``, whose stored queries (profiles with
@@ -40,10 +44,9 @@ RECORDED_SOURCES = ("outcomes", "traffic")  # sources whose rows carry per-tier 
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
 COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]  # + provenance (the source's name)
-OUTCOME_COLUMNS = [f"{t}_{k}" for t in TIERS for k in ("answer", "grade")]
-# Optional per tier: what the recorded call cost, as USD or as tokens (priced by the role).
+OUTCOME_FIELDS = ("answer", "grade")  # a model's recorded outcome: one of them at least
+# Optional per model: what the recorded call cost, as USD or as tokens (priced by the role).
 USAGE_FIELDS = ("cost_usd", "input_tokens", "output_tokens")
-USAGE_COLUMNS = [f"{t}_{k}" for t in TIERS for k in USAGE_FIELDS]
 QUERY_ALIASES = ("query", "question", "problem", "prompt")
 GOLD_ALIASES = ("gold_answer", "answer", "target")
 
@@ -107,7 +110,7 @@ class Merged:
     skipped: list[str]  # optional sources whose file does not exist
 
 
-LABEL_FIELDS = ("gold_answer", "medium_grade", "large_grade")  # what two copies of a query may disagree on
+LABEL_FIELDS = ("gold_answer",)  # with every model's grade: what two copies of a query may disagree on
 
 
 def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: int = 0,
@@ -138,7 +141,7 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
     kept = both[first].set_index("qid")  # qid -> the row kept
     copies = both[~first]
     clash = pd.Series(False, index=copies.index)
-    for field in (f for f in LABEL_FIELDS if f in both.columns):
+    for field in [*LABEL_FIELDS, *(c for c in both.columns if c.endswith("_grade"))]:
         mine, theirs = copies[field], kept.loc[copies["qid"], field].to_numpy()
         known = mine.notna() & pd.notna(theirs)
         differs = mine.map(_comparable) != pd.Series(theirs, index=copies.index).map(_comparable)
@@ -360,11 +363,14 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = MAX_QUERY_CHARS,
     if qcol is None:
         raise QuestionSourceError(f"no query column (one of {QUERY_ALIASES}) in columns {list(raw.columns)}")
     gcol = _pick(raw.columns, GOLD_ALIASES)
+    models = recorded_models(raw.columns, gcol) if kind in RECORDED_SOURCES else []
+    required = (models or list(TIERS)) if kind == "outcomes" else []
+    models = list(TIERS) + [m for m in models if m not in TIERS]
     out, rejected, seen = [], [], {}
     for pos, rec in enumerate(raw.to_dict("records")):
         rowno = int(rec.get("__row", pos + 2))  # CSV: header is line 1
         try:
-            row = _normalise_row(rec, qcol, gcol, max_query_chars, kind)
+            row = _normalise_row(rec, qcol, gcol, max_query_chars, kind, models, required)
         except ValueError as exc:
             rejected.append(Rejected(rowno, str(exc)))
             continue
@@ -376,8 +382,23 @@ def normalise_rows(raw: pd.DataFrame, *, max_query_chars: int = MAX_QUERY_CHARS,
             continue
         seen[row["qid"]] = rowno
         out.append({**row, "source_row": rowno})
-    columns = COLUMNS + (OUTCOME_COLUMNS + USAGE_COLUMNS if kind in RECORDED_SOURCES else [])
+    columns = COLUMNS + [f"{m}_{k}" for m in models for k in OUTCOME_FIELDS + USAGE_FIELDS]
     return pd.DataFrame(out, columns=columns), rejected
+
+
+def recorded_models(columns, gold_column: str | None = None) -> list[str]:
+    """The models whose outcomes a source's columns record, in column order: a
+    ``<model>_grade`` column, or a ``<model>_answer`` beside that model's cost or tokens
+    (or medium's or large's alone), so that a ``reference_answer`` is not a model."""
+    names = {c for c in columns if isinstance(c, str) and c != gold_column}
+    found = []
+    for c in columns:
+        for k in OUTCOME_FIELDS:
+            model = c[:-len(k) - 1] if c in names and c.endswith(f"_{k}") else ""
+            usage = any(f"{model}_{u}" in names for u in USAGE_FIELDS)
+            if model and model not in found and (k == "grade" or usage or model in TIERS):
+                found.append(model)
+    return found
 
 
 def _text(value, name: str) -> str | None:
@@ -395,7 +416,8 @@ def _text(value, name: str) -> str | None:
     return clean_query(value) or None
 
 
-def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int, kind: str) -> dict:
+def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int, kind: str,
+                   models: list[str], required: list[str]) -> dict:
     raw_query = rec.get(qcol)
     query = check_query(None if _blank(raw_query) else raw_query, max_query_chars)
     gold = _text(rec.get(gcol), "answer") if gcol else None
@@ -412,17 +434,17 @@ def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int,
         if not gold:
             raise ValueError("no gold answer")
         return row
-    for tier in TIERS:
-        answer = rec.get(f"{tier}_answer")
-        row[f"{tier}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
-        row[f"{tier}_grade"] = parse_grade(rec.get(f"{tier}_grade"))
-        if kind == "outcomes":
-            if row[f"{tier}_answer"] is None and row[f"{tier}_grade"] is None:
-                raise ValueError(f"neither {tier}_answer nor {tier}_grade is given")
-            if row[f"{tier}_grade"] is None and not gold:
-                raise ValueError(f"{tier}_answer needs a gold answer to be judged")
+    for model in models:
+        answer = rec.get(f"{model}_answer")
+        row[f"{model}_answer"] = answer if isinstance(answer, str) and answer.strip() else None
+        row[f"{model}_grade"] = parse_grade(rec.get(f"{model}_grade"))
+        if model in required:
+            if row[f"{model}_answer"] is None and row[f"{model}_grade"] is None:
+                raise ValueError(f"neither {model}_answer nor {model}_grade is given")
+            if row[f"{model}_grade"] is None and not gold:
+                raise ValueError(f"{model}_answer needs a gold answer to be judged")
         for field in USAGE_FIELDS:
-            row[f"{tier}_{field}"] = _amount(rec.get(f"{tier}_{field}"), f"{tier}_{field}")
+            row[f"{model}_{field}"] = _amount(rec.get(f"{model}_{field}"), f"{model}_{field}")
     return row
 
 
