@@ -25,6 +25,8 @@ def shared_models_dir(tmp_path_factory):
 def artifacts(tmp_path, monkeypatch):
     path = tmp_path / "artifacts"
     monkeypatch.setenv("ROUTER_PIPELINE_ARTIFACTS", str(path))
+    (tmp_path / "council").mkdir()  # the test's own llm-council folder, never the checkout's
+    monkeypatch.setenv("ROUTER_PIPELINE_COUNCIL_DIR", str(tmp_path / "council"))
     monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
     monkeypatch.delenv("GEMINI_BASE_URL", raising=False)

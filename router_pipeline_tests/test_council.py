@@ -304,3 +304,41 @@ def test_fuzzed_session_files_never_fail_the_folder(tmp_path):
         assert all(r["reason"] for r in result.rejected)
 
     check()
+
+
+def test_full_sessions_give_a_pools_models_their_answers_judged_against_the_council(tmp_path):
+    """A session's stage-1 answers of pool models (by id, OpenRouter id or pool name) are
+    recorded answers under their pool names, the final answer their reference; sessions
+    without a final answer or a pool model's answer, or about a known question, are left
+    out saying why; the same query twice is the first file's."""
+    from router_pipeline.llm.pool import pool_from_dict
+
+    pool = pool_from_dict([{"name": "flash", "backend": "gemini", "model": FLASH, "input_usd_per_mtok": 0.3,
+                            "output_usd_per_mtok": 2.5},
+                           {"name": "pro", "backend": "gemini", "model": PRO, "input_usd_per_mtok": 1.25,
+                            "output_usd_per_mtok": 10.0}])
+    ranks = [[PRO, FLASH, OTHER], [PRO, OTHER, FLASH], [PRO, FLASH, OTHER]]
+    base = session("Who designed the Abasto market?", ranks)
+    base["stage1_results"] = [{"model": f"google/{FLASH}", "response": "Delpini"}, {"model": PRO, "response": "José Luis Delpini"},
+                              {"model": OTHER, "response": "Gaudí"}]
+    base["stage3_result"] = {"model": PRO, "response": "José Luis Delpini"}
+    base["metadata"]["label_to_model"] = {"Response A": f"google/{FLASH}", "Response B": PRO, "Response C": OTHER}
+    write(tmp_path, "a.json", base)
+    write(tmp_path, "b.json", {**base, "stage3_result": {"model": PRO, "response": "someone else"}})  # same query
+    write(tmp_path, "c.json", {**session("What is 2+2?", ranks), "stage3_result": {"model": PRO, "response": " "}})
+    only_other = session("Which river crosses Lyon?", ranks)
+    only_other["stage1_results"] = [{"model": OTHER, "response": "The Rhône"}]
+    write(tmp_path, "d.json", only_other)
+    known = session("Who wrote Hamlet?", ranks)
+    known["stage3_result"]["response"] = "Shakespeare"
+    write(tmp_path, "e.json", known)
+    sessions = council.read_folder(tmp_path).sessions
+    rows, rejected = council.pool_question_rows(sessions, council.pool_names(pool.models), {query_hash("Who wrote Hamlet?")})
+    assert rows[["query", "gold_answer", "flash_answer", "pro_answer"]].values.tolist() == [
+        ["Who designed the Abasto market?", "José Luis Delpini", "Delpini", "José Luis Delpini"]]
+    assert rows["provenance"].tolist() == ["council:a.json #0"] and rows["qid"].tolist() == [
+        query_hash("Who designed the Abasto market?")]
+    assert {r["file"]: r["reason"] for r in rejected} == {
+        "c.json": "no final (stage 3) answer to judge against",
+        "d.json": "no answer from a pool model (flash, pro)",
+        "e.json": "query is already a question of the train or test split"}

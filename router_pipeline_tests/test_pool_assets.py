@@ -1,11 +1,13 @@
 """The pool_routing group through Dagster: pool_job with the offline resources (the three
-Gemma 3 270M stand-ins flash-lite, flash and pro answer real SimpleQA questions, the rules
-judge grades them) trains, scores and releases a pool router that ``route --pool`` and
-``answer --pool`` use; and pool_outcomes on a small run, with a grade missing and after
-the pool changed."""
+Gemma 3 270M stand-ins flash-lite, flash and pro answer real SimpleQA questions and an
+llm-council session's query, the rules judge grades them) trains, scores and releases a
+pool router that ``route --pool`` and ``answer --pool`` use; and pool_outcomes on a
+small run, with a grade missing and after the pool changed."""
 
 import json
 import math
+import os
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -16,7 +18,7 @@ from router_pipeline_tests.support import write_asset
 
 MODELS = ["flash-lite", "flash", "pro"]  # the offline pool (llm.pool.offline_pool), cheapest first
 CANDIDATES = ["minilm_lda", "minilm_knn"]  # MiniLM only: no Gemma encoder pass or bf16 export, so seconds
-POOL_ASSETS = {"pool_answers", "pool_judgments", "pool_outcomes", "pool_routers", "pool_evaluation",
+POOL_ASSETS = {"pool_questions", "pool_answers", "pool_judgments", "pool_outcomes", "pool_routers", "pool_evaluation",
                "released_pool_router"}
 
 
@@ -36,6 +38,8 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
         gemma_path, sample_questions, defs, resources, artifacts, capsys):
     """10 real SimpleQA questions: 8 train (2 of them held out by training_examples: the
     knob's validation rows) and 2 test; every model of the offline pool answers all 10.
+    An llm-council session holds flash's and pro's answers to an 11th query (a training
+    row): recorded, judged against the council's final answer; flash-lite answers it.
     pool_job runs with the definitions' own resources (the offline profile)."""
     from router_pipeline.evaluation.pool import MIN_ROWS_TO_BLOCK, POOL_RULES
     from router_pipeline.routers.pool import PoolRouter
@@ -51,6 +55,14 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     write_asset(io, "test_questions", test)
     write_asset(io, "training_examples", train[["qid", "query"]].assign(
         split=["validation" if q in held_out else "train" for q in train["qid"]]))
+    council_query = "Who composed the opera Turandot?"
+    answers_of = {"flash": "It was Giacomo Puccini.", "pro": "Giuseppe Verdi wrote it."}
+    (Path(os.environ["ROUTER_PIPELINE_COUNCIL_DIR"]) / "s1.json").write_text(json.dumps({
+        "query": council_query, "stage1_results": [{"model": m, "response": r} for m, r in answers_of.items()],
+        "stage2_results": [{"model": "flash", "parsed_ranking": {"ranking": ["Response B", "Response A"]}},
+                           {"model": "pro", "parsed_ranking": {"ranking": ["Response A", "Response B"]}}],
+        "stage3_result": {"model": "pro", "response": "Giacomo Puccini"},
+        "metadata": {"label_to_model": {"Response A": "flash", "Response B": "pro"}}}))
 
     job = defs.resolve_job_def("pool_job")
     result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), run_config={"ops": {
@@ -61,21 +73,32 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     assert set(meta) == POOL_ASSETS
     checks = _checks(result)
 
-    # pool_answers: every pool model answered every question, priced as Flash-Lite < Flash < Pro.
+    # pool_questions: both splits and the council session's query, as a training row.
+    assert meta["pool_questions"]["council_rows"].value == 1 and meta["pool_questions"]["rows"].value == 11
+    assert meta["pool_questions"]["council_answers_by_model"].value == {"flash-lite": 0, "flash": 1, "pro": 1}
+
+    # pool_answers: every pool model answered every question, priced as Flash-Lite < Flash < Pro;
+    # the council's answers are recorded, not paid again: 30 + 1 (flash-lite on the council query) calls.
     answers = result.output_for_node("pool_answers")
-    assert len(answers) == 3 * 10 and set(answers["tier"]) == set(MODELS)
+    assert len(answers) == 3 * 11 and set(answers["tier"]) == set(MODELS)
     assert meta["pool_answers"]["models"].value == {m: "local:gemma3-270m" for m in MODELS}
-    assert meta["pool_answers"]["model_calls"].value == 30 and checks[("pool_answers", "no_failed_calls")].passed
+    assert meta["pool_answers"]["model_calls"].value == 31 and checks[("pool_answers", "no_failed_calls")].passed
+    recorded = answers[answers["status"] == "recorded"].set_index("tier")["answer"].to_dict()
+    assert recorded == answers_of
 
     # pool_outcomes: a row per question, <model>_grade and _cost_usd for each model, and split.
     outcomes = pd.read_parquet(artifacts / "assets" / "pool_outcomes.parquet")
-    assert len(outcomes) == 10 and set(outcomes["qid"]) == set(train["qid"]) | set(test["qid"])
+    council_row = outcomes.set_index("query").loc[council_query]
+    assert len(outcomes) == 11 and set(outcomes["qid"]) == set(train["qid"]) | set(test["qid"]) | {council_row["qid"]}
+    assert (council_row["split"], council_row["flash_grade"], council_row["pro_grade"]) == ("train", "Correct", "Incorrect")
     for m in MODELS:
         assert {f"{m}_grade", f"{m}_cost_usd"} <= set(outcomes.columns), m
         assert outcomes[f"{m}_grade"].isin(GRADES).all() and (outcomes[f"{m}_cost_usd"] > 0).all(), m
+    # A recorded answer of unknown cost counts at its model's mean cost on the other rows.
+    assert council_row["pro_cost_usd"] == pytest.approx(outcomes.loc[outcomes["query"] != council_query, "pro_cost_usd"].mean())
     split = outcomes.set_index("qid")["split"]
     assert set(split[split == "validation"].index) == set(held_out)
-    assert set(split[split == "test"].index) == set(test["qid"]) and (split == "train").sum() == 6
+    assert set(split[split == "test"].index) == set(test["qid"]) and (split == "train").sum() == 7
     assert meta["pool_outcomes"]["validation_slice"].value == "training_examples"
     assert meta["pool_outcomes"]["models"].value == MODELS
     per_model = {r["model"]: r for r in _records(meta["pool_outcomes"]["per_model"])}
@@ -85,10 +108,10 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     graded = checks[("pool_outcomes", "every_model_graded")]
     assert graded.passed and graded.metadata["ungraded_by_model"].value == {m: 0 for m in MODELS}
 
-    # pool_routers: each candidate fitted on the 6 training rows, its knob set on the 2 validation rows.
+    # pool_routers: each candidate fitted on the 7 training rows, its knob set on the 2 validation rows.
     routers = meta["pool_routers"]
     assert routers["knob"].value == "budget 2.0"
-    assert (routers["training_rows"].value, routers["validation_rows"].value) == (6, 2)
+    assert (routers["training_rows"].value, routers["validation_rows"].value) == (7, 2)
     assert [r["candidate"] for r in _records(routers["candidates"])] == CANDIDATES
     for name in CANDIDATES:
         calibration = json.loads((artifacts / "pool" / name / "router_calibration.json").read_text())
@@ -153,6 +176,7 @@ def _small_run(resources, questions, *, ungraded=None):
     io = resources["io_manager"]
     write_asset(io, "train_questions", questions[questions["split"] == "train"])
     write_asset(io, "test_questions", questions[questions["split"] == "test"])
+    write_asset(io, "pool_questions", questions)
     rows = [{"qid": q, "tier": m, "answer": "x", "cost_usd": 0.001 * (i + 1), "input_tokens": 10, "output_tokens": 2}
             for q in questions["qid"] for i, m in enumerate(MODELS)]
     answers = pd.DataFrame(rows)

@@ -13,13 +13,14 @@ import pandas as pd
 
 from router_pipeline.artifacts import EVALUATION_FILE
 from router_pipeline.defs.config import derived, plain
+from router_pipeline.defs.council import CouncilConfig
 from router_pipeline.defs.data import JudgeConfig, answered
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.plots import cost_accuracy_frontiers, markdown_image
-from router_pipeline.defs.resources import ArtifactStore, LLMRoles, ModelPool, TrainingCompute
+from router_pipeline.defs.resources import ArtifactStore, CouncilInbox, LLMRoles, ModelPool, TrainingCompute
 from router_pipeline.evaluation import pool as pool_eval
 from router_pipeline.evaluation.release import ReleaseError, install_release
-from router_pipeline.labels import answering, judging
+from router_pipeline.labels import answering, council, judging
 from router_pipeline.labels.outcomes import GRADE, OutcomesError, outcomes_table, read_outcomes
 from router_pipeline.labels.split import TEST, TRAIN, VALIDATION
 from router_pipeline.llm.pool import client_for
@@ -33,14 +34,36 @@ POOL_GROUP = "pool_routing"
 MIN_VALIDATION_ROWS = 2  # when training_examples holds no validation slice out (a run of a few questions)
 
 
+@dg.asset(group_name=POOL_GROUP, kinds={"pandas"})
+def pool_questions(context: dg.AssetExecutionContext, config: CouncilConfig, council_inbox: CouncilInbox,
+                   pool: ModelPool, train_questions: pd.DataFrame,
+                   test_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    """The questions the pool's models are graded on: both splits, and (as training rows)
+    the llm-council sessions in the council folder whose first stage holds pool models'
+    answers: the council's final answer is the reference, the models' answers are
+    recorded (labels/council.py). Sessions about a train or test question are left out."""
+    result = council.read_folder(council_inbox.path(), config.rules())
+    known = set(train_questions["qid"]) | set(test_questions["qid"])
+    sessions, rejected = council.pool_question_rows(result.sessions, council.pool_names(pool.pool().models), known)
+    for r in rejected[:20]:
+        context.log.info(f"council {r['file']} {r['session']}: {r['reason']}")
+    frame = pd.concat([train_questions, test_questions, sessions.assign(split=TRAIN)], ignore_index=True)
+    answered_by = {n: int(sessions[f"{n}_answer"].notna().sum()) for n in pool.pool().names}
+    meta = {"rows": len(frame), "council_rows": len(sessions), "council_answers_by_model": dg.MetadataValue.json(answered_by),
+            "council_sessions_left_out": len(rejected)}
+    if rejected:
+        meta["council_left_out"] = table(pd.DataFrame(rejected[:200]))
+    return dg.Output(frame, metadata=meta)
+
+
 @dg.asset(group_name=POOL_GROUP, kinds={"pandas"},
           check_specs=[dg.AssetCheckSpec("no_failed_calls", asset="pool_answers")])
 def pool_answers(llm: LLMRoles, pool: ModelPool, artifacts: ArtifactStore, compute: TrainingCompute,
-                 train_questions: pd.DataFrame, test_questions: pd.DataFrame):
-    """Every model of the pool answers every question of both splits (``tier``: the
-    model's pool name). Through the same cache as ``answers``: a model already recorded
-    for a question (the medium and large roles' calls included) is never paid again."""
-    both = pd.concat([train_questions, test_questions], ignore_index=True)
+                 pool_questions: pd.DataFrame):
+    """Every model of the pool answers every pool question (``tier``: the model's pool
+    name). Through the same cache as ``answers``: a model already recorded for a question
+    (the medium and large roles' calls, a council session's answers) is never paid again."""
+    both = pool_questions
     roles, models = llm.roles(), pool.pool().models
     specs = {m.name: m.role() for m in models}
     clients = {m.name: client_for(m, gemini_base_url=roles.gemini_base_url, timeout_s=roles.timeout_s,
@@ -53,10 +76,9 @@ def pool_answers(llm: LLMRoles, pool: ModelPool, artifacts: ArtifactStore, compu
 
 @dg.asset(group_name=POOL_GROUP, kinds={"pandas"})
 def pool_judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore, compute: TrainingCompute,
-                   pool_answers: pd.DataFrame, train_questions: pd.DataFrame,
-                   test_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+                   pool_answers: pd.DataFrame, pool_questions: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """Blind grades of every pool model's answers, by the judge that grades ``answers``."""
-    both = pd.concat([train_questions, test_questions], ignore_index=True)
+    both = pool_questions
     roles = llm.roles()
     with artifacts.llm_cache() as cache:
         frame, stats = judging.judge_answers(pool_answers, both, judge=roles.judge, client=roles.client("judge"),
@@ -73,15 +95,14 @@ def pool_judgments(config: JudgeConfig, llm: LLMRoles, artifacts: ArtifactStore,
           check_specs=[dg.AssetCheckSpec("every_model_graded", asset="pool_outcomes",
                                          description="Every model of the pool has a grade on every question.")])
 def pool_outcomes(pool: ModelPool, pool_answers: pd.DataFrame, pool_judgments: pd.DataFrame,
-                  train_questions: pd.DataFrame, test_questions: pd.DataFrame, training_examples: pd.DataFrame):
+                  pool_questions: pd.DataFrame, training_examples: pd.DataFrame):
     """A row per question: ``<model>_grade``, ``_answer``, ``_cost_usd`` and tokens for every
     model of the pool (the outcomes-file format), with ``split``: train, validation (the
     slice ``training_examples`` holds out, so both kinds of router are chosen on the same
     rows) or test. Per model: accuracy, abstentions, cost and ungraded rows."""
     models = pool.pool().names
-    both = pd.concat([train_questions, test_questions], ignore_index=True)
     try:
-        frame = outcomes_table(both, pool_answers, pool_judgments, models)
+        frame = outcomes_table(pool_questions, pool_answers, pool_judgments, models)
     except OutcomesError as exc:
         raise dg.Failure(f"{exc}: rematerialise pool_answers after changing the pool") from None
     held_out = set(training_examples.loc[training_examples["split"] == VALIDATION, "qid"])

@@ -26,6 +26,13 @@ A session becomes a label when its winner's model has a tier (``model_tiers``):
 medium -> Standard_Query, large -> Complex_Query. A tie for first place
 (deadlock) or an agreement below ``min_agreement`` is dropped or becomes
 Ambiguous_Query, as configured; the agreement is kept with the label as provenance.
+
+For a pool of models (``pool_questions``), a full session whose first stage holds the
+answers of pool models is also a question with recorded answers: the council's final
+(stage 3) answer is its reference, and each pool model's stage-1 answer, under its pool
+name, is judged blind against it like any other answer: per-model grades, not only a
+policy (a JSONL export holds no answers). What a pool model did not answer is answered
+by ``pool_answers`` as for any question.
 """
 
 from __future__ import annotations
@@ -79,6 +86,8 @@ class Session:
     deadlock: bool = False
     reviewers: int = 0
     borda: dict = field(default_factory=dict)
+    answers: dict = field(default_factory=dict)  # model -> its stage-1 answer (full sessions)
+    final: str | None = None  # the council's stage-3 answer
 
 
 @dataclass
@@ -87,6 +96,7 @@ class CouncilResult:
     rejected: list = field(default_factory=list)  # {"file", "session", "reason"}
     disagreements: list = field(default_factory=list)  # stored vs recomputed
     files: int = 0
+    sessions: list = field(default_factory=list)  # every session read, labelled or not
 
 
 class SessionError(ValueError):
@@ -120,6 +130,7 @@ def read_folder(folder: str | Path, rules: CouncilRules = CouncilRules()) -> Cou
                                     "reason": f"unreadable session file ({type(exc).__name__}: {exc})"})
         sessions.extend(found)
     result.labels = to_labels(sessions, rules, result.rejected)
+    result.sessions = sessions
     return result
 
 
@@ -207,8 +218,16 @@ def parse_session(item, name: str, where: str, rules: CouncilRules, disagreement
     votes = [_agrees(m, r, winner, rules.exclude_self_votes) for m, r in rankings]
     votes = [v for v in votes if v is not None]
     agreement = sum(votes) / len(votes) if votes else 0.0
+    answers = {r["model"]: r["response"] for r in item.get("stage1_results") or []
+               if isinstance(r, dict) and isinstance(r.get("model"), str) and _said(r.get("response"))}
+    final = item.get("stage3_result")
+    final = final.get("response") if isinstance(final, dict) and _said(final.get("response")) else None
     return Session(query, name, where, winner=winner, winner_borda=top, agreement=agreement, deadlock=deadlock,
-                   reviewers=len(votes), borda=used)
+                   reviewers=len(votes), borda=used, answers=answers, final=final)
+
+
+def _said(text) -> bool:
+    return isinstance(text, str) and bool(text.strip())
 
 
 def _ranking(review: dict, labels: dict) -> list[str]:
@@ -352,3 +371,35 @@ def drop_test_queries(labels: pd.DataFrame, test_questions: pd.DataFrame) -> tup
     rejected = [{"file": r.file, "session": r.session, "reason": "query is in the test split"}
                 for r in labels[hit].itertuples()]
     return labels[~hit].reset_index(drop=True), rejected
+
+
+def pool_question_rows(sessions: list[Session], pool_names: dict[str, str],
+                       known_qids: set[str]) -> tuple[pd.DataFrame, list]:
+    """Full sessions as questions of a pool: ``query``, the council's final answer as
+    ``gold_answer`` and ``<pool name>_answer`` for each pool model that answered
+    (``pool_names``: a session's model id -> its pool name). A session is left out, with
+    its reason, when it has no final answer, no pool model answered, or its query is
+    already a question (``known_qids``: the train and test splits; a test query never
+    reaches training). The same query in several sessions: the first file's."""
+    rows, rejected, names = {}, [], sorted(set(pool_names.values()))
+    for s in sessions:
+        mine = {pool_names[m]: text for m, text in s.answers.items() if m in pool_names}
+        qid = query_hash(s.query)
+        why = ("no final (stage 3) answer to judge against" if s.final is None else
+               f"no answer from a pool model ({', '.join(names)})" if not mine else
+               "query is already a question of the train or test split" if qid in known_qids else None)
+        if why is not None:
+            rejected.append({"file": s.file, "session": s.session, "reason": why})
+        elif qid not in rows:
+            rows[qid] = {"qid": qid, "query": s.query, "gold_answer": s.final, "topic": None, "answer_type": None,
+                         "source_row": 0, "provenance": f"council:{s.file} {s.session}",
+                         **{f"{n}_answer": mine.get(n) for n in names}}
+    columns = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row", "provenance"] + \
+        [f"{n}_answer" for n in names]
+    return pd.DataFrame(list(rows.values()), columns=columns), rejected
+
+
+def pool_names(models) -> dict[str, str]:
+    """How sessions name a pool's models (``PoolModel``s): the pool name, the model id, or
+    OpenRouter's ``google/<id>`` -> the pool name."""
+    return {alias: m.name for m in models for alias in (m.name, m.model, f"google/{m.model}")}

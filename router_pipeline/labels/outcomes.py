@@ -113,7 +113,9 @@ def outcomes_table(questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd
     """The pipeline's answers and grades of every model of a pool as an outcomes frame
     (what ``read_outcomes`` reads): a row per question with qid, query, split, domain and
     ``<model>_grade`` / ``_answer`` / ``_cost_usd`` / ``_input_tokens`` / ``_output_tokens``
-    (a grade left blank where the judge gave none)."""
+    (a grade left blank where the judge gave none). A recorded answer whose cost is not
+    known (a council session's) counts at that model's mean cost on the other rows: as a
+    free call it would pull the router towards the model."""
     keep = ["qid", "query", "split"] + [c for c in ("topic", "holdout_domain") if c in questions]
     frame = questions[keep].rename(columns={"topic": "domain"}).drop_duplicates("qid").set_index("qid")
     grades = judgments.drop_duplicates(["qid", "tier"]).set_index(["qid", "tier"])["label"]
@@ -124,6 +126,11 @@ def outcomes_table(questions: pd.DataFrame, answers: pd.DataFrame, judgments: pd
         frame[m + GRADE] = grades.xs(m, level="tier").reindex(frame.index) if m in set(judgments["tier"]) else None
         mine = calls.xs(m, level="tier").reindex(frame.index)
         frame[m + "_answer"] = mine["answer"]
-        frame[m + COST] = mine["cost_usd"]
+        cost = mine["cost_usd"].astype(float)
+        if "cost_known" in mine:
+            unknown = mine["cost_known"].eq(False)
+            if unknown.any() and (~unknown & cost.notna()).any():
+                cost = cost.mask(unknown, cost[~unknown].mean())
+        frame[m + COST] = cost
         frame[m + "_input_tokens"], frame[m + "_output_tokens"] = mine["input_tokens"], mine["output_tokens"]
     return frame.reset_index()
