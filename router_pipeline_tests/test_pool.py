@@ -424,3 +424,63 @@ def test_the_ensemble_router_is_its_members_mean_log_odds_and_its_release_checks
     head.write_bytes(head.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ReleaseIntegrityError, match="members/minilm_lda/pool_head.npz"):
         load_router(tmp_path / "release")
+
+
+def test_a_models_own_budget_caps_it_and_the_next_choice_answers(tmp_path, monkeypatch):
+    """``budget.models: {pro: cap}``: requests the pool router sends to pro are answered by
+    pro until its own spend of the month reaches the cap, then by the router's next choice
+    (rule model_budget) and no fallback reaches pro; the profile's spend and pro's are each
+    what was charged; with every candidate capped the answer costs nothing."""
+    import openai
+
+    from router_pipeline.llm.fake_gemini import FakeGemini
+    from router_pipeline.serve.database import state_database
+    from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline_tests.support import serving
+
+    router, fitted, x = _served_pool_router(tmp_path)
+    names = router.models
+    choice = [names[i] for i in decide(fitted.head.proba(x[:60]), fitted.head.costs, 0.0)]
+    to_pro = [i for i, n in enumerate(choice) if n == "pro"][:4]
+    assert len(to_pro) == 4
+    monkeypatch.setenv("TEST_KEY_TEAM", "team-key-0123456789")
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  team:\n    keys_env: TEST_KEY_TEAM\n"
+                        "    mapper: {budget: {ledger: team, period: month, models: {pro: 1.0e-6, flash: 1.0e-6}}}\n")
+    with FakeGemini() as fake:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+        gateway = build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / "state")
+        with serving(gateway) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="team-key-0123456789", max_retries=0)
+            routing = [client.chat.completions.create(model="router", messages=[
+                {"role": "user", "content": f"row {i}"}]).model_extra["routing"] for i in to_pro]
+            first, then = routing[0], routing[1:]
+            assert (first["served_by"], first["rule"]) == ("pro", "pool_choice")  # under its cap: pro answers
+            assert all(r["rule"] == "model_budget" and r["served_by"] != "pro" for r in then), then
+            assert "pro spent $" in then[0]["reason"] and "of its $0.00" in then[0]["reason"]
+            # flash is capped too: it answers once at most (its first answer passes its cap).
+            assert [r["served_by"] for r in then].count("flash") <= 1
+    db = state_database(tmp_path / "state")
+    spent = dict(db.execute("SELECT ledger, usd FROM spend"))
+    charged = lambda model: sum(r["cost_usd"] for r in routing if r["served_by"] == model)  # noqa: E731
+    assert spent["team/pro"] == pytest.approx(charged("pro")) and spent["team/pro"] > 1.0e-6
+    assert spent.get("team/flash", 0.0) == pytest.approx(charged("flash"))
+    assert spent["team"] == pytest.approx(sum(r["cost_usd"] for r in routing))
+    assert db.execute("SELECT COUNT(*) FROM reservations") == [(0,)]
+    assert [c.model for c in fake.calls].count(router.pool()["pro"].model) == 1
+
+    # Every candidate capped (a cap of 0): answered "I don't know", nothing called or spent.
+    from router_pipeline.routers.pool import ranked
+    from router_pipeline.serve.mapper import PolicyMapper, pool_spec
+
+    mapper = PolicyMapper.from_dict({**pool_spec(names), "budget": {"ledger": "zero", "period": "day", "models": {
+        n: 0.0 for n in names}}}, default_models={n: router.pool()[n].model for n in names}, base_dir=tmp_path)
+    mapper.ledger.bind(db)
+    decision = router.route("row 0")
+    assert decision.ranked[0] == decision.model and len(decision.ranked) == 3
+    assert list(decision.ranked) == [names[i] for i in ranked(np.array([decision.p_correct[n] for n in names]),
+                                                               router.costs, router.lam)]
+    mapping = mapper.map(decision)
+    assert mapping.abstain and mapping.rule == "model_budget" and "no model is left" in mapping.reason

@@ -56,6 +56,7 @@ class RouteDecision:
     # as two tiers: Standard_Query for the cheapest model, Complex_Query for any other).
     p_correct: dict[str, float] = field(default_factory=dict)
     model: str | None = None
+    ranked: tuple[str, ...] = ()  # a pool router's models best first (``model`` first)
 
     @property
     def confidence(self) -> float | None:

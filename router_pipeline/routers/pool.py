@@ -109,6 +109,15 @@ def decide(p: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
     return order[np.argmax(utility[:, order], axis=1)]
 
 
+def ranked(p: np.ndarray, costs: np.ndarray, lam: float) -> list[int]:
+    """One row's model indices best first by P(correct) - lam * cost, ties to the cheaper
+    model (its first is ``decide``'s choice): where to go when the choice cannot serve."""
+    cost_rank = np.argsort(np.argsort(costs, kind="stable"), kind="stable")
+    if math.isinf(lam):
+        return [int(i) for i in np.argsort(costs, kind="stable")]
+    return [int(i) for i in np.lexsort((cost_rank, -(np.asarray(p, float) - lam * np.asarray(costs))))]
+
+
 def lambdas(costs: np.ndarray, points: int = 200) -> np.ndarray:
     """The knob's sweep: 0, a log grid wide enough that its ends pick the most likely and
     the cheapest model for every row (P differences in [1e-4, 1] against the costs'
@@ -249,9 +258,9 @@ class PoolRouter:
         """``decision`` with the model chosen again at ``lam``."""
         from dataclasses import replace
 
-        p = np.array([[decision.p_correct[m] for m in self.models]])
-        model = self.models[int(decide(p, self.costs, lam)[0])]
-        return replace(decision, model=model, policy=self._policy(model))
+        p = np.array([decision.p_correct[m] for m in self.models])
+        order = [self.models[i] for i in ranked(p, self.costs, lam)]
+        return replace(decision, model=order[0], policy=self._policy(order[0]), ranked=tuple(order))
 
     def lambda_for(self, want: Knob) -> float:
         """The lambda of ``want`` on the validation rows of the release (its recorded sweep)."""
@@ -272,8 +281,10 @@ class PoolRouter:
     def _decision(self, query: str, p: np.ndarray, model: str, ms: float):
         from router_pipeline.routers.contract import RouteDecision
 
+        order = tuple(self.models[i] for i in ranked(p, self.costs, self.lam))
         return RouteDecision(query, self._policy(model), {}, True, POOL_KIND, latency_ms=ms,
-                             p_correct={m: round(float(v), 6) for m, v in zip(self.models, p)}, model=model)
+                             p_correct={m: round(float(v), 6) for m, v in zip(self.models, p)}, model=model,
+                             ranked=order)
 
 
 def _load_part(path: Path, encoder, precision: str) -> tuple:

@@ -90,6 +90,8 @@ class Decided:
     router_ms: float
     reserved: bool = False  # the budget was checked and the cost reserved (reserve)
     reservation: str | None = None
+    model_reservation: tuple[str, str] | None = None  # (model alias, reservation) in that model's own budget
+    capped: frozenset = frozenset()  # models whose own budget is used up: no fallback goes to them
     claim: dict | None = None  # profile, key, fingerprint of the Idempotency-Key this request claimed
     lam: float | None = None  # a pool router's lambda for this request (from the model name)
 
@@ -366,8 +368,10 @@ class Gateway:
     # -- answering --------------------------------------------------------------
     def _targets(self, d: Decided) -> list[tuple[str, str]]:
         if self.pool is not None and d.mapping.target in self.pool.names:  # down the pool by price, then up
-            return servable(d.profile, d.mapper, [d.mapping.target, *self.pool.fallbacks(d.mapping.target)])
-        return servable(d.profile, d.mapper, [d.mapping.target, *d.profile.fallbacks])
+            fallbacks = self.pool.fallbacks(d.mapping.target)
+        else:
+            fallbacks = d.profile.fallbacks
+        return servable(d.profile, d.mapper, [d.mapping.target, *(a for a in fallbacks if a not in d.capped)])
 
     async def answer(self, d: Decided) -> Answered:
         """The whole answer: an abstention, the council's, or the first target's that answers."""
@@ -457,29 +461,53 @@ class Gateway:
             d.reserved, d.reservation = True, await self._reserve(d)
         return d.reservation
 
+    def _estimate(self, d: Decided) -> float:
+        """Prompt tokens at 2 characters each and the whole output budget: above what the
+        mapped model can cost."""
+        spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
+        return cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
+
     async def _reserve(self, d: Decided) -> str | None:
         limit = d.mapper.budget_limit()
         budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
-        if limit is None or d.mapping.model is None or d.mapping.rule in budget_rules:
-            return None
-        spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
-        # Prompt tokens at 2 characters each and the whole output budget: above what it can cost.
-        estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
-        # The state database's threads, not the default ones: a frozen ledger holds its own callers
-        # only, never the router's, the models' or a bystander's mapping work (asyncio.to_thread).
-        reservation = await self._in_db(d.mapper.ledger.admit, limit, estimate)
-        if reservation is None:
-            d.mapping = await self._in_db(d.mapper.map, d.decision, over_budget=True)
+        reservation, over = None, False
+        if limit is not None and d.mapping.model is not None and d.mapping.rule not in budget_rules:
+            # The state database's threads, not the default ones: a frozen ledger holds its own callers
+            # only, never the router's, the models' or a bystander's mapping work (asyncio.to_thread).
+            reservation = await self._in_db(d.mapper.ledger.admit, limit, self._estimate(d))
+            if reservation is None:
+                over = True
+                d.mapping = await self._in_db(d.mapper.map, d.decision, over_budget=True)
+        if d.mapper.model_budgets:
+            d.model_reservation, d.capped = await self._in_db(self._reserve_model, d, over)
         return reservation
+
+    def _reserve_model(self, d: Decided, over: bool) -> tuple[tuple[str, str] | None, frozenset]:
+        """Reserve in the mapped model's own budget (the same locked step as its check),
+        mapping again without it while its budget is used up; and which other models'
+        are (fallbacks skip them). Runs in the state database's threads."""
+        capped: set[str] = set()
+        mapper, reservation = d.mapper, None
+        while d.mapping.model is not None and d.mapping.target in mapper.model_budgets and reservation is None:
+            target = d.mapping.target
+            reservation = mapper.ledger.part(target).admit(mapper.model_budgets[target], self._estimate(d))
+            if reservation is None:
+                capped.add(target)
+                d.mapping = mapper.map(d.decision, over_budget=over, capped=frozenset(capped))
+        capped |= {a for a in mapper.model_budgets if a != d.mapping.target and mapper.capped(a) is not None}
+        return (None if reservation is None else (d.mapping.target, reservation)), frozenset(capped)
 
     async def abandon(self, d: Decided) -> None:
         """The caller left before anything was called: nothing is paid for nobody."""
         await self._release(d, d.reservation)
 
     async def _release(self, d: Decided, reservation: str | None) -> None:
-        if reservation is not None:
+        held = [(d.mapper.ledger, reservation)] if reservation is not None else []
+        if d.model_reservation is not None:
+            held.append((d.mapper.ledger.part(d.model_reservation[0]), d.model_reservation[1]))
+        for ledger, rid in held:
             with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
-                await self._in_db(d.mapper.ledger.release, reservation)
+                await self._in_db(ledger.release, rid)
 
     async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
                       reservation: str | None, content: str | None) -> dict:
@@ -491,13 +519,22 @@ class Gateway:
         routing.update(cost_usd=round(cost, 8))
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
         journal: dict = {}
+        charges = []  # (journal part, ledger, reservation)
         if (ledger := d.mapper.ledger) is not None:
+            charges.append(("spend", ledger, reservation))
+            held = d.model_reservation
+            if held is not None and held[0] != tier:  # a fallback served: the mapped model spent nothing
+                with contextlib.suppress(LedgerError):
+                    await self._in_db(ledger.part(held[0]).release, held[1])
+            if tier in d.mapper.model_budgets:  # the served model's own budget
+                charges.append(("model_spend", ledger.part(tier), held[1] if held and held[0] == tier else None))
+        for part, charged, rid in charges:
             try:
-                await self._in_db(ledger.settle, reservation, cost)
+                await self._in_db(charged.settle, rid, cost)
             except LedgerError as exc:
                 log.error("budget ledger: %s", exc)
                 if exc.database:  # the database failed: the spend waits in the journal
-                    journal["spend"] = ledger.settlement(reservation, cost)
+                    journal[part] = charged.settlement(rid, cost)
                 else:  # the next request meets the unreadable ledger (503)
                     routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
                                                "from the next request")
@@ -610,8 +647,9 @@ class Gateway:
 
 def _apply_journaled(db, entry: dict) -> None:
     """A journal entry written into the state database (inside the replay's transaction)."""
-    if spend := entry.get("spend"):
-        apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
+    for part in ("spend", "model_spend"):  # the profile's budget, the served model's own
+        if spend := entry.get(part):
+            apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
     if answer := entry.get("answer"):
         IdempotencyStore.write(db, answer)
     if release := entry.get("release"):
@@ -631,7 +669,8 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
     if not any(r.kind == "threshold" for r in rules):
         first_policy = next((i for i, r in enumerate(rules) if r.kind == "policy"), len(rules))
         rules.insert(first_policy, rule)
-    return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url)
+    return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url,
+                        mapper.model_budgets)
 
 
 def servable(profile: Profile, mapper: PolicyMapper, aliases: list[str]) -> list[tuple[str, str]]:

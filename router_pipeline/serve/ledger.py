@@ -88,13 +88,24 @@ class BudgetLedger:
         self.name, self.period, self.legacy = name, period, legacy
         self.db: Database | None = None
         self._adopted = legacy is None
+        self.parts: dict[str, BudgetLedger] = {}
 
     def bind(self, db: Database) -> "BudgetLedger":
         with self._guard():
             for statement in _LEDGER_SCHEMA:
                 db.execute(statement)
         self.db = db
+        for part in self.parts.values():
+            part.db = db
         return self
+
+    def part(self, model: str) -> "BudgetLedger":
+        """The spend on one model under this budget (``<name>/<model>``: its own rows, the
+        same period and database), for a per-model limit."""
+        if model not in self.parts:
+            self.parts[model] = BudgetLedger(f"{self.name}/{model}", self.period)
+            self.parts[model].db = self.db
+        return self.parts[model]
 
     def key(self, now: dt.datetime | None = None) -> str:
         now = now or dt.datetime.now(dt.timezone.utc)

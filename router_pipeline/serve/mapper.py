@@ -19,6 +19,12 @@ kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
                      P(correct) - lambda * cost is highest, lambda from the model name
                      the caller asked for); what a pool router serves by default
 
+A budget may also cap single models (``budget: {ledger, period, models: {pro: 5.0}}``):
+a model whose spend of the period has reached its cap is not chosen; the request goes
+to the pool router's next choice (a two-tier mapper: its ``fallback``), and when every
+candidate is capped it is answered "I don't know" without a model call (rule
+``model_budget``).
+
 Nothing matched (e.g. a policy missing from the map) -> ``fallback``. Presets
 ``cost_first``, ``quality_first`` and ``balanced`` are complete rule lists; a
 YAML/JSON file can start from a preset and override its parts.
@@ -146,10 +152,11 @@ def pool_spec(models_by_price: list[str]) -> dict:
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
                  ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None,
-                 escalation_url: str | None = None):
+                 escalation_url: str | None = None, model_budgets: dict[str, float] | None = None):
+        """``model_budgets``: alias -> USD cap of the period on that model (``ledger.part``)."""
         self.models = dict(models or _medium_large_models())
         self.rules, self.fallback, self.ledger, self.escalation = list(rules), fallback, ledger, escalation
-        self.escalation_url = escalation_url
+        self.escalation_url, self.model_budgets = escalation_url, dict(model_budgets or {})
         self._validate()
 
     # -- construction -------------------------------------------------------
@@ -190,10 +197,19 @@ class PolicyMapper:
             path = Path(b.get("ledger", "budget_ledger.json"))
             if not path.is_absolute():
                 path = (base_dir or _default_ledger_dir()) / path
+            unknown = set(b) - {"ledger", "period", "models"}
+            if unknown:
+                raise MapperConfigError(f"unknown budget keys {sorted(unknown)}; expected ledger, period, models")
             try:  # the spend is in the state database; a .json file of that name is an older ledger to take over
                 ledger = BudgetLedger(path.name, b.get("period", "month"), legacy=path if path.suffix == ".json" else None)
             except LedgerError as exc:
                 raise MapperConfigError(str(exc)) from None
+            model_budgets = b.get("models") or {}
+            if not isinstance(model_budgets, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v and v != float("inf")
+                    for v in model_budgets.values()):
+                raise MapperConfigError(f"'budget.models' must map model aliases to USD caps >= 0 (e.g. pro: 5.0), "
+                                        f"got {model_budgets!r}")
         escalation_url = None
         if spec.get("escalation") is not None:
             e = spec["escalation"]
@@ -201,7 +217,7 @@ class PolicyMapper:
                 raise MapperConfigError(f"'escalation' must be a mapping like {{url: http://council:8001/v1/chat/completions}}, got {e!r}")
             escalation_url = e["url"]
         return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation,
-                   escalation_url)
+                   escalation_url, model_budgets if ledger is not None else None)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PolicyMapper":
@@ -224,12 +240,20 @@ class PolicyMapper:
             raise MapperConfigError("the fallback must be a model alias or 'abstain'")
         if any(r.kind == "budget" for r in self.rules) and self.ledger is None:
             raise MapperConfigError("a budget rule needs a 'budget' section (ledger: its name, period)")
+        unknown = set(self.model_budgets) - set(self.models)
+        if unknown:
+            raise MapperConfigError(f"budget.models names {sorted(unknown)}, not model aliases {sorted(self.models)}")
+        if self.model_budgets and self.ledger is None:
+            raise MapperConfigError("per-model budgets need a 'budget' section (ledger: its name, period)")
+        for alias in self.model_budgets:
+            self.ledger.part(alias)
 
     # -- mapping ------------------------------------------------------------
-    def map(self, decision, *, over_budget: bool = False) -> Mapping:
+    def map(self, decision, *, over_budget: bool = False, capped: frozenset = frozenset()) -> Mapping:
         """``decision`` is a RouteDecision (or anything with query, policy, confidence).
         ``over_budget``: the budget was found used up when this request tried to reserve
-        its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read."""
+        its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read.
+        ``capped``: models whose own budget was found used up so (not chosen)."""
         for rule in self.rules:
             reason = ("the budget was used up by requests in flight" if over_budget and rule.kind == "budget"
                       else self._match(rule, decision))
@@ -239,9 +263,39 @@ class PolicyMapper:
                 rule.kind, rule.target)
             if target is None or (rule.kind == "pool" and target not in self.models):
                 continue
-            return Mapping(self.models.get(target), target, rule.label, decision.policy, reason)
-        return Mapping(self.models.get(self.fallback), self.fallback, "fallback", decision.policy,
-                       f"no rule matched policy {decision.policy!r}")
+            return self._within_model_budgets(Mapping(self.models.get(target), target, rule.label, decision.policy,
+                                                      reason), decision, capped)
+        return self._within_model_budgets(Mapping(self.models.get(self.fallback), self.fallback, "fallback",
+                                                  decision.policy, f"no rule matched policy {decision.policy!r}"),
+                                          decision, capped)
+
+    def capped(self, alias: str, in_flight: frozenset = frozenset()) -> str | None:
+        """Why ``alias`` may not be chosen for its own budget (None: it may)."""
+        if alias in in_flight:
+            return f"{alias}'s budget was used up by requests in flight"
+        limit = self.model_budgets.get(alias)
+        if limit is None:
+            return None
+        spent = self.ledger.part(alias).committed()
+        return f"{alias} spent ${spent:.4f} of its ${limit:.2f} this {self.ledger.period}" if spent >= limit else None
+
+    def _within_model_budgets(self, mapping: Mapping, decision, in_flight: frozenset) -> Mapping:
+        """``mapping``, or the next choice (the pool router's ranking, then the fallback) when
+        its model's own budget is used up; abstain when every candidate's is."""
+        if not self.model_budgets or mapping.target in (ABSTAIN, ESCALATE):
+            return mapping
+        why = self.capped(mapping.target, in_flight)
+        if why is None:
+            return mapping
+        reasons = [why]
+        for alias in dict.fromkeys([*getattr(decision, "ranked", ()), self.fallback]):
+            if alias == mapping.target or alias not in self.models:
+                continue
+            if (other := self.capped(alias, in_flight)) is None:
+                return Mapping(self.models[alias], alias, "model_budget", mapping.policy,
+                               f"{'; '.join(reasons)}: the next choice answers")
+            reasons.append(other)
+        return Mapping(None, ABSTAIN, "model_budget", mapping.policy, f"{'; '.join(reasons)}: no model is left")
 
     def _match(self, rule: Rule, d) -> str | None:
         q = d.query
@@ -281,7 +335,8 @@ class PolicyMapper:
     def describe(self) -> dict:
         return {"models": self.models, "fallback": self.fallback,
                 "rules": [{"name": r.label, "kind": r.kind, "target": r.target or r.map} for r in self.rules],
-                "budget": {"ledger": self.ledger.name, "period": self.ledger.period} if self.ledger else None}
+                "budget": {"ledger": self.ledger.name, "period": self.ledger.period,
+                           **({"models": self.model_budgets} if self.model_budgets else {})} if self.ledger else None}
 
 
 def load_spec(path: str | Path) -> dict:

@@ -157,9 +157,11 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries"}
         if unknown:
             raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
+        mapper_spec = raw.get("mapper") or default_spec
+        if pool and isinstance(mapper_spec, dict) and not {"rules", "preset"} & set(mapper_spec):
+            mapper_spec = {**default_spec, **mapper_spec}  # a budget alone: still the pool router's choice
         try:
-            mapper = PolicyMapper.from_dict(raw.get("mapper") or default_spec, base_dir=path.parent,
-                                            default_models=default_models)
+            mapper = PolicyMapper.from_dict(mapper_spec, base_dir=path.parent, default_models=default_models)
         except MapperConfigError as exc:
             raise ProfileError(f"{path}: profile {name!r}: {exc}") from None
         digests = _keys(str(name), raw, path)
