@@ -124,6 +124,30 @@ def test_traffic_rows_need_only_a_query(tmp_path):
     assert set(reasons) == {4, 5} and "large_cost_usd is 'lots'" in reasons[5]
 
 
+def test_a_traffic_log_with_nan_or_implausible_usage_is_rejected_row_by_row(tmp_path):
+    """Issue 29, 7: a literal NaN cost is not a blank one, and a billion output tokens is
+    no recorded call; each such row is rejected with its reason, the others kept."""
+    jsonl = tmp_path / "traffic.jsonl"
+    jsonl.write_text("\n".join([
+        '{"query": "Kept, with its cost.", "large_cost_usd": 0.02, "large_output_tokens": 900}',
+        '{"query": "A NaN cost.", "large_cost_usd": NaN}',
+        '{"query": "An infinite count.", "medium_input_tokens": -Infinity}',
+        '{"query": "A billion tokens.", "large_output_tokens": 1e9}',
+        '{"query": "A thousand dollars.", "medium_cost_usd": 1000}',
+    ]) + "\n")
+    frame, rejected = load_questions("traffic", path=str(jsonl))
+    assert frame["query"].tolist() == ["Kept, with its cost."] and frame["large_output_tokens"].tolist() == [900]
+    reasons = {r.row: r.reason for r in rejected}
+    assert "NaN is not a JSON number" in reasons[2] and "-Infinity is not a JSON number" in reasons[3]
+    assert "large_output_tokens is 1000000000.0: more than any one call" in reasons[4]
+    assert "medium_cost_usd is 1000.0: more than any one call (100)" in reasons[5]
+    csv_file = tmp_path / "traffic.csv"
+    pd.DataFrame([{"query": "Q1?", "large_cost_usd": "0.5"}, {"query": "Q2?", "large_cost_usd": "NaN"}]).to_csv(
+        csv_file, index=False)
+    frame, rejected = load_questions("traffic", path=str(csv_file))
+    assert frame["query"].tolist() == ["Q1?"] and "large_cost_usd is 'NaN'" in rejected[0].reason
+
+
 def test_the_queries_the_server_stored_are_a_traffic_source(tmp_path):
     """requests.sqlite of the routing server: the stored queries (profiles that allow it)
     become traffic rows; the others are not there as text."""

@@ -52,6 +52,10 @@ GOLD_ALIASES = ("gold_answer", "answer", "target")
 
 
 MAX_METADATA_CHARS = 10_000  # a longer metadata cell is ignored rather than parsed
+# Ceilings of a plausible recorded call: no model reads or writes more tokens than the
+# largest context window (2M), and no single call costs $100. A log claiming more is a
+# unit or parsing error, and would outweigh every honest row in a mean cost.
+MAX_RECORDED = {"cost_usd": 100.0, "input_tokens": 2_000_000, "output_tokens": 2_000_000}
 
 
 class QuestionSourceError(ValueError):
@@ -246,9 +250,12 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             rejected.append(Rejected(lineno, f"{file.name}: broken JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except _NotANumber as exc:
+            rejected.append(Rejected(lineno, f"{file.name}: {exc}"))
             continue
         except RecursionError:
             rejected.append(Rejected(lineno, f"{file.name}: JSON nested too deeply"))
@@ -258,6 +265,16 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
             continue
         rows.append({**obj, "__row": lineno})
     return pd.DataFrame(rows), rejected
+
+
+class _NotANumber(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """Python's json reads NaN and Infinity; JSON has no such numbers, and a NaN cost
+    would otherwise pass as a blank one."""
+    raise _NotANumber(f"{name} is not a JSON number")
 
 
 def _read_csv(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
@@ -330,8 +347,8 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _amount(value, name: str) -> float | None:
-    """A recorded cost or token count: a finite number >= 0, or None when blank."""
+def _amount(value, name: str, ceiling: float) -> float | None:
+    """A recorded cost or token count: a finite number in [0, ceiling], or None when blank."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
@@ -342,6 +359,8 @@ def _amount(value, name: str) -> float | None:
         return None  # a blank cell read as NaN
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} is {value!r}: expected a finite number >= 0")
+    if number > ceiling:
+        raise ValueError(f"{name} is {value!r}: more than any one call ({ceiling:g}); check the unit")
     return number
 
 
@@ -444,7 +463,8 @@ def _normalise_row(rec: dict, qcol: str, gcol: str | None, max_query_chars: int,
             if row[f"{model}_grade"] is None and not gold:
                 raise ValueError(f"{model}_answer needs a gold answer to be judged")
         for field in USAGE_FIELDS:
-            row[f"{model}_{field}"] = _amount(rec.get(f"{model}_{field}"), f"{model}_{field}")
+            row[f"{model}_{field}"] = _amount(rec.get(f"{model}_{field}"), f"{model}_{field}",
+                                               MAX_RECORDED[field])
     return row
 
 
