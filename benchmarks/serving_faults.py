@@ -14,8 +14,9 @@ Meanwhile the state database fails at random points, 0.3-1.5 s at a time:
   immediate``), stopped (``-m fast``) and frozen (SIGSTOP of every server process), then
   started or thawed again.
 
-A bystander profile without a budget sends requests all along; its p99 latency is
-compared with the same requests before any fault. The router is a constant stub (this
+A bystander profile without a budget sends requests all along; its p99 latency during the
+faults is compared with its p99 under the same budgeted load (another profile, its own
+ledger) while the database is healthy, and with an idle server. The router is a constant stub (this
 measures the state path, not routing). Prints per backend, ending with:
 
     paid upstream N                              calls the model server answered
@@ -55,7 +56,8 @@ from router_pipeline.llm.fake_gemini import FakeGemini
 from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.routers.contract import RouteDecision
 
-KEYS = {"budgeted": "bench-budgeted-key-0001", "bystander": "bench-bystander-key-0001"}
+KEYS = {"budgeted": "bench-budgeted-key-0001", "control": "bench-control-key-0001",
+        "bystander": "bench-bystander-key-0001"}
 PRO = "gemini-2.5-pro"
 CONCURRENCY = 8
 SHARE_OF_COST = 0.7  # the budget's limit, as a share of what every budgeted request would cost on Pro
@@ -165,64 +167,42 @@ def run(backend: str, n: int, seed: int) -> dict:
     faults = SQLiteFaults(work / "feedback") if backend == "sqlite" else PostgresFaults(work)
     with FakeGemini(latency_s=0.02) as fake:
         os.environ.update(ROUTER_PIPELINE_PROFILE="gemini", GEMINI_BASE_URL=fake.base_url,
-                          GEMINI_API_KEY="serving-faults-not-secret", ROUTER_BENCH_BUDGETED=KEYS["budgeted"],
-                          ROUTER_BENCH_BYSTANDER=KEYS["bystander"])
+                          GEMINI_API_KEY="serving-faults-not-secret", **{f"ROUTER_BENCH_{p.upper()}": key
+                                                                         for p, key in KEYS.items()})
         per_request = _pro_cost(fake, n)
         limit = round(SHARE_OF_COST * n * per_request, 8)
         profiles = work / "profiles.json"
+        pro = {"kind": "threshold", "at_least": 0.0, "target": "large"}
+
+        def budgeted(ledger: str) -> dict:
+            return {"budget": {"ledger": ledger, "period": "total"},
+                    "rules": [{"kind": "budget", "limit_usd": limit, "target": "abstain"}, pro]}
         profiles.write_text(json.dumps({"profiles": {
-            "budgeted": {"keys_env": "ROUTER_BENCH_BUDGETED", "mapper": {
-                "budget": {"ledger": "bench", "period": "total"},
-                "rules": [{"kind": "budget", "limit_usd": limit, "target": "abstain"},
-                          {"kind": "threshold", "at_least": 0.0, "target": "large"}]}},
-            "bystander": {"keys_env": "ROUTER_BENCH_BYSTANDER", "mapper": {
-                "rules": [{"kind": "threshold", "at_least": 0.0, "target": "large"}]}}}}))
+            "budgeted": {"keys_env": "ROUTER_BENCH_BUDGETED", "mapper": budgeted("bench")},
+            "control": {"keys_env": "ROUTER_BENCH_CONTROL", "mapper": budgeted("bench-control")},
+            "bystander": {"keys_env": "ROUTER_BENCH_BYSTANDER", "mapper": {"rules": [pro]}}}}))
         config = replace(DEFAULTS, database=faults.url, database_timeout_s=1.0, window_ms=1.0)
         state = build_gateway(None, profiles_path=profiles, feedback_dir=work / "feedback", config=config,
                               router=StubRouter())
         try:
             with serving_in_thread(state, log_level="critical") as url, httpx.Client() as client:
-                baseline = [_timed(client, url, "bystander", f"bystander baseline {i}") for i in range(100)]
+                idle = [_timed(client, url, "bystander", f"bystander baseline {i}") for i in range(100)]
+                # The same budgeted load with a healthy database: what the faults are compared with.
+                _, control, _, _ = _load(url, "control", n, None)
                 fake.calls.clear()
-                stop, fault_log, during = threading.Event(), Counter(), []
-
-                def inject():
-                    time.sleep(0.3)
-                    while not stop.is_set():
-                        fault_log[faults.fault(random.uniform(0.3, 1.5))] += 1
-                        stop.wait(random.uniform(0.3, 1.0))
-
-                def bystander():
-                    j = 0
-                    while not stop.is_set():
-                        with httpx.Client() as c:
-                            during.append(_timed(c, url, "bystander", f"bystander during {j}"))
-                        j += 1
-
-                injector, watcher = threading.Thread(target=inject), threading.Thread(target=bystander)
-                injector.start()
-                watcher.start()
-                t0 = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-                    outcomes = list(pool.map(lambda i: _until_answered(url, i), range(n)))
-                wall = time.perf_counter() - t0
-                stop.set()
-                injector.join()
-                watcher.join()
+                outcomes, during, fault_log, wall = _load(url, "budgeted", n, faults)
                 time.sleep(0.5)
                 # The database answers again: one more budgeted request replays the journal into it.
-                _until_answered(url, n)
+                _until_answered(url, "budgeted", n)
                 spend = _spend(state.feedback.db)
                 recorded = _recorded(state.feedback.db)
         finally:
             faults.close()
-    paid = Counter(c.prompt.split("bench request ")[1].split()[0] for c in fake.calls if "bench request " in c.prompt)
+    paid = Counter(c.prompt.split("budgeted request ")[1].split()[0] for c in fake.calls
+                   if "budgeted request " in c.prompt)
     returned = {str(i) for i, (status, body) in enumerate(outcomes) if status == 200 and body["model"] == PRO}
     lost = [p for p in paid if p not in returned and p not in recorded]
     over_usd = max(0.0, spend - limit)
-    bystander_ok = [ms for status, ms in during if status == "200"]
-    p99_base, p99_during = np.percentile([ms for _, ms in baseline], 99), (
-        np.percentile(bystander_ok, 99) if bystander_ok else float("nan"))
     return {"backend": backend, "requests": n, "wall_s": round(wall, 1), "faults": dict(fault_log),
             "limit_usd": limit, "per_request_usd": per_request, "spend_recorded_usd": round(spend, 8),
             "spend_of_paid_usd": round(sum(paid.values()) * per_request, 8),
@@ -231,14 +211,53 @@ def run(backend: str, n: int, seed: int) -> dict:
             "attempts": sum(b.get("attempts", 1) for _, b in outcomes),
             "paid": sum(paid.values()), "lost": len(lost), "double": sum(c > 1 for c in paid.values()),
             "overspend_requests": max(0, int(np.ceil(round(over_usd / per_request, 6))) - 1) if per_request else 0,
-            "bystander_p99_ms": (round(float(p99_base), 1), round(float(p99_during), 1)),
+            "bystander_p99_ms": {"idle": _p99(idle), "same load, no fault": _p99(control),
+                                 "during the faults": _p99(during)},
             "bystander_failed": dict(Counter(status for status, _ in during if status != "200")),
             "bystander_requests": len(during),
             "unanswered": dict(Counter(f"{s} {b.get('error', '')[:60]}".strip() for s, b in outcomes if s != 200))}
 
 
-def _text(i: int) -> str:
-    return f"bench request {i} : what is {i} plus {i}?"
+def _load(url: str, profile: str, n: int, faults) -> tuple[list, list, Counter, float]:
+    """``n`` requests of ``profile``, 8 at a time, each retried until answered, while a
+    bystander sends requests one after another and ``faults`` (unless None) strikes the
+    database: (the requests' outcomes, the bystander's (status, ms), the faults, seconds)."""
+    stop, fault_log, bystander_log = threading.Event(), Counter(), []
+
+    def inject():
+        time.sleep(0.3)
+        while faults is not None and not stop.is_set():
+            fault_log[faults.fault(random.uniform(0.3, 1.5))] += 1
+            stop.wait(random.uniform(0.3, 1.0))
+
+    def bystander():
+        j = 0
+        while not stop.is_set():
+            with httpx.Client() as c:
+                bystander_log.append(_timed(c, url, "bystander", f"bystander {profile} {j}"))
+            j += 1
+
+    threads = [threading.Thread(target=inject), threading.Thread(target=bystander)]
+    for thread in threads:
+        thread.start()
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        outcomes = list(pool.map(lambda i: _until_answered(url, profile, i), range(n)))
+    wall = time.perf_counter() - t0
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return outcomes, bystander_log, fault_log, wall
+
+
+def _p99(timed: list[tuple[str, float]]) -> float:
+    """The p99 latency (ms) of the answered requests."""
+    ok = [ms for status, ms in timed if status == "200"]
+    return round(float(np.percentile(ok, 99)), 1) if ok else float("nan")
+
+
+def _text(profile: str, i: int) -> str:
+    return f"{profile} request {i} : what is {i} plus {i}?"
 
 
 def _pro_cost(fake: FakeGemini, n: int) -> float:
@@ -246,7 +265,7 @@ def _pro_cost(fake: FakeGemini, n: int) -> float:
     from router_pipeline.llm.models import cost_usd, price_for
     from router_pipeline.routers.prompt import conversation_text
 
-    prompts = [conversation_text([{"role": "user", "content": _text(i)}]) for i in range(n + 1)]
+    prompts = [conversation_text([{"role": "user", "content": _text("budgeted", i)}]) for i in range(n + 1)]
     return max(cost_usd(len(p.split()), len(fake.responder(PRO, p).split()), price_for(PRO)) for p in prompts)
 
 
@@ -261,13 +280,13 @@ def _timed(client: httpx.Client, url: str, profile: str, text: str) -> tuple[str
     return status, (time.perf_counter() - t0) * 1000
 
 
-def _until_answered(url: str, i: int) -> tuple[int, dict]:
+def _until_answered(url: str, profile: str, i: int) -> tuple[int, dict]:
     """A budgeted request, retried under its Idempotency-Key until answered (or 60 tries)."""
-    key, text, attempts, last = f"bench-{i}", _text(i), 0, ""
+    key, text, attempts, last = f"{profile}-{i}", _text(profile, i), 0, ""
     with httpx.Client() as client:
         for attempts in range(1, 61):
             try:
-                reply = _post(client, url, "budgeted", text, key)
+                reply = _post(client, url, profile, text, key)
             except httpx.HTTPError as exc:  # the connection dropped: the same key again
                 last = type(exc).__name__
                 time.sleep(0.2)
@@ -291,7 +310,7 @@ def _spend(db) -> float:
 def _recorded(db) -> set[str]:
     """The requests whose answer is recorded under their key (paid, and kept)."""
     rows = db.execute("SELECT key FROM idempotency WHERE profile = 'budgeted' AND response IS NOT NULL")
-    return {k.removeprefix("bench-") for (k,) in rows}
+    return {k.removeprefix("budgeted-") for (k,) in rows}
 
 
 def main(argv=None) -> int:
@@ -304,15 +323,17 @@ def main(argv=None) -> int:
     totals = Counter()
     for backend in args.backends.split(","):
         r = run(backend, args.requests, args.seed)
-        base, during = r["bystander_p99_ms"]
+        p99 = r["bystander_p99_ms"]
+        idle, control, during = p99["idle"], p99["same load, no fault"], p99["during the faults"]
         print(f"== {backend}: {r['requests']} budgeted requests, 8 at a time, in {r['wall_s']} s; database faults "
               f"{r['faults']}")
         print(f"   answered {r['answered']} ({r['returned_paid']} by Pro, {r['abstained']} abstained once over "
               f"budget) after {r['attempts']} attempts")
         print(f"   spend recorded ${r['spend_recorded_usd']:.8f} of ${r['spend_of_paid_usd']:.8f} paid; "
               f"limit ${r['limit_usd']:.8f}, one request ${r['per_request_usd']:.8f}")
-        print(f"   bystander (no budget) p99 {base} ms before, {during} ms during the faults "
-              f"({during / base:.2f}x) over {r['bystander_requests']} requests; failed: {r['bystander_failed']}")
+        print(f"   bystander (no budget) p99 {during} ms during the faults over {r['bystander_requests']} requests "
+              f"(failed: {r['bystander_failed']}): {during / control:.2f}x the same load with a healthy database "
+              f"({control} ms), {during / idle:.2f}x an idle server ({idle} ms)")
         if r["unanswered"]:
             print(f"   budgeted requests not answered after 60 tries: {r['unanswered']}")
         totals.update(paid=r["paid"], lost=r["lost"], double=r["double"], over=r["overspend_requests"])
