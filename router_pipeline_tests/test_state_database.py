@@ -89,6 +89,30 @@ def test_connection_errors_say_what_is_wrong_and_a_held_lock_fails_fast(postgres
     assert db.execute("SELECT 1") == [(1,)]
 
 
+def test_a_wrong_password_is_named_as_such_and_never_shown(postgres_url):
+    """Issue 29, 6: a refused password is told apart from a missing user or database, and
+    the error holds neither password. The test server trusts every role but one, which
+    this test gives a password and a scram-sha-256 rule in pg_hba.conf."""
+    from pathlib import Path
+
+    admin = Database(postgres_url)
+    ((hba,),) = admin.execute("SHOW hba_file")
+    admin.execute("DROP ROLE IF EXISTS router_pw")
+    admin.execute("CREATE ROLE router_pw LOGIN PASSWORD 'right-s3cret'")
+    rules = Path(hba).read_text()
+    if "router_pw" not in rules:
+        Path(hba).write_text("host all router_pw 127.0.0.1/32 scram-sha-256\n" + rules)
+    admin.execute("SELECT pg_reload_conf()")
+    where = postgres_url.rsplit("@", 1)[1]
+    with pytest.raises(DatabaseError) as err:
+        for _ in range(50):  # the reload is asynchronous: until the rule is in force
+            Database(f"postgresql://router_pw:wrong-s3cret@{where}").execute("SELECT 1")
+            time.sleep(0.1)
+    assert "the password was refused for this user" in str(err.value) and "s3cret" not in str(err.value)
+    assert not err.value.transient  # an operator must fix it: retrying does not help
+    assert Database(f"postgresql://router_pw:right-s3cret@{where}").execute("SELECT 1") == [(1,)]
+
+
 def test_an_idempotency_table_from_before_claims_had_owners_gains_the_column(tmp_path):
     """A state database written by an older server: its recorded answers stay, and a claim
     now names its owner, so only that attempt drops it."""

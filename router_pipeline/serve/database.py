@@ -42,25 +42,27 @@ def _transient(exc: Exception) -> bool:
 
 
 # What a connection failure says, by the driver's words: which of password, user, database or
-# host is wrong (the driver's own message may quote the connection string: never shown).
+# host is wrong (the driver's own message may quote the connection string: never shown), and
+# whether it may pass by itself (transient) or needs an operator (a wrong password does not).
 _CONNECT_FAILURES = (
-    ("password authentication failed", "the password was refused for this user"),
-    ("no password supplied", "the server asks for a password and none was given"),
-    ("role", "the user does not exist on the server"),
-    ("database", "the database does not exist on the server"),
-    ("could not translate host name", "the host name does not resolve"),
-    ("connection refused", "nothing accepts connections at this host and port"),
-    ("timeout expired", "the host did not answer in time"),
-    ("no route to host", "the host cannot be reached"),
+    ("password authentication failed", "the password was refused for this user", False),
+    ("no password supplied", "the server asks for a password and none was given", False),
+    ("role", "the user does not exist on the server", False),
+    ("database", "the database does not exist on the server", False),
+    ("could not translate host name", "the host name does not resolve", True),
+    ("connection refused", "nothing accepts connections at this host and port", True),
+    ("timeout expired", "the host did not answer in time", True),
+    ("no route to host", "the host cannot be reached", True),
 )
 
 
-def _connect_failure(exc: Exception) -> str:
+def _connect_failure(exc: Exception) -> tuple[str, bool]:
+    """(why the connection failed, in words; whether it may pass by itself)."""
     text = str(exc).lower()
-    for words, why in _CONNECT_FAILURES:
+    for words, why, transient in _CONNECT_FAILURES:
         if words in text and (words not in ("role", "database") or "does not exist" in text):
-            return why
-    return type(exc).__name__
+            return why, transient
+    return type(exc).__name__, True
 
 
 def describe(url: str) -> str:
@@ -130,7 +132,8 @@ class Database:
                                              check_same_thread=False)
                 self._conn.execute("PRAGMA journal_mode=WAL")
         except Exception as exc:  # psycopg's message can quote the URL: never shown
-            raise DatabaseError(f"cannot open the state database {self.name}: {_connect_failure(exc)}") from None
+            why, transient = _connect_failure(exc)
+            raise DatabaseError(f"cannot open the state database {self.name}: {why}", transient) from None
         return self._conn
 
     def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
