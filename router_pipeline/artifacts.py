@@ -44,7 +44,8 @@ HEADS = ("gemma", "minilm_lda", "logistic", "knn")
 # What the pipeline reads from the state database (the ``outcomes`` and ``traffic`` sources).
 OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
 OUTCOMES_QUERY = f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id"  # oldest first
-TRAFFIC_QUERY = "SELECT query FROM requests WHERE query IS NOT NULL ORDER BY rowid"
+# Stored queries with the grades feedback gave them, per model (a JSON object: model -> grade).
+TRAFFIC_QUERY = "SELECT query, grades FROM requests WHERE query IS NOT NULL ORDER BY rowid"
 
 
 def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:

@@ -157,10 +157,21 @@ def test_the_queries_the_server_stored_are_a_traffic_source(tmp_path):
     store.remember(ServedRequest("r1", "app", "How do I rotate my API keys?", "large", store_query=True))
     store.remember(ServedRequest("r2", "private", "My salary is 90k, is that fair?", "medium", store_query=False))
     store.remember(ServedRequest("r3", "app", "Is 7919 prime?", "medium", store_query=True))
+    store.add("r3", grade="Incorrect", profile="app")  # the served tier's grade, from feedback
     store.close()
     frame, rejected = load_questions("traffic", path=str(tmp_path / "feedback" / "requests.sqlite"))
     assert frame["query"].tolist() == ["How do I rotate my API keys?", "Is 7919 prime?"] and not rejected
     assert frame["provenance"].unique().tolist() == ["traffic:requests.sqlite"]
+    assert frame["medium_grade"].tolist() == [None, INCORRECT] and frame["large_grade"].isna().all()
+    # A pool server's feedback names the graded model: its grade is that model's outcome.
+    pool = FeedbackStore(tmp_path / "pool", tiers=("flash-lite", "flash", "pro"))
+    pool.remember(ServedRequest("p1", "app", "Who wrote Hamlet?", "flash", store_query=True))
+    pool.remember(ServedRequest("p2", "app", "Prove Fermat's last theorem.", "pro", store_query=True))
+    pool.add("p1", grade="Correct", profile="app")
+    pool.add("p2", grade="IDK", tier="flash-lite", profile="app")
+    pool.close()
+    frame, _ = load_questions("traffic", path=str(tmp_path / "pool" / "requests.sqlite"))
+    assert frame[["flash_grade", "flash-lite_grade"]].values.tolist() == [[CORRECT, None], [None, IDK]]
     (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(QuestionSourceError, match="not the routing server's state database"):
         load_questions("traffic", path=str(tmp_path / "broken.sqlite"))

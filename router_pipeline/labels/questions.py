@@ -199,7 +199,8 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
 def _read_state_database(file: Path, source: str) -> pd.DataFrame:
     """The routing server's state database (its feedback folder's requests.sqlite):
     ``outcomes`` reads the rows its feedback completed; ``traffic`` the queries it stored
-    (only profiles that allow storing queries have them as text)."""
+    (only profiles that allow storing queries have them as text), each with the grades
+    its feedback gave any model."""
     import sqlite3
 
     sql = {"outcomes": OUTCOMES_QUERY, "traffic": TRAFFIC_QUERY}.get(source)
@@ -210,9 +211,23 @@ def _read_state_database(file: Path, source: str) -> pd.DataFrame:
         with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as db:
             cursor = db.execute(sql)
             names = [c[0] for c in cursor.description]
-            return pd.DataFrame(cursor.fetchall(), columns=names)
+            frame = pd.DataFrame(cursor.fetchall(), columns=names)
     except sqlite3.DatabaseError as exc:
         raise QuestionSourceError(f"{file} is not the routing server's state database ({exc})") from None
+    if "grades" not in frame:
+        return frame
+    # Feedback's grades, per model (a tier, or a pool model by name): <model>_grade columns,
+    # so a graded request is a recorded outcome of that model, never paid for again.
+    grades = pd.DataFrame([_grades(cell) for cell in frame.pop("grades")], index=frame.index)
+    return frame.join(grades.add_suffix("_grade"))
+
+
+def _grades(cell) -> dict:
+    try:
+        grades = json.loads(cell) if isinstance(cell, str) else {}
+    except json.JSONDecodeError:
+        return {}  # the server writes this column: an unreadable cell is a row without grades
+    return {str(m): g for m, g in grades.items() if isinstance(g, str)} if isinstance(grades, dict) else {}
 
 
 def _physical_lines(file: Path) -> list[tuple[int, str | None]]:
