@@ -909,13 +909,16 @@ def test_offline_the_local_tiers_answer(router, gemma_path, tmp_path, monkeypatc
     state = build_gateway(router.adapter_dir, profiles_path=None, feedback_dir=tmp_path, router=router)
     with serving(state) as url:
         reply = client(url, "any-key").chat.completions.create(
-            model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
+            model="router", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], max_tokens=8)
     assert reply.model == "gemma3-270m" and reply.choices[0].message.content
+    # The base model gets the conversation framed as a question (llm.local.CHAT_FRAME): it
+    # answers it; given the bare text it repeated it ("Who wrote Hamlet?\n\nWho wrote...").
+    assert "Who wrote Hamlet" not in reply.choices[0].message.content, reply.choices[0].message.content
     assert reply.model_extra["routing"]["served_by"] in ("medium", "large")
     # Streamed token by token from the local model: the same greedy answer, in pieces.
     with serving(state) as url:
         chunks = list(client(url, "any-key").chat.completions.create(
-            model="router", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+            model="router", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], max_tokens=8,
             stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == reply.choices[0].message.content

@@ -11,6 +11,18 @@ import torch
 from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass when the stream gives way to other work
+# A base model has no chat template: given a caller's conversation as it is, it repeats it.
+# Framed as a question to answer, on one line, it answers (the routing server's requests).
+CHAT_FRAME = "Question: {conversation}\nAnswer:"
+CHAT_STOP = ("\n",)
+
+
+def chat_request(conversation: str, *, max_output_tokens: int, temperature: float,
+                 system: str | None) -> LLMRequest:
+    """A chat conversation (one user turn, or ``role: text`` lines) as a request a local
+    base model answers."""
+    return LLMRequest(CHAT_FRAME.format(conversation=conversation), max_output_tokens=max_output_tokens,
+                      temperature=temperature, stop=CHAT_STOP, system=system)
 
 
 class _Stopped(Exception):

@@ -235,7 +235,10 @@ class Backends:
         # local model, which generates for one caller at a time, never more than its cap.
         budget = max_tokens or spec.max_output_tokens
         if not hasattr(client, "complete"):
-            budget = min(budget, self.local_max_output_tokens)
+            from router_pipeline.llm.local import chat_request  # torch: only where a local model serves
+
+            return chat_request(prompt, max_output_tokens=min(budget, self.local_max_output_tokens),
+                                temperature=spec.temperature, system=system)
         return LLMRequest(prompt, max_output_tokens=budget, temperature=spec.temperature, system=system)
 
     async def _chunks(self, client, request: LLMRequest):
