@@ -269,7 +269,7 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
         except json.JSONDecodeError as exc:
             rejected.append(Rejected(lineno, f"{file.name}: broken JSON ({exc.msg} at column {exc.colno})"))
             continue
-        except _NotANumber as exc:
+        except ValueError as exc:  # _no_constant's
             rejected.append(Rejected(lineno, f"{file.name}: {exc}"))
             continue
         except RecursionError:
@@ -282,14 +282,10 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
     return pd.DataFrame(rows), rejected
 
 
-class _NotANumber(ValueError):
-    pass
-
-
 def _no_constant(name: str):
     """Python's json reads NaN and Infinity; JSON has no such numbers, and a NaN cost
     would otherwise pass as a blank one."""
-    raise _NotANumber(f"{name} is not a JSON number")
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _read_csv(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
