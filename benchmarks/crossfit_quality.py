@@ -108,16 +108,17 @@ def main(argv=None) -> int:
     for by in splits:
         t0 = time.perf_counter()
         folds = outer_folds(questions, args.folds, config.seed, by)
+        n_folds = int(folds.max()) + 1  # fewer when the file has fewer domains than --folds
         scores = {name: np.zeros(len(questions)) for name in NAMES}
         decided = {name: np.empty(len(questions), dtype=object) for name in NAMES}
         for params in chosen.values():
             params.clear()
-        for fold in range(args.folds):
+        for fold in range(n_folds):
             held = folds == fold
             for name, (head, x) in fit_fold(~held).items():
                 proba = head.proba(x[held])
                 scores[name][held], decided[name][held] = p_complex(proba), head.decide(proba)
-            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows; router {chosen['gemma'][-1]}, "
+            print(f"{by}: fold {fold + 1}/{n_folds} ({int(held.sum())} held-out rows; router {chosen['gemma'][-1]}, "
                   f"one-SE {chosen['gemma_one_se'][-1]}, deeper grid {chosen['gemma_deeper'][-1]}) "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         rng = np.random.default_rng(0)
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
             mix = ev.policy_mix(list(decided[name]))
             row = {"router": label, "apgr": ev.crossfit_apgr(scores[name], med, large, folds),
                    "per fold": " ".join(f"{ev.apgr_weighted(scores[name][folds == f], med[folds == f], large[folds == f]):.3f}"
-                                        for f in range(args.folds)),
+                                        for f in range(n_folds)),
                    "ece": ev.expected_calibration_error(scores[name], policies == COMPLEX),
                    "decides S/C/A": "/".join(f"{v:.2f}" for v in mix.values())}
             if name != "gemma":
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         best = max(BASELINES, key=lambda b: ev.crossfit_apgr(scores[b], med, large, folds))
         d = ev.paired_bootstrap(table, scores["gemma"], scores[best], resamples=args.resamples, folds=folds)
         frame = pd.DataFrame(rows).round(3).fillna("")
-        print(f"\n## {by}: {args.folds} outer folds of {np.bincount(folds).tolist()} rows "
+        print(f"\n## {by}: {len(np.bincount(folds))} outer folds of {np.bincount(folds).tolist()} rows "
               f"({time.perf_counter() - t0:.0f} s)\n")
         print(frame.to_markdown(index=False))
         print(f"labels' mix S/C/A: {'/'.join(f'{v:.2f}' for v in ev.policy_mix(list(policies)).values())}; "

@@ -92,11 +92,12 @@ def main(argv=None) -> int:
     for by in splits:
         t0 = time.perf_counter()
         folds = outer_folds(questions, args.folds, config.seed, by)
+        n_folds = int(folds.max()) + 1  # fewer when the file has fewer domains than --folds
         choice = {name: np.zeros((len(frame), len(sweep)), dtype=int) for name in ROUTERS}
         prob = {name: np.zeros(correct.shape) for name in ROUTERS}
         chosen = {name: [] for name in ROUTERS}
         two_tier = np.zeros(len(frame)) if len(models) == 2 else None  # today's P(Complex_Query) router
-        for fold in range(args.folds):
+        for fold in range(n_folds):
             held = folds == fold
             if two_tier is not None:
                 two_tier[held] = _two_tier_scores(feats, correct, cost, ~held, held, config)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
             for name in ROUTERS:  # fitted.head.costs: the training rows' mean cost per model, the same for all
                 choice[name][held] = np.stack([decide(prob[name][held], fitted.head.costs, lam) for lam in sweep],
                                               axis=1)
-            print(f"{by}: fold {fold + 1}/{args.folds} ({int(held.sum())} held-out rows; Gemma member "
+            print(f"{by}: fold {fold + 1}/{n_folds} ({int(held.sum())} held-out rows; Gemma member "
                   f"{chosen['gemma_lda'][-1]}) "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         curves = {name: fr.curve(choice[name], correct, cost) for name in ROUTERS}
@@ -200,7 +201,7 @@ def _report(by, curves, single, correct, cost, folds, models, args, fr, chosen, 
 
     at_half = fr.interval(gain_at_half, weights)
     table = pd.DataFrame(rows)
-    print(f"\n## {by}: {args.folds} outer folds of {np.bincount(folds).tolist()} rows ({time.perf_counter() - t0:.0f} s)\n")
+    print(f"\n## {by}: {len(np.bincount(folds))} outer folds of {np.bincount(folds).tolist()} rows ({time.perf_counter() - t0:.0f} s)\n")
     print(table.round(3).to_markdown(index=False))
     print("\nsingle models: " + "; ".join(f"{m} {a:.3f} at ${c:.3f}/1000" for m, a, c in zip(models, acc, per_1000)))
     print("router's Gemma blocks per fold: " + str([p.get("layer") for p in chosen["gemma_lda"]]))

@@ -98,7 +98,9 @@ def outer_folds(questions: pd.DataFrame, folds: int = 5, seed: int = SplitSpec.s
                 by: str = SplitSpec.by) -> np.ndarray:
     """The fold (0..folds-1) of every question for cross-fitting, where each question is a
     test row once: by question, a seeded hash of the qid; by domain, whole domains, the
-    largest first, each to the fold with the fewest rows so far (ties by a seeded hash)."""
+    largest first, each to the fold with the fewest rows so far (ties by a seeded hash).
+    With fewer domains than ``folds``, one fold per domain: a fold without rows would
+    leave nothing to score. Callers iterate over ``np.unique`` of the result."""
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
     domains = _domains(questions, by)
@@ -108,8 +110,9 @@ def outer_folds(questions: pd.DataFrame, folds: int = 5, seed: int = SplitSpec.s
         raise SplitError(f"{int(domains.isna().sum())} questions have no domain (topic): a domain split needs one "
                          "per question")
     sizes = domains.value_counts()
-    if len(sizes) < folds:
-        raise SplitError(f"{folds} folds by domain need at least {folds} domains; found {len(sizes)}")
+    if len(sizes) < 2:
+        raise SplitError(f"cross-fitting by domain needs at least two domains; found {len(sizes)}")
+    folds = min(folds, len(sizes))
     rows, fold_of = np.zeros(folds), {}
     for d in sorted(sizes.index, key=lambda d: (-sizes[d], unit_interval("fold", seed, str(d)))):
         fold_of[d] = int(np.argmin(rows))
