@@ -1,0 +1,163 @@
+"""Fitting a learned cascade on training rows, and replaying any cascade on recorded
+outcomes (every model's answer, grade and cost per row) at every value of the knob.
+
+The heads are fitted by backward induction over the plan's steps, cross-fitted on the
+training rows. After each step k, a head per model gives P(correct | state) (logistic
+on the state features, Platt-calibrated on its out-of-fold scores: ``fit_pool_head`` /
+``fit_platt``). The out-of-fold decisions after the last step are replayed to each
+row's realised return (right - lambda x the cost of the calls made after step k; the
+heads' own P in place of "right" was tried: the max over several estimates is biased
+up, and the policy then goes on where it does not pay); the step before learns by ridge regression how much that return beats its best stop (on the
+state features and its heads' P), one output per lambda, and so on back to step 0. Decisions made with out-of-fold heads keep the returns honest: a head
+never judges the rows it was fitted on, and the out-of-fold trace scores a plan on the
+training rows without reading a test row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from router_pipeline.routers.cascade import (
+    GO_ON,
+    Answers,
+    LearnedCascade,
+    Linear,
+    Plan,
+    choose,
+    gain_features,
+    priced,
+    state_features,
+    stop_utility,
+)
+from router_pipeline.routers.pool import Knob, pick
+from router_pipeline.training.pool import fit_platt, fit_pool_head, inner_folds
+
+
+@dataclass
+class Trace:
+    """What a cascade did on recorded rows, per (row, lambda)."""
+
+    right: np.ndarray  # whether the answer it stopped with was right
+    cost: np.ndarray  # USD: the sum over every model it called
+
+
+def _walk(plan: Plan, codes: list, correct: np.ndarray, cost: np.ndarray, start: int) -> Trace:
+    """The outcome of following ``codes[k]`` (rows, lambdas) from step ``start`` on, the
+    cost counting the calls made after ``start`` only."""
+    rows = np.arange(len(correct))[:, None]
+    out = None
+    for k in reversed(range(start, len(plan.steps) + 1)):
+        code = codes[k]
+        stop = np.where(code == GO_ON, 0, code)
+        here = Trace(correct[rows, stop], np.where(np.isin(stop, plan.called(k)), 0.0, cost[rows, stop]))
+        if out is not None:
+            go = code == GO_ON
+            step_cost = cost[:, list(plan.steps[k])].sum(axis=1)[:, None]
+            here = Trace(np.where(go, out.right, here.right), np.where(go, step_cost + out.cost, here.cost))
+        out = here
+    return out
+
+
+def replay(
+    policy, q_logit: np.ndarray, answers: Answers, correct: np.ndarray, cost: np.ndarray, lams: np.ndarray
+) -> Trace:
+    """What ``policy`` (a LearnedCascade or a FixedCascade) does on recorded rows at each
+    lambda. The file holds every model's answer, but each step's decision reads only the
+    models called by then (``state_features``)."""
+    codes = [policy.decide(k, q_logit, answers, lams) for k in range(len(policy.plan.steps) + 1)]
+    return _walk(policy.plan, codes, np.asarray(correct, bool), np.asarray(cost, float), 0)
+
+
+def _fit_p(x: np.ndarray, correct: np.ndarray, models: list[str], fold_of: np.ndarray, c: float, seed: int):
+    """A calibrated logistic head per model, and its calibrated out-of-fold P on ``x``."""
+    costs = np.zeros(len(models))  # the heads' own costs are not read: the policy holds them
+    oof = np.zeros(correct.shape)
+    for f in np.unique(fold_of):
+        held = fold_of == f
+        oof[held] = fit_pool_head("logistic", x[~held], correct[~held], costs, models, c=c, seed=seed).scores(x[held])
+    head = fit_platt(fit_pool_head("logistic", x, correct, costs, models, c=c, seed=seed), oof, correct)
+    return head, head.calibrated(oof)
+
+
+def _fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> Linear:
+    from sklearn.linear_model import Ridge
+
+    from router_pipeline.training.heads import standardise
+
+    z, mean, scale = standardise(np.asarray(x, float))
+    fit = Ridge(alpha=alpha).fit(z, y)
+    return Linear(mean, scale, np.atleast_2d(fit.coef_), np.atleast_1d(fit.intercept_))
+
+
+def fit_cascade(
+    plan: Plan,
+    q_logit: np.ndarray,
+    answers: Answers,
+    correct: np.ndarray,
+    cost: np.ndarray,
+    lams: np.ndarray,
+    *,
+    comparator: str = "letter",
+    folds: int = 5,
+    seed: int = 0,
+    c: float = 1.0,
+    alpha: float = 10.0,
+) -> tuple[LearnedCascade, Trace]:
+    """A learned cascade over ``plan`` from training rows only, with its out-of-fold trace
+    on those rows (to choose a plan or a knob without test rows). ``q_logit``: the
+    query-only router's out-of-fold log-odds on these rows; ``correct``, ``cost``: (rows,
+    models) outcomes. The features read the answers of the models the rows record."""
+    models = list(plan.models)
+    correct, cost = np.asarray(correct, bool), np.asarray(cost, float)
+    costs = cost.mean(axis=0)
+    readable = (answers.canon != "").any(axis=0)
+    steps = len(plan.steps)
+    fold_of = inner_folds(len(correct), folds, seed)
+    x = [state_features(q_logit, answers, plan, k, readable) for k in range(steps + 1)]
+    p_heads, p_oof = [], [np.exp(-np.logaddexp(0.0, -q_logit))]
+    for k in range(1, steps + 1):
+        head, oof = _fit_p(x[k], correct, models, fold_of, c, seed)
+        p_heads.append(head)
+        p_oof.append(oof)
+    codes: list = [None] * (steps + 1)
+    codes[steps] = choose(p_oof[steps], plan.called(steps), costs, lams)
+    go_on: list = [None] * steps
+    finite = np.where(np.isinf(lams), 0.0, lams)  # lambda infinity never goes on: its column is unused
+    for k in reversed(range(steps)):
+        after = _walk(plan, codes, correct, cost, k + 1)
+        best_stop = stop_utility(p_oof[k], plan.called(k), costs, lams).max(axis=2)
+        # The gain over stopping now is learnt, not the return itself: most of the return's
+        # spread across rows is the P of stopping, which the heads already give.
+        target = np.where(np.isinf(lams), 0.0, after.right - finite[None, :] * after.cost - best_stop)
+        xk = gain_features(x[k], p_oof[k])
+        oof = np.zeros(target.shape)
+        for f in np.unique(fold_of):
+            held = fold_of == f
+            oof[held] = _fit_ridge(xk[~held], target[~held], alpha)(xk[held])
+        go_on[k] = _fit_ridge(xk, target, alpha)
+        codes[k] = choose(p_oof[k], plan.called(k), costs, lams, oof - priced(lams, costs[list(plan.steps[k])].sum()))
+    policy = LearnedCascade(plan, costs, np.asarray(lams, float), p_heads, go_on, readable, comparator)
+    return policy, _walk(plan, codes, correct, cost, 0)
+
+
+def sweep_figures(trace: Trace, lams: np.ndarray) -> list[dict]:
+    """Accuracy and USD per 1,000 queries at each lambda of a trace (what ``pick`` reads)."""
+    return [
+        {
+            "lambda": float(lam),
+            "accuracy": float(trace.right[:, i].mean()),
+            "usd_per_1000": float(trace.cost[:, i].mean() * 1000),
+        }
+        for i, lam in enumerate(lams)
+    ]
+
+
+def cascade_knob(
+    policy: LearnedCascade, q_logit: np.ndarray, answers: Answers, correct: np.ndarray, cost: np.ndarray, want: Knob
+) -> dict:
+    """lambda from validation rows only: the policy replayed on them at every lambda it
+    was fitted for, and the point ``want`` asks for (``routers.pool.pick``)."""
+    figures = sweep_figures(replay(policy, q_logit, answers, correct, cost, policy.lambdas), policy.lambdas)
+    return {**pick(figures, float(np.asarray(correct).mean(axis=0).max()), want), "validation_rows": len(correct)}
