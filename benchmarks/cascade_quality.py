@@ -13,10 +13,15 @@ runs query-only). The questions are cut into 5 outer folds, by question or by do
 - a learned cascade for each candidate plan (the k most accurate models on the training
   rows, cheapest first, k = 2 .. all: training/cascade.py), the plan chosen by the AIQ
   of its out-of-fold trace on the training rows;
-- fixed cascades (accept on agreement): the issue's rule (the second and third most
+- fixed cascades (accept on agreement): "next two agree, else best" (the second and third most
   accurate together, else the most accurate: Flash + Llama-70B, else Pro) and the best
   of every plan "some models together, perhaps one more, else the most accurate" by
   AIQ on the training rows.
+
+"cascade" is the learned cascade's knob settings with the two fixed cascades as further
+settings: each is one point of the frontier, as each value of lambda is (a fixed cascade
+is what the learned policy chooses where the query-only P it reads does not transfer,
+as on held-out categories).
 
 Each routes the held-out fold at every value of its knob; a query's cost is the sum of
 every model it called. Table: AIQ, accuracy at half the best single model's cost and at
@@ -196,7 +201,7 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         traces["learned cascade"] = (t.right, t.cost)
     fixed = {}
     for name, plans in (
-        ("fixed: issue's rule", [issue_plan(models, c_train)]),
+        ("fixed: next two agree, else best", [next_two_plan(models, c_train)]),
         ("fixed: best by validation", fixed_plans(models, c_train)),
     ):
         best = max(
@@ -206,6 +211,11 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         t = replay(FixedCascade(best, costs), q_held, a_held, c_held, k_held, sweep[:1])
         traces[name] = (t.right, t.cost)
         fixed[name] = best.describe()
+    # The cascade: the learned one's knob settings plus the fixed cascades as further settings
+    # (each a point on the frontier, as every lambda is).
+    traces["cascade"] = tuple(
+        np.concatenate([traces[n][i] for n in ("learned cascade", *fixed)], axis=1) for i in (0, 1)
+    )
     return {"traces": traces, "chosen": {"gemma block": layer, "learned": recipe, **fixed}}
 
 
@@ -220,7 +230,7 @@ def learned_plans(models, correct, costs) -> list:
     ]
 
 
-def issue_plan(models, correct):
+def next_two_plan(models, correct):
     """The second and third most accurate models together, else the most accurate."""
     from router_pipeline.routers.cascade import make_plan
 
@@ -263,7 +273,7 @@ def _report(by, curves, correct, cost, folds, models, args, fr, chosen, t0) -> d
             }
         )
     weights = fr.resample_weights(len(correct), args.resamples, 0, folds)
-    cascade = curves["learned cascade"]
+    cascade = curves["cascade"]
 
     def mean(w, v):
         return v.mean() if w is None else w @ v / w.sum()
@@ -280,9 +290,10 @@ def _report(by, curves, correct, cost, folds, models, args, fr, chosen, t0) -> d
     vs = {
         other: aiq_minus(other)
         for other in (
+            "learned cascade",
             "query-only router",
             "random mix",
-            "fixed: issue's rule",
+            "fixed: next two agree, else best",
             "fixed: best by validation",
             "LDA on MiniLM",
         )
