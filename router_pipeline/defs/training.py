@@ -23,7 +23,8 @@ TRAINING_GROUP = "training"
 
 
 class _Training(dg.Config):
-    """QLoRA training of one stage; every field and default is TrainConfig's."""
+    """LoRA/QLoRA training of one stage; every field and default is TrainConfig's
+    (``quantization: 4bit`` trains QLoRA on CPU as on a GPU)."""
 
     def train_config(self, mode: str) -> TrainConfig:
         return replace(plain(self, TrainConfig), mode=mode)
@@ -72,6 +73,7 @@ def _metadata(stage: str, result: TrainResult, gpu_seconds, compute: TrainingCom
         "examples_seen": result.examples_seen,
         "wall_s": round(result.wall_s, 1),
         "device": result.device,
+        "quantization": result.quantization,
         "compute": compute.where,
         "mode": cfg.mode,
         "base_model": cfg.base_model,

@@ -14,10 +14,16 @@ at the point where the decision is made, so every decision carries a distributio
 An output the parser rejects never becomes a policy silently: the decision says
 ``parse_ok=False`` with the reason, and the configured fallback decides (or, with
 ``fallback="raise"``, the call fails).
+
+The base loads in fp32 (bf16/fp16 on CUDA) with the adapter merged, or, with
+``quantization="4bit"``, in 4-bit NF4 as QLoRA trains it, the adapter kept apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +37,65 @@ from router_pipeline.routers.prompt import (
 )
 
 LORA_KIND = "lora"
+QUANTIZATIONS = ("none", "4bit")
+
+
+def import_bitsandbytes(allow_hub: bool) -> None:
+    """Import bitsandbytes (peft imports it) without reaching the hub unless allowed.
+
+    On a CPU with AVX512-BF16, importing bitsandbytes asks the hub for a faster CPU
+    4-bit kernel (through the ``kernels`` package). Offline the lookup is made with
+    huggingface_hub in offline mode: a kernel already in the local cache is used, else
+    its built-in kernel, at once and without the two warnings it would log."""
+    if allow_hub or "bitsandbytes" in sys.modules:
+        return
+    from huggingface_hub import constants
+
+    from router_pipeline import settings
+
+    if settings.load().allow_hub:
+        return
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    saved = constants.HF_HUB_OFFLINE, [lg.level for lg in loggers]
+    constants.HF_HUB_OFFLINE = True
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.suppress(ImportError):  # not installed: nothing can load in 4-bit, and nothing asks
+            import bitsandbytes  # noqa: F401
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        for lg, level in zip(loggers, saved[1]):
+            lg.setLevel(level)
+
+
+def nf4_config(compute_dtype):
+    """QLoRA's quantisation: 4-bit NF4 weights with double quantisation (the block
+    scales quantised too), matrix products in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_4bit(path: str, device: str):
+    """The base as QLoRA trains on it, on CUDA or CPU alike: its linear layers in 4-bit
+    NF4, computing in bf16 where the device has bf16 units (else fp16 on a GPU, fp32 on
+    a CPU); the rest (embeddings, norms) in fp32, as prepare_model_for_kbit_training
+    leaves them, so that a router reloads the numbers its adapter was trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from router_pipeline.routers.features import fast_dtype
+
+    compute = fast_dtype(device)
+    # Loaded in the compute dtype: the 4-bit weights are quantised from it, in training and routing alike.
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(compute), dtype=compute,
+                                                 device_map={"": device})
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):  # the 4-bit weights are uint8
+            param.data = param.data.float()
+    return model
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:
@@ -48,11 +113,15 @@ class LoraRouter:
     (useful for latency figures; its decisions are not meaningful)."""
 
     def __init__(self, adapter_dir: str | Path | None = None, *, base_model: str | None = None,
-                 config: RouterConfig = RouterConfig()):
+                 config: RouterConfig = RouterConfig(), quantization: str = "none"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from router_pipeline.local_models import resolve_model
+        from router_pipeline.routers.features import fast_dtype
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; expected one of {QUANTIZATIONS}")
 
         meta = adapter_meta(adapter_dir) if adapter_dir is not None else {}
         base_model = base_model or meta.get("config", {}).get("base_model")
@@ -63,20 +132,28 @@ class LoraRouter:
         self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
         self.base_model = base_model
         self.calibration = read_calibration(adapter_dir)
-        path = resolve_model(base_model, allow_hub=config.allow_hub or meta.get("config", {}).get("allow_hub", False))
-        cuda = torch.cuda.is_available()
+        allow_hub = config.allow_hub or meta.get("config", {}).get("allow_hub", False)
+        path = resolve_model(base_model, allow_hub=allow_hub)
+        import_bitsandbytes(allow_hub)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.quantization = quantization
         # fp32 on CPU: bf16 weights route 4x slower there (measured), unlike bf16 autocast in training.
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-        self.device = "cuda" if cuda else "cpu"
+        dtype = fast_dtype(self.device) if self.device == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.adapter_dir or path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
+        if quantization == "4bit":
+            model = load_4bit(path, self.device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
         if adapter_dir is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            # Merging into 4-bit weights would round the adapter into NF4: keep it apart
+            # (the LoRA layers stay in the base model, which the decision code calls).
+            model = model.get_base_model() if quantization == "4bit" else model.merge_and_unload()
         self.model = model.eval()
         self._policy_tokens = self._first_policy_tokens()
         self._prefix = self._prefix_state() if config.prefix_cache and self.mode in DECISION_FIRST else None
@@ -237,6 +314,6 @@ class LoraRouter:
 
     def describe(self) -> dict:
         return {"adapter_dir": self.adapter_dir, "base_model": self.base_model, "mode": self.mode,
-                "device": self.device, "fallback": self.config.fallback, "calibration": self.calibration}
+                "device": self.device, "quantization": self.quantization, "fallback": self.config.fallback, "calibration": self.calibration}
 
 

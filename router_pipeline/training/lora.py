@@ -1,9 +1,11 @@
 """Router training: LoRA SFT, then DPO from the SFT adapter, with TRL + PEFT.
 
 The same two functions run everywhere: in-process for the local compute and the
-tests, and inside the Modal functions of modal_app.py. On CUDA they train QLoRA
-(4-bit NF4, double quantisation, bf16/fp16 compute, paged 8-bit AdamW); on CPU,
-plain LoRA in fp32.
+tests, and inside the Modal functions of modal_app.py. ``quantization='4bit'`` trains
+QLoRA (4-bit NF4 base, double quantisation, bf16 compute where the device has bf16
+units, 8-bit AdamW, gradient checkpointing) with the same code on CUDA and on CPU;
+``'none'`` trains LoRA on an fp32 base; ``'auto'`` picks 4-bit on CUDA and fp32 on
+CPU (benchmarks/lora_precision.py measures the two on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 
 from router_pipeline.artifacts import ADAPTER_CONFIG, TRAINING_FILE
 from router_pipeline.routers.features import cpu_has_bf16
+from router_pipeline.routers.lora import import_bitsandbytes, load_4bit
 from router_pipeline.local_models import GEMMA3_270M
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class TrainConfig:
     max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
     max_rows: int = 0  # > 0: train on a seeded sample of this many rows (a CPU time budget)
     beta: float = 0.1  # DPO only
-    quantization: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit on CUDA, none on CPU
+    quantization: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit on CUDA, none (fp32 LoRA) on CPU
     save_steps: int = 50
     allow_hub: bool = False
 
@@ -79,6 +82,7 @@ class TrainResult:
     wall_s: float
     device: str
     metrics: dict = field(default_factory=dict)
+    quantization: str = "none"  # what the base trained in: "4bit" (QLoRA) or "none" (fp32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,39 +102,28 @@ def device_info() -> tuple[str, bool]:
 
 
 def _use_4bit(cfg: TrainConfig, cuda: bool) -> bool:
-    if cfg.quantization == "4bit" and not cuda:
-        raise ValueError("quantization='4bit' needs a CUDA GPU (bitsandbytes); use 'auto' or 'none' on CPU")
-    return cuda and cfg.quantization in ("auto", "4bit")
+    return cfg.quantization == "4bit" or (cfg.quantization == "auto" and cuda)
 
 
 def load_base(cfg: TrainConfig):
-    """(model, tokenizer) for training: 4-bit NF4 on CUDA, fp32 on CPU."""
+    """(model, tokenizer) for training: the base in 4-bit NF4 (QLoRA) or in fp32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from router_pipeline.local_models import resolve_model
 
     path = resolve_model(cfg.base_model, allow_hub=cfg.allow_hub)
+    import_bitsandbytes(cfg.allow_hub)
     _, cuda = device_info()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {}
-    if _use_4bit(cfg, cuda):
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs = dict(
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
-            dtype=compute, device_map={"": 0},
-        )
-    else:
-        kwargs = dict(dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if kwargs.get("quantization_config") is not None:
-        from peft import prepare_model_for_kbit_training
+    if not _use_4bit(cfg, cuda):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+    from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    return model, tokenizer
+    # Freezes the base and turns on gradient checkpointing.
+    return prepare_model_for_kbit_training(load_4bit(path, "cuda" if cuda else "cpu")), tokenizer
 
 
 def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dict:
@@ -156,8 +149,9 @@ def _common_args(cfg: TrainConfig, out: Path, cuda: bool, four_bit: bool) -> dic
         bf16=bf16,
         fp16=cuda and not bf16,
         use_cpu=not cuda,
-        optim="paged_adamw_8bit" if four_bit else "adamw_torch",
-        gradient_checkpointing=four_bit,
+        # Paged: optimizer state moves to host memory under GPU memory pressure (a CPU has nothing to page).
+        optim=("paged_adamw_8bit" if cuda else "adamw_8bit") if four_bit else "adamw_torch",
+        activation_checkpointing=four_bit,  # gradient checkpointing's name in transformers 5
         max_length=cfg.max_length,
         dataloader_num_workers=0,
         per_device_eval_batch_size=cfg.batch_size,
@@ -260,7 +254,7 @@ def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: 
         final_loss=losses[-1][1] if losses else None,
         examples_seen=int(trainer.state.global_step * cfg.batch_size * cfg.grad_accum),
         steps=int(trainer.state.global_step), wall_s=time.perf_counter() - t0, device=device,
-        metrics=extra or {},
+        metrics=extra or {}, quantization="4bit" if _use_4bit(cfg, device != "cpu") else "none",
     )
     meta = {"stage": stage, "config": cfg.to_dict(), "data_hash": data_hash(frame), "rows": len(frame),
             "mode": cfg.mode, "parent_adapter": parent, "result": {k: v for k, v in result.to_dict().items() if k != "losses"}}
@@ -271,6 +265,8 @@ def _finish(trainer, tokenizer, cfg: TrainConfig, stage: str, out: Path, frame: 
 def sft_trainer(rows: pd.DataFrame, cfg: TrainConfig, out: Path, callbacks: list | None = None):
     """The configured SFTTrainer (exposed so the completion-only masking can be tested)."""
     from datasets import Dataset
+
+    import_bitsandbytes(cfg.allow_hub)
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer, device, common = _prepare(cfg, out)
@@ -297,6 +293,8 @@ def train_dpo(rows: pd.DataFrame, sft_adapter: str | Path, cfg: TrainConfig, out
               callbacks: list | None = None) -> TrainResult:
     """DPO from the SFT adapter; TRL keeps a frozen copy of it as the reference."""
     from datasets import Dataset
+
+    import_bitsandbytes(cfg.allow_hub)
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
