@@ -81,19 +81,17 @@ def test_long_query_and_math_heuristics():
     assert m.map(decision("Who painted the Mona Lisa?")).rule == "policy"
 
 
-def test_low_confidence_escalates_to_model_or_callback():
+def test_low_confidence_goes_to_a_model_or_escalates_to_the_council_endpoint():
     m = mapper([{"kind": "low_confidence", "below": 0.6, "target": "large"}, POLICY])
     assert m.map(decision(confidence=0.5)).rule == "low_confidence"
     assert m.map(decision(confidence=0.7)).rule == "policy"
     unparsed = m.map(decision(parse_ok=False))  # no confidence at all counts as low
     assert unparsed.rule == "low_confidence" and "unparsed" in unparsed.reason
 
-    calls = []
-    council = PolicyMapper.from_dict({"rules": [{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY]},
-                                     escalation=lambda q, d: calls.append(q) or "council answer")
+    council = PolicyMapper.from_dict({"escalation": {"url": "http://127.0.0.1:8001/v1/chat/completions"},
+                                      "rules": [{"kind": "low_confidence", "below": 0.6, "target": "escalate"}, POLICY]})
     got = council.map(decision(confidence=0.4))
-    assert got.escalate and got.model is None
-    assert council.escalation(got.policy, None) == "council answer"
+    assert got.escalate and got.model is None  # the gateway posts it to the endpoint (test_server)
 
 
 def test_escalation_without_an_endpoint_is_a_config_error():
@@ -106,11 +104,44 @@ def test_escalation_without_an_endpoint_is_a_config_error():
     assert PolicyMapper.from_dict(spec).escalation_url == "http://127.0.0.1:8001/v1/chat/completions"
 
 
-def test_first_match_wins_in_order():
-    rules = [{"kind": "privacy", "target": "local"}, {"kind": "math", "target": "large"}, POLICY]
-    query = "mail 2 + 2 to bob@example.com"
-    assert mapper(rules).map(decision(query)).rule == "privacy"
+def test_first_match_wins_in_order_but_privacy_rules_come_first_wherever_they_stand():
+    rules = [{"kind": "keyword", "keywords": ["mail"], "target": "medium"}, {"kind": "math", "target": "large"}, POLICY]
+    query = "mail 2 + 2 to the team"
+    assert mapper(rules).map(decision(query)).rule == "keyword"
     assert mapper([rules[1], rules[0], POLICY]).map(decision(query)).rule == "math"
+    private = {"kind": "privacy", "target": "local"}
+    got = mapper([rules[1], private, POLICY]).map(decision("mail 2 + 2 to bob@example.com"))
+    assert (got.rule, got.target, got.allowed) == ("privacy", "local", ("local",))
+
+
+def test_a_privacy_rule_scans_the_whole_conversation_and_names_the_models_it_allows():
+    m = PolicyMapper.from_dict({"rules": [{"kind": "privacy", "name": "pii"}, POLICY], "fallback": "medium"},
+                               private=lambda alias, model: alias == "local")
+    assert m.map(decision("Summarise my notes"), text="system: my mail is bob@example.com\nSummarise my notes").rule \
+        == "pii"
+    assert m.map(decision("Summarise my notes"), text="Summarise my notes").rule == "policy"
+    got = m.map(decision("bob@example.com"))
+    assert (got.target, got.allowed) == ("local", ("local",)) and "rule pii" in got.reason
+    named = PolicyMapper.from_dict({"rules": [{"kind": "privacy", "models": ["local", "medium"], "target": "medium"},
+                                              POLICY]})
+    assert named.map(decision("bob@example.com")).allowed == ("medium", "local")
+    with pytest.raises(MapperConfigError, match="not among its models"):
+        PolicyMapper.from_dict({"rules": [{"kind": "privacy", "models": ["local"], "target": "large"}, POLICY]})
+    with pytest.raises(MapperConfigError, match="never escalated"):
+        PolicyMapper.from_dict({"escalation": {"url": "http://council/v1"},
+                                "rules": [{"kind": "privacy", "target": "escalate"}, POLICY]})
+    with pytest.raises(MapperConfigError, match="no model to keep a query on"):
+        PolicyMapper.from_dict({"rules": [{"kind": "privacy"}, POLICY]})  # nothing private, no target
+    with pytest.raises(MapperConfigError, match="not model aliases"):
+        PolicyMapper.from_dict({"rules": [{"kind": "privacy", "models": ["cloud"]}, POLICY]})
+
+
+def test_a_failed_router_maps_to_the_default_model_and_privacy_still_holds():
+    m = mapper([{"kind": "privacy", "target": "local"}, {"kind": "threshold", "at_least": 0.0, "target": "large"},
+                POLICY])
+    got = m.map(decision("Who wrote Hamlet?"), router_failed="timed out after 0.5 s")
+    assert (got.rule, got.target) == ("router_failed", m.fallback) and "timed out" in got.reason
+    assert m.map(decision("bob@example.com"), router_failed="raised").rule == "privacy"
 
 
 @pytest.mark.parametrize("choice, target", [("medium", "medium"), ("large", "large"), ("abstain", ABSTAIN)])

@@ -4,8 +4,6 @@ OpenAI-compatible backend against a real local HTTP server."""
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from router_pipeline.labels.outcomes import OutcomesError, read_outcomes
 from router_pipeline.llm.pool import PoolError, gemini_pool, load_pool, pool_from_dict
 from router_pipeline.routers.pool import Knob, decide, knob, lambdas
 from router_pipeline.training.pool import _lda, fit_pool, pool_grid
+from router_pipeline.training.stand_in import stand_in_pool_router, synthetic
 
 MMLU_PRO = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_pro_dev_outcomes.csv"
 
@@ -129,20 +128,10 @@ def test_oracle_and_random_mix_bound_the_single_models():
 
 
 # -- the heads and the knob -------------------------------------------------------------
-def _synthetic(n=900, seed=0):
-    """Model 0 (cheap) is right on x[0] > 0, model 1 on x[1] > 0, model 2 (dear) mostly."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8))
-    correct = np.stack([x[:, 0] + 0.3 * rng.normal(size=n) > 0, x[:, 1] + 0.3 * rng.normal(size=n) > 0,
-                        rng.random(n) < 0.7], axis=1)
-    cost = np.tile([0.0005, 0.001, 0.004], (n, 1))
-    return x, correct, cost
-
-
 def test_closed_form_lda_is_scikit_learns_without_shrinkage():
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    x, correct, _ = _synthetic(300)
+    x, correct, _ = synthetic(300)
     coef, intercept = _lda(x, correct, 0.0)
     for m in range(2):
         ref = LinearDiscriminantAnalysis(solver="lsqr").fit(x, correct[:, m])
@@ -152,7 +141,7 @@ def test_closed_form_lda_is_scikit_learns_without_shrinkage():
 
 @pytest.mark.parametrize("classifier", ["lda", "logistic", "knn"])
 def test_a_pool_router_learns_which_model_is_right_and_beats_a_random_mix(classifier):
-    x, correct, cost = _synthetic()
+    x, correct, cost = synthetic()
     train, test = slice(0, 600), slice(600, None)
     fitted = fit_pool(lambda p: x[train], correct[train], cost[train], ["cheap", "mid", "dear"], classifier,
                       pool_grid(classifier, c_values=(0.1, 1.0)), folds=3)
@@ -164,7 +153,7 @@ def test_a_pool_router_learns_which_model_is_right_and_beats_a_random_mix(classi
 
 
 def test_a_budget_knob_never_overspends_on_the_validation_rows_and_quality_reaches_its_share():
-    x, correct, cost = _synthetic(seed=1)
+    x, correct, cost = synthetic(seed=1)
     fitted = fit_pool(lambda p: x[:500], correct[:500], cost[:500], ["cheap", "mid", "dear"], "lda", pool_grid("lda"),
                       folds=3)
     val = slice(500, 700)
@@ -183,62 +172,23 @@ def test_a_budget_knob_never_overspends_on_the_validation_rows_and_quality_reach
 
 
 # -- the OpenAI-compatible backend -------------------------------------------------------
-class _OpenAIServer(ThreadingHTTPServer):
-    """A local server speaking OpenAI's chat-completions protocol; ``status`` sets its reply."""
-
-    def __init__(self):
-        self.requests, self.status = [], 200
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(handler):
-                body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
-                self.requests.append({"path": handler.path, "auth": handler.headers.get("Authorization"), **body})
-                if self.status != 200:
-                    reply = json.dumps({"error": {"message": "nope", "type": "x", "code": None}}).encode()
-                    handler.send_response(self.status)
-                    handler.send_header("Retry-After", "7")
-                elif body.get("stream"):
-                    handler.send_response(200)
-                    handler.send_header("Content-Type", "text/event-stream")
-                    chunks = [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in
-                              ("Par", "is")]
-                    chunks.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2,
-                                                            "total_tokens": 11}})
-                    reply = "".join(f"data: {json.dumps({'id': 'c', 'object': 'chat.completion.chunk', 'created': 0, 'model': body['model'], **c})}\n\n"
-                                    for c in chunks).encode() + b"data: [DONE]\n\n"
-                else:
-                    handler.send_response(200)
-                    handler.send_header("Content-Type", "application/json")
-                    reply = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                        "choices": [{"index": 0, "finish_reason": "stop",
-                                                     "message": {"role": "assistant", "content": " Paris "}}],
-                                        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}).encode()
-                handler.send_header("Content-Length", str(len(reply)))
-                handler.end_headers()
-                handler.wfile.write(reply)
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-
 @pytest.fixture
 def openai_server():
-    server = _OpenAIServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
+    from router_pipeline.llm.fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 def test_the_openai_backend_speaks_the_protocol_to_a_local_server(openai_server, monkeypatch):
+    from router_pipeline.llm.fake_openai import Fault
     from router_pipeline.llm.openai_compat import OpenAIClient
     from router_pipeline.llm.types import LLMRequest, RetryableError
 
     from router_pipeline.llm.pool import client_for
 
     monkeypatch.setenv("TEST_VLLM_KEY", "sk-local-123")
-    url = f"http://127.0.0.1:{openai_server.server_address[1]}/v1"
+    url = openai_server.base_url
     pool = pool_from_dict([{"name": "llama", "backend": "openai", "model": "meta-llama/Llama-3.1-8B-Instruct",
                             "base_url": url, "api_key_env": "TEST_VLLM_KEY", "input_usd_per_mtok": 0.18,
                             "output_usd_per_mtok": 0.18}])
@@ -249,10 +199,10 @@ def test_the_openai_backend_speaks_the_protocol_to_a_local_server(openai_server,
     async def run():
         whole = await client.complete(request)
         streamed = [item async for item in client.stream(request)]
-        openai_server.status = 429
+        openai_server.add_faults(Fault(status=429, retry_after=7))
         with pytest.raises(RetryableError) as limited:
             await client.complete(request)
-        openai_server.status = 400
+        openai_server.add_faults(Fault(status=400))
         with pytest.raises(Exception) as refused:
             await client.complete(request)
         await client.aclose()
@@ -260,9 +210,10 @@ def test_the_openai_backend_speaks_the_protocol_to_a_local_server(openai_server,
 
     whole, streamed, limited, refused = asyncio.run(run())
     assert (whole.text, whole.status, whole.input_tokens, whole.output_tokens) == ("Paris", "ok", 9, 2)
-    assert streamed[:2] == ["Par", "is"] and streamed[-1].text == "Paris" and streamed[-1].output_tokens == 2
+    assert streamed[:2] == [" Pa", "ris "] and streamed[-1].text == "Paris"  # deltas as sent, the answer stripped
+    assert streamed[-1].output_tokens == 2
     assert limited.retry_after == 7.0 and not isinstance(refused, RetryableError)
-    first = openai_server.requests[0]
+    first = openai_server.calls[0]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-local-123"
     assert first["model"] == "meta-llama/Llama-3.1-8B-Instruct" and first["max_tokens"] == 12
     assert first["messages"] == [{"role": "system", "content": "Answer briefly."},
@@ -275,7 +226,7 @@ def test_a_saved_pool_router_routes_as_it_was_fitted(tmp_path):
     from router_pipeline.artifacts import CALIBRATION_FILE
     from router_pipeline.routers.pool import PoolRouter, save_pool_router
 
-    x, correct, cost = _synthetic(300)
+    x, correct, cost = synthetic(300)
     fitted = fit_pool(lambda p: x, correct, cost, ["cheap", "mid", "dear"], "lda", pool_grid("lda"), folds=3)
     path = save_pool_router(tmp_path / "pool", {"encoder": "minilm"}, fitted.head, params=fitted.params)
     (path / CALIBRATION_FILE).write_text(json_.dumps({"knob": "lambda", "lambda": 50.0}))
@@ -292,35 +243,6 @@ def test_a_saved_pool_router_routes_as_it_was_fitted(tmp_path):
     assert router.choose(queries, lam=float("inf"))[1] == ["cheap"] * 20
 
 
-def _served_pool_router(tmp_path):
-    """A pool router over three Gemini-backend models (flash-lite, flash, pro at list
-    prices) whose encoder reads "row i" as the i-th synthetic feature row, saved as the
-    pipeline saves one, with a validation sweep recorded for the knob."""
-    import json as json_
-
-    from router_pipeline.artifacts import CALIBRATION_FILE
-    from router_pipeline.llm.pool import gemini_pool
-    from router_pipeline.routers.pool import PoolRouter, save_pool_router, sweep
-    from router_pipeline.training.pool import _json_sweep
-
-    pool = gemini_pool()
-    x, correct, cost = _synthetic(300)
-    fitted = fit_pool(lambda p: x, correct, cost, pool.names, "lda", pool_grid("lda"), folds=3)
-    path = save_pool_router(tmp_path / "pool", {"encoder": "minilm"}, fitted.head, pool=pool.to_dict(),
-                            params=fitted.params)
-    val = slice(200, 300)
-    p_val = fitted.head.proba(x[val])
-    (path / CALIBRATION_FILE).write_text(json_.dumps({
-        "lambda": 0.0, "knob": "lambda", "knob_value": 0.0, "best_single_accuracy": float(correct[val].mean(0).max()),
-        "validation_sweep": _json_sweep(sweep(p_val, correct[val], cost[val], fitted.head.costs))}))
-
-    class Rows:
-        def encode(self, queries):
-            return x[[int(q.rsplit(" ", 1)[1]) if q.startswith("row ") else 0 for q in queries]]
-
-    return PoolRouter(path, encoder=Rows()), fitted, x
-
-
 def test_the_server_answers_from_the_model_the_pool_router_chose_counts_and_takes_feedback_per_model(
         tmp_path, monkeypatch):
     """The openai client against a served pool router: the answering model is the one
@@ -335,7 +257,7 @@ def test_the_server_answers_from_the_model_the_pool_router_chose_counts_and_take
     from router_pipeline.serve.gateway import build_gateway
     from router_pipeline_tests.support import serving
 
-    router, fitted, x = _served_pool_router(tmp_path)
+    router, fitted, x = stand_in_pool_router(tmp_path)
     names = router.models
     with FakeGemini() as fake:
         monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
@@ -438,7 +360,7 @@ def test_a_models_own_budget_caps_it_and_the_next_choice_answers(tmp_path, monke
     from router_pipeline.serve.gateway import build_gateway
     from router_pipeline_tests.support import serving
 
-    router, fitted, x = _served_pool_router(tmp_path)
+    router, fitted, x = stand_in_pool_router(tmp_path)
     names = router.models
     choice = [names[i] for i in decide(fitted.head.proba(x[:60]), fitted.head.costs, 0.0)]
     to_pro = [i for i, n in enumerate(choice) if n == "pro"][:4]

@@ -3,12 +3,13 @@ request streamed token by token (the routing server's ``stream: true``)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Iterator
 
 import torch
 
-from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult
+from router_pipeline.llm.types import EMPTY, OK, LLMRequest, LLMResult, PromptTooLong
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass when the stream gives way to other work
 # A base model has no chat template: given a caller's conversation as it is, it repeats it.
@@ -53,14 +54,17 @@ class LocalClient:
                 out[i] = result
         return out  # type: ignore[return-value]
 
-    def stream(self, request: LLMRequest, cancel: threading.Event,
-               wait_for: threading.Event | None = None) -> Iterator[str | LLMResult]:
+    def stream(self, request: LLMRequest, cancel: threading.Event, wait_for: threading.Event | None = None,
+               max_input_tokens: int | None = None, nice: int = 0) -> Iterator[str | LLMResult]:
         """Text deltas as the model generates them, then the whole LLMResult. Setting
         ``cancel`` (the caller went away) stops generation after the current token.
         With ``wait_for`` (work that must come first on the same CPU), every forward pass
         waits until it is set: each token, and each ``PREFILL_CHUNK`` tokens of the prompt
         (a 32 KB prompt read in one pass held the CPU for seconds); a cancel while it
-        waits stops it at once."""
+        waits stops it at once. ``max_input_tokens``: a longer prompt is refused
+        (PromptTooLong) before any pass. ``nice``: the generating thread's niceness, which
+        the threads it starts for its passes inherit (Linux: per thread), so that work of
+        the process at niceness 0 gets the cores first."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         class Cancelled(StoppingCriteria):  # called after every token
@@ -76,6 +80,8 @@ class LocalClient:
 
         tok = self._tok
         enc = tok([_with_system(request.system, request.prompt)], return_tensors="pt").to(self._lm.device)
+        if max_input_tokens is not None and (n := int(enc["input_ids"].shape[1])) > max_input_tokens:
+            raise PromptTooLong(f"a prompt of {n} tokens is over the local model's {max_input_tokens}")
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(self._gen_kwargs(request.max_output_tokens, request.temperature, request.stop), streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([Cancelled()]))
@@ -84,6 +90,8 @@ class LocalClient:
         failure: list[BaseException] = []
 
         def generate():
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # this thread only
             hook = self._lm.register_forward_pre_hook(take_turn) if wait_for is not None else None
             try:
                 with torch.no_grad():

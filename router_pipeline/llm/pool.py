@@ -48,6 +48,12 @@ class PoolModel:
     api_key_env: str | None = None  # the variable holding the openai backend's key (never the key itself)
     max_output_tokens: int = 1024
     prompt_style: str = PROMPT_STYLES[0]  # how the pipeline prompts it for labels (labels.answering)
+    private: bool = False  # an endpoint on the operator's own machines: privacy rules may send to it
+
+    @property
+    def keeps_private(self) -> bool:
+        """A query sent to it stays on the operator's machines (a local model, or a private endpoint)."""
+        return self.backend == "local" or self.private
 
     def role(self) -> RoleSpec:
         """The model as an LLM role of the pipeline (its prices, token budget, prompt style)."""
@@ -117,6 +123,8 @@ def _model(entry, i: int) -> PoolModel:
     tokens = entry.get("max_output_tokens", 1024)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise PoolError(f"{where}: 'max_output_tokens' must be a positive integer, got {tokens!r}")
+    if not isinstance(entry.get("private", False), bool):
+        raise PoolError(f"{where}: 'private' must be true or false (unquoted), got {entry['private']!r}")
     if entry.get("prompt_style", PROMPT_STYLES[0]) not in PROMPT_STYLES:
         raise PoolError(f"{where}: unknown prompt_style {entry['prompt_style']!r}; expected one of {PROMPT_STYLES}")
     return PoolModel(**{k: (float(v) if k in PRICE_FIELDS else v) for k, v in entry.items()})

@@ -73,6 +73,11 @@ class LLMResult:
         return cls(**json.loads(blob))
 
 
+class PromptTooLong(ValueError):
+    """A prompt over what a model may be given (a local model's input cap): another model
+    may take it; retrying this one cannot help."""
+
+
 class RetryableError(Exception):
     """A transient failure (429, 5xx, timeout): the runner backs off and tries again."""
 

@@ -11,6 +11,14 @@ cause) cools the model down for the caller's profile only; only a 429, the provi
 quota shared by every profile, cools it down for all, for its ``Retry-After``. A 4xx
 that is the caller's fault (400, 413, 422: the request itself is refused) is the
 caller's error, trips nothing and is not retried on another model.
+
+A local model generates on the CPU cores the router needs, so it is bounded
+(``ServingConfig``): one answer at a time, at most ``local_queue`` waiting (one more is
+told it is busy and the next target serves), a prompt of at most
+``local_max_input_tokens`` (a longer one goes to the next target), ``local_timeout_s``
+for waiting and generating together (then it failed, as a cloud model's timeout), and its
+generating threads at niceness ``local_nice``, so that the operating system gives the
+router's threads the cores first.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.pool import Pool, PoolModel, client_for
 from router_pipeline.llm.roles import Roles
-from router_pipeline.llm.types import OK, LLMRequest, LLMResult, RetryableError
+from router_pipeline.llm.types import OK, LLMRequest, LLMResult, PromptTooLong, RetryableError
+from router_pipeline.serve.config import ServingConfig
 from router_pipeline.policies import TIERS
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,10 @@ def _caller_fault(exc: Exception) -> str | None:
     if isinstance(code, int) and code in CALLER_ERRORS:
         return " ".join(str(p) for p in ("HTTP", code, getattr(exc, "status", None) or "") if p)
     return None
+
+
+class LocalBusy(RuntimeError):
+    """A local model already has ``local_queue`` requests waiting: the next target serves."""
 
 
 class AllTargetsFailed(RuntimeError):
@@ -105,13 +118,15 @@ class Streamed:
 
 
 class Backends:
-    def __init__(self, roles: Roles, *, cooldown_s: float, local_max_output_tokens: int,
-                 local_waits_for: threading.Event | None = None, pool: Pool | None = None):
-        """``local_waits_for``: a local model runs each forward pass only once this is
-        set (the batcher's ``idle``: routing comes first on a shared CPU). ``pool``: a pool
-        router's models, called by their pool names with the pool's backends and prices."""
-        self.roles, self.cooldown_s, self.local_max_output_tokens = roles, cooldown_s, local_max_output_tokens
+    def __init__(self, roles: Roles, config: ServingConfig, *, local_waits_for: threading.Event | None = None,
+                 pool: Pool | None = None):
+        """``config``: cooldowns and the local models' bounds. ``local_waits_for``: a local
+        model runs each forward pass only once this is set (the batcher's ``idle``: routing
+        comes first on a shared CPU). ``pool``: a pool router's models, called by their pool
+        names with the pool's backends and prices."""
+        self.roles, self.config, self.cooldown_s = roles, config, config.cooldown_s
         self.pool = pool
+        self._local_waiting = 0
         self.local_waits_for = local_waits_for
         self._clients: dict[tuple[str, str], tuple[RoleSpec, object]] = {}
         self._cooling: dict[tuple[str, str], float] = {}  # (profile or EVERY_PROFILE, model) -> when it may be called
@@ -130,6 +145,12 @@ class Backends:
         """Who answers for a target: a pool model as the pool says, else the role's (llm.roles)."""
         pooled = self._pooled(alias, model)
         return pooled.role() if pooled else self.roles.spec_for(alias, model)
+
+    def private(self, alias: str, model: str) -> bool:
+        """Whether a query sent to this target stays on the operator's machines: a local
+        model, or a pool endpoint marked ``private: true``."""
+        pooled = self._pooled(alias, model)
+        return pooled.keeps_private if pooled else self.spec_for(alias, model).provider == "local"
 
     def reference_price(self, mapper) -> tuple[float, float]:
         """What savings are counted against: the dearest pool model, else the large role."""
@@ -181,6 +202,10 @@ class Backends:
 
     def _failed(self, target: str, model: str, spec: RoleSpec, exc: Exception, attempts: list[dict],
                 profile: str) -> None:
+        if isinstance(exc, (LocalBusy, PromptTooLong)):  # this request's or this moment's: nothing cools down
+            attempts.append({"target": target, "model": spec.model, "error": str(exc),
+                             **({"too_long": True} if isinstance(exc, PromptTooLong) else {})})
+            return
         if (status := _caller_fault(exc)) is not None:
             log.info("%s (%s) refused the request of profile %s: %r", target, spec.model, profile, exc)
             raise RejectedRequest(status) from None
@@ -237,7 +262,7 @@ class Backends:
         if not hasattr(client, "complete"):
             from router_pipeline.llm.local import chat_request  # torch: only where a local model serves
 
-            return chat_request(prompt, max_output_tokens=min(budget, self.local_max_output_tokens),
+            return chat_request(prompt, max_output_tokens=min(budget, self.config.local_max_output_tokens),
                                 temperature=spec.temperature, system=system)
         return LLMRequest(prompt, max_output_tokens=budget, temperature=spec.temperature, system=system)
 
@@ -252,23 +277,45 @@ class Backends:
 
         def produce():
             try:
-                for item in client.stream(request, cancel, wait_for=self.local_waits_for):
+                for item in client.stream(request, cancel, wait_for=self.local_waits_for,
+                                          max_input_tokens=self.config.local_max_input_tokens,
+                                          nice=self.config.local_nice):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except Exception as exc:  # handed to the reader
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, end)
 
-        async with self._local_lock:
+        limits = self.config
+        if self._local_lock.locked() and self._local_waiting >= limits.local_queue:
+            raise LocalBusy(f"the local model is busy ({self._local_waiting} requests waiting)")
+        deadline = loop.time() + limits.local_timeout_s
+        self._local_waiting += 1
+        try:
+            await asyncio.wait_for(self._local_lock.acquire(), limits.local_timeout_s)
+        except asyncio.TimeoutError:
+            raise RetryableError(f"local model timeout: no turn within {limits.local_timeout_s:g} s") from None
+        finally:
+            self._local_waiting -= 1
+        try:
             worker = asyncio.ensure_future(asyncio.to_thread(produce))
             try:
-                while (item := await queue.get()) is not end:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        raise RetryableError(f"local model timeout: not done within {limits.local_timeout_s:g} s"
+                                             ) from None
+                    if item is end:
+                        break
                     if isinstance(item, Exception):
                         raise item
                     yield item
             finally:
                 cancel.set()
                 await asyncio.shield(worker)
+        finally:
+            self._local_lock.release()
 
     async def _call(self, client, request: LLMRequest) -> LLMResult:
         if hasattr(client, "complete"):

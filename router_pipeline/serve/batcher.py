@@ -35,6 +35,7 @@ class RouteBatcher:
         self.routed = 0
         self.idle = threading.Event()
         self.idle.set()
+        self._pass_started: float | None = None
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -69,6 +70,9 @@ class RouteBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
+            batch = [p for p in batch if not p.future.done()]  # a caller that stopped waiting costs no pass
+            if not batch:
+                continue
             try:
                 decisions = await asyncio.to_thread(self._pass, [p.query for p in batch])
             except Exception as exc:  # one bad batch fails its requests, never the worker
@@ -82,9 +86,17 @@ class RouteBatcher:
                 if not p.future.done():
                     p.future.set_result(d)
 
+    def stalled(self, limit_s: float) -> bool:
+        """Whether the pass running now has run for more than ``limit_s``: a router that
+        hangs, as against a queue that is long but moving."""
+        started = self._pass_started
+        return started is not None and time.perf_counter() - started > limit_s
+
     def _pass(self, queries: list[str]):
         self.idle.clear()
+        self._pass_started = time.perf_counter()
         try:
             return self.router.route_batch(queries)
         finally:
+            self._pass_started = None
             self.idle.set()

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help=PRECISION_HELP)
     s.add_argument("--cooldown-s", type=float, default=DEFAULTS.cooldown_s,
                    help="how long a model that failed (429/5xx/timeout) is skipped")
+    s.add_argument("--routing-timeout-s", type=float, default=DEFAULTS.routing_timeout_s,
+                   help="how long one router pass may run before the requests waiting on it are answered by their "
+                        "profile's default model (router_failed)")
     s.add_argument("--max-output-tokens", type=int, default=DEFAULTS.max_output_tokens,
                    help="the most a request's max_tokens may ask for (more is a 400)")
     s.add_argument("--database", help="state database: a postgresql:// URL shared by several hosts (default: "
@@ -297,6 +300,7 @@ def serve(args) -> int:
     folder, url = _state(args)
     config = replace(DEFAULTS, batching=not args.no_batching, prefix_cache=not args.no_prefix_cache,
                      window_ms=args.batch_window_ms, max_batch=args.max_batch, cooldown_s=args.cooldown_s,
+                     routing_timeout_s=args.routing_timeout_s,
                      precision=args.precision, max_output_tokens=args.max_output_tokens,
                      graceful_shutdown_s=args.graceful_shutdown_s, open_to_remote=args.open_to_remote,
                      database_timeout_s=args.database_timeout_s, accept_new_database=args.accept_new_database,

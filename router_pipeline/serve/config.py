@@ -14,17 +14,29 @@ class ServingConfig:
     max_batch: int = 32
     prefix_cache: bool = True  # LoRA routers: the fixed prompt prefix's KV cache
     precision: str = "fast"  # head routers on Gemma: fast (bf16 weights, the exported encoder) or fp32
+    # Routing never stops a request: a router that raises, or whose pass runs longer than this (a full
+    # batch of 32 takes about 0.2 s on 2 cores; waiting in a moving queue does not count), hands it to its
+    # profile's default model (routing.router_failed), or to a 503 where the profile says
+    # router_failure: refuse. /health reports a router that failed this many calls in a row.
+    routing_timeout_s: float = 0.5
+    router_unhealthy_after: int = 5
     # Limits on what a caller may send.
     max_body_bytes: int = 1_000_000  # enforced while the body is read
     max_header_bytes: int = 32_768  # the request line and headers together (h11); more is refused unread
     # Without profiles (no keys): only loopback callers, with Host a loopback name and JSON bodies (so a web
     # page cannot POST to it), unless the operator opens it (serve --open-to-remote).
     open_to_remote: bool = False
-    max_conversation_chars: int = 32_000  # the router reads the head and tail of a longer one
+    max_conversation_chars: int = 32_000  # a longer conversation is refused (400); the router reads its head and tail
     max_output_tokens: int = 8_192  # a request's max_tokens; more is a 400
     local_max_output_tokens: int = 512  # what a local tier generates at most, whatever the caller asks
+    # A local model generates on the router's CPU cores: bounded so that one caller cannot take them.
+    local_max_input_tokens: int = 2_048  # a longer prompt is not given to a local model (the next target, or 400)
+    local_timeout_s: float = 30.0  # waiting for the local model and generating, together; then it failed
+    local_queue: int = 4  # requests waiting for a local model; one more is told it is busy (next target, or 503)
+    local_nice: int = 10  # the local model's generating threads run at this niceness (the router's stay at 0)
     # Upstream models.
     cooldown_s: float = 30.0  # how long a model that failed (429/5xx/timeout) is skipped
+    upstream_timeout_s: float | None = None  # a model call's timeout (None: the LLM roles', 120 s; Pro 300 s)
     escalation_timeout_s: float = 120.0
     # Idempotency-Key: a retry with the same key within the window gets the recorded answer.
     idempotency_window_s: float = 86_400.0
@@ -60,7 +72,7 @@ class ServingConfig:
                 raise ValueError(f"serving setting {f.name} must be >= 0, got {value}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
-        for name in ("database_threads", "recording_threads"):
+        for name in ("database_threads", "recording_threads", "router_unhealthy_after", "local_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

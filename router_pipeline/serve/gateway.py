@@ -94,6 +94,12 @@ class Decided:
     capped: frozenset = frozenset()  # models whose own budget is used up: no fallback goes to them
     claim: dict | None = None  # profile, key, fingerprint of the Idempotency-Key this request claimed
     lam: float | None = None  # a pool router's lambda for this request (from the model name)
+    scan: str = ""  # every message's text, system messages included: what privacy rules read
+    router_failed: str | None = None  # why the router gave no decision (the default model answers)
+
+    def map(self, **kwargs) -> Mapping:
+        """The mapper's mapping of this request (privacy rules read the whole conversation)."""
+        return self.mapper.map(self.decision, text=self.scan, router_failed=self.router_failed, **kwargs)
 
     @property
     def asked(self) -> int | None:
@@ -131,6 +137,7 @@ class Gateway:
     _background: set = field(default_factory=set, init=False, repr=False)  # deferred recordings, replays
     _replaying: asyncio.Task | None = field(default=None, init=False, repr=False)  # the background replay
     _overdue: int = field(default=0, init=False, repr=False)  # recordings whose request stopped waiting
+    _router_failures: list = field(default_factory=list, init=False, repr=False)  # the last calls' failures, in a row
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -178,11 +185,14 @@ class Gateway:
         """What cannot serve now (component -> why), empty when the router answers a probe
         through the batcher and the state database answers a read: readiness, for /health."""
         failing = {}
+        if len(self._router_failures) >= self.config.router_unhealthy_after:  # requests go to default models
+            failing["router"] = (f"failed its last {len(self._router_failures)} calls (last: "
+                                 f"{self._router_failures[-1]}); requests are answered by their profile's default model")
         try:
             await asyncio.wait_for(self.batcher.route(PROBE_QUERY), self.config.readiness_timeout_s)
         except Exception as exc:  # whatever it is, the router cannot route
             log.error("readiness: the router failed its probe: %r", exc)
-            failing["router"] = "timed out" if isinstance(exc, asyncio.TimeoutError) else "failed its probe"
+            failing.setdefault("router", "timed out" if isinstance(exc, asyncio.TimeoutError) else "failed its probe")
         try:
             await self._in_db(self.feedback.db.execute, "SELECT 1 FROM requests LIMIT 1")
             if self.identity is not None:
@@ -201,7 +211,7 @@ class Gateway:
             raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
                                  "invalid_field", param=tokens[0])
         mapper, threshold, lam = self._mapper(profile, body.model)
-        text, prompt, system = self._conversation(body)
+        text, prompt, system, scan = self._conversation(body)
         if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
             await self._in_db(self.identity.check)
         if mapper.ledger is not None:  # spend is recorded for this profile: an unreadable ledger stops it
@@ -209,14 +219,43 @@ class Gateway:
             await self._in_db(mapper.ledger.spent)
         else:  # nothing to count it against: the replay goes on in the background, unwaited for
             self._replay_soon()
-        decision = await self.batcher.route(text)
-        if lam is not None:  # the pool router's choice at the lambda the model name asks for
+        decision, failed = await self._route(profile, text)
+        if lam is not None and failed is None:  # the pool router's choice at the lambda the model name asks for
             decision = self.router.at(decision, lam)
+        d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
+                    lam=lam, scan=scan, router_failed=failed)
         # Rules may read the ledger (the state database); without one they read nothing.
-        mapping = await (self._in_db(mapper.map, decision) if mapper.ledger is not None
-                         else asyncio.to_thread(mapper.map, decision))
-        return Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, mapping,
-                       (time.perf_counter() - t0) * 1000, claim=claim, lam=lam)
+        d.mapping = await (self._in_db(d.map) if mapper.ledger is not None else asyncio.to_thread(d.map))
+        d.router_ms = (time.perf_counter() - t0) * 1000
+        return d
+
+    async def _route(self, profile: Profile, text: str) -> tuple[RouteDecision, str | None]:
+        """(the router's decision, None), or (an empty decision, why) when the router raised
+        or a pass ran over ``routing_timeout_s``: routing never stops the request (the
+        profile's default model answers), unless the profile fails closed (503). Waiting in
+        a queue that moves is not a failure: under load on 2 cores a timeout on the wait
+        itself sent more than 5% of requests to the default model."""
+        limit = self.config.routing_timeout_s
+        route = asyncio.ensure_future(self.batcher.route(text))
+        try:
+            while not (await asyncio.wait({route}, timeout=limit))[0]:
+                if self.batcher.stalled(limit):
+                    raise asyncio.TimeoutError
+            decision = route.result()
+            self._router_failures.clear()  # a router that recovers is used again
+            return decision, None
+        except asyncio.TimeoutError:
+            why = f"a router pass ran over {limit:g} s"
+        except Exception as exc:  # whatever the router raised: the request goes on without it
+            log.error("the router failed on a request of profile %s: %r", profile.name, exc)
+            why = f"it raised {type(exc).__name__}"
+        finally:
+            route.cancel()  # a caller that stopped waiting costs no pass
+        self._router_failures = [*self._router_failures[-(self.config.router_unhealthy_after - 1):], why]
+        if profile.router_failure == "refuse":
+            raise Unavailable(f"the router failed ({why}) and profile {profile.name!r} refuses to answer without it",
+                              "router_unavailable", retry_after_s=1)
+        return RouteDecision(text, "router_failed", {}, False, "router_failed", parse_error=why, fallback_used=True), why
 
     def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None, float | None]:
         """(mapper, threshold, a pool router's lambda) for the model name asked for."""
@@ -256,8 +295,8 @@ class Gateway:
                            "router-quality-0.95) or 'router-lambda-<lambda>'", "model_not_found",
                            param="model") from None
 
-    def _conversation(self, body: Conversation) -> tuple[str, str, str | None]:
-        """(routing text, prompt for the answering model, system text)."""
+    def _conversation(self, body: Conversation) -> tuple[str, str, str | None, str]:
+        """(routing text, prompt for the answering model, system text, every message's text)."""
         messages = body.plain_messages()
         try:
             conversation = conversation_text(messages)
@@ -266,7 +305,7 @@ class Gateway:
             raise InvalidRequest(f"messages: {exc}", "invalid_messages", param="messages") from None
         system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")
                            and m["content"]) or None
-        return text, conversation, system
+        return text, conversation, system, "\n".join(m["content"] for m in messages if m["content"])
 
     async def _replay(self, strict: bool, pool: str = "request") -> None:
         """Write the journal's entries into the state database; ``strict``: a database
@@ -347,6 +386,9 @@ class Gateway:
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
                 "router_ms": round(d.router_ms, 2),
+                **({"private": {"rule": d.mapping.rule, "models": list(d.mapping.allowed)}}
+                   if d.mapping.allowed is not None else {}),
+                **({"router_failed": d.router_failed} if d.router_failed is not None else {}),
                 **({"p_correct": d.decision.p_correct, "lambda": self.router.lam if d.lam is None else d.lam}
                    if d.decision.p_correct else {}),
                 **({"ignored_parameters": ignored} if (ignored := getattr(d.body, "ignored", None)) else {})}
@@ -357,7 +399,8 @@ class Gateway:
         await self._remember(d, routing["request_id"], d.mapping.target)
         await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy,
                                 model=self._counted(d.mapping.target, d.mapping.model),
-                                router_ms=d.router_ms, total_ms=d.router_ms)
+                                router_ms=d.router_ms, total_ms=d.router_ms, router_failed=d.router_failed is not None,
+                                privacy_rule=d.mapping.rule if d.mapping.allowed is not None else None)
         return {"model": d.mapping.model, **routing}
 
     def _counted(self, target: str | None, model: str | None) -> str | None:
@@ -367,10 +410,13 @@ class Gateway:
 
     # -- answering --------------------------------------------------------------
     def _targets(self, d: Decided) -> list[tuple[str, str]]:
+        """The mapped model, then its fallbacks; a private query's only among its rule's models."""
         if self.pool is not None and d.mapping.target in self.pool.names:  # down the pool by price, then up
             fallbacks = self.pool.fallbacks(d.mapping.target)
         else:
             fallbacks = d.profile.fallbacks
+        if d.mapping.allowed is not None:  # then the rule's other models, never one outside it
+            fallbacks = [a for a in [*fallbacks, *d.mapping.allowed] if a in d.mapping.allowed]
         return servable(d.profile, d.mapper, [d.mapping.target, *(a for a in fallbacks if a not in d.capped)])
 
     async def answer(self, d: Decided) -> Answered:
@@ -440,14 +486,22 @@ class Gateway:
 
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
-            await self._in_db(self.stats.record_error, d.profile.name)
+            await self._in_db(self.stats.record_error, d.profile.name,
+                              d.mapping.rule if d.mapping.allowed is not None else None)
         if isinstance(exc, RejectedRequest):  # the caller's fault: nothing cooled down, nothing retried
             return InvalidRequest(f"the model refused this request as invalid ({exc.status}); check its "
                                   "messages and parameters", "upstream_invalid_request")
         if isinstance(exc, AllTargetsFailed):
+            if exc.attempts and all(a.get("too_long") for a in exc.attempts):  # retrying cannot help
+                return InvalidRequest(f"the conversation is too long for the models that may answer it: {exc}",
+                                      "prompt_too_long", param="messages")
             cooling = self.backends.cooling(d.profile.name)
-            return Unavailable(f"no model could answer: {exc}", "all_models_failed",
-                               retry_after_s=int(max(cooling.values(), default=5)) + 1)
+            retry_after_s = int(max(cooling.values(), default=5)) + 1
+            if d.mapping.allowed is not None:
+                return Unavailable(f"privacy rule {d.mapping.rule!r} keeps this conversation on "
+                                   f"{', '.join(d.mapping.allowed)}, and none of them could answer: {exc}",
+                                   "private_models_unavailable", retry_after_s=retry_after_s)
+            return Unavailable(f"no model could answer: {exc}", "all_models_failed", retry_after_s=retry_after_s)
         log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
         return UpstreamFailed(f"the upstream model call failed ({type(exc).__name__})", "upstream_error")
 
@@ -477,7 +531,7 @@ class Gateway:
             reservation = await self._in_db(d.mapper.ledger.admit, limit, self._estimate(d))
             if reservation is None:
                 over = True
-                d.mapping = await self._in_db(d.mapper.map, d.decision, over_budget=True)
+                d.mapping = await self._in_db(d.map, over_budget=True)
         if d.mapper.model_budgets:
             d.model_reservation, d.capped = await self._in_db(self._reserve_model, d, over)
         return reservation
@@ -493,7 +547,7 @@ class Gateway:
             reservation = mapper.ledger.part(target).admit(mapper.model_budgets[target], self._estimate(d))
             if reservation is None:
                 capped.add(target)
-                d.mapping = mapper.map(d.decision, over_budget=over, capped=frozenset(capped))
+                d.mapping = d.map(over_budget=over, capped=frozenset(capped))
         capped |= {a for a in mapper.model_budgets if a != d.mapping.target and mapper.capped(a) is not None}
         return (None if reservation is None else (d.mapping.target, reservation)), frozenset(capped)
 
@@ -542,7 +596,8 @@ class Gateway:
         total_ms = (time.perf_counter() - d.t0) * 1000
         count = functools.partial(
             self.stats.record, d.profile.name, policy=d.decision.policy, model=self._counted(tier, model),
-            router_ms=d.router_ms,
+            router_ms=d.router_ms, privacy_rule=d.mapping.rule if d.mapping.allowed is not None else None,
+            router_failed=d.router_failed is not None,
             total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
             escalated=bool(routing.get("escalated")),
             large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
@@ -572,7 +627,7 @@ class Gateway:
                 decision_log.append(self.decision_log_path, {
                     **decision_log.decision_record(d.decision, d.mapping, latency_ms=total_ms, cost_usd=cost),
                     "request_id": routing["request_id"], "profile": d.profile.name, "served_by": routing["served_by"],
-                    "fallback": routing["fallback"]})
+                    "fallback": routing["fallback"], **{k: routing[k] for k in ("private", "router_failed") if k in routing}})
             except OSError as exc:
                 log.error("decision log: %s", exc)
         return usage
@@ -633,6 +688,20 @@ class Gateway:
             request_id, d.profile.name, d.text, tier if tier in self.feedback.tiers else None, d.profile.store_queries),
             pool=pool)
 
+    async def budget(self, profile: Profile) -> dict | None:
+        """The profile's budget as /v1/stats shows it: the ledger, its limit, spend,
+        reservations in flight and what is left this period, and each per-model cap's;
+        None without a budget."""
+        m = profile.mapper
+        if m.ledger is None:
+            return None
+        out = {"ledger": m.ledger.name, "period_kind": m.ledger.period,
+               **await self._in_db(m.ledger.headroom, m.budget_limit())}
+        if m.model_budgets:
+            out["models"] = {alias: await self._in_db(m.ledger.part(alias).headroom, cap)
+                             for alias, cap in m.model_budgets.items()}
+        return out
+
     # -- feedback ---------------------------------------------------------------
     async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:
         try:
@@ -669,8 +738,8 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
     if not any(r.kind == "threshold" for r in rules):
         first_policy = next((i for i, r in enumerate(rules) if r.kind == "policy"), len(rules))
         rules.insert(first_policy, rule)
-    return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation, mapper.escalation_url,
-                        mapper.model_budgets)
+    return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation_url,
+                        mapper.model_budgets, mapper.private)
 
 
 def servable(profile: Profile, mapper: PolicyMapper, aliases: list[str]) -> list[tuple[str, str]]:
@@ -682,7 +751,8 @@ def reachable(profile: Profile) -> list[tuple[str, str]]:
     """Every model the profile's requests may be answered by: its rules' and mapper's
     targets and its fallbacks."""
     m = profile.mapper
-    return servable(profile, m, [t for r in m.rules for t in (r.target, *r.map.values())]
+    return servable(profile, m, [t for r in m.rules for t in (r.target, *r.map.values(),
+                                                              *(m.allowed_by(r) if r.kind == "privacy" else ()))]
                     + [m.fallback, *profile.fallbacks])
 
 
@@ -696,6 +766,8 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
     from router_pipeline.serve.profiles import load_profiles
 
     roles = roles_for(settings.load())
+    if config.upstream_timeout_s is not None:
+        roles = replace(roles, timeout_s=config.upstream_timeout_s)
     router = router or load_router(adapter, RouterConfig(batch_size=config.max_batch, prefix_cache=config.prefix_cache,
                                                          precision=config.precision))
     pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router knows its pool
@@ -703,8 +775,10 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         models, names = {tier: roles.spec(tier).model for tier in TIERS}, None
     else:
         models, names = {m.name: m.model for m in pool.models}, [m.name for m in pool.by_price()]
+    batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
+    backends = Backends(roles, config, local_waits_for=batcher.idle, pool=pool)
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models,
-                                         pool=names)
+                                         pool=names, private=backends.private)
     feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s,
                              tiers=tuple(names) if names else TIERS)
     identity = None
@@ -714,9 +788,6 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
                 identity = StateIdentity(feedback.db, feedback_dir, config.identity_check_s)
                 identity.establish(config.accept_new_database)
             profile.mapper.ledger.bind(feedback.db)
-    batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
-    backends = Backends(roles, cooldown_s=config.cooldown_s, local_max_output_tokens=config.local_max_output_tokens,
-                        local_waits_for=batcher.idle, pool=pool)
     if loaded := backends.preload_local([t for p in profiles.profiles.values() for t in reachable(p)]):
         log.info("local models loaded before serving: %s", ", ".join(loaded))
     return Gateway(

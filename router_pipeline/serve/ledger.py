@@ -160,6 +160,15 @@ class BudgetLedger:
         with self._ready():
             return self._spent(key) + self._reserved(key)
 
+    def headroom(self, limit_usd: float | None) -> dict:
+        """This period's limit, spend, reservations in flight and what is left: what a
+        caller reads in /v1/stats (one read: the same period for every figure)."""
+        key = self.key()
+        with self._ready():
+            spent, reserved = self._spent(key), self._reserved(key)
+        return {"period": key, "limit_usd": limit_usd, "spent_usd": round(spent, 8), "reserved_usd": round(reserved, 8),
+                "left_usd": None if limit_usd is None else round(max(0.0, limit_usd - spent - reserved), 8)}
+
     @contextlib.contextmanager
     def _row(self, key: str):
         """The period's spend row, locked until the transaction ends."""

@@ -3,14 +3,24 @@
 Ordered rules, first match wins; every mapping names the rule that fired. Rule
 kinds (each takes a ``target``, a model alias from ``models`` or ``abstain``):
 
-- ``privacy``        the query matches a PII pattern (e-mail, phone, card, IBAN, SSN)
+- ``privacy``        any message of the conversation (system messages and earlier
+                     turns included) matches a PII pattern (e-mail, phone, card, IBAN,
+                     SSN). Privacy rules are checked before every other rule, wherever
+                     they stand, and the query may then go only to the rule's ``models``
+                     (default: the profile's private models, those on a ``local``
+                     backend or an endpoint marked ``private: true``, and the rule's
+                     target): fallbacks, cooldown skips, model budgets and a pool's
+                     knob choose among those only, and when all of them fail the
+                     caller gets a 503, never another model's answer. A pool profile's
+                     privacy rule may leave out ``target``: the pool router's best
+                     choice among ``models`` answers
 - ``keyword``        the query contains one of ``keywords`` (case-insensitive, whole words)
 - ``long_query``     the query has at least ``min_chars`` characters
 - ``math``           the query looks like arithmetic / maths (operators, equations, LaTeX, maths words)
 - ``budget``         the persisted spend of the period has reached ``limit_usd``
 - ``low_confidence`` the router's probability for its policy is below ``below``
-                     (``target: escalate`` hands the query to the escalation: an
-                     llm-council endpoint, ``escalation: {url: ...}``, or a callback)
+                     (``target: escalate`` hands the query to the llm-council endpoint
+                     of the mapper's ``escalation: {url: ...}`` section)
 - ``threshold``      the router's P(Complex_Query) is at least ``at_least`` (the
                      calibrated threshold the evaluation scored)
 - ``policy``         ``map`` from policy to target (Ambiguous_Query may map to
@@ -25,7 +35,10 @@ to the pool router's next choice (a two-tier mapper: its ``fallback``), and when
 candidate is capped it is answered "I don't know" without a model call (rule
 ``model_budget``).
 
-Nothing matched (e.g. a policy missing from the map) -> ``fallback``. Presets
+Nothing matched (e.g. a policy missing from the map) -> ``fallback``, the profile's
+default model; so does a request whose router failed or timed out (``router_failed``:
+only the rules that do not read the router's decision apply: privacy, keyword,
+long_query, math, budget). Presets
 ``cost_first``, ``quality_first`` and ``balanced`` are complete rule lists; a
 YAML/JSON file can start from a preset and override its parts.
 """
@@ -45,6 +58,7 @@ ABSTAIN = "abstain"
 ESCALATE = "escalate"
 ABSTAIN_ANSWER = "I don't know."
 KINDS = ("privacy", "keyword", "long_query", "math", "budget", "low_confidence", "threshold", "policy", "pool")
+READS_ROUTER = frozenset({"low_confidence", "threshold", "policy", "pool"})  # skipped when the router failed
 
 PII_PATTERNS: dict[str, str] = {
     # A match starts only where a run of its characters starts (the lookbehind): linear
@@ -77,6 +91,7 @@ class Rule:
     at_least: float = 0.0
     map: dict = field(default_factory=dict)
     patterns: tuple[str, ...] = ()  # privacy: pattern names from PII_PATTERNS (default all)
+    models: tuple[str, ...] = ()  # privacy: the aliases a matching query may go to (default: the private ones)
 
     @property
     def label(self) -> str:
@@ -90,6 +105,7 @@ class Mapping:
     rule: str  # which rule fired ("fallback" when none did)
     policy: str
     reason: str
+    allowed: tuple[str, ...] | None = None  # a privacy rule's: the only aliases that may answer (None: any)
 
     @property
     def abstain(self) -> bool:
@@ -151,12 +167,15 @@ def pool_spec(models_by_price: list[str]) -> dict:
 
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
-                 ledger: BudgetLedger | None = None, escalation: Callable[[str, object], str] | None = None,
-                 escalation_url: str | None = None, model_budgets: dict[str, float] | None = None):
-        """``model_budgets``: alias -> USD cap of the period on that model (``ledger.part``)."""
+                 ledger: BudgetLedger | None = None, escalation_url: str | None = None,
+                 model_budgets: dict[str, float] | None = None, private: frozenset[str] = frozenset()):
+        """``model_budgets``: alias -> USD cap of the period on that model (``ledger.part``).
+        ``private``: the aliases whose models keep a query on the operator's machines (a
+        privacy rule's default ``models``)."""
         self.models = dict(models or _medium_large_models())
-        self.rules, self.fallback, self.ledger, self.escalation = list(rules), fallback, ledger, escalation
+        self.rules, self.fallback, self.ledger = list(rules), fallback, ledger
         self.escalation_url, self.model_budgets = escalation_url, dict(model_budgets or {})
+        self.private = frozenset(a for a in private if a in self.models)
         self._validate()
 
     # -- construction -------------------------------------------------------
@@ -165,9 +184,10 @@ class PolicyMapper:
         return cls.from_dict({"preset": name}, **kwargs)
 
     @classmethod
-    def from_dict(cls, spec: dict, *, escalation=None, base_dir: Path | None = None,
-                  default_models: dict[str, str] | None = None) -> "PolicyMapper":
-        """``default_models`` (e.g. the profile's medium/large) fill aliases the spec leaves out."""
+    def from_dict(cls, spec: dict, *, base_dir: Path | None = None, default_models: dict[str, str] | None = None,
+                  private: Callable[[str, str], bool] | None = None) -> "PolicyMapper":
+        """``default_models`` (e.g. the profile's medium/large) fill aliases the spec leaves out;
+        ``private(alias, model id)``: whether that model keeps a query on private machines."""
         if not isinstance(spec, dict):
             raise MapperConfigError(f"mapper config must be a mapping, got {type(spec).__name__}")
         unknown = set(spec) - {"preset", "models", "fallback", "rules", "ambiguous", "budget", "escalation"}
@@ -216,8 +236,9 @@ class PolicyMapper:
             if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not e["url"].startswith(("http://", "https://")):
                 raise MapperConfigError(f"'escalation' must be a mapping like {{url: http://council:8001/v1/chat/completions}}, got {e!r}")
             escalation_url = e["url"]
-        return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation,
-                   escalation_url, model_budgets if ledger is not None else None)
+        return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation_url,
+                   model_budgets if ledger is not None else None,
+                   frozenset(a for a, m in models.items() if private is not None and private(a, m)))
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PolicyMapper":
@@ -228,14 +249,31 @@ class PolicyMapper:
             raise MapperConfigError(f"{path}: {exc}") from None
 
     def _validate(self) -> None:
-        targets = {self.fallback} | {r.target for r in self.rules if r.kind not in ("policy", "pool")}
+        targets = {self.fallback} | {r.target for r in self.rules if r.kind not in ("policy", "pool")
+                                     and (r.kind != "privacy" or r.target)}
         targets |= {t for r in self.rules if r.kind == "policy" for t in r.map.values()}
         for t in targets:
             if t not in self.models and t not in (ABSTAIN, ESCALATE):
                 raise MapperConfigError(f"target {t!r} is neither a model alias {sorted(self.models)} nor {ABSTAIN!r}/{ESCALATE!r}")
-        if ESCALATE in targets and self.escalation is None and self.escalation_url is None:
+        if ESCALATE in targets and self.escalation_url is None:
             raise MapperConfigError("a rule escalates but there is no escalation (an 'escalation: {url: ...}' "
-                                    "section, or a callback)")
+                                    "section)")
+        for r in self.rules:
+            if r.kind != "privacy":
+                continue
+            if unknown := [m for m in r.models if m not in self.models]:
+                raise MapperConfigError(f"privacy rule {r.label!r}: models {unknown} are not model aliases "
+                                        f"{sorted(self.models)}")
+            if r.target == ESCALATE:
+                raise MapperConfigError(f"privacy rule {r.label!r}: a private query is never escalated (the council "
+                                        "is another service); its target is a private model or 'abstain'")
+            if r.target and r.target != ABSTAIN and r.models and r.target not in r.models:
+                raise MapperConfigError(f"privacy rule {r.label!r}: its target {r.target!r} is not among its models "
+                                        f"{list(r.models)}")
+            if not r.target and not self.allowed_by(r):
+                raise MapperConfigError(f"privacy rule {r.label!r} has no model to keep a query on: give it 'models' "
+                                        "(aliases), a 'target', or a model on a local backend (or an endpoint marked "
+                                        "private: true in the pool file)")
         if self.fallback == ESCALATE:
             raise MapperConfigError("the fallback must be a model alias or 'abstain'")
         if any(r.kind == "budget" for r in self.rules) and self.ledger is None:
@@ -249,12 +287,31 @@ class PolicyMapper:
             self.ledger.part(alias)
 
     # -- mapping ------------------------------------------------------------
-    def map(self, decision, *, over_budget: bool = False, capped: frozenset = frozenset()) -> Mapping:
+    def allowed_by(self, rule: Rule) -> tuple[str, ...]:
+        """The aliases a query that ``rule`` (privacy) matches may go to, in the mapper's order."""
+        allowed = set(rule.models) if rule.models else self.private | ({rule.target} - {ABSTAIN, ""})
+        return tuple(a for a in self.models if a in allowed)
+
+    def map(self, decision, *, over_budget: bool = False, capped: frozenset = frozenset(), text: str | None = None,
+            router_failed: str | None = None) -> Mapping:
         """``decision`` is a RouteDecision (or anything with query, policy, confidence).
         ``over_budget``: the budget was found used up when this request tried to reserve
         its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read.
-        ``capped``: models whose own budget was found used up so (not chosen)."""
+        ``capped``: models whose own budget was found used up so (not chosen). ``text``:
+        the whole conversation, system messages included, for the privacy rules (default:
+        what the router read). ``router_failed``: why the router gave no decision; the
+        rules that read one are skipped and the fallback answers."""
+        for rule in (r for r in self.rules if r.kind == "privacy"):  # first, wherever they stand
+            if (hits := self._private(rule, text if text is not None else decision.query)) is None:
+                continue
+            allowed = self.allowed_by(rule)
+            target = rule.target or next((a for a in getattr(decision, "ranked", ()) if a in allowed), allowed[0])
+            reason = f"the conversation contains {hits}: kept on {', '.join(allowed) or 'no model'} (rule {rule.label})"
+            return self._within_model_budgets(Mapping(self.models.get(target), target, rule.label, decision.policy,
+                                                      reason, allowed), decision, capped)
         for rule in self.rules:
+            if rule.kind == "privacy" or (router_failed is not None and rule.kind in READS_ROUTER):
+                continue
             reason = ("the budget was used up by requests in flight" if over_budget and rule.kind == "budget"
                       else self._match(rule, decision))
             if reason is None:
@@ -265,9 +322,11 @@ class PolicyMapper:
                 continue
             return self._within_model_budgets(Mapping(self.models.get(target), target, rule.label, decision.policy,
                                                       reason), decision, capped)
-        return self._within_model_budgets(Mapping(self.models.get(self.fallback), self.fallback, "fallback",
-                                                  decision.policy, f"no rule matched policy {decision.policy!r}"),
-                                          decision, capped)
+        reason = (f"the router failed ({router_failed}): the profile's default model" if router_failed is not None
+                  else f"no rule matched policy {decision.policy!r}")
+        return self._within_model_budgets(Mapping(self.models.get(self.fallback), self.fallback,
+                                                  "router_failed" if router_failed is not None else "fallback",
+                                                  decision.policy, reason), decision, capped)
 
     def capped(self, alias: str, in_flight: frozenset = frozenset()) -> str | None:
         """Why ``alias`` may not be chosen for its own budget (None: it may)."""
@@ -288,21 +347,25 @@ class PolicyMapper:
         if why is None:
             return mapping
         reasons = [why]
-        for alias in dict.fromkeys([*getattr(decision, "ranked", ()), self.fallback]):
-            if alias == mapping.target or alias not in self.models:
+        for alias in dict.fromkeys([*getattr(decision, "ranked", ()), self.fallback, *(mapping.allowed or ())]):
+            if alias == mapping.target or alias not in self.models or (
+                    mapping.allowed is not None and alias not in mapping.allowed):
                 continue
             if (other := self.capped(alias, in_flight)) is None:
                 return Mapping(self.models[alias], alias, "model_budget", mapping.policy,
-                               f"{'; '.join(reasons)}: the next choice answers")
+                               f"{'; '.join(reasons)}: the next choice answers", mapping.allowed)
             reasons.append(other)
-        return Mapping(None, ABSTAIN, "model_budget", mapping.policy, f"{'; '.join(reasons)}: no model is left")
+        return Mapping(None, ABSTAIN, "model_budget", mapping.policy, f"{'; '.join(reasons)}: no model is left",
+                       mapping.allowed)
+
+    @staticmethod
+    def _private(rule: Rule, text: str) -> str | None:
+        """The PII patterns of ``rule`` that ``text`` matches, named; None when none does."""
+        hits = [n for n in rule.patterns or tuple(PII_PATTERNS) if re.search(PII_PATTERNS[n], text)]
+        return ", ".join(hits) or None
 
     def _match(self, rule: Rule, d) -> str | None:
         q = d.query
-        if rule.kind == "privacy":
-            names = rule.patterns or tuple(PII_PATTERNS)
-            hits = [n for n in names if re.search(PII_PATTERNS[n], q)]
-            return f"query contains {', '.join(hits)}: kept on a local model" if hits else None
         if rule.kind == "keyword":
             hits = [k for k in rule.keywords if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", q, re.IGNORECASE)]
             return f"keyword {hits[0]!r}" if hits else None
@@ -334,7 +397,8 @@ class PolicyMapper:
 
     def describe(self) -> dict:
         return {"models": self.models, "fallback": self.fallback,
-                "rules": [{"name": r.label, "kind": r.kind, "target": r.target or r.map} for r in self.rules],
+                "rules": [{"name": r.label, "kind": r.kind, "target": r.target or r.map,
+                           **({"models": list(self.allowed_by(r))} if r.kind == "privacy" else {})} for r in self.rules],
                 "budget": {"ledger": self.ledger.name, "period": self.ledger.period,
                            **({"models": self.model_budgets} if self.model_budgets else {})} if self.ledger else None}
 
@@ -370,7 +434,7 @@ def _rule(raw, index: int) -> Rule:
     if kind not in KINDS:
         raise MapperConfigError(f"{where}: unknown kind {kind!r}; expected one of {KINDS}")
     fields = dict(raw)
-    if kind == "pool":
+    if kind in ("pool", "privacy"):  # a privacy rule without one: the best of its models
         fields.setdefault("target", "")
     elif kind == "policy":
         bad = set(fields.get("map", {})) - set(POLICIES)
@@ -387,7 +451,10 @@ def _rule(raw, index: int) -> Rule:
         unknown = set(fields.get("patterns", ())) - set(PII_PATTERNS)
         if unknown:
             raise MapperConfigError(f"{where}: unknown PII patterns {sorted(unknown)}; known {sorted(PII_PATTERNS)}")
-    for key in ("keywords", "patterns"):
+        if not isinstance(fields.get("models", []), list) or not all(isinstance(m, str) for m in fields.get("models", [])):
+            raise MapperConfigError(f"{where} (privacy): models must be a list of model aliases, got "
+                                    f"{fields.get('models')!r}")
+    for key in ("keywords", "patterns", "models"):
         if key in fields:
             fields[key] = tuple(fields[key])
     for key in ("min_chars", "limit_usd", "below", "at_least"):  # YAML reads 5e-05 (no dot) as text

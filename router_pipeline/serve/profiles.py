@@ -13,6 +13,8 @@ text of its queries may be stored with feedback.
         allowed: [medium, large]               # targets this profile may be served by
         fallbacks: [medium, large]             # when the chosen model fails or cools down, in this order
         store_queries: true                    # feedback rows keep the query text (training data)
+        router_failure: default_model          # the router failed or timed out: the mapper's fallback
+                                               # answers (default), or refuse (503 router_unavailable)
       analytics:
         keys_file: keys/analytics.txt
         mapper: {preset: quality_first, budget: {ledger: analytics, period: day},
@@ -53,6 +55,7 @@ class Profile:
     allowed: tuple[str, ...] = (*TIERS, "local")
     fallbacks: tuple[str, ...] = TIERS
     store_queries: bool = False
+    router_failure: str = "default_model"  # or "refuse": a 503 when the router gives no decision
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
 
 
@@ -124,12 +127,16 @@ def _flag(name: str, raw: dict, key: str) -> bool:
     return value
 
 
+ROUTER_FAILURE = ("default_model", "refuse")
+
+
 def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str],
-                  pool: list[str] | None = None) -> Profiles:
+                  pool: list[str] | None = None, private=None) -> Profiles:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
     the calibrated threshold. ``calibration`` is the released router's. ``pool``: a pool
     router's models, cheapest first: a profile without a mapper serves its choice, may use
-    every model of the pool, and falls back down the pool (the gateway's order)."""
+    every model of the pool, and falls back down the pool (the gateway's order).
+    ``private(alias, model id)``: whether a model keeps queries private (privacy rules' default)."""
     if pool:
         default_spec, allowed, fallbacks = pool_spec(pool), (*pool, "local"), ()
     else:
@@ -138,7 +145,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     if path is None:
         if not calibration:
             _uncalibrated([OPEN])
-        mapper = PolicyMapper.from_dict(default_spec, default_models=default_models)
+        mapper = PolicyMapper.from_dict(default_spec, default_models=default_models, private=private)
         return Profiles({OPEN: Profile(OPEN, mapper, allowed=_targets(OPEN, {}, "allowed", allowed, mapper),
                                        fallbacks=fallbacks)}, open=True)
     path = Path(path)
@@ -154,14 +161,20 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     for name, raw in raw_profiles.items():
         if not isinstance(raw, dict):
             raise ProfileError(f"{path}: profile {name!r} must be a mapping")
-        unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries"}
+        unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries",
+                              "router_failure"}
         if unknown:
             raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
         mapper_spec = raw.get("mapper") or default_spec
-        if pool and isinstance(mapper_spec, dict) and not {"rules", "preset"} & set(mapper_spec):
-            mapper_spec = {**default_spec, **mapper_spec}  # a budget alone: still the pool router's choice
+        if pool and isinstance(mapper_spec, dict) and "preset" not in mapper_spec:
+            # Rules of its own (privacy, keywords, a budget) come before the pool router's choice.
+            rules = mapper_spec.get("rules", [])
+            if isinstance(rules, list) and not any(isinstance(r, dict) and r.get("kind") == "pool" for r in rules):
+                rules = [*rules, *default_spec["rules"]]
+            mapper_spec = {**default_spec, **mapper_spec, "rules": rules}
         try:
-            mapper = PolicyMapper.from_dict(mapper_spec, base_dir=path.parent, default_models=default_models)
+            mapper = PolicyMapper.from_dict(mapper_spec, base_dir=path.parent, default_models=default_models,
+                                            private=private)
         except MapperConfigError as exc:
             raise ProfileError(f"{path}: profile {name!r}: {exc}") from None
         digests = _keys(str(name), raw, path)
@@ -172,10 +185,18 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         profiles[str(name)] = Profile(
             str(name), mapper, allowed=_targets(name, raw, "allowed", allowed, mapper),
             fallbacks=_targets(name, raw, "fallbacks", fallbacks, mapper),
-            store_queries=_flag(name, raw, "store_queries"), key_digests=digests)
+            store_queries=_flag(name, raw, "store_queries"), key_digests=digests,
+            router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE))
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)
     return Profiles(profiles)
+
+
+def _choice(name: str, raw: dict, key: str, choices: tuple[str, ...]) -> str:
+    value = raw.get(key, choices[0])
+    if value not in choices:
+        raise ProfileError(f"profile {name!r}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _uncalibrated(names: list[str]) -> None:

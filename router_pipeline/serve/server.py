@@ -276,6 +276,10 @@ async def stats(request: Request):
     profile = _profile(gateway, request)
     snapshot = await asyncio.to_thread(gateway.stats.snapshot)  # a database read
     by_profile = snapshot if gateway.profiles.open else {profile.name: snapshot.get(profile.name, {})}
+    shown = gateway.profiles.profiles.values() if gateway.profiles.open else [profile]
+    for p in shown:
+        if (budget := await gateway.budget(p)) is not None:
+            by_profile.setdefault(p.name, {})["budget"] = budget
     return {"profiles": by_profile, "batches": gateway.batcher.batches, "routed": gateway.batcher.routed,
             "cooling_down": gateway.backends.cooling(profile.name)}
 

@@ -23,6 +23,8 @@ class _ProfileStats:
     errors: int = 0
     fallbacks: int = 0
     escalations: int = 0
+    router_failures: int = 0  # requests answered without the router's decision (it raised or timed out)
+    privacy: Counter = field(default_factory=Counter)  # privacy rule -> requests it kept private
     policies: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     spend_usd: float = 0.0
@@ -42,7 +44,7 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS stats (profile TEXT NOT NULL, metric TEXT
            "value DOUBLE PRECISION NOT NULL, PRIMARY KEY (profile, metric, key))")
 _ADD = ("INSERT INTO stats (profile, metric, key, value) VALUES (?, ?, ?, ?) ON CONFLICT (profile, metric, key) "
         "DO UPDATE SET value = stats.value + excluded.value")
-COUNTERS = ("requests", "errors", "fallbacks", "escalations", "spend_usd", "large_equivalent_usd")
+COUNTERS = ("requests", "errors", "fallbacks", "escalations", "router_failures", "spend_usd", "large_equivalent_usd")
 
 
 class Stats:
@@ -62,17 +64,18 @@ class Stats:
 
     def record(self, profile: str, *, policy: str, model: str | None, router_ms: float, total_ms: float,
                cost_usd: float = 0.0, large_equivalent_usd: float = 0.0, fell_back: bool = False,
-               escalated: bool = False) -> None:
+               escalated: bool = False, privacy_rule: str | None = None, router_failed: bool = False) -> None:
         with self._lock:
             router, total = self._latency.setdefault(profile, (deque(maxlen=WINDOW), deque(maxlen=WINDOW)))
             router.append(router_ms)
             total.append(total_ms)
         self._persist(profile, [("requests", "", 1), ("policies", policy, 1), ("models", model or "none", 1),
                                 ("spend_usd", "", cost_usd), ("large_equivalent_usd", "", large_equivalent_usd),
-                                ("fallbacks", "", int(fell_back)), ("escalations", "", int(escalated))])
+                                ("fallbacks", "", int(fell_back)), ("escalations", "", int(escalated)),
+                                ("router_failures", "", int(router_failed)), ("privacy", privacy_rule or "", 1 if privacy_rule else 0)])
 
-    def record_error(self, profile: str) -> None:
-        self._persist(profile, [("errors", "", 1)])
+    def record_error(self, profile: str, privacy_rule: str | None = None) -> None:
+        self._persist(profile, [("errors", "", 1), ("privacy", privacy_rule or "", 1 if privacy_rule else 0)])
 
     def _counters(self) -> dict[str, _ProfileStats]:
         """Profile -> counters from the database (every process that shares it), with this
@@ -80,7 +83,7 @@ class Stats:
         out: dict[str, _ProfileStats] = {}
         for profile, metric, key, value in self.db.execute("SELECT profile, metric, key, value FROM stats"):
             p = out.setdefault(profile, _ProfileStats())
-            if metric in ("policies", "models"):
+            if metric in ("policies", "models", "privacy"):
                 getattr(p, metric)[key] = int(value)
             elif metric in COUNTERS:
                 setattr(p, metric, value if metric.endswith("usd") else int(value))
@@ -96,7 +99,8 @@ class Stats:
             saved = p.large_equivalent_usd - p.spend_usd
             out[name] = {
                 "requests": p.requests, "errors": p.errors, "fallbacks": p.fallbacks,
-                "escalations": p.escalations, "policies": dict(p.policies), "models": dict(p.models),
+                "escalations": p.escalations, "router_failures": p.router_failures,
+                "privacy_rules": dict(p.privacy), "policies": dict(p.policies), "models": dict(p.models),
                 "spend_usd": round(p.spend_usd, 8),
                 "always_large_usd": round(p.large_equivalent_usd, 8),
                 "savings_usd": round(saved, 8),
@@ -128,6 +132,10 @@ class Stats:
                [({"profile": n}, s["fallbacks"]) for n, s in snap.items()])
         metric("router_escalations_total", "counter", "Requests escalated to the council.",
                [({"profile": n}, s["escalations"]) for n, s in snap.items()])
+        metric("router_failures_total", "counter", "Requests answered without the router (it raised or timed out).",
+               [({"profile": n}, s["router_failures"]) for n, s in snap.items()])
+        metric("router_privacy_rule_activations_total", "counter", "Requests a privacy rule kept on its models.",
+               [({"profile": n, "rule": r}, c) for n, s in snap.items() for r, c in s["privacy_rules"].items()])
         metric("router_spend_usd_total", "counter", "Model spend in USD.",
                [({"profile": n}, s["spend_usd"]) for n, s in snap.items()])
         metric("router_savings_usd_total", "counter", "Spend avoided against always calling the large model.",
