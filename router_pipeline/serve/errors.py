@@ -21,6 +21,10 @@ class NotFound(Refused):
     """The request names something that does not exist (a model, a request id)."""
 
 
+class Forbidden(Refused):
+    """The caller's profile may not use what the request asks for (a model by name)."""
+
+
 class Conflict(Refused):
     """The request contradicts what was recorded before."""
 

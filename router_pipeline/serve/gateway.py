@@ -47,7 +47,8 @@ from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedR
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
+from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
+                                         UpstreamFailed)
 from router_pipeline.policies import TIERS
 from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
 from router_pipeline.serve.identity import StateIdentity
@@ -96,10 +97,12 @@ class Decided:
     lam: float | None = None  # a pool router's lambda for this request (from the model name)
     scan: str = ""  # every message's text, system messages included: what privacy rules read
     router_failed: str | None = None  # why the router gave no decision (the default model answers)
+    named: str | None = None  # the model alias the caller asked for by name (no routing)
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
-        return self.mapper.map(self.decision, text=self.scan, router_failed=self.router_failed, **kwargs)
+        return self.mapper.map(self.decision, text=self.scan, router_failed=self.router_failed, named=self.named,
+                               **kwargs)
 
     @property
     def asked(self) -> int | None:
@@ -210,7 +213,8 @@ class Gateway:
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
             raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
                                  "invalid_field", param=tokens[0])
-        mapper, threshold, lam = self._mapper(profile, body.model)
+        named = self._named(profile, body.model)
+        mapper, threshold, lam = (profile.mapper, None, None) if named else self._mapper(profile, body.model)
         text, prompt, system, scan = self._conversation(body)
         if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
             await self._in_db(self.identity.check)
@@ -219,11 +223,14 @@ class Gateway:
             await self._in_db(mapper.ledger.spent)
         else:  # nothing to count it against: the replay goes on in the background, unwaited for
             self._replay_soon()
-        decision, failed = await self._route(profile, text)
+        if named is None:
+            decision, failed = await self._route(profile, text)
+        else:  # a model asked for by name: no routing
+            decision, failed = RouteDecision(text, "by_name", {}, True, "by_name"), None
         if lam is not None and failed is None:  # the pool router's choice at the lambda the model name asks for
             decision = self.router.at(decision, lam)
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
-                    lam=lam, scan=scan, router_failed=failed)
+                    lam=lam, scan=scan, router_failed=failed, named=named)
         # Rules may read the ledger (the state database); without one they read nothing.
         d.mapping = await (self._in_db(d.map) if mapper.ledger is not None else asyncio.to_thread(d.map))
         d.router_ms = (time.perf_counter() - t0) * 1000
@@ -256,6 +263,23 @@ class Gateway:
             raise Unavailable(f"the router failed ({why}) and profile {profile.name!r} refuses to answer without it",
                               "router_unavailable", retry_after_s=1)
         return RouteDecision(text, "router_failed", {}, False, "router_failed", parse_error=why, fallback_used=True), why
+
+    def _named(self, profile: Profile, model: str | None) -> str | None:
+        """The alias of the model the caller asked for by name (an alias of the profile's
+        mapper, a pool model's name, or a model id), None for the router's names; a model
+        the profile may not use is refused (403) naming it."""
+        models = profile.mapper.models
+        usable = [a for a, _ in servable(profile, profile.mapper, list(models))]
+        by_id = [a for a, m in models.items() if m == model]  # several aliases may name one model id
+        alias = model if model in models else next((a for a in by_id if a in usable), by_id[0] if by_id else None)
+        if alias is None and self.pool is not None and model in self.pool.names:
+            alias = model
+        if alias is None:
+            return None
+        if alias not in usable:
+            raise Forbidden(f"model {model!r} is not allowed for profile {profile.name!r}: it may use "
+                            f"{', '.join(usable)} by name, or 'router'", "model_not_allowed", param="model")
+        return alias
 
     def _mapper(self, profile: Profile, model: str | None) -> tuple[PolicyMapper, float | None, float | None]:
         """(mapper, threshold, a pool router's lambda) for the model name asked for."""

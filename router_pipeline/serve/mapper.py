@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from router_pipeline.serve.errors import Forbidden
 from router_pipeline.serve.ledger import BudgetLedger, LedgerError
 from router_pipeline.policies import AMBIGUOUS, COMPLEX, POLICIES, STANDARD
 
@@ -293,22 +294,30 @@ class PolicyMapper:
         return tuple(a for a in self.models if a in allowed)
 
     def map(self, decision, *, over_budget: bool = False, capped: frozenset = frozenset(), text: str | None = None,
-            router_failed: str | None = None) -> Mapping:
+            router_failed: str | None = None, named: str | None = None) -> Mapping:
         """``decision`` is a RouteDecision (or anything with query, policy, confidence).
         ``over_budget``: the budget was found used up when this request tried to reserve
         its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read.
         ``capped``: models whose own budget was found used up so (not chosen). ``text``:
         the whole conversation, system messages included, for the privacy rules (default:
         what the router read). ``router_failed``: why the router gave no decision; the
-        rules that read one are skipped and the fallback answers."""
+        rules that read one are skipped and the fallback answers. ``named``: the alias the
+        caller asked for by name: it answers, unless a privacy rule that matches keeps the
+        conversation on other models (Forbidden)."""
         for rule in (r for r in self.rules if r.kind == "privacy"):  # first, wherever they stand
             if (hits := self._private(rule, text if text is not None else decision.query)) is None:
                 continue
             allowed = self.allowed_by(rule)
-            target = rule.target or next((a for a in getattr(decision, "ranked", ()) if a in allowed), allowed[0])
+            if named is not None and named not in allowed:
+                raise Forbidden(f"privacy rule {rule.label!r} keeps this conversation on {', '.join(allowed)}: "
+                                f"{named!r} may not answer it", "model_not_allowed", param="model")
+            target = named or rule.target or next((a for a in getattr(decision, "ranked", ()) if a in allowed), allowed[0])
             reason = f"the conversation contains {hits}: kept on {', '.join(allowed) or 'no model'} (rule {rule.label})"
             return self._within_model_budgets(Mapping(self.models.get(target), target, rule.label, decision.policy,
                                                       reason, allowed), decision, capped)
+        if named is not None:
+            return self._within_model_budgets(Mapping(self.models[named], named, "by_name", decision.policy,
+                                                      f"the caller asked for {named} by name"), decision, capped)
         for rule in self.rules:
             if rule.kind == "privacy" or (router_failed is not None and rule.kind in READS_ROUTER):
                 continue

@@ -31,8 +31,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from router_pipeline import settings
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.errors import Conflict, InvalidRequest, NotFound, Refused, Unavailable, UpstreamFailed
-from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, threshold_model
+from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
+                                         UpstreamFailed)
+from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, servable, threshold_model
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.profiles import Profile
 from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
@@ -40,7 +41,7 @@ from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackReq
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5  # what a caller is told to wait when the state database fails (it may come back)
 ADMIN_KEY_VAR = "ROUTER_ADMIN_KEY"  # the bearer key /metrics asks for when profiles are configured
-STATUS = {InvalidRequest: 400, NotFound: 404, Conflict: 409, UpstreamFailed: 502, Unavailable: 503}  # the gateway's refusals
+STATUS = {InvalidRequest: 400, Forbidden: 403, NotFound: 404, Conflict: 409, UpstreamFailed: 502, Unavailable: 503}  # the gateway's refusals
 
 
 class APIError(Exception):
@@ -286,11 +287,12 @@ async def stats(request: Request):
 
 async def models(request: Request):
     gateway = _gateway(request)
-    _profile(gateway, request)
     threshold = gateway.calibration.get("threshold")
     names = [ROUTER_MODEL] + ([threshold_model(threshold)] if threshold is not None else [])
+    profile = _profile(gateway, request)
     if gateway.pool is not None:  # the knob's forms (any value may be asked for)
         names += [f"{ROUTER_MODEL}-budget-0.30", f"{ROUTER_MODEL}-quality-0.95", f"{ROUTER_MODEL}-lambda-0"]
+    names += [alias for alias, _ in servable(profile, profile.mapper, list(profile.mapper.models))]  # by name
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "router_pipeline"}
                                        for n in names]}
 
