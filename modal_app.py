@@ -16,15 +16,15 @@ HF_SECRET = settings.load().modal_hf_secret  # a Modal Secret holding HF_TOKEN
 
 app = modal.App(APP_NAME)
 
-# Pinned: the training stack the project is tested with, on a CUDA build of torch.
+# Pinned: the training stack the tests run QLoRA with on CPU (torch from PyPI: its CUDA build).
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install(
-        "torch==2.9.1",
-        "transformers==5.23.0",
+        "torch==2.13.0",
+        "transformers==5.25.0",
         "trl==1.16.0",
         "peft==0.21.2",
-        "accelerate==1.15.0",
+        "accelerate==1.16.0",
         "bitsandbytes==0.50.2",
         "datasets==5.2.0",
         "pandas==2.3.3",
