@@ -146,7 +146,14 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
     from router_pipeline.evaluation import frontier as fr
     from router_pipeline.routers.cascade import FixedCascade, logit
     from router_pipeline.routers.pool import decide, ensemble
-    from router_pipeline.training.cascade import Trace, fit_cascade, replay
+    from router_pipeline.training.cascade import (
+        Trace,
+        fit_cascade,
+        fixed_plans,
+        learned_plans,
+        next_two_plan,
+        replay,
+    )
     from router_pipeline.training.pool import fit_pool, pool_grid
 
     grids = {
@@ -217,42 +224,6 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         np.concatenate([traces[n][i] for n in ("learned cascade", *fixed)], axis=1) for i in (0, 1)
     )
     return {"traces": traces, "chosen": {"gemma block": layer, "learned": recipe, **fixed}}
-
-
-def learned_plans(models, correct, costs) -> list:
-    """The k most accurate models, cheapest first, for k = 2 .. all."""
-    from router_pipeline.routers.cascade import make_plan
-
-    by_acc = np.argsort(-correct.mean(axis=0), kind="stable")
-    return [
-        make_plan([models[m] for m in sorted(by_acc[:k], key=lambda m: costs[m])], models)
-        for k in range(2, len(models) + 1)
-    ]
-
-
-def next_two_plan(models, correct):
-    """The second and third most accurate models together, else the most accurate."""
-    from router_pipeline.routers.cascade import make_plan
-
-    best, second, third = (list(np.argsort(-correct.mean(axis=0), kind="stable")) + [None])[:3]
-    first = [models[m] for m in (second, third) if m is not None]
-    return make_plan([first, models[best]], models)
-
-
-def fixed_plans(models, correct) -> list:
-    """Every "two or three models together, perhaps one more, else the most accurate"."""
-    from router_pipeline.routers.cascade import make_plan
-
-    best = int(np.argmax(correct.mean(axis=0)))
-    rest = [m for m in range(len(models)) if m != best]
-    plans = []
-    for size in (2, 3):
-        for first in itertools.combinations(rest, size):
-            others = [m for m in rest if m not in first]
-            for then in [None, *others]:
-                steps = [[models[m] for m in first]] + ([models[then]] if then is not None else []) + [models[best]]
-                plans.append(make_plan(steps, models))
-    return plans
 
 
 def _report(by, curves, correct, cost, folds, models, args, fr, chosen, t0) -> dict:

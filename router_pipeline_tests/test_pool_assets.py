@@ -19,7 +19,7 @@ from router_pipeline_tests.support import write_asset
 MODELS = ["flash-lite", "flash", "pro"]  # the offline pool (llm.pool.offline_pool), cheapest first
 CANDIDATES = ["minilm_lda", "minilm_knn"]  # MiniLM only: no Gemma encoder pass or bf16 export, so seconds
 POOL_ASSETS = {"pool_questions", "pool_answers", "pool_judgments", "pool_outcomes", "pool_routers", "pool_evaluation",
-               "released_pool_router"}
+               "released_pool_router", "pool_cascade"}
 
 
 def _metadata(result) -> dict:
@@ -142,6 +142,10 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     for rule, c in rules.items():
         assert c.severity == dg.AssetCheckSeverity.WARN and c.metadata["candidate"].value == chosen, rule
         assert c.passed or "a warning, not a verdict" in c.description, rule
+
+    # pool_cascade: the stand-ins' answers are recorded, but a handful of training rows cannot fit a cascade.
+    assert "training rows: the learned cascade needs at least" in meta["pool_cascade"]["skipped"].value
+    assert checks[("pool_cascade", "cascade_not_below_query_only")].passed
 
     # released_pool_router: <artifacts>/pool_router with a manifest of its files, the chosen candidate's.
     release = artifacts / "pool_router"

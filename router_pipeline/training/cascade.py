@@ -15,6 +15,7 @@ training rows without reading a test row.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from router_pipeline.routers.cascade import (
     Plan,
     choose,
     gain_features,
+    make_plan,
     priced,
     state_features,
     stop_utility,
@@ -161,3 +163,38 @@ def cascade_knob(
     was fitted for, and the point ``want`` asks for (``routers.pool.pick``)."""
     figures = sweep_figures(replay(policy, q_logit, answers, correct, cost, policy.lambdas), policy.lambdas)
     return {**pick(figures, float(np.asarray(correct).mean(axis=0).max()), want), "validation_rows": len(correct)}
+
+
+# -- candidate plans -------------------------------------------------------------
+# Chosen from the training rows' accuracies and costs only (benchmarks/cascade_quality.py
+# and the pool_cascade asset both read them).
+
+
+def learned_plans(models, correct, costs) -> list[Plan]:
+    """The k most accurate models, cheapest first, for k = 2 .. all."""
+    by_acc = np.argsort(-np.asarray(correct).mean(axis=0), kind="stable")
+    return [
+        make_plan([models[m] for m in sorted(by_acc[:k], key=lambda m: costs[m])], models)
+        for k in range(2, len(models) + 1)
+    ]
+
+
+def next_two_plan(models, correct) -> Plan:
+    """The second and third most accurate models together, else the most accurate."""
+    best, second, third = (list(np.argsort(-np.asarray(correct).mean(axis=0), kind="stable")) + [None])[:3]
+    first = [models[m] for m in (second, third) if m is not None]
+    return make_plan([first, models[best]], models)
+
+
+def fixed_plans(models, correct) -> list[Plan]:
+    """Every "two or three models together, perhaps one more, else the most accurate"."""
+    best = int(np.argmax(np.asarray(correct).mean(axis=0)))
+    rest = [m for m in range(len(models)) if m != best]
+    plans = []
+    for size in (2, 3):
+        for first in itertools.combinations(rest, size):
+            others = [m for m in rest if m not in first]
+            for then in [None, *others]:
+                steps = [[models[m] for m in first]] + ([models[then]] if then is not None else []) + [models[best]]
+                plans.append(make_plan(steps, models))
+    return plans

@@ -1,0 +1,104 @@
+"""Cascades in the pool_routing group: where the pool outcomes record what the models
+answered, a cascade (ask cheaper models first, escalate on what they answered) is fitted
+on the training rows, chosen and its knob set on the validation rows, and scored on the
+test rows against the chosen query-only pool router. A thin wrapper around
+evaluation/cascade.py; without answers of two models it records why it skipped.
+"""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from router_pipeline.defs.metadata import table
+from router_pipeline.defs.plots import cost_accuracy_frontiers, markdown_image
+from router_pipeline.defs.pool import POOL_GROUP, _outcomes, _plain
+from router_pipeline.defs.resources import ArtifactStore, ModelPool
+from router_pipeline.evaluation import cascade as cascade_eval
+from router_pipeline.labels.split import TEST, TRAIN, VALIDATION
+from router_pipeline.routers.pool import Knob
+
+
+class PoolCascadeConfig(dg.Config):
+    alphas: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0])  # the go-on heads' ridge strengths
+    folds: int = 5  # the learned cascade's cross-fitting folds on the training rows
+    bootstrap_resamples: int = 1000
+
+
+def query_only_p(router_path: str, queries: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The query-only pool router's P(correct) per (query, model), its expected costs and
+    its calibration (the knob the cascade's lambda is read with)."""
+    from router_pipeline.routers.pool import PoolRouter
+
+    router = PoolRouter(router_path)
+    return router.proba(list(queries)), np.asarray(router.costs, float), dict(router.calibration)
+
+
+@dg.asset(group_name=POOL_GROUP, kinds={"scikitlearn"},
+          check_specs=[dg.AssetCheckSpec(cascade_eval.CASCADE_RULE, asset="pool_cascade", blocking=False,
+                                         description=cascade_eval.CASCADE_RULE_DESCRIPTION)])
+def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, artifacts: ArtifactStore,
+                 pool: ModelPool, pool_outcomes: pd.DataFrame, pool_routers: pd.DataFrame,
+                 pool_evaluation: pd.DataFrame):
+    """A cascade against the query-only pool router chosen by ``pool_evaluation``: the
+    learned cascade (calibrated heads on the query-only log-odds and the answers'
+    agreement, abstention and length) and two fixed ones (accept on agreement), a query's
+    cost the sum over every model it called. Test AIQ, accuracy at the best single model's
+    cost, paired intervals and both frontiers side by side. Skipped, saying why, when the
+    outcomes hold no ``<model>_answer`` of two models or too few rows."""
+    models = pool.pool().names
+    splits = {s: _outcomes(pool_outcomes, s, models, f"{s} rows") for s in (TRAIN, VALIDATION, TEST)}
+    reason = cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models)
+    if reason:
+        context.log.info(f"cascade skipped: {reason}")
+        yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={"skipped": reason})
+        yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=True,
+                                  severity=dg.AssetCheckSeverity.WARN, description=f"no cascade: {reason}")
+        return
+    chosen = set(pool_evaluation["candidate"])
+    if len(chosen) != 1:
+        raise dg.Failure(f"pool_evaluation names {sorted(chosen)}; expected one candidate")
+    candidate = chosen.pop()
+    path = pool_routers.set_index("candidate").loc[candidate, "path"]
+    queries = [list(splits[s].frame["query"]) for s in (TRAIN, VALIDATION, TEST)]
+    p, costs, calibration = query_only_p(str(path), [q for qs in queries for q in qs])
+    cut = np.cumsum([len(q) for q in queries])[:-1]
+    comparator = cascade_eval.comparator_of([splits[s].frame for s in splits], models)
+    rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, np.split(p, cut))]
+    knob = Knob(calibration.get("knob", "quality"), float(calibration.get("knob_value", 0.95)))
+    report = cascade_eval.evaluate_cascade(*rows, models, costs, knob, comparator=comparator, alphas=config.alphas,
+                                           folds=config.folds, resamples=config.bootstrap_resamples,
+                                           log=context.log.info)
+    layout = artifacts.layout()
+    keep = ("cascade", cascade_eval.QUERY_ONLY, "random mix", "oracle")
+    plot = cost_accuracy_frontiers(
+        {n: (c.frontier().cost * 1000, c.frontier().accuracy) for n, c in report.curves.items() if n in keep},
+        {m: (float(rows[2].cost[:, i].mean() * 1000), float(rows[2].correct[:, i].mean()))
+         for i, m in enumerate(models)},
+        layout.plots / "pool_cascade_frontier.png", title="Cascade and query-only router on the test split")
+    out = layout.root / "pool_cascade"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(
+        {"query_only_router": candidate, "comparator": comparator, "chosen": report.chosen,
+         "figures": {k: _plain(v) for k, v in report.figures.items()},
+         "validation_aiq": {k: _plain(v) for k, v in report.validation_aiq.items()}}, indent=1))
+    answered = cascade_eval.answer_columns(pd.concat([splits[s].frame for s in splits]), models)
+    yield dg.Output(report.table, metadata={
+        "query_only_router": candidate, "comparator": comparator,
+        "comparator_cost_usd": 0.0,  # letters and normalised text are compared without a paid judge
+        "answers_of": dg.MetadataValue.json(answered), "knob": f"{knob.kind} {knob.value}",
+        "training_rows": len(rows[0].correct), "validation_rows": len(rows[1].correct),
+        "test_rows": len(rows[2].correct), "chosen": dg.MetadataValue.json(report.chosen),
+        **{k: _plain(v) for k, v in report.figures.items()},
+        "frontier_table": table(report.table.round(4)), "intervals": table(report.intervals.round(4)),
+        "validation_aiq": dg.MetadataValue.json({k: _plain(v) for k, v in report.validation_aiq.items()}),
+        "frontier": dg.MetadataValue.md(markdown_image(plot, "cascade and query-only frontiers")),
+        "frontier_png": dg.MetadataValue.path(str(plot))})
+    passed, note = report.verdict
+    yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=passed,
+                              severity=dg.AssetCheckSeverity.WARN, description=note or None,
+                              metadata={k: _plain(report.figures[k]) for k in (
+                                  "cascade_minus_query_only_aiq", "cascade_minus_query_only_aiq_lo",
+                                  "cascade_minus_query_only_aiq_hi")})
