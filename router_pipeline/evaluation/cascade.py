@@ -141,6 +141,8 @@ def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str
     chosen = {"learned": recipe}
     for name, plans in (("fixed: next two agree, else best", [next_two_plan(models, train.correct)]),
                         ("fixed: best on training rows", fixed_plans(models, train.correct))):
+        if not plans:  # two models: no plan asks two together before the most accurate
+            continue
         best = max(plans, key=lambda pl: _aiq(replay(FixedCascade(pl, costs, comparator), q["train"], train.answers,
                                                      train.correct, train.cost, sweep[:1]), train))
         traces[name] = replay(FixedCascade(best, costs, comparator), q["test"], test.answers, test.correct, test.cost,
