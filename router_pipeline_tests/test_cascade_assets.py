@@ -88,6 +88,9 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     routers = {r.data["router"] for r in meta["frontier_table"].value.records}
     assert {"cascade", "query-only router", "learned cascade", "random mix", "oracle", *MODELS} <= routers
     assert set(meta["chosen"].value) == {"learned", "fixed: next two agree, else best", "fixed: best on training rows"}
+    pairs = {r.data["models"]: r.data for r in meta["agreement_on_training_rows"].value.records}
+    assert set(pairs) == {"flash-lite + flash", "flash-lite + pro", "flash + pro"}
+    assert all(0 < r["agree"] < 1 and 0.5 < r["right_when_agreeing"] <= 1 for r in pairs.values())
     assert "data:image/png;base64," in meta["frontier"].value
     assert Path(meta["frontier_png"].value).stat().st_size > 0
     assert check.passed and check.severity == dg.AssetCheckSeverity.WARN

@@ -89,6 +89,7 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
         "query_only_router": candidate, "comparator": comparator,
         "comparator_cost_usd": 0.0,  # letters and normalised text are compared without a paid judge
         "answers_of": dg.MetadataValue.json(answered), "knob": f"{knob.kind} {knob.value}",
+        "agreement_on_training_rows": table(cascade_eval.agreement(rows[0], models).round(4)),
         "training_rows": len(rows[0].correct), "validation_rows": len(rows[1].correct),
         "test_rows": len(rows[2].correct), "chosen": dg.MetadataValue.json(report.chosen),
         **{k: _plain(v) for k, v in report.figures.items()},

@@ -100,6 +100,20 @@ def comparator_of(frames: list[pd.DataFrame], models: list[str]) -> str:
     return comparator_for(np.concatenate(raw) if raw else np.array([], dtype=object))
 
 
+def agreement(rows: Rows, models: list[str]) -> pd.DataFrame:
+    """Per pair of models with answers: the share of rows where they agree, and how often
+    the agreed answer is right (each model graded alone: they gave the same answer)."""
+    canon = rows.answers.canon
+    readable = [i for i in range(len(models)) if (canon[:, i] != "").any()]
+    out = []
+    for n, a in enumerate(readable):
+        for b in readable[n + 1:]:
+            agree = (canon[:, a] == canon[:, b]) & (canon[:, a] != "")
+            out.append({"models": f"{models[a]} + {models[b]}", "agree": float(agree.mean()),
+                        "right_when_agreeing": float(rows.correct[agree, a].mean()) if agree.any() else float("nan")})
+    return pd.DataFrame(out, columns=["models", "agree", "right_when_agreeing"])
+
+
 def with_cheapest(right: np.ndarray, spent: np.ndarray, correct: np.ndarray, cost: np.ndarray) -> fr.Curve:
     """A cascade's points and the cheapest model alone (lambda infinity's point)."""
     cheapest = int(np.argmin(cost.mean(axis=0)))
