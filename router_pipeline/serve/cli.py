@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the JSONL file to write (replaced whole)")
     s.add_argument("--feedback-dir", help="the SQLite state database's folder (default: <artifacts>/feedback)")
     s.add_argument("--database", help=f"a postgresql:// state database (default: ${DATABASE_VAR})")
+    s = sub.add_parser("experiment", help="the server's experiments: per arm requests, spend and feedback accuracy")
+    s.add_argument("action", choices=["report"])
+    s.add_argument("--profile", help="only this profile's experiments")
+    s.add_argument("--feedback-dir", help="the SQLite state database's folder (default: <artifacts>/feedback)")
+    s.add_argument("--database", help=f"a postgresql:// state database (default: ${DATABASE_VAR})")
     return p
 
 
@@ -121,6 +126,15 @@ def _state(args) -> tuple[Path, str | None]:
 
     return (Path(getattr(args, "feedback_dir", None) or Artifacts.from_settings().feedback),
             getattr(args, "database", None) or settings.secret(DATABASE_VAR))
+
+
+def experiment_report(args) -> int:
+    from router_pipeline.serve.experiments import report
+    from router_pipeline.serve.feedback import FeedbackStore
+
+    folder, url = _state(args)
+    print(report(FeedbackStore(folder, database=url).db, args.profile))
+    return 0
 
 
 def export(args) -> int:
@@ -333,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "export-outcomes":
             return export(args)
+        if args.command == "experiment":
+            return experiment_report(args)
         return run(args)
     except (MapperConfigError, ProfileError, RouterOutputError, DatabaseError, ValueError, OSError) as exc:
         # User errors (bad files, configs, ledgers, paths) end in one line, never a traceback.

@@ -47,6 +47,7 @@ from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedR
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
+from router_pipeline.serve.experiments import Arm, record_served
 from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
                                          UpstreamFailed)
 from router_pipeline.policies import TIERS
@@ -56,7 +57,7 @@ from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyR
 from router_pipeline.serve.journal import JournalError, SpendJournal
 from router_pipeline.serve.ledger import LedgerError, apply_spend
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, Mapping, PolicyMapper, Rule
-from router_pipeline.serve.profiles import Profile, Profiles
+from router_pipeline.serve.profiles import Profile, ProfileError, Profiles
 from router_pipeline.serve.schemas import ChatRequest, Conversation
 from router_pipeline.serve.stats import Stats
 from router_pipeline.text import check_query
@@ -98,6 +99,10 @@ class Decided:
     scan: str = ""  # every message's text, system messages included: what privacy rules read
     router_failed: str | None = None  # why the router gave no decision (the default model answers)
     named: str | None = None  # the model alias the caller asked for by name (no routing)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # the request id's own part
+    arm: Arm | None = None  # the experiment's arm this request was assigned to
+    cost_usd: float = 0.0  # what its answer cost (set when settled)
+    escalated: bool = False
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
@@ -206,15 +211,22 @@ class Gateway:
         return failing
 
     # -- deciding ---------------------------------------------------------------
-    async def decide(self, profile: Profile, body: Conversation, claim: dict | None = None) -> Decided:
-        """``claim``: the Idempotency-Key this request holds (``claim``), answered when settled."""
+    async def decide(self, profile: Profile, body: Conversation, claim: dict | None = None,
+                     headers=None) -> Decided:
+        """``claim``: the Idempotency-Key this request holds (``claim``), answered when settled.
+        ``headers``: the request's (an experiment may assign arms by one of them)."""
         t0 = time.perf_counter()
+        key, arm, asked = uuid.uuid4().hex, None, body.model
+        if profile.experiment is not None and asked in (None, ROUTER_MODEL):  # asking for a model: not in it
+            e = profile.experiment
+            arm = e.assign((headers or {}).get(e.key_header) or key if e.key_header else key)
+            asked = arm.model
         tokens = body.output_tokens if isinstance(body, ChatRequest) else None
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
             raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
                                  "invalid_field", param=tokens[0])
-        named = self._named(profile, body.model)
-        mapper, threshold, lam = (profile.mapper, None, None) if named else self._mapper(profile, body.model)
+        named = self._named(profile, asked)
+        mapper, threshold, lam = (profile.mapper, None, None) if named else self._mapper(profile, asked)
         text, prompt, system, scan = self._conversation(body)
         if mapper.ledger is not None and self.identity is not None:  # never a budget counted again from $0
             await self._in_db(self.identity.check)
@@ -230,7 +242,7 @@ class Gateway:
         if lam is not None and failed is None:  # the pool router's choice at the lambda the model name asks for
             decision = self.router.at(decision, lam)
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
-                    lam=lam, scan=scan, router_failed=failed, named=named)
+                    lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm)
         # Rules may read the ledger (the state database); without one they read nothing.
         d.mapping = await (self._in_db(d.map) if mapper.ledger is not None else asyncio.to_thread(d.map))
         d.router_ms = (time.perf_counter() - t0) * 1000
@@ -405,7 +417,7 @@ class Gateway:
                       claim["profile"])
 
     def routing(self, d: Decided, prefix: str) -> dict:
-        return {"request_id": f"{prefix}-{uuid.uuid4().hex}", "policy": d.decision.policy,
+        return {"request_id": f"{prefix}-{d.key}", "policy": d.decision.policy,
                 "probabilities": {k: round(v, 4) for k, v in d.decision.probabilities.items()},
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
@@ -413,6 +425,7 @@ class Gateway:
                 **({"private": {"rule": d.mapping.rule, "models": list(d.mapping.allowed)}}
                    if d.mapping.allowed is not None else {}),
                 **({"router_failed": d.router_failed} if d.router_failed is not None else {}),
+                **({"experiment": {"name": d.profile.experiment.name, "arm": d.arm.name}} if d.arm else {}),
                 **({"p_correct": d.decision.p_correct, "lambda": self.router.lam if d.lam is None else d.lam}
                    if d.decision.p_correct else {}),
                 **({"ignored_parameters": ignored} if (ignored := getattr(d.body, "ignored", None)) else {})}
@@ -595,6 +608,7 @@ class Gateway:
         what could not be written is said in ``routing`` and the spend and the recorded
         answer go to the journal. Returns the usage block."""
         routing.update(cost_usd=round(cost, 8))
+        d.cost_usd, d.escalated = cost, bool(routing.get("escalated"))
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
         journal: dict = {}
         charges = []  # (journal part, ledger, reservation)
@@ -707,10 +721,16 @@ class Gateway:
         task.add_done_callback(written)
 
     async def _remember(self, d: Decided, request_id: str, tier: str | None, pool: str = "request") -> None:
-        """The request, for feedback (its tier when medium or large served it)."""
-        await self._in_db(self.feedback.remember, ServedRequest(
-            request_id, d.profile.name, d.text, tier if tier in self.feedback.tiers else None, d.profile.store_queries),
-            pool=pool)
+        """The request, for feedback (its tier when medium or large served it), and what it
+        was served as (its arm, policy, model and cost: online quality)."""
+        def remember():
+            self.feedback.remember(ServedRequest(request_id, d.profile.name, d.text,
+                                                 tier if tier in self.feedback.tiers else None,
+                                                 d.profile.store_queries))
+            record_served(self.feedback.db, request_id, d.profile.name,
+                          d.profile.experiment.name if d.arm else None, d.arm.name if d.arm else None,
+                          d.decision.policy, tier, d.cost_usd, d.escalated)
+        await self._in_db(remember, pool=pool)
 
     async def budget(self, profile: Profile) -> dict | None:
         """The profile's budget as /v1/stats shows it: the ledger, its limit, spend,
@@ -814,9 +834,17 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
             profile.mapper.ledger.bind(feedback.db)
     if loaded := backends.preload_local([t for p in profiles.profiles.values() for t in reachable(p)]):
         log.info("local models loaded before serving: %s", ", ".join(loaded))
-    return Gateway(
+    gateway = Gateway(
         router=router, batcher=batcher, profiles=profiles, backends=backends,
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
         journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s),
         identity=identity, pool=pool)
+    for profile in profiles.profiles.values():  # an arm names a model as a caller would: checked as one
+        for arm in profile.experiment.arms if profile.experiment else ():
+            try:
+                gateway._named(profile, arm.model) or gateway._mapper(profile, arm.model)
+            except Refused as exc:
+                raise ProfileError(f"profile {profile.name!r}: experiment {profile.experiment.name!r} arm "
+                                   f"{arm.name!r}: {exc.message}") from None
+    return gateway

@@ -38,6 +38,7 @@ from pathlib import Path
 from router_pipeline import settings
 from router_pipeline.serve.mapper import MapperConfigError, PolicyMapper, evaluated_spec, load_spec, pool_spec
 from router_pipeline.policies import TIERS
+from router_pipeline.serve.experiments import Experiment, ExperimentError, experiment_from_dict
 
 OPEN = "default"  # the profile of a server started without a profiles file
 MIN_KEY_CHARS = 16  # a shorter API key is guessable
@@ -56,6 +57,7 @@ class Profile:
     fallbacks: tuple[str, ...] = TIERS
     store_queries: bool = False
     router_failure: str = "default_model"  # or "refuse": a 503 when the router gives no decision
+    experiment: Experiment | None = None  # its traffic split between arms (serve/experiments.py)
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
 
 
@@ -162,7 +164,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         if not isinstance(raw, dict):
             raise ProfileError(f"{path}: profile {name!r} must be a mapping")
         unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries",
-                              "router_failure"}
+                              "router_failure", "experiment"}
         if unknown:
             raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
         mapper_spec = raw.get("mapper") or default_spec
@@ -186,10 +188,20 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
             str(name), mapper, allowed=_targets(name, raw, "allowed", allowed, mapper),
             fallbacks=_targets(name, raw, "fallbacks", fallbacks, mapper),
             store_queries=_flag(name, raw, "store_queries"), key_digests=digests,
-            router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE))
+            router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE),
+            experiment=_experiment(name, raw, path))
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)
     return Profiles(profiles)
+
+
+def _experiment(name: str, raw: dict, path: Path) -> Experiment | None:
+    if "experiment" not in raw:
+        return None
+    try:
+        return experiment_from_dict(raw["experiment"], f"profile {name!r}")
+    except ExperimentError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
 
 
 def _choice(name: str, raw: dict, key: str, choices: tuple[str, ...]) -> str:

@@ -232,7 +232,7 @@ async def chat_completions(request: Request):
     a, claim = await gateway.claim(profile, body, request.headers.get("idempotency-key"))  # a retry: its answer
     if a is None:
         try:
-            d = await gateway.decide(profile, body, claim)
+            d = await gateway.decide(profile, body, claim, request.headers)
             await gateway.reserve(d)  # may map again (budget used up meanwhile): branch after it
             if await request.is_disconnected():  # it left while routed or reserved (a queue, a slow database)
                 await gateway.abandon(d)
@@ -257,7 +257,8 @@ async def chat_completions(request: Request):
 
 async def route(request: Request):
     gateway = _gateway(request)
-    d = await gateway.decide(_profile(gateway, request), await _parse(gateway, request, Conversation))
+    d = await gateway.decide(_profile(gateway, request), await _parse(gateway, request, Conversation),
+                             headers=request.headers)
     return JSONResponse(await gateway.route(d))
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from router_pipeline.serve.experiments import quality
+
 WINDOW = 10_000  # latency samples kept per profile (the most recent)
 
 
@@ -95,6 +97,7 @@ class Stats:
 
     def snapshot(self) -> dict:
         out = {}
+        graded = quality(self.db)  # feedback accuracy per model, policy and experiment arm
         for name, p in self._counters().items():
             saved = p.large_equivalent_usd - p.spend_usd
             out[name] = {
@@ -107,6 +110,7 @@ class Stats:
                 "savings_share": round(saved / p.large_equivalent_usd, 4) if p.large_equivalent_usd else None,
                 "router_latency_ms": _percentiles(p.router_ms),
                 "total_latency_ms": _percentiles(p.total_ms),
+                "quality": graded.get(name, {"models": {}, "policies": {}, "experiments": {}}),
             }
         return out
 
@@ -140,6 +144,17 @@ class Stats:
                [({"profile": n}, s["spend_usd"]) for n, s in snap.items()])
         metric("router_savings_usd_total", "counter", "Spend avoided against always calling the large model.",
                [({"profile": n}, s["savings_usd"]) for n, s in snap.items()])
+        accuracy = [(n, facet, key, f) for n, s in snap.items() for facet in ("models", "policies")
+                    for key, f in s["quality"][facet].items()]
+        accuracy += [(n, "arms", f"{e}/{arm}", f) for n, s in snap.items()
+                     for e, ex in s["quality"]["experiments"].items() for arm, f in ex["arms"].items()]
+        metric("router_feedback_graded_total", "counter", "Requests whose answering model feedback graded.",
+               [({"profile": n, "facet": facet, "name": key}, f["graded"]) for n, facet, key, f in accuracy])
+        metric("router_feedback_accuracy", "gauge", "Share of graded answers that were Correct, with its 95% "
+               "Wilson interval (bound: estimate, lo95, hi95).",
+               [({"profile": n, "facet": facet, "name": key, "bound": bound}, value)
+                for n, facet, key, f in accuracy if f["graded"]
+                for bound, value in zip(("estimate", "lo95", "hi95"), (f["accuracy"], *f["accuracy_95"]))])
         metric("router_overhead_ms", "summary", "Router decision latency (queueing + forward pass).",
                [({"profile": n, "quantile": q}, v) for n, s in snap.items()
                 for q, v in (("0.5", s["router_latency_ms"]["p50"]), ("0.95", s["router_latency_ms"]["p95"]),

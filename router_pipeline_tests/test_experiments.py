@@ -1,0 +1,114 @@
+"""Experiments and online quality: arms assigned by a stable hash that follows the shares,
+intervals that are right at the edges, and, live on 127.0.0.1, an experiment of the pool
+router against always-Pro whose feedback grades become accuracy per arm, model and policy
+with intervals in /v1/stats, /metrics and `router-pipeline experiment report`."""
+
+from collections import Counter
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+
+from router_pipeline.llm.fake_gemini import FakeGemini
+from router_pipeline.serve.config import DEFAULTS
+from router_pipeline.serve.experiments import ExperimentError, difference, experiment_from_dict, wilson
+from router_pipeline.serve.gateway import build_gateway
+from router_pipeline.serve.profiles import ProfileError
+from router_pipeline.training.stand_in import stand_in_pool_router
+from router_pipeline_tests.support import serving
+
+KEY = "sk-team-test-key-0001"
+ARMS = [{"name": "router", "model": "router", "share": 0.7}, {"name": "pro", "model": "pro", "share": 0.3}]
+
+
+def test_an_arm_is_stable_for_a_key_and_arms_follow_their_shares():
+    e = experiment_from_dict({"name": "e1", "key_header": "X-User-Id", "arms": ARMS}, "profile 'team'")
+    arms = [e.assign(f"user-{i}").name for i in range(20_000)]
+    assert arms == [e.assign(f"user-{i}").name for i in range(20_000)]  # the same key, the same arm
+    assert Counter(arms)["router"] / len(arms) == pytest.approx(0.7, abs=0.015)
+    other = experiment_from_dict({"name": "e2", "arms": ARMS}, "p")  # another experiment shuffles anew
+    assert sum(a != other.assign(f"user-{i}").name for i, a in enumerate(arms)) > 4_000
+    for bad, message in (({"name": "e", "arms": ARMS[:1]}, "at least two arms"),
+                         ({"name": "e", "arms": [ARMS[0], {**ARMS[1], "share": 0.5}]}, "add up to 1.2, not 1"),
+                         ({"name": "e", "arms": [ARMS[0], {**ARMS[1], "name": "router"}]}, "an arm twice"),
+                         ({"name": "e", "arms": [ARMS[0], {**ARMS[1], "share": True}]}, "share must be in"),
+                         ({"arms": ARMS}, "needs a 'name'")):
+        with pytest.raises(ExperimentError, match=message):
+            experiment_from_dict(bad, "profile 'team'")
+
+
+def test_wilson_and_newcombe_intervals():
+    assert wilson(0, 10) == (0.0, 0.0, pytest.approx(0.2775, abs=1e-4))  # the textbook values
+    p, lo, hi = wilson(81, 263)
+    assert (lo, hi) == (pytest.approx(0.2553, abs=1e-3), pytest.approx(0.3662, abs=1e-3))
+    d, lo, hi = difference((56, 70), (48, 80))  # Newcombe (1998), example: 0.2 [0.0524, 0.3339]
+    assert (d, lo, hi) == (pytest.approx(0.2), pytest.approx(0.0524, abs=1e-3), pytest.approx(0.3339, abs=1e-3))
+    assert wilson(0, 0) == (None, None, None)
+
+
+def test_an_experiment_splits_traffic_and_feedback_becomes_accuracy_per_arm(tmp_path, monkeypatch, capsys):
+    with FakeGemini() as cloud:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", cloud.base_url)
+        monkeypatch.setenv("TEST_KEYS_TEAM", KEY)
+        monkeypatch.setenv("ROUTER_ADMIN_KEY", "sk-admin-test-key-0001")
+        router, _, _ = stand_in_pool_router(tmp_path)
+        profiles = tmp_path / "profiles.yaml"
+
+        def gateway_with(arms):
+            profiles.write_text(f"""
+profiles:
+  team:
+    keys_env: TEST_KEYS_TEAM
+    experiment: {{name: router-vs-pro, key_header: X-User-Id, arms: {arms}}}
+""")
+            return build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / "state",
+                                 config=replace(DEFAULTS, cooldown_s=0.0))
+
+        with pytest.raises(ProfileError, match="arm 'gpt': model 'gpt-9' does not exist"):
+            gateway_with([ARMS[0], {"name": "gpt", "model": "gpt-9", "share": 0.3}])
+        gateway = gateway_with(ARMS)
+        with serving(gateway) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+            seen: dict[str, set] = {}
+            for i in range(60):
+                user = f"user-{i % 30}"
+                reply = client.chat.completions.create(model="router", messages=[
+                    {"role": "user", "content": f"row {i}"}], extra_headers={"X-User-Id": user})
+                routing = reply.model_extra["routing"]
+                seen.setdefault(user, set()).add(routing["experiment"]["arm"])
+                if routing["experiment"]["arm"] == "pro":
+                    assert (routing["served_by"], routing["rule"]) == ("pro", "by_name")
+                else:
+                    assert routing["rule"] == "pool_choice"
+                # Pro is graded right every time, the router's answers every other time.
+                right = routing["experiment"]["arm"] == "pro" or i % 2 == 0
+                fed = httpx.post(url + "/v1/feedback", headers={"Authorization": f"Bearer {KEY}"}, json={
+                    "request_id": routing["request_id"], "grade": "Correct" if right else "Incorrect"})
+                assert fed.status_code == 200, fed.text
+            named = client.chat.completions.create(model="flash", messages=[{"role": "user", "content": "row 1"}])
+            assert "experiment" not in named.model_extra["routing"]  # a model by name is not in the experiment
+            headers = {"Authorization": f"Bearer {KEY}"}
+            quality = httpx.get(url + "/v1/stats", headers=headers).json()["profiles"]["team"]["quality"]
+            metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer sk-admin-test-key-0001"}).text
+    assert all(len(arms) == 1 for arms in seen.values())  # one user, one arm
+    e = quality["experiments"]["router-vs-pro"]
+    router_arm, pro_arm = e["arms"]["router"], e["arms"]["pro"]
+    assert router_arm["requests"] + pro_arm["requests"] == 60 and router_arm["graded"] == router_arm["requests"]
+    assert pro_arm["accuracy"] == 1.0 and pro_arm["accuracy_95"][1] == 1.0 and pro_arm["accuracy_95"][0] < 1.0
+    assert router_arm["accuracy_95"][0] < router_arm["accuracy"] < router_arm["accuracy_95"][1]
+    assert pro_arm["usd_per_1000"] > router_arm["usd_per_1000"] > 0
+    diff = e["differences"]["pro - router"]
+    assert diff["accuracy"] == pytest.approx(1.0 - router_arm["accuracy"], abs=1e-4)
+    assert diff["accuracy_95"][0] > 0  # Pro is better here beyond its interval
+    assert quality["models"]["pro"]["graded"] >= pro_arm["graded"]
+    assert 'router_feedback_accuracy{profile="team",facet="arms",name="router-vs-pro/pro",bound="estimate"} 1.0' \
+        in metrics
+    assert f'router_feedback_graded_total{{profile="team",facet="models",name="pro"}} {quality["models"]["pro"]["graded"]}' \
+        in metrics
+    from router_pipeline.serve.cli import main
+
+    assert main(["experiment", "report", "--feedback-dir", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    assert "profile team, experiment router-vs-pro:" in out and "arm pro: " in out and "pro - router accuracy +" in out
