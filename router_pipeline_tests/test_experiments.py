@@ -3,6 +3,7 @@ intervals that are right at the edges, and, live on 127.0.0.1, an experiment of 
 router against always-Pro whose feedback grades become accuracy per arm, model and policy
 with intervals in /v1/stats, /metrics and `router-pipeline experiment report`."""
 
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -112,3 +113,60 @@ profiles:
     assert main(["experiment", "report", "--feedback-dir", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
     assert "profile team, experiment router-vs-pro:" in out and "arm pro: " in out and "pro - router accuracy +" in out
+
+
+def test_shadow_mode_never_changes_the_answer_or_the_charge(tmp_path, monkeypatch):
+    """A shadow profile answers as a caller asking for its default model by name does: the
+    same model, the same answer, the same cost, even while the router fails; the shadow table says what the router would have chosen and spent, and grades
+    for both models give the paired accuracy difference."""
+    with FakeGemini() as cloud:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", cloud.base_url)
+        monkeypatch.setenv("TEST_KEYS_TEAM", KEY)
+        monkeypatch.setenv("TEST_KEYS_PLAIN", "sk-plain-test-key-0001")
+        router, _, _ = stand_in_pool_router(tmp_path)
+        profiles = tmp_path / "profiles.yaml"
+        profiles.write_text("""
+profiles:
+  team: {keys_env: TEST_KEYS_TEAM, shadow: true, mapper: {budget: {ledger: team, period: month}}}
+  plain: {keys_env: TEST_KEYS_PLAIN}
+""")
+        gateway = build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / "state",
+                                config=replace(DEFAULTS, cooldown_s=0.0))
+        with serving(gateway) as url:
+            shadowed = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+            plain = openai.OpenAI(base_url=url + "/v1", api_key="sk-plain-test-key-0001", max_retries=0)
+            pairs = []
+            for i in range(24):
+                messages = [{"role": "user", "content": f"row {i}"}]
+                if i == 20:  # the router fails: a shadow profile does not notice
+                    gateway.batcher.router, working = None, gateway.batcher.router
+                pairs.append((shadowed.chat.completions.create(model="router", messages=messages),
+                              plain.chat.completions.create(model="flash-lite", messages=messages)))
+            gateway.batcher.router = working
+            for s, p in pairs:
+                a, b = s.model_extra["routing"], p.model_extra["routing"]
+                assert (s.model, s.choices[0].message.content, a["cost_usd"]) == \
+                    (p.model, p.choices[0].message.content, b["cost_usd"])
+                assert (a["served_by"], a["rule"]) == ("flash-lite", "shadow")
+            for s, _ in pairs[:20]:  # grades for the served model and for pro
+                rid = s.model_extra["routing"]["request_id"]
+                for tier, grade in (("flash-lite", "Incorrect"), ("pro", "Correct")):
+                    assert httpx.post(url + "/v1/feedback", headers={"Authorization": f"Bearer {KEY}"}, json={
+                        "request_id": rid, "grade": grade, "tier": tier}).status_code == 200
+            for _ in range(100):  # the shadow rows are written off the request path
+                team = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()[
+                    "profiles"]["team"]
+                if team["quality"].get("shadow", {}).get("requests") == 20:
+                    break
+                time.sleep(0.1)
+    assert team["budget"]["spent_usd"] == pytest.approx(sum(p.model_extra["routing"]["cost_usd"] for _, p in pairs))
+    shadow = team["quality"]["shadow"]
+    assert shadow["requests"] == 20  # the four the router failed on have no shadow decision
+    assert shadow["spend_usd"] == pytest.approx(sum(s.model_extra["routing"]["cost_usd"] for s, _ in pairs[:20]))
+    chose = shadow["router_models"]
+    assert sum(chose.values()) == 20 and chose.get("flash-lite", 0) == shadow["same_model"] < 20
+    assert shadow["router_spend_usd"] > shadow["spend_usd"]  # it would have paid for dearer models
+    # Where the router chose pro it would have been right, where it kept flash-lite the same.
+    assert shadow["graded_both"] == chose.get("flash-lite", 0) + chose.get("pro", 0)
+    assert shadow["router_minus_served_accuracy"] == pytest.approx(chose.get("pro", 0) / shadow["graded_both"], abs=1e-4)

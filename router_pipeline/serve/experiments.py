@@ -1,6 +1,7 @@
-"""Experiments and online quality: a profile may split its traffic between arms, and the
-grades that feedback sends back become accuracy per arm, model, policy and profile,
-each with a 95% interval.
+"""Shadow mode, experiments and online quality: a profile may let its default model
+answer while the router decides beside it, or split its traffic between arms; the grades
+that feedback sends back become accuracy per arm, model, policy and profile, each with a
+95% interval.
 
 An arm is a model name as a caller would ask for it (``router``, ``router-0.35``,
 ``router-budget-0.30``, or a model by name such as ``pro``), with a share of the
@@ -30,9 +31,13 @@ import time
 from dataclasses import dataclass
 
 Z95 = 1.959964
-SERVED_SCHEMA = ("CREATE TABLE IF NOT EXISTS served (request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, "
-                 "experiment TEXT, arm TEXT, policy TEXT, model TEXT, cost_usd DOUBLE PRECISION NOT NULL, "
-                 "escalated INTEGER NOT NULL, served_at BIGINT NOT NULL)")
+SCHEMA = ("CREATE TABLE IF NOT EXISTS served (request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, "
+          "experiment TEXT, arm TEXT, policy TEXT, model TEXT, cost_usd DOUBLE PRECISION NOT NULL, "
+          "escalated INTEGER NOT NULL, served_at BIGINT NOT NULL)",
+          # shadow mode: what the router would have chosen beside what was served, and both costs
+          "CREATE TABLE IF NOT EXISTS shadow (request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, model TEXT, "
+          "policy TEXT, cost_usd DOUBLE PRECISION NOT NULL, served_model TEXT, served_cost_usd DOUBLE PRECISION "
+          "NOT NULL)")
 
 
 class ExperimentError(ValueError):
@@ -123,6 +128,47 @@ def record_served(db, request_id: str, profile: str, experiment: str | None, arm
                (request_id, profile, experiment, arm, policy, model, float(cost_usd), int(escalated), time.time_ns()))
 
 
+def record_shadow(db, request_id: str, profile: str, model: str, policy: str, cost_usd: float,
+                  served_model: str | None, served_cost_usd: float) -> None:
+    db.execute("INSERT INTO shadow (request_id, profile, model, policy, cost_usd, served_model, served_cost_usd) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+               (request_id, profile, model, policy, float(cost_usd), served_model, float(served_cost_usd)))
+
+
+def _shadow(db) -> dict[str, dict]:
+    """Per profile in shadow mode: how often the router would have chosen the model that
+    answered, what it would have spent against what was spent, and, on requests whose
+    served and would-be models both have a grade (the same model, or feedback naming the
+    other model with ``tier``), the accuracy it would have had minus the served one's, a
+    paired difference with a 95% normal interval."""
+    grades: dict[tuple[str, str], bool] = {}
+    for request_id, tier, grade in db.execute("SELECT request_id, tier, grade FROM feedback WHERE grade IS NOT NULL "
+                                              "ORDER BY timestamp"):
+        grades.setdefault((request_id, tier), grade == "Correct")
+    out: dict[str, dict] = {}
+    for request_id, profile, model, cost, served, served_cost in db.execute(
+            "SELECT request_id, profile, model, cost_usd, served_model, served_cost_usd FROM shadow"):
+        p = out.setdefault(profile, {"requests": 0, "same_model": 0, "router_spend_usd": 0.0, "spend_usd": 0.0,
+                                     "router_models": {}, "_diffs": []})
+        p["requests"] += 1
+        p["same_model"] += model == served
+        p["router_spend_usd"] += cost
+        p["spend_usd"] += served_cost
+        p["router_models"][model] = p["router_models"].get(model, 0) + 1
+        if (request_id, served) in grades and (request_id, model) in grades:
+            p["_diffs"].append(grades[(request_id, model)] - grades[(request_id, served)])
+    for p in out.values():
+        diffs = p.pop("_diffs")
+        p["router_spend_usd"], p["spend_usd"] = round(p["router_spend_usd"], 8), round(p["spend_usd"], 8)
+        mean = sum(diffs) / len(diffs) if diffs else None
+        half = (Z95 * math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
+                if len(diffs) > 1 else None)
+        p["graded_both"] = len(diffs)
+        p["router_minus_served_accuracy"] = _round(mean)
+        p["router_minus_served_accuracy_95"] = [_round(mean - half), _round(mean + half)] if half is not None else None
+    return out
+
+
 def _graded(db) -> dict[str, bool]:
     """request_id -> whether the model that answered it was graded Correct (IDK counts as
     not correct); the first grade of the model that served it."""
@@ -170,6 +216,8 @@ def quality(db) -> dict[str, dict]:
         experiment, arm = json.loads(key)
         arms = p["experiments"].setdefault(experiment, {"arms": {}, "differences": {}})["arms"]
         arms[arm] = {**_figures(*t), "_counts": (t[3], t[4])}
+    for profile, s in _shadow(db).items():
+        out.setdefault(profile, {"models": {}, "policies": {}, "experiments": {}})["shadow"] = s
     for p in out.values():
         for e in p["experiments"].values():
             names = list(e["arms"])

@@ -34,7 +34,7 @@ from router_pipeline.artifacts import OUTCOME_FIELDS, OUTCOMES_QUERY
 from router_pipeline.policies import GRADES, TIERS
 from router_pipeline.serve.config import DEFAULTS
 from router_pipeline.serve.database import Database, state_database
-from router_pipeline.serve.experiments import SERVED_SCHEMA
+from router_pipeline.serve.experiments import SCHEMA as SERVED_SCHEMA
 from router_pipeline.text import query_hash
 
 PREFERRED = {"medium": {"medium": "Correct", "large": "Correct"}, "large": {"medium": "Incorrect", "large": "Correct"}}
@@ -84,7 +84,7 @@ class FeedbackStore:
         self.folder, self.capacity, self.tiers = Path(folder), capacity, tuple(tiers)
         self._db = state_database(self.folder, database, timeout_s)
         self._inserted = 0
-        for statement in (*_SCHEMA, SERVED_SCHEMA):
+        for statement in (*_SCHEMA, *SERVED_SCHEMA):
             self._db.execute(statement)
 
     @property

@@ -47,7 +47,7 @@ from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedR
 from router_pipeline.serve.batcher import RouteBatcher
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
-from router_pipeline.serve.experiments import Arm, record_served
+from router_pipeline.serve.experiments import Arm, record_served, record_shadow
 from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
                                          UpstreamFailed)
 from router_pipeline.policies import TIERS
@@ -103,11 +103,12 @@ class Decided:
     arm: Arm | None = None  # the experiment's arm this request was assigned to
     cost_usd: float = 0.0  # what its answer cost (set when settled)
     escalated: bool = False
+    shadow: asyncio.Future | None = None  # shadow mode: the router's decision and mapping, made beside the request
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
         return self.mapper.map(self.decision, text=self.scan, router_failed=self.router_failed, named=self.named,
-                               **kwargs)
+                               shadow=self.shadow is not None, **kwargs)
 
     @property
     def asked(self) -> int | None:
@@ -235,18 +236,56 @@ class Gateway:
             await self._in_db(mapper.ledger.spent)
         else:  # nothing to count it against: the replay goes on in the background, unwaited for
             self._replay_soon()
-        if named is None:
+        shadow = None
+        if profile.shadow and named is None and lam is None and threshold is None:
+            shadow = self._spawn(self._shadow(profile, mapper, text, scan))
+            decision, failed = RouteDecision(text, "shadow", {}, True, "shadow"), None
+        elif named is None:
             decision, failed = await self._route(profile, text)
         else:  # a model asked for by name: no routing
             decision, failed = RouteDecision(text, "by_name", {}, True, "by_name"), None
         if lam is not None and failed is None:  # the pool router's choice at the lambda the model name asks for
             decision = self.router.at(decision, lam)
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
-                    lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm)
+                    lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm, shadow=shadow)
         # Rules may read the ledger (the state database); without one they read nothing.
         d.mapping = await (self._in_db(d.map) if mapper.ledger is not None else asyncio.to_thread(d.map))
         d.router_ms = (time.perf_counter() - t0) * 1000
         return d
+
+    async def _shadow(self, profile: Profile, mapper: PolicyMapper, text: str, scan: str) -> Mapping | None:
+        """Shadow mode: what the router would have chosen for a request its profile's
+        default model answers (None when the router failed)."""
+        try:
+            decision, failed = await self._route(replace(profile, router_failure="default_model"), text)
+            if failed is not None:
+                return None
+            if mapper.ledger is not None:  # rules may read the ledger: the state database's threads
+                return await self._in_db(mapper.map, decision, text=scan)
+            return await asyncio.to_thread(mapper.map, decision, text=scan)
+        except Exception as exc:  # never the request's concern
+            log.error("shadow decision for profile %s: %r", profile.name, exc)
+            return None
+
+    async def _record_shadow(self, d: Decided, request_id: str, usage: dict, served: str | None,
+                             cost: float) -> None:
+        """Once both are known: what the router would have chosen for this request and what
+        the same tokens would have cost on it, beside what was served."""
+        mapping = await d.shadow
+        if mapping is None:
+            return
+        would = 0.0
+        if mapping.model is not None:
+            price = self.backends.spec_for(mapping.target, mapping.model).price
+            would = cost_usd(usage["prompt_tokens"], usage["completion_tokens"], price)
+        await self._in_db(record_shadow, self.feedback.db, request_id, d.profile.name, mapping.target,
+                          mapping.policy, would, served, cost, pool="recording")
+        if self.decision_log_path is not None:
+            with contextlib.suppress(OSError):
+                decision_log.append(self.decision_log_path, {
+                    "request_id": request_id, "profile": d.profile.name, "shadow": True, "model": mapping.target,
+                    "rule": mapping.rule, "reason": mapping.reason, "would_cost_usd": round(would, 8),
+                    "served_by": served})
 
     async def _route(self, profile: Profile, text: str) -> tuple[RouteDecision, str | None]:
         """(the router's decision, None), or (an empty decision, why) when the router raised
@@ -609,6 +648,8 @@ class Gateway:
         answer go to the journal. Returns the usage block."""
         routing.update(cost_usd=round(cost, 8))
         d.cost_usd, d.escalated = cost, bool(routing.get("escalated"))
+        if d.shadow is not None:  # written when the router has decided, never waited for here
+            self._spawn(self._record_shadow(d, routing["request_id"], usage, tier, cost))
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
         journal: dict = {}
         charges = []  # (journal part, ledger, reservation)

@@ -294,7 +294,7 @@ class PolicyMapper:
         return tuple(a for a in self.models if a in allowed)
 
     def map(self, decision, *, over_budget: bool = False, capped: frozenset = frozenset(), text: str | None = None,
-            router_failed: str | None = None, named: str | None = None) -> Mapping:
+            router_failed: str | None = None, named: str | None = None, shadow: bool = False) -> Mapping:
         """``decision`` is a RouteDecision (or anything with query, policy, confidence).
         ``over_budget``: the budget was found used up when this request tried to reserve
         its cost (``BudgetLedger.admit``): budget rules fire whatever the ledger read.
@@ -303,7 +303,8 @@ class PolicyMapper:
         what the router read). ``router_failed``: why the router gave no decision; the
         rules that read one are skipped and the fallback answers. ``named``: the alias the
         caller asked for by name: it answers, unless a privacy rule that matches keeps the
-        conversation on other models (Forbidden)."""
+        conversation on other models (Forbidden). ``shadow``: the router decides off the
+        request path; this request goes as if it had no router (rule ``shadow``)."""
         for rule in (r for r in self.rules if r.kind == "privacy"):  # first, wherever they stand
             if (hits := self._private(rule, text if text is not None else decision.query)) is None:
                 continue
@@ -319,7 +320,7 @@ class PolicyMapper:
             return self._within_model_budgets(Mapping(self.models[named], named, "by_name", decision.policy,
                                                       f"the caller asked for {named} by name"), decision, capped)
         for rule in self.rules:
-            if rule.kind == "privacy" or (router_failed is not None and rule.kind in READS_ROUTER):
+            if rule.kind == "privacy" or ((router_failed is not None or shadow) and rule.kind in READS_ROUTER):
                 continue
             reason = ("the budget was used up by requests in flight" if over_budget and rule.kind == "budget"
                       else self._match(rule, decision))
@@ -331,10 +332,11 @@ class PolicyMapper:
                 continue
             return self._within_model_budgets(Mapping(self.models.get(target), target, rule.label, decision.policy,
                                                       reason), decision, capped)
-        reason = (f"the router failed ({router_failed}): the profile's default model" if router_failed is not None
-                  else f"no rule matched policy {decision.policy!r}")
-        return self._within_model_budgets(Mapping(self.models.get(self.fallback), self.fallback,
-                                                  "router_failed" if router_failed is not None else "fallback",
+        reason, rule = ((f"the router failed ({router_failed}): the profile's default model", "router_failed")
+                        if router_failed is not None else
+                        ("shadow mode: the profile's default model; the router decides beside it", "shadow")
+                        if shadow else (f"no rule matched policy {decision.policy!r}", "fallback"))
+        return self._within_model_budgets(Mapping(self.models.get(self.fallback), self.fallback, rule,
                                                   decision.policy, reason), decision, capped)
 
     def capped(self, alias: str, in_flight: frozenset = frozenset()) -> str | None:

@@ -58,6 +58,7 @@ class Profile:
     store_queries: bool = False
     router_failure: str = "default_model"  # or "refuse": a 503 when the router gives no decision
     experiment: Experiment | None = None  # its traffic split between arms (serve/experiments.py)
+    shadow: bool = False  # its default model answers; the router decides beside it, off the request path
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
 
 
@@ -164,7 +165,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         if not isinstance(raw, dict):
             raise ProfileError(f"{path}: profile {name!r} must be a mapping")
         unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries",
-                              "router_failure", "experiment"}
+                              "router_failure", "experiment", "shadow"}
         if unknown:
             raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
         mapper_spec = raw.get("mapper") or default_spec
@@ -187,7 +188,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         profiles[str(name)] = Profile(
             str(name), mapper, allowed=_targets(name, raw, "allowed", allowed, mapper),
             fallbacks=_targets(name, raw, "fallbacks", fallbacks, mapper),
-            store_queries=_flag(name, raw, "store_queries"), key_digests=digests,
+            store_queries=_flag(name, raw, "store_queries"), key_digests=digests, shadow=_flag(name, raw, "shadow"),
             router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE),
             experiment=_experiment(name, raw, path))
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
