@@ -24,7 +24,19 @@ measures the state path, not routing). Prints per backend, ending with:
     double payments N                            requests paid more than once (target 0)
     overspend beyond one request N               (target 0)
 
-    python benchmarks/serving_faults.py [--requests 500] [--backends sqlite,postgresql]
+Two more cases (``--promises``), on a pool of an on-premises endpoint marked private (a
+local server speaking OpenAI's protocol) and Flash and Pro (the Gemini stand-in, which
+records every call it gets), routed by a stand-in pool router:
+
+- privacy: private conversations (an e-mail address in the question, in a system
+  message, in an earlier turn), 8 at a time, while the private endpoint in turn answers,
+  fails (500), times out and returns empty replies;
+- router: requests 8 at a time while the router raises, then hangs, on every pass.
+
+    private queries answered by a model outside their rule N   (target 0)
+    router failures answered 5xx N                             (target 0)
+
+    python benchmarks/serving_faults.py [--requests 500] [--backends sqlite,postgresql] [--promises privacy,router]
 """
 
 from __future__ import annotations
@@ -52,12 +64,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from router_pipeline.llm.fake_gemini import FakeGemini
+from router_pipeline.llm.fake_gemini import FakeGemini, Fault
+from router_pipeline.llm.fake_openai import FakeOpenAI
 from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.routers.contract import RouteDecision
 
 KEYS = {"budgeted": "bench-budgeted-key-0001", "control": "bench-control-key-0001",
-        "bystander": "bench-bystander-key-0001"}
+        "bystander": "bench-bystander-key-0001", "team": "bench-team-key-0001"}
 PRO = "gemini-2.5-pro"
 CONCURRENCY = 8
 SHARE_OF_COST = 0.7  # the budget's limit, as a share of what every budgeted request would cost on Pro
@@ -313,15 +326,130 @@ def _recorded(db) -> set[str]:
     return {k.removeprefix("budgeted-") for (k,) in rows}
 
 
+# -- the failure promises: a private query stays private, a failing router still answers -
+PII = "jane.doe@example.org"
+CONVERSATIONS = (  # the private text in the question, in a system message, in an earlier turn
+    lambda i: [{"role": "user", "content": f"Write to {PII} about row {i}"}],
+    lambda i: [{"role": "system", "content": f"The customer is {PII}."},
+               {"role": "user", "content": f"What should I answer them? row {i}"}],
+    lambda i: [{"role": "user", "content": f"My address is {PII}."}, {"role": "assistant", "content": "Noted."},
+               {"role": "user", "content": f"Now summarise row {i}"}])
+ONPREM_FAULTS = (None, Fault(status=500), Fault(delay_s=2.0), Fault(empty=True))  # answers, fails, hangs, says nothing
+ROUTING_TIMEOUT_S = 0.3
+
+
+class FailingRouter:
+    """The stand-in pool router, until ``mode`` makes every pass raise or hang."""
+
+    def __init__(self, router):
+        self.router, self.mode = router, None
+
+    def __getattr__(self, name):  # the pool router's knob, pool and calibration
+        return getattr(self.router, name)
+
+    def route_batch(self, queries, **kw):
+        if self.mode == "raise":
+            raise RuntimeError("the router's model failed")
+        if self.mode == "hang":
+            time.sleep(2.0)
+        return self.router.route_batch(queries, **kw)
+
+
+@contextlib.contextmanager
+def _pool_server(work: Path, profiles: dict, **config):
+    """(url, the private endpoint, the cloud, the router) of a server over the stand-in pool."""
+    from router_pipeline.llm.pool import pool_from_dict
+    from router_pipeline.training.stand_in import stand_in_pool_router
+    from router_pipeline.serve.config import DEFAULTS
+    from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline.serve.server import serving_in_thread
+
+    with FakeOpenAI() as onprem, FakeGemini(latency_s=0.02) as cloud:
+        os.environ.update(ROUTER_PIPELINE_PROFILE="gemini", GEMINI_BASE_URL=cloud.base_url,
+                          GEMINI_API_KEY="serving-faults-not-secret", ROUTER_BENCH_TEAM=KEYS["team"])
+        pool = pool_from_dict([
+            {"name": "onprem", "backend": "openai", "model": "llama-onprem", "base_url": onprem.base_url,
+             "private": True, "input_usd_per_mtok": 0.05, "output_usd_per_mtok": 0.05},
+            {"name": "flash", "backend": "gemini", "model": "gemini-2.5-flash", "input_usd_per_mtok": 0.3,
+             "output_usd_per_mtok": 2.5},
+            {"name": "pro", "backend": "gemini", "model": "gemini-2.5-pro", "input_usd_per_mtok": 1.25,
+             "output_usd_per_mtok": 10.0}])
+        router = FailingRouter(stand_in_pool_router(work, pool)[0])
+        (work / "profiles.json").write_text(json.dumps({"profiles": profiles}))
+        gateway = build_gateway(None, router=router, profiles_path=work / "profiles.json",
+                                feedback_dir=work / "state",
+                                config=replace(DEFAULTS, cooldown_s=0.0, upstream_timeout_s=1.0, **config))
+        gateway.batcher.router = router
+        with serving_in_thread(gateway, log_level="critical") as url:
+            yield url, onprem, cloud, router
+
+
+def _chat(client: httpx.Client, url: str, messages: list[dict]) -> tuple[int, dict, float]:
+    t0 = time.perf_counter()
+    r = client.post(f"{url}/v1/chat/completions", json={"model": "router", "messages": messages, "max_tokens": 16},
+                    headers={"Authorization": f"Bearer {KEYS['team']}"}, timeout=60)
+    return r.status_code, r.json(), (time.perf_counter() - t0) * 1000
+
+
+def privacy_case(n: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="serving-privacy-"))
+    profiles = {"team": {"keys_env": "ROUTER_BENCH_TEAM",
+                         "mapper": {"rules": [{"kind": "privacy", "name": "pii", "models": ["onprem"]}]}}}
+    with _pool_server(work, profiles) as (url, onprem, cloud, _), httpx.Client() as client:
+        def one(i: int):
+            if fault := ONPREM_FAULTS[i % len(ONPREM_FAULTS)]:
+                onprem.add_faults(fault)
+            return _chat(client, url, CONVERSATIONS[i % len(CONVERSATIONS)](i))
+
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            replies = list(pool.map(one, range(n)))
+        cloud_calls = list(cloud.calls)
+    shutil.rmtree(work, ignore_errors=True)
+    answered_outside = sum(s == 200 and body["routing"]["served_by"] != "onprem" for s, body, _ in replies)
+    return {"requests": n, "outcomes": dict(Counter(s if s == 200 else f"{s} {body['error']['code']}"
+                                                    for s, body, _ in replies)),
+            "cloud_calls": len(cloud_calls), "cloud_calls_with_private_text": sum(
+                PII in c.prompt or PII in (c.system or "") for c in cloud_calls),
+            "outside": answered_outside + len(cloud_calls)}
+
+
+def router_case(n: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="serving-router-"))
+    profiles = {"team": {"keys_env": "ROUTER_BENCH_TEAM"}}
+    with _pool_server(work, profiles, routing_timeout_s=ROUTING_TIMEOUT_S) as (url, _, _, router), \
+            httpx.Client() as client:
+        runs = {}
+        for mode in (None, "raise", "hang"):
+            router.mode = mode
+            with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+                runs[mode or "healthy"] = list(pool.map(
+                    lambda i: _chat(client, url, [{"role": "user", "content": f"row {i}"}]), range(n)))
+            router.mode = None
+            time.sleep(2.1)  # a hung pass ends
+    shutil.rmtree(work, ignore_errors=True)
+    out = {"requests": n, "routing_timeout_ms": ROUTING_TIMEOUT_S * 1000}
+    for mode, replies in runs.items():
+        out[mode] = {"outcomes": dict(Counter(s if s == 200 else f"{s} {body['error']['code']}"
+                                              for s, body, _ in replies)),
+                     "served_by_default": sum(s == 200 and body["routing"].get("rule") == "router_failed"
+                                              for s, body, _ in replies),
+                     "p50_ms": round(float(np.percentile([ms for *_, ms in replies], 50))),
+                     "p99_ms": round(float(np.percentile([ms for *_, ms in replies], 99)))}
+    out["5xx"] = sum(s >= 500 for mode in ("raise", "hang") for s, _, _ in runs[mode])
+    return out
+
+
 def main(argv=None) -> int:
     logging.getLogger("router_pipeline").setLevel(logging.CRITICAL)  # each fault logs per request: counted here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--backends", default="sqlite,postgresql")
     p.add_argument("--seed", type=int, default=29)
+    p.add_argument("--promises", default="privacy,router", help="the failure-promise cases to run ('' for none)")
+    p.add_argument("--promise-requests", type=int, default=200, help="requests per failure-promise case and mode")
     args = p.parse_args(argv)
     totals = Counter()
-    for backend in args.backends.split(","):
+    for backend in filter(None, args.backends.split(",")):
         r = run(backend, args.requests, args.seed)
         p99 = r["bystander_p99_ms"]
         idle, control, during = p99["idle"], p99["same load, no fault"], p99["during the faults"]
@@ -338,10 +466,26 @@ def main(argv=None) -> int:
             print(f"   budgeted requests not answered after 60 tries: {r['unanswered']}")
         totals.update(paid=r["paid"], lost=r["lost"], double=r["double"], over=r["overspend_requests"])
         print(f"   paid {r['paid']}, lost {r['lost']}, double {r['double']}, overspend {r['overspend_requests']}")
-    print(f"paid upstream {totals['paid']}")
-    print(f"paid but neither returned nor recorded {totals['lost']}")
-    print(f"double payments {totals['double']}")
-    print(f"overspend beyond one request {totals['over']}")
+    if args.backends:
+        print(f"paid upstream {totals['paid']}")
+        print(f"paid but neither returned nor recorded {totals['lost']}")
+        print(f"double payments {totals['double']}")
+        print(f"overspend beyond one request {totals['over']}")
+    promises = set(filter(None, args.promises.split(",")))
+    if "privacy" in promises:
+        r = privacy_case(args.promise_requests)
+        print(f"== privacy: {r['requests']} private conversations, 8 at a time, while the private endpoint in turn "
+              f"answers, fails, times out and says nothing: {r['outcomes']}; cloud calls {r['cloud_calls']} "
+              f"({r['cloud_calls_with_private_text']} holding the private text)")
+        print(f"private queries answered by a model outside their rule {r['outside']}")
+    if "router" in promises:
+        r = router_case(args.promise_requests)
+        for mode in ("healthy", "raise", "hang"):
+            m = r[mode]
+            print(f"== router {mode}: {r['requests']} requests, 8 at a time: {m['outcomes']}, "
+                  f"{m['served_by_default']} by the default model (router_failed); p50 {m['p50_ms']} ms, "
+                  f"p99 {m['p99_ms']} ms (a pass may run {r['routing_timeout_ms']:g} ms)")
+        print(f"router failures answered 5xx {r['5xx']}")
     return 0
 
 

@@ -146,7 +146,7 @@ async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = 
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
     gate = asyncio.Semaphore(concurrency)
-    router_ms, total_ms, errors = [], [], []
+    router_ms, total_ms, errors, failed = [], [], [], []  # failed: answered by the default model
 
     async def one(q: str):
         async with gate:
@@ -154,6 +154,7 @@ async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = 
             try:
                 reply = await client.chat.completions.create(model="router", messages=[{"role": "user", "content": q}])
                 router_ms.append(reply.model_extra["routing"]["router_ms"])
+                failed.append("router_failed" in reply.model_extra["routing"])
                 total_ms.append((time.perf_counter() - t0) * 1000)
             except Exception as exc:  # counted, and the first few shown
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -170,7 +171,8 @@ async def _load(url: str, queries: list[str], concurrency: int, hostile: bool = 
     return {"requests": len(queries), "wall_s": round(wall, 1), "throughput_rps": round(len(total_ms) / wall, 2),
             "router_p50_ms": pct(router_ms, 50), "router_p95_ms": pct(router_ms, 95), "router_p99_ms": pct(router_ms, 99),
             "total_p50_ms": pct(total_ms, 50), "total_p95_ms": pct(total_ms, 95), "total_p99_ms": pct(total_ms, 99),
-            "total_max_ms": pct(total_ms, 100), "errors": len(errors), "first_errors": errors[:3], "hostile": codes}
+            "total_max_ms": pct(total_ms, 100), "errors": len(errors), "first_errors": errors[:3], "hostile": codes,
+            "router_failed": sum(failed)}
 
 
 async def _time_to_first_token(url: str) -> dict:
@@ -251,8 +253,12 @@ def main(argv=None) -> int:
         calm, rough = results[names[0]], results[f"{names[0]} + hostile"]
         print(f"hostile mix ({', '.join(HOSTILE)}, one client each): well-behaved p50 {calm['total_p50_ms']} -> "
               f"{rough['total_p50_ms']} ms, p99 {calm['total_p99_ms']} -> {rough['total_p99_ms']} ms "
-              f"({rough['total_p99_ms'] / calm['total_p99_ms']:.2f}x; target <= 1.5x), well-behaved errors "
-              f"{rough['errors']}; hostile answers {rough['hostile']}")
+              f"({rough['total_p99_ms'] / calm['total_p99_ms']:.2f}x), router p99 {calm['router_p99_ms']} -> "
+              f"{rough['router_p99_ms']} ms ({rough['router_p99_ms'] / calm['router_p99_ms']:.2f}x; target <= 1.5x), "
+              f"well-behaved errors {rough['errors']}; hostile answers {rough['hostile']}")
+        unanswered = sum(n for codes in rough["hostile"].values() for status, n in codes.items()
+                         if not status.isdigit())
+        print(f"hostile requests not answered within 60 s {unanswered}")
     story = " ".join(f"word{i}" for i in range(200))  # a long answer, generated over stream_backend_s
     with FakeGemini(latency_s=args.stream_backend_s, responder=lambda model, prompt: story) as slow:
         env = {**os.environ, "ROUTER_PIPELINE_PROFILE": "gemini", "GEMINI_BASE_URL": slow.base_url,
@@ -270,11 +276,13 @@ def main(argv=None) -> int:
                                "backend_latency_ms": args.backend_latency_ms, "results": results,
                                "streaming": ttft}, indent=2))
     print()
-    print("| configuration | req/s | router p50 ms | p95 | p99 | end-to-end p50 ms | p95 | p99 | max | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | req/s | router p50 ms | p95 | p99 | end-to-end p50 ms | p95 | p99 | max | errors | "
+          "router failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['throughput_rps']} | {r['router_p50_ms']} | {r['router_p95_ms']} | {r['router_p99_ms']} | "
-              f"{r['total_p50_ms']} | {r['total_p95_ms']} | {r['total_p99_ms']} | {r['total_max_ms']} | {r['errors']} |")
+              f"{r['total_p50_ms']} | {r['total_p95_ms']} | {r['total_p99_ms']} | {r['total_max_ms']} | {r['errors']} | "
+              f"{r['router_failed']} |")
     print(f"errors {sum(r['errors'] for r in results.values())}")
     print(f"wrote {out}")
     return 0

@@ -10,6 +10,7 @@ from router_pipeline.llm.fake_gemini import FakeGemini
 from router_pipeline.labels.questions import load_questions
 from router_pipeline.labels.split import split_questions
 from router_pipeline.text import normalise
+from router_pipeline_tests.support import ADMIN_KEY
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,6 +119,17 @@ def oracle_responder(questions: pd.DataFrame):
 def fake_gemini(sample_questions):
     with FakeGemini(responder=oracle_responder(sample_questions)) as fake:
         yield fake
+
+
+@pytest.fixture
+def gemini_cloud(monkeypatch):
+    """The server's models on Gemini's protocol, answered by a local stand-in that records
+    every call; an admin key for /metrics."""
+    with FakeGemini() as cloud:
+        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
+        monkeypatch.setenv("GEMINI_BASE_URL", cloud.base_url)
+        monkeypatch.setenv("ROUTER_ADMIN_KEY", ADMIN_KEY)
+        yield cloud
 
 
 MMLU_OUTCOMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_dev_outcomes.csv"

@@ -50,6 +50,9 @@ class FakeRemote:
         return self._fn.local(*args)
 
 
+ADMIN_KEY = "sk-admin-test-key-0001"  # what the gemini_cloud fixture sets as ROUTER_ADMIN_KEY
+
+
 def serving(state):
     """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
     from router_pipeline.serve.server import serving_in_thread

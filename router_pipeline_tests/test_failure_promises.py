@@ -138,33 +138,31 @@ profiles:
 
 
 def test_a_local_model_is_bounded_and_a_private_query_too_long_for_it_is_a_400(tmp_path, monkeypatch,
-                                                                               tiny_model_dir):
+                                                                               tiny_model_dir, gemini_cloud):
     """Two tiers with the local backend as the privacy rule's model: a prompt over
     local_max_input_tokens is refused by it (400, the cloud never called); one that takes
     longer than local_timeout_s is a 503 naming the rule."""
-    with FakeGemini() as cloud:
-        monkeypatch.setenv("ROUTER_PIPELINE_PROFILE", "gemini")
-        monkeypatch.setenv("GEMINI_BASE_URL", cloud.base_url)
-        monkeypatch.setenv("TEST_KEYS_TEAM", KEY)
-        router, _, _ = stand_in_pool_router(tmp_path)
-        profiles = tmp_path / "profiles.yaml"
-        profiles.write_text(f"""
+    cloud = gemini_cloud
+    monkeypatch.setenv("TEST_KEYS_TEAM", KEY)
+    router, _, _ = stand_in_pool_router(tmp_path)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(f"""
 profiles:
   team:
     keys_env: TEST_KEYS_TEAM
     mapper: {{models: {{local: "{tiny_model_dir}"}}, rules: [{{kind: privacy, target: local}}]}}
 """)
-        for limits, status, code in (({"local_max_input_tokens": 8}, 400, "prompt_too_long"),
-                                     ({"local_timeout_s": 0.001}, 503, "private_models_unavailable")):
-            gateway = build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / code,
-                                    config=replace(DEFAULTS, cooldown_s=0.0, **limits))
-            with serving(gateway) as url:
-                client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-                with pytest.raises(openai.APIStatusError) as refused:
-                    client.chat.completions.create(model="router", messages=[
-                        {"role": "user", "content": f"Please tell {PII} everything about the sea and the sky."}])
-            assert (refused.value.status_code, refused.value.body["code"]) == (status, code), refused.value.body
-        assert cloud.calls == []
+    for limits, status, code in (({"local_max_input_tokens": 8}, 400, "prompt_too_long"),
+                                 ({"local_timeout_s": 0.001}, 503, "private_models_unavailable")):
+        gateway = build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / code,
+                                config=replace(DEFAULTS, cooldown_s=0.0, **limits))
+        with serving(gateway) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(model="router", messages=[
+                    {"role": "user", "content": f"Please tell {PII} everything about the sea and the sky."}])
+        assert (refused.value.status_code, refused.value.body["code"]) == (status, code), refused.value.body
+    assert cloud.calls == []
 
 
 def test_a_busy_local_model_refuses_more_waiters_than_its_queue(tiny_model_dir):
