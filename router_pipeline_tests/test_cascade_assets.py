@@ -58,7 +58,12 @@ def _materialise(defs, resources, frame, monkeypatch):
     monkeypatch.setattr(cascade, "query_only_p", _stand_in_router(frame))
     io = resources["io_manager"]
     write_asset(io, "pool_outcomes", frame)
-    write_asset(io, "pool_routers", pd.DataFrame({"candidate": ["minilm_lda"], "path": ["unused"]}))
+    router = Path(resources["artifacts"].layout().root) / "pool" / "minilm_lda"
+    train = frame[frame["split"] == "train"]
+    router.parent.mkdir(parents=True, exist_ok=True)  # the stand-in's P on the training rows, as if out of fold
+    np.savez(router.with_name("minilm_lda.training_p.npz"), qid=train["qid"].astype(str).to_numpy(dtype=str),
+             p=_stand_in_router(frame)("", list(train["query"]))[0])
+    write_asset(io, "pool_routers", pd.DataFrame({"candidate": ["minilm_lda"], "path": [str(router)]}))
     write_asset(io, "pool_evaluation", pd.DataFrame({"qid": frame["qid"], "candidate": "minilm_lda"}))
     result = dg.materialize(list(defs.assets), instance=dg.DagsterInstance.ephemeral(),
                             resources={**resources, "pool": ModelPool.of(offline_pool())}, selection=["pool_cascade"],
@@ -75,6 +80,7 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     meta, check = _materialise(defs, resources, outcomes_slice, monkeypatch)
     assert "skipped" not in meta
     assert meta["comparator"].value == "letter" and meta["answers_of"].value == MODELS
+    assert meta["query_only_p_on_training_rows"].value == "out-of-fold"
     assert (meta["training_rows"].value, meta["validation_rows"].value, meta["test_rows"].value) == (600, 150, 150)
     aiq, query_only = meta["cascade_aiq"].value, meta["query_only_aiq"].value
     assert 0.3 < query_only < aiq < 1  # agreement is evidence the domain alone lacks

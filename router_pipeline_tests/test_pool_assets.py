@@ -143,7 +143,10 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
         assert c.severity == dg.AssetCheckSeverity.WARN and c.metadata["candidate"].value == chosen, rule
         assert c.passed or "a warning, not a verdict" in c.description, rule
 
-    # pool_cascade: the stand-ins' answers are recorded, but a handful of training rows cannot fit a cascade.
+    # pool_cascade: the stand-ins' answers are recorded, but a handful of training rows cannot fit a cascade;
+    # pool_routers recorded each candidate's P on its training rows for it.
+    for name in CANDIDATES:
+        assert (artifacts / "pool" / f"{name}.training_p.npz").is_file()
     assert "training rows: the learned cascade needs at least" in meta["pool_cascade"]["skipped"].value
     assert checks[("pool_cascade", "cascade_not_below_query_only")].passed
 

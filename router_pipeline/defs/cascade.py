@@ -14,7 +14,7 @@ from pydantic import Field
 
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.plots import cost_accuracy_frontiers, markdown_image
-from router_pipeline.defs.pool import POOL_GROUP, _outcomes, _plain
+from router_pipeline.defs.pool import POOL_GROUP, _outcomes, _plain, _training_p_path
 from router_pipeline.defs.resources import ArtifactStore, ModelPool
 from router_pipeline.evaluation import cascade as cascade_eval
 from router_pipeline.labels.split import TEST, TRAIN, VALIDATION
@@ -34,6 +34,19 @@ def query_only_p(router_path: str, queries: list[str]) -> tuple[np.ndarray, np.n
 
     router = PoolRouter(router_path)
     return router.proba(list(queries)), np.asarray(router.costs, float), dict(router.calibration)
+
+
+def _training_p(router_path, train: pd.DataFrame, in_sample: np.ndarray) -> tuple[np.ndarray, str]:
+    """The query-only router's P on the training rows as pool_routers recorded it (out of
+    fold: the cascade's heads must not read P fitted on their own rows), else in-sample."""
+    recorded = _training_p_path(router_path)
+    if recorded.is_file():
+        with np.load(recorded, allow_pickle=False) as z:
+            by_qid = dict(zip(z["qid"].tolist(), z["p"]))
+        qids = train["qid"].astype(str).tolist()
+        if all(q in by_qid for q in qids):
+            return np.stack([by_qid[q] for q in qids]) if qids else in_sample, "out-of-fold"
+    return in_sample, "in-sample (pool_routers recorded no out-of-fold P for these rows)"
 
 
 @dg.asset(group_name=POOL_GROUP, kinds={"scikitlearn"},
@@ -65,8 +78,10 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     queries = [list(splits[s].frame["query"]) for s in (TRAIN, VALIDATION, TEST)]
     p, costs, calibration = query_only_p(str(path), [q for qs in queries for q in qs])
     cut = np.cumsum([len(q) for q in queries])[:-1]
+    p_split = np.split(p, cut)
+    p_split[0], training_p = _training_p(path, splits[TRAIN].frame, p_split[0])
     comparator = cascade_eval.comparator_of([splits[s].frame for s in splits], models)
-    rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, np.split(p, cut))]
+    rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, p_split)]
     knob = Knob(calibration.get("knob", "quality"), float(calibration.get("knob_value", 0.95)))
     report = cascade_eval.evaluate_cascade(*rows, models, costs, knob, comparator=comparator, alphas=config.alphas,
                                            folds=config.folds, resamples=config.bootstrap_resamples,
@@ -86,7 +101,7 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
          "validation_aiq": {k: _plain(v) for k, v in report.validation_aiq.items()}}, indent=1))
     answered = cascade_eval.answer_columns(pd.concat([splits[s].frame for s in splits]), models)
     yield dg.Output(report.table, metadata={
-        "query_only_router": candidate, "comparator": comparator,
+        "query_only_router": candidate, "query_only_p_on_training_rows": training_p, "comparator": comparator,
         "comparator_cost_usd": 0.0,  # letters and normalised text are compared without a paid judge
         "answers_of": dg.MetadataValue.json(answered), "knob": f"{knob.kind} {knob.value}",
         "agreement_on_training_rows": table(cascade_eval.agreement(rows[0], models).round(4)),

@@ -6,6 +6,7 @@ training/pool.py and evaluation/pool.py.
 """
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -158,6 +159,8 @@ def pool_routers(context: dg.AssetExecutionContext, config: PoolRoutersConfig, a
                                      progress=compute.progress, log=context.log.info)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from None
+    for r in results:  # what pool_cascade reads as the query-only router's P on the training rows
+        np.savez(_training_p_path(r.path), qid=train.frame["qid"].astype(str).to_numpy(dtype=str), p=r.training_p)
     summary = pd.DataFrame([{"candidate": r.name, "params": json.dumps(r.params), "cv_auc": r.cv_auc,
                              "lambda": r.calibration["lambda"], "validation_accuracy": r.calibration["validation_accuracy"],
                              "validation_usd_per_1000": r.calibration["validation_usd_per_1000"], "path": str(r.path)}
@@ -169,6 +172,11 @@ def pool_routers(context: dg.AssetExecutionContext, config: PoolRoutersConfig, a
     if rejected:
         meta["left_out"] = table(pd.DataFrame(rejected[:100], columns=["row", "reason"]))
     return dg.Output(summary, metadata=meta)
+
+
+def _training_p_path(router_path) -> Path:
+    """Beside a pool candidate's folder: its out-of-fold P(correct) on its training rows."""
+    return Path(router_path).with_name(Path(router_path).name + ".training_p.npz")
 
 
 class PoolEvaluationConfig(dg.Config):

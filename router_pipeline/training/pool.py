@@ -179,6 +179,7 @@ class PoolResult:
     params: dict
     cv_auc: float
     calibration: dict  # lambda, the knob, the validation sweep it was read from
+    training_p: np.ndarray | None = None  # P(correct) of the training rows, out-of-fold (in-sample without CV)
 
 
 def _json_sweep(figures: list[dict]) -> list[dict]:
@@ -228,16 +229,18 @@ def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, des
         if cv:
             fitted = fit_pool(lambda p: x_of(p)[:n], train.correct, train.cost, models, classifier, grid,
                               folds=config.folds, seed=config.seed)
-            head, params, cv_auc = fitted.head, fitted.params, fitted.cv_auc
+            head, params, cv_auc, training_p = fitted.head, fitted.params, fitted.cv_auc, fitted.oof
         else:
             params, cv_auc = grid[0], float("nan")
             hyper = {k: v for k, v in params.items() if k != "layer"}
             head = fit_pool_head(classifier, x_of(params)[:n], train.correct, train.cost.mean(axis=0), models,
                                  seed=config.seed, **hyper)
+            training_p = head.proba(x_of(params)[:n])
         enc = GemmaSpec(config.base_model, params["layer"], config.pooling, config.allow_hub).to_dict() \
             if encoder == "gemma" else {"encoder": "minilm"}
         about = {"pool": pool, "params": params, "cv_auc": cv_auc, "training_rows": n, "candidate": name}
         return {"head": head, "params": params, "cv_auc": cv_auc, "p_val": head.proba(x_of(params)[n:]),
+                "training_p": training_p,
                 "write": lambda path: save_pool_router(path, enc, head, **about)}
 
     fitted = {name: fit(name) for name in singles}
@@ -246,12 +249,13 @@ def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, des
         members = POOL_ENSEMBLES.get(name)
         if members is None:
             f = fitted[name]
-            params, cv_auc, p_val = f["params"], f["cv_auc"], f["p_val"]
+            params, cv_auc, p_val, training_p = f["params"], f["cv_auc"], f["p_val"], f["training_p"]
             path = f["write"](dest[name])
         else:
             params = {m: fitted[m]["params"] for m in members}
             cv_auc = float(np.mean([fitted[m]["cv_auc"] for m in members]))
             p_val = ensemble([fitted[m]["p_val"] for m in members])
+            training_p = ensemble([fitted[m]["training_p"] for m in members])
             path = save_pool_ensemble(dest[name], {m: fitted[m]["write"] for m in members}, models=models, pool=pool,
                                       params=params, cv_auc=cv_auc, training_rows=n, candidate=name)
         costs = fitted[POOL_ENSEMBLES.get(name, (name,))[0]]["head"].costs
@@ -265,5 +269,5 @@ def train_pool_routers(train, validation, spec: PoolSpec, heads, pool: dict, des
         (path / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=1))
         log(f"{name}: {params} (CV AUC {cv_auc:.3f}); {want.kind} {want.value} -> lambda {chosen['lambda']:.4g}, "
             f"validation accuracy {chosen['accuracy']:.3f} at ${chosen['usd_per_1000']:.3f}/1000")
-        results.append(PoolResult(name, path, params, cv_auc, calibration))
+        results.append(PoolResult(name, path, params, cv_auc, calibration, training_p))
     return results
