@@ -24,6 +24,7 @@ router's threads the cores first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -163,8 +164,16 @@ class Backends:
         with self._making:
             if key not in self._clients:
                 pooled, spec = self._pooled(alias, model), self.spec_for(alias, model)
-                client = client_for(pooled, gemini_base_url=self.roles.gemini_base_url, timeout_s=self.roles.timeout_s,
-                                    batch_size=self.roles.local_batch_size) if pooled else self.roles.client_for(spec)
+                make = (functools.partial(client_for, pooled, gemini_base_url=self.roles.gemini_base_url,
+                                          timeout_s=self.roles.timeout_s, batch_size=self.roles.local_batch_size)
+                        if pooled else functools.partial(self.roles.client_for, spec))
+                if spec.provider == "local" and self.config.local_process:
+                    from router_pipeline.llm.local_worker import LocalWorker
+
+                    client = LocalWorker(make, threads=self.config.local_threads, nice=self.config.local_nice,
+                                         name=spec.model)
+                else:
+                    client = make()
                 self._clients[key] = (spec, client)
         return self._clients[key]
 

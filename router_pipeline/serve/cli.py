@@ -207,7 +207,8 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
     profile = Profile(OPEN, mapper) if pool is None else \
         Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=())  # as load_profiles' open pool profile
     gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
-                            config=replace(DEFAULTS, database=url), decision_log_path=log_path)
+                            config=replace(DEFAULTS, database=url, local_process=False),  # nothing to isolate
+                            decision_log_path=log_path)
     await gateway.start()
     out = []
     try:  # routed together (the batcher shares passes), then answered one by one

@@ -34,6 +34,10 @@ class ServingConfig:
     local_timeout_s: float = 30.0  # waiting for the local model and generating, together; then it failed
     local_queue: int = 4  # requests waiting for a local model; one more is told it is busy (next target, or 503)
     local_nice: int = 10  # the local model's generating threads run at this niceness (the router's stay at 0)
+    # A local model generates in a worker process of its own with this many threads (llm/local_worker.py):
+    # in the server's process its Python generation loop took the interpreter from the router.
+    local_process: bool = True
+    local_threads: int = 1
     # Upstream models.
     cooldown_s: float = 30.0  # how long a model that failed (429/5xx/timeout) is skipped
     upstream_timeout_s: float | None = None  # a model call's timeout (None: the LLM roles', 120 s; Pro 300 s)
