@@ -186,6 +186,8 @@ def test_a_busy_local_model_refuses_more_waiters_than_its_queue(tiny_model_dir):
         assert served.target == "local"
     except AllTargetsFailed as exc:
         assert "busy" not in str(exc) and "reply" in str(exc)
+    finally:
+        backends.close()  # its worker process
 
 
 class _Flaky:

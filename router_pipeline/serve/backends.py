@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from router_pipeline.llm.local_worker import LocalWorker
 from router_pipeline.llm import RoleSpec
 from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.pool import Pool, PoolModel, client_for
@@ -168,14 +169,19 @@ class Backends:
                                           timeout_s=self.roles.timeout_s, batch_size=self.roles.local_batch_size)
                         if pooled else functools.partial(self.roles.client_for, spec))
                 if spec.provider == "local" and self.config.local_process:
-                    from router_pipeline.llm.local_worker import LocalWorker
-
                     client = LocalWorker(make, threads=self.config.local_threads, nice=self.config.local_nice,
                                          name=spec.model)
                 else:
                     client = make()
                 self._clients[key] = (spec, client)
         return self._clients[key]
+
+    def close(self) -> None:
+        """Stop the local models' worker processes (made again if a request needs one)."""
+        with self._making:
+            workers = [k for k, (_, client) in self._clients.items() if isinstance(client, LocalWorker)]
+            for key in workers:
+                self._clients.pop(key)[1].close()
 
     def preload_local(self, targets: list[tuple[str, str]]) -> list[str]:
         """Load now the local models among ``targets`` (alias, model id); returns their ids.

@@ -158,6 +158,7 @@ class Gateway:
             pool.shutdown(wait=False)
         self._pools.clear()
         self.feedback.close()
+        await asyncio.to_thread(self.backends.close)
 
     async def _drain(self) -> None:
         """The background writes finish (for at most the database's timeout and the graceful
