@@ -16,9 +16,9 @@ A local model generates on the CPU cores the router needs, so it is bounded
 (``ServingConfig``): one answer at a time, at most ``local_queue`` waiting (one more is
 told it is busy and the next target serves), a prompt of at most
 ``local_max_input_tokens`` (a longer one goes to the next target), ``local_timeout_s``
-for waiting and generating together (then it failed, as a cloud model's timeout), and its
-generating threads at niceness ``local_nice``, so that the operating system gives the
-router's threads the cores first.
+for waiting and generating together (then it failed, as a cloud model's timeout), and it
+generates in a worker process of its own (llm/local_worker.py: ``local_threads`` at
+niceness ``local_nice``), so that the router keeps the interpreter and the cores.
 """
 
 from __future__ import annotations
