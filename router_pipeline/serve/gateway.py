@@ -249,8 +249,7 @@ class Gateway:
             decision = self.router.at(decision, lam)
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
                     lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm, shadow=shadow)
-        # Rules may read the ledger (the state database); without one they read nothing.
-        d.mapping = await (self._in_db(d.map) if mapper.ledger is not None else asyncio.to_thread(d.map))
+        d.mapping = await self._mapped(mapper, d.map)
         d.router_ms = (time.perf_counter() - t0) * 1000
         return d
 
@@ -261,12 +260,17 @@ class Gateway:
             decision, failed = await self._route(replace(profile, router_failure="default_model"), text)
             if failed is not None:
                 return None
-            if mapper.ledger is not None:  # rules may read the ledger: the state database's threads
-                return await self._in_db(mapper.map, decision, text=scan)
-            return await asyncio.to_thread(mapper.map, decision, text=scan)
+            return await self._mapped(mapper, mapper.map, decision, text=scan)
         except Exception as exc:  # never the request's concern
             log.error("shadow decision for profile %s: %r", profile.name, exc)
             return None
+
+    async def _mapped(self, mapper: PolicyMapper, fn, *args, **kwargs) -> Mapping:
+        """``fn`` (a mapping) off the event loop: rules may read the ledger (the state
+        database's threads); without one they read nothing."""
+        if mapper.ledger is not None:
+            return await self._in_db(fn, *args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def _record_shadow(self, d: Decided, request_id: str, usage: dict, served: str | None,
                              cost: float) -> None:
@@ -462,8 +466,8 @@ class Gateway:
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
                 "router_ms": round(d.router_ms, 2),
-                **({"private": {"rule": d.mapping.rule, "models": list(d.mapping.allowed)}}
-                   if d.mapping.allowed is not None else {}),
+                **({"private": {"rule": d.mapping.privacy_rule, "models": list(d.mapping.allowed)}}
+                   if d.mapping.privacy_rule else {}),
                 **({"router_failed": d.router_failed} if d.router_failed is not None else {}),
                 **({"experiment": {"name": d.profile.experiment.name, "arm": d.arm.name}} if d.arm else {}),
                 **({"p_correct": d.decision.p_correct, "lambda": self.router.lam if d.lam is None else d.lam}
@@ -477,7 +481,7 @@ class Gateway:
         await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy,
                                 model=self._counted(d.mapping.target, d.mapping.model),
                                 router_ms=d.router_ms, total_ms=d.router_ms, router_failed=d.router_failed is not None,
-                                privacy_rule=d.mapping.rule if d.mapping.allowed is not None else None)
+                                privacy_rule=d.mapping.privacy_rule)
         return {"model": d.mapping.model, **routing}
 
     def _counted(self, target: str | None, model: str | None) -> str | None:
@@ -563,8 +567,7 @@ class Gateway:
 
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
-            await self._in_db(self.stats.record_error, d.profile.name,
-                              d.mapping.rule if d.mapping.allowed is not None else None)
+            await self._in_db(self.stats.record_error, d.profile.name, d.mapping.privacy_rule)
         if isinstance(exc, RejectedRequest):  # the caller's fault: nothing cooled down, nothing retried
             return InvalidRequest(f"the model refused this request as invalid ({exc.status}); check its "
                                   "messages and parameters", "upstream_invalid_request")
@@ -676,7 +679,7 @@ class Gateway:
         total_ms = (time.perf_counter() - d.t0) * 1000
         count = functools.partial(
             self.stats.record, d.profile.name, policy=d.decision.policy, model=self._counted(tier, model),
-            router_ms=d.router_ms, privacy_rule=d.mapping.rule if d.mapping.allowed is not None else None,
+            router_ms=d.router_ms, privacy_rule=d.mapping.privacy_rule,
             router_failed=d.router_failed is not None,
             total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
             escalated=bool(routing.get("escalated")),

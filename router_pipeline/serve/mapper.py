@@ -109,6 +109,11 @@ class Mapping:
     allowed: tuple[str, ...] | None = None  # a privacy rule's: the only aliases that may answer (None: any)
 
     @property
+    def privacy_rule(self) -> str | None:
+        """The privacy rule that keeps this query on its models (None: not private)."""
+        return self.rule if self.allowed is not None else None
+
+    @property
     def abstain(self) -> bool:
         return self.target == ABSTAIN
 
