@@ -67,7 +67,10 @@ class ServingConfig:
     # Process.
     readiness_timeout_s: float = 5.0  # /health: the router's probe must answer within this
     graceful_shutdown_s: float = 5.0  # after SIGTERM, in-flight requests get this long, then are cancelled
-    threshold_mappers: int = 256  # router-<threshold> mappers kept (least recently used dropped)
+    threshold_mappers: int = 256  # router-<threshold> mappers kept per profile (least recently used dropped)
+    # Live configuration: how often the state database is read for changes another replica made
+    # (a change's expiry is applied on time, not at the next read).
+    config_refresh_s: float = 5.0
 
     def __post_init__(self):
         for f in fields(self):

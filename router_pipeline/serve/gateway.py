@@ -31,7 +31,6 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +54,7 @@ from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, Feed
 from router_pipeline.serve.identity import StateIdentity
 from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyReused, check_key, fingerprint
 from router_pipeline.serve.journal import JournalError, SpendJournal
+from router_pipeline.serve.live import ADMIN_KEY_VAR, LiveConfig, active as active_changes, admin_keys
 from router_pipeline.serve.ledger import LedgerError, apply_spend
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, Mapping, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, ProfileError, Profiles
@@ -140,18 +140,27 @@ class Gateway:
     idempotency: IdempotencyStore | None = None
     identity: StateIdentity | None = None  # established when a profile keeps a budget
     pool: Pool | None = None  # a pool router's models (names, backends, prices); None: two tiers
-    mappers: OrderedDict = field(default_factory=OrderedDict)  # (profile, threshold) -> mapper, LRU
+    default_models: dict = field(default_factory=dict)  # alias -> model id, for mappers that name none
+    live: LiveConfig | None = None  # the profiles file and the admin API's changes over it (serve/live.py)
     # The state database's threads ("request": requests' own calls; "recording": what may be left behind).
     _pools: dict = field(default_factory=dict, init=False, repr=False)
     _background: set = field(default_factory=set, init=False, repr=False)  # deferred recordings, replays
     _replaying: asyncio.Task | None = field(default=None, init=False, repr=False)  # the background replay
     _overdue: int = field(default=0, init=False, repr=False)  # recordings whose request stopped waiting
     _router_failures: list = field(default_factory=list, init=False, repr=False)  # the last calls' failures, in a row
+    _configuring: asyncio.Lock | None = field(default=None, init=False, repr=False)  # one change at a time
+    _watch: asyncio.Task | None = field(default=None, init=False, repr=False)
+    _adopted: asyncio.Event | None = field(default=None, init=False, repr=False)  # wakes the watch
 
     async def start(self) -> None:
         await self.batcher.start()
+        if self.live is not None:
+            self._adopted = asyncio.Event()
+            self._watch = asyncio.get_running_loop().create_task(self._watch_config())
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self.batcher.stop()
         await self._drain()
         for pool in self._pools.values():
@@ -218,11 +227,8 @@ class Gateway:
         """``claim``: the Idempotency-Key this request holds (``claim``), answered when settled.
         ``headers``: the request's (an experiment may assign arms by one of them)."""
         t0 = time.perf_counter()
-        key, arm, asked = uuid.uuid4().hex, None, body.model
-        if profile.experiment is not None and asked in (None, ROUTER_MODEL):  # asking for a model: not in it
-            e = profile.experiment
-            arm = e.assign((headers or {}).get(e.key_header) or key if e.key_header else key)
-            asked = arm.model
+        key = uuid.uuid4().hex
+        asked, arm = _asked(profile, body, key, headers or {})
         tokens = body.output_tokens if isinstance(body, ChatRequest) else None
         if tokens is not None and tokens[1] > self.config.max_output_tokens:  # before any routing work
             raise InvalidRequest(f"{tokens[0]}: at most {self.config.max_output_tokens} on this server",
@@ -350,14 +356,14 @@ class Gateway:
             raise NotFound(f"model {shown!r} does not exist: use 'router' (the calibrated threshold) or "
                            f"'router-<threshold>' with a threshold in [0, 1], e.g. 'router-0.35'",
                            "model_not_found", param="model")
-        key = (profile.name, threshold)
-        if key in self.mappers:
-            self.mappers.move_to_end(key)
+        mappers = profile.threshold_mappers
+        if threshold in mappers:
+            mappers.move_to_end(threshold)
         else:
-            self.mappers[key] = _threshold_mapper(profile.mapper, threshold)
-            while len(self.mappers) > self.config.threshold_mappers:
-                self.mappers.popitem(last=False)
-        return self.mappers[key], threshold, None
+            mappers[threshold] = _threshold_mapper(profile.mapper, threshold)
+            while len(mappers) > self.config.threshold_mappers:
+                mappers.popitem(last=False)
+        return mappers[threshold], threshold, None
 
     def _lambda(self, model: str) -> float:
         from router_pipeline.routers.pool import Knob
@@ -465,7 +471,7 @@ class Gateway:
                 "probabilities": {k: round(v, 4) for k, v in d.decision.probabilities.items()},
                 "p_complex": round(d.decision.p_complex, 4), "rule": d.mapping.rule, "reason": d.mapping.reason,
                 "target": d.mapping.target, "threshold": d.threshold, "parse_ok": d.decision.parse_ok,
-                "router_ms": round(d.router_ms, 2),
+                "router_ms": round(d.router_ms, 2), "config_version": d.profile.version,
                 **({"private": {"rule": d.mapping.privacy_rule, "models": list(d.mapping.allowed)}}
                    if d.mapping.privacy_rule else {}),
                 **({"router_failed": d.router_failed} if d.router_failed is not None else {}),
@@ -791,6 +797,94 @@ class Gateway:
                              for alias, cap in m.model_budgets.items()}
         return out
 
+    # -- live configuration (serve/live.py) -------------------------------------
+    def build_profiles(self, spec: dict) -> Profiles:
+        """Profiles from the profiles file's contents, checked as the file is: the mappers,
+        then every model name an experiment's arm, a knob or a pin asks for, as a caller
+        would ask for it."""
+        from router_pipeline.serve.profiles import profiles_from_spec
+
+        profiles = profiles_from_spec(spec, self.live.path if self.live else Path("profiles.yaml"),
+                                      calibration=self.calibration, default_models=self.default_models,
+                                      pool=[m.name for m in self.pool.by_price()] if self.pool else None,
+                                      private=self.backends.private)
+        self.check_names(profiles)
+        return profiles
+
+    def check_names(self, profiles: Profiles) -> None:
+        for profile in profiles.profiles.values():
+            names = [(f"experiment {profile.experiment.name!r} arm {a.name!r}", a.model)
+                     for a in (profile.experiment.arms if profile.experiment else ())]
+            names += [("knob", profile.knob)] if profile.knob else []
+            names += [(f"pin of user {user!r}", model) for user, model in profile.pins.items()]
+            for what, name in names:
+                try:
+                    self._named(profile, name) or self._mapper(profile, name)
+                except Refused as exc:
+                    raise ProfileError(f"profile {profile.name!r}: {what}: {exc.message}") from None
+
+    def adopt(self, profiles: Profiles) -> None:
+        """``profiles`` serve the next requests: budgets bound to the state database, local
+        models they may use loaded, then one assignment (requests in flight keep theirs)."""
+        for profile in profiles.profiles.values():
+            if profile.mapper.ledger is not None:
+                if self.identity is None:  # refused when it is not the database the budgets were kept in
+                    self.identity = StateIdentity(self.feedback.db, self.feedback.folder, self.config.identity_check_s)
+                    self.identity.establish(self.config.accept_new_database)
+                profile.mapper.ledger.bind(self.feedback.db)
+        if loaded := self.backends.preload_local([t for p in profiles.profiles.values() for t in reachable(p)]):
+            log.info("local models loaded: %s", ", ".join(loaded))
+        self.profiles = profiles
+
+    async def configure(self, action: str, *args) -> Profiles | None:
+        """``LiveConfig.<action>(*args)`` (change, revoke, reload, current: the profiles to
+        serve, or None) in the state database's threads, one at a time, then adopted."""
+        if self.live is None:
+            raise Conflict("live configuration needs a profiles file: start the server with --profiles",
+                           "no_profiles_file")
+        self._configuring = self._configuring or asyncio.Lock()
+        async with self._configuring:
+            try:
+                profiles = await self._in_db(getattr(self.live, action), *args)
+            except ProfileError as exc:
+                raise InvalidRequest(str(exc), "invalid_configuration") from None
+            if profiles is not None:
+                await self._in_db(self.adopt, profiles)
+                if self._adopted is not None:
+                    self._adopted.set()  # the watch reads the new expiry
+            return profiles
+
+    async def _watch_config(self) -> None:
+        """Build the profiles again when a change expires (on time) and when the database
+        holds changes this process has not applied (another replica's)."""
+        while True:
+            now, expires = time.time(), self.profiles.expires_at
+            wait_s = max(0.0, min(self.config.config_refresh_s, (expires or now + 1e9) - now))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._adopted.wait(), wait_s)
+                self._adopted.clear()
+                continue
+            try:
+                stored = await self._in_db(active_changes, self.live.db, time.time())
+                if [c.id for c in stored] != [c.id for c in self.profiles.changes]:
+                    await self.configure("current")
+            except (DatabaseError, Refused) as exc:  # the current configuration serves on; tried again
+                log.error("live configuration: could not be refreshed: %s", exc)
+            except Exception as exc:  # never the end of the watch
+                log.error("live configuration: refresh failed: %r", exc)
+
+    def config_view(self) -> dict:
+        """What /v1/admin/config shows: each profile's live fields and the changes in force."""
+        return {"version": self.profiles.version, "file": str(self.live.path) if self.live else None,
+                "expires_at": self.profiles.expires_at,
+                "profiles": {p.name: {"knob": p.knob, "pins": p.pins, "allowed": list(p.allowed),
+                                      "fallbacks": list(p.fallbacks), "shadow": p.shadow,
+                                      "router_failure": p.router_failure, "store_queries": p.store_queries,
+                                      "experiment": p.experiment.name if p.experiment else None,
+                                      "rules": [r.label for r in p.mapper.rules]}
+                             for p in self.profiles.profiles.values()},
+                "changes": [c.view() for c in self.profiles.changes]}
+
     # -- feedback ---------------------------------------------------------------
     async def give_feedback(self, profile: Profile, request_id: str, **grades) -> dict:
         try:
@@ -801,6 +895,23 @@ class Gateway:
             raise Conflict(str(exc), "feedback_conflict") from None
         except FeedbackError as exc:
             raise InvalidRequest(str(exc), "invalid_feedback") from None
+
+
+def _asked(profile: Profile, body: Conversation, key: str, headers) -> tuple[str | None, Arm | None]:
+    """(the model name a request is served as, its experiment arm): for 'router', a pinned
+    user's model, else its arm's, else the profile's knob; else the name it asked for."""
+    asked, arm = body.model, None
+    if asked not in (None, ROUTER_MODEL):  # a caller that names a model is in no experiment
+        return asked, None
+    user = (body.model_extra or {}).get("user")  # OpenAI's end-user id
+    if isinstance(user, str) and user in profile.pins:
+        return profile.pins[user], None
+    if (e := profile.experiment) is not None:
+        arm = e.assign(headers.get(e.key_header) or key if e.key_header else key)
+        asked = arm.model
+    if asked in (None, ROUTER_MODEL) and profile.knob is not None:
+        asked = profile.knob
+    return asked, arm
 
 
 def _apply_journaled(db, entry: dict) -> None:
@@ -884,12 +995,14 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
         journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s),
-        identity=identity, pool=pool)
-    for profile in profiles.profiles.values():  # an arm names a model as a caller would: checked as one
-        for arm in profile.experiment.arms if profile.experiment else ():
-            try:
-                gateway._named(profile, arm.model) or gateway._mapper(profile, arm.model)
-            except Refused as exc:
-                raise ProfileError(f"profile {profile.name!r}: experiment {profile.experiment.name!r} arm "
-                                   f"{arm.name!r}: {exc.message}") from None
+        identity=identity, pool=pool, default_models=models)
+    gateway.check_names(profiles)
+    callers = {d: p.name for p in profiles.profiles.values() for d in p.key_digests}
+    if shared := [callers[d] for d in admin_keys() if d in callers]:
+        raise ProfileError(f"{ADMIN_KEY_VAR} holds a key of profile(s) {', '.join(shared)}: an admin key must not "
+                           "be a caller's")
+    if profiles.path is not None:  # the changes made through the admin API, kept in the state database
+        gateway.live = LiveConfig(profiles.path, feedback.db, gateway.build_profiles, profiles.spec)
+        if (current := gateway.live.current()).version:
+            gateway.adopt(current)
     return gateway

@@ -15,6 +15,9 @@ text of its queries may be stored with feedback.
         store_queries: true                    # feedback rows keep the query text (training data)
         router_failure: default_model          # the router failed or timed out: the mapper's fallback
                                                # answers (default), or refuse (503 router_unavailable)
+        knob: router-budget-0.30               # what 'router' stands for: any model name a caller may ask
+                                               # for (router-0.35, router-quality-0.95, a model by name)
+        pins: {user-42: pro}                   # the request's OpenAI 'user' -> the model name it is served as
       analytics:
         keys_file: keys/analytics.txt
         mapper: {preset: quality_first, budget: {ledger: analytics, period: day},
@@ -25,6 +28,10 @@ only a profile's name appears in stats and logs. The file is read strictly: a ke
 least MIN_KEY_CHARS characters, ``store_queries`` is a YAML boolean (``"no"`` in quotes
 is a string, refused), ``allowed`` and ``fallbacks`` name the mapper's model aliases,
 and ``keys_file`` is never the profiles file itself (whose lines would become keys).
+
+The admin API (serve/live.py) changes ``LIVE_FIELDS`` of a profile while the server runs;
+a change is merged into the profile's entry of the file and the whole is built again by
+``profiles_from_spec``: the same checks, the same errors.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +50,10 @@ from router_pipeline.serve.experiments import Experiment, ExperimentError, exper
 
 OPEN = "default"  # the profile of a server started without a profiles file
 MIN_KEY_CHARS = 16  # a shorter API key is guessable
+# What the admin API may change while the server runs (keys never: they stay in the file).
+LIVE_FIELDS = ("mapper", "knob", "pins", "allowed", "fallbacks", "shadow", "experiment", "router_failure",
+               "store_queries")
+FIELDS = ("keys_env", "keys_file", *LIVE_FIELDS)
 log = logging.getLogger(__name__)
 
 
@@ -59,10 +71,16 @@ class Profile:
     router_failure: str = "default_model"  # or "refuse": a 503 when the router gives no decision
     experiment: Experiment | None = None  # its traffic split between arms (serve/experiments.py)
     shadow: bool = False  # its default model answers; the router decides beside it, off the request path
+    knob: str | None = None  # the model name a request for 'router' is served as (None: the mapper's own)
+    pins: dict[str, str] = field(default_factory=dict)  # the request's OpenAI 'user' -> the model name it gets
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
+    # router-<threshold> mappers made from this profile's mapper, least recently used first: they go with it
+    # when the profile is changed, so no request meets a mapper of the configuration it replaced.
+    threshold_mappers: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    version: int = 0  # the configuration it belongs to (Profiles.version)
 
 
-def _digest(key: str) -> bytes:
+def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
@@ -70,6 +88,11 @@ def _digest(key: str) -> bytes:
 class Profiles:
     profiles: dict[str, Profile]
     open: bool = False  # no profiles file: every caller is the default profile
+    spec: dict | None = field(default=None, repr=False)  # the file's contents, as read (what changes merge into)
+    path: Path | None = None
+    version: int = 0  # the live change last applied (serve/live.py); 0: the file alone
+    expires_at: float | None = None  # when the first of the applied changes expires (then built again without it)
+    changes: list = field(default_factory=list, repr=False)  # the live changes applied (serve/live.py Change)
 
     def authenticate(self, key: str | None) -> Profile | None:
         """The profile a key belongs to; None for a missing or unknown key."""
@@ -77,7 +100,7 @@ class Profiles:
             return self.profiles[OPEN]
         if not key:
             return None
-        digest = _digest(key)
+        digest = key_digest(key)
         for profile in self.profiles.values():
             # Every digest is compared (no early exit on the first byte that differs).
             if any(hmac.compare_digest(digest, d) for d in profile.key_digests):
@@ -110,7 +133,7 @@ def _keys(name: str, raw: dict, profiles_file: Path) -> frozenset[bytes]:
         if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
             raise ProfileError(f"profile {name!r}: the {where} is not a usable key (at least {MIN_KEY_CHARS} "
                                "characters, no spaces)")
-    return frozenset(_digest(k) for _, k in keys)
+    return frozenset(key_digest(k) for _, k in keys)
 
 
 def _targets(name: str, raw: dict, key: str, default: tuple[str, ...], mapper: PolicyMapper) -> tuple[str, ...]:
@@ -133,6 +156,13 @@ def _flag(name: str, raw: dict, key: str) -> bool:
 ROUTER_FAILURE = ("default_model", "refuse")
 
 
+def _defaults(calibration: dict, pool: list[str] | None) -> tuple[dict, tuple, tuple]:
+    """(mapper spec, allowed, fallbacks) of a profile that names none."""
+    if pool:
+        return pool_spec(pool), (*pool, "local"), ()
+    return (evaluated_spec(calibration) if calibration else {"preset": "balanced"}), Profile.allowed, Profile.fallbacks
+
+
 def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str],
                   pool: list[str] | None = None, private=None) -> Profiles:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
@@ -140,11 +170,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     router's models, cheapest first: a profile without a mapper serves its choice, may use
     every model of the pool, and falls back down the pool (the gateway's order).
     ``private(alias, model id)``: whether a model keeps queries private (privacy rules' default)."""
-    if pool:
-        default_spec, allowed, fallbacks = pool_spec(pool), (*pool, "local"), ()
-    else:
-        default_spec = evaluated_spec(calibration) if calibration else {"preset": "balanced"}
-        allowed, fallbacks = Profile.allowed, Profile.fallbacks
+    default_spec, allowed, fallbacks = _defaults(calibration, pool)
     if path is None:
         if not calibration:
             _uncalibrated([OPEN])
@@ -156,6 +182,15 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
         spec = load_spec(path)
     except MapperConfigError as exc:
         raise ProfileError(str(exc)) from None
+    return profiles_from_spec(spec, path, calibration=calibration, default_models=default_models, pool=pool,
+                              private=private)
+
+
+def profiles_from_spec(spec: dict, path: Path, *, calibration: dict, default_models: dict[str, str],
+                       pool: list[str] | None = None, private=None) -> Profiles:
+    """Profiles from the contents of the profiles file at ``path`` (relative paths and
+    errors are the file's); ``load_profiles`` for the rest."""
+    default_spec, allowed, fallbacks = _defaults(calibration, pool)
     raw_profiles = spec.get("profiles")
     if not isinstance(raw_profiles, dict) or not raw_profiles:
         raise ProfileError(f"{path}: expected a mapping 'profiles' of name -> profile")
@@ -164,8 +199,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
     for name, raw in raw_profiles.items():
         if not isinstance(raw, dict):
             raise ProfileError(f"{path}: profile {name!r} must be a mapping")
-        unknown = set(raw) - {"keys_env", "keys_file", "mapper", "allowed", "fallbacks", "store_queries",
-                              "router_failure", "experiment", "shadow"}
+        unknown = set(raw) - set(FIELDS)
         if unknown:
             raise ProfileError(f"{path}: profile {name!r} has unknown keys {sorted(unknown)}")
         mapper_spec = raw.get("mapper") or default_spec
@@ -190,10 +224,26 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
             fallbacks=_targets(name, raw, "fallbacks", fallbacks, mapper),
             store_queries=_flag(name, raw, "store_queries"), key_digests=digests, shadow=_flag(name, raw, "shadow"),
             router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE),
-            experiment=_experiment(name, raw, path))
+            experiment=_experiment(name, raw, path), knob=_name(name, raw.get("knob"), "knob"),
+            pins=_pins(name, raw.get("pins", {})))
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)
-    return Profiles(profiles)
+    return Profiles(profiles, spec=spec, path=path)
+
+
+def _name(profile: str, value, what: str) -> str | None:
+    """A model name as a caller gives one (whether it names a model is the gateway's check)."""
+    if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 200):
+        raise ProfileError(f"profile {profile!r}: {what} must be a model name (e.g. router-budget-0.30, "
+                           f"router-0.35 or a model of the profile), got {value!r}")
+    return value
+
+
+def _pins(profile: str, value) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(u, str) and u for u in value):
+        raise ProfileError(f"profile {profile!r}: pins must be a mapping of user (the request's 'user') -> "
+                           f"model name, got {value!r}")
+    return {u: _name(profile, m, f"pins[{u!r}]") for u, m in value.items()}
 
 
 def _experiment(name: str, raw: dict, path: Path) -> Experiment | None:

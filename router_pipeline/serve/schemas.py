@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
 from router_pipeline.policies import GRADES, TIERS
 
@@ -153,6 +153,15 @@ class FeedbackRequest(BaseModel):
     tier: StrictStr | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     model: StrictStr | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     preferred_tier: Tier | None = None
+
+
+class AdminChange(BaseModel):
+    """POST /v1/admin/profiles/{name}: the fields to change (serve/live.py), for ``ttl_s``
+    seconds or for good. What the values may be is the profiles file's check."""
+
+    model_config = ConfigDict(extra="forbid")
+    set: dict
+    ttl_s: StrictInt | StrictFloat | None = None
 
 
 def parse(model: type[BaseModel], raw: bytes) -> BaseModel:

@@ -20,27 +20,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
+import signal
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from router_pipeline import settings
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
                                          UpstreamFailed)
 from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, servable, threshold_model
 from router_pipeline.serve.ledger import LedgerError
+from router_pipeline.serve.live import ADMIN_KEY_VAR, admin_keys, admin_name, history
 from router_pipeline.serve.profiles import Profile
-from router_pipeline.serve.schemas import ChatRequest, Conversation, FeedbackRequest, RequestError, parse
+from router_pipeline.serve.schemas import (AdminChange, ChatRequest, Conversation, FeedbackRequest, RequestError,
+                                           parse)
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5  # what a caller is told to wait when the state database fails (it may come back)
-ADMIN_KEY_VAR = "ROUTER_ADMIN_KEY"  # the bearer key /metrics asks for when profiles are configured
 STATUS = {InvalidRequest: 400, Forbidden: 403, NotFound: 404, Conflict: 409, UpstreamFailed: 502, Unavailable: 503}  # the gateway's refusals
 
 
@@ -125,19 +125,25 @@ async def _parse(gateway: Gateway, request: Request, schema):
                              param=exc.param) from None
 
 
-def _admin(gateway: Gateway, request: Request) -> None:
-    """/metrics shows every profile's traffic and spend: with profiles configured, only
-    the admin key (ROUTER_ADMIN_KEY) may read it."""
+def _admin(gateway: Gateway, request: Request) -> str:
+    """The name of the admin key the request gives (ROUTER_ADMIN_KEY): /metrics shows every
+    profile's traffic and spend, and the admin API changes their configuration. A caller's
+    key is refused, whatever it is. Without profiles: loopback callers only, as 'local'."""
     if gateway.profiles.open:
-        return _open_guard(gateway, request)
-    admin = settings.secret(ADMIN_KEY_VAR)
-    if admin is None:
-        raise APIError(403, f"/metrics needs an admin key: set {ADMIN_KEY_VAR} where the server runs",
+        _open_guard(gateway, request)
+        return "local"
+    if not admin_keys():
+        raise APIError(403, f"{request.url.path} needs an admin key: set {ADMIN_KEY_VAR} where the server runs",
                        "admin_key_not_set", "permission_error")
-    given = _key(request) or ""
-    if not hmac.compare_digest(given.encode(), admin.encode()):
-        raise APIError(401, "/metrics needs the admin key (Authorization: Bearer <admin key>)", "invalid_api_key",
-                       "authentication_error")
+    key = _key(request)
+    if key and gateway.profiles.authenticate(key) is not None:
+        raise APIError(403, f"{request.url.path} does not take a caller's API key: use an admin key "
+                            f"({ADMIN_KEY_VAR})", "caller_key_refused", "permission_error")
+    name = admin_name(key)
+    if name is None:
+        raise APIError(401, f"{request.url.path} needs an admin key (Authorization: Bearer <admin key>)",
+                       "invalid_api_key", "authentication_error")
+    return name
 
 
 def _headers(routing: dict) -> dict:
@@ -321,9 +327,54 @@ async def metrics(request: Request):
     return PlainTextResponse(await asyncio.to_thread(gateway.stats.prometheus), media_type="text/plain; version=0.0.4")
 
 
+# -- the admin API (serve/live.py): an admin key, never a caller's ----------------
+async def admin_config(request: Request):
+    gateway = _gateway(request)
+    _admin(gateway, request)
+    return gateway.config_view()
+
+
+async def admin_change(request: Request):
+    gateway = _gateway(request)
+    admin = _admin(gateway, request)
+    body = await _parse(gateway, request, AdminChange)
+    profiles = await gateway.configure("change", admin, request.path_params["profile"], body.set, body.ttl_s)
+    return {"version": profiles.version, "change": profiles.changes[-1].view(), **gateway.config_view()}
+
+
+async def admin_revoke(request: Request):
+    gateway = _gateway(request)
+    admin = _admin(gateway, request)
+    try:
+        change_id = int(request.path_params["change_id"])
+    except ValueError:
+        raise NotFound("a change id is a number", "unknown_change") from None
+    if await gateway.configure("revoke", admin, change_id) is None:
+        raise NotFound(f"no change {change_id} is in force", "unknown_change")
+    return gateway.config_view()
+
+
+async def admin_reload(request: Request):
+    gateway = _gateway(request)
+    await gateway.configure("reload", _admin(gateway, request))
+    return gateway.config_view()
+
+
+async def admin_audit(request: Request):
+    gateway = _gateway(request)
+    _admin(gateway, request)
+    limit = request.query_params.get("limit", "100")
+    if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+        raise InvalidRequest("limit: a whole number in [1, 10000]", "invalid_field", param="limit")
+    return {"audit": await gateway._in_db(history, gateway.feedback.db, int(limit))}
+
+
 ROUTES = [("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/route", route),
           ("POST", "/v1/feedback", feedback), ("GET", "/v1/stats", stats), ("GET", "/v1/models", models),
-          ("GET", "/health", health), ("GET", "/livez", livez), ("GET", "/metrics", metrics)]
+          ("GET", "/health", health), ("GET", "/livez", livez), ("GET", "/metrics", metrics),
+          ("GET", "/v1/admin/config", admin_config), ("POST", "/v1/admin/profiles/{profile}", admin_change),
+          ("DELETE", "/v1/admin/changes/{change_id}", admin_revoke), ("POST", "/v1/admin/reload", admin_reload),
+          ("GET", "/v1/admin/audit", admin_audit)]
 
 
 # -- the app --------------------------------------------------------------------
@@ -362,13 +413,38 @@ def serving_in_thread(gateway: Gateway, *, log_level: str = "warning"):
         thread.join(20)
 
 
+def _reload_on_hangup(gateway: Gateway) -> bool:
+    """SIGHUP reads the profiles file again (as POST /v1/admin/reload does; a refused file
+    is logged and the configuration kept). Only where the loop runs in the main thread."""
+    if gateway.live is None or not hasattr(signal, "SIGHUP"):
+        return False
+
+    async def reload():
+        try:
+            await gateway.configure("reload", "SIGHUP")
+            log.info("SIGHUP: profiles file %s read again (configuration %d)", gateway.live.path,
+                     gateway.profiles.version)
+        except Exception as exc:
+            log.error("SIGHUP: the profiles file was not applied, the configuration is kept: %s", exc)
+
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (tests serve in a thread)
+        return False
+    return True
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await gateway.start()
+        hup = _reload_on_hangup(gateway)
         try:
             yield
         finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await gateway.stop()
 
     app = FastAPI(title="router_pipeline routing server", lifespan=lifespan)
