@@ -26,7 +26,7 @@ never part of ``Settings`` (so they cannot end up in a repr, a log or metadata).
 | GEMINI_API_KEY / GOOGLE_API_KEY | ``gemini_api_key()`` (secret) | |
 | MODAL_TOKEN_ID + MODAL_TOKEN_SECRET | ``modal_credentials_present()`` (secret) | ~/.modal.toml |
 | the ``keys_env`` of a serving profile | ``secret(var)``: that profile's API keys | |
-| ROUTER_ADMIN_KEY | ``secret(var)``: the routing server's admin key (/metrics) | |
+| ROUTER_ADMIN_KEY | ``secret(var)``: the routing server's admin keys, name=key pairs (/metrics, the admin API) | |
 | ROUTER_DATABASE_URL | ``secret(var)``: the routing server's PostgreSQL state database | |
 """
 
