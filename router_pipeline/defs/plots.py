@@ -107,3 +107,37 @@ def cost_accuracy_frontiers(frontiers: dict, points: dict, path: Path,
     its hull's vertices) and the single models (``points``: name -> (USD per 1,000, accuracy))."""
     return _curves_and_points(frontiers, points, ["random mix", "oracle"], path, title=title,
                               xlabel="USD per 1,000 queries")
+
+
+def experiment_arms(rows: list[dict], path: Path, title: str = "Experiments: accuracy and spend per arm") -> Path:
+    """Per arm (``rows``: online_quality.arm_rows), its feedback accuracy with the 95%
+    interval as error bars (an arm without grades is named, no point) and, beside, its
+    spend per 1,000 requests."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [f"{r['profile']} / {r['experiment']}: {r['arm']}" for r in rows]
+    fig, (acc, spend) = plt.subplots(1, 2, figsize=(9, 1.2 + 0.45 * max(1, len(rows))), dpi=100, sharey=True,
+                                     gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(rows)))
+    for i, r in enumerate(rows):
+        if r["accuracy"] is None:
+            acc.text(0.5, i, "no grades yet", ha="center", va="center", fontsize=8, color="grey")
+            continue
+        acc.errorbar([r["accuracy"]], [i], xerr=[[r["accuracy"] - r["accuracy_lo95"]],
+                                                 [r["accuracy_hi95"] - r["accuracy"]]],
+                     fmt="o", capsize=4, color="C0")
+        acc.annotate(f"{r['accuracy']:.3f} (n={r['graded']})", (r["accuracy"], i), textcoords="offset points",
+                     xytext=(0, 7), ha="center", fontsize=7)
+    acc.set(xlim=(-0.02, 1.02), xlabel="accuracy from feedback (95% interval)", yticks=y, yticklabels=labels)
+    acc.invert_yaxis()
+    acc.grid(alpha=0.3, axis="x")
+    spend.barh(y, [r["usd_per_1000"] or 0.0 for r in rows], color="C1")
+    for i, r in enumerate(rows):
+        spend.annotate(f"${(r['usd_per_1000'] or 0.0):.3f}", (r["usd_per_1000"] or 0.0, i),
+                       textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+    spend.set(xlabel="USD per 1,000 requests", xlim=(0, 1.3 * max([r["usd_per_1000"] or 0.0 for r in rows] + [1e-6])))
+    spend.grid(alpha=0.3, axis="x")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
