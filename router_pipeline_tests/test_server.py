@@ -647,7 +647,7 @@ def test_a_paid_answer_is_returned_when_the_state_database_fails_before_settling
     assert first.choices[0].message.content.startswith(first.model) and routing["cost_usd"] > 0
     assert routing["spend_journaled"] and routing["feedback_unavailable"] and routing["stats_unavailable"]
     journal = [json.loads(line) for line in (folder / "spend-journal.jsonl").read_text().splitlines()]
-    assert [(e["spend"]["ledger"], e["spend"]["usd"]) for e in journal] == [("metered_spend.json", routing["cost_usd"])]
+    assert [(s["ledger"], s["usd"]) for e in journal for s in e["spends"]] == [("metered_spend.json", routing["cost_usd"])]
     calls = len(gemini.calls)
     raw = client(url, "metered").chat.completions.with_raw_response
     with pytest.raises(openai.InternalServerError) as err:

@@ -119,6 +119,33 @@ def comparator_for(raw) -> str:
     return "letter" if given and all(len(a) == 1 and a.isalpha() for a in given) else "text"
 
 
+def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade":
+    """A fixed cascade from configuration: ``{plan: [[flash-lite, flash], pro], comparator:
+    text}`` (a step: a model name or a list called together; ``comparator``: letter or
+    text, default text). PlanError naming ``where`` for anything else."""
+    if not isinstance(raw, dict) or set(raw) - {"plan", "comparator", "kind", "about"}:
+        raise PlanError(f"{where}: expected a mapping with 'plan' (a list of steps) and optionally 'comparator'")
+    if raw.get("kind", "fixed") != "fixed":
+        raise PlanError(f"{where}: kind {raw.get('kind')!r} cannot be served; a served cascade is 'fixed' "
+                        "(accept on agreement)")
+    comparator = raw.get("comparator", "text")
+    if comparator not in COMPARATORS:
+        raise PlanError(f"{where}: comparator must be one of {', '.join(COMPARATORS)}, got {comparator!r}")
+    steps = raw.get("plan")
+    if not isinstance(steps, list) or not all(isinstance(s, (str, list)) for s in steps):
+        raise PlanError(f"{where}: plan must be a list of steps, each a model name or a list of names")
+    try:
+        plan = make_plan(steps, models)
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    return FixedCascade(plan, np.asarray(costs, float), comparator)
+
+
+def fixed_to_dict(policy: "FixedCascade") -> dict:
+    return {"kind": "fixed", "comparator": policy.comparator,
+            "plan": [[policy.plan.models[m] for m in step] for step in policy.plan.steps]}
+
+
 @dataclass
 class Answers:
     """Every model's answer on some rows, ready for the features: ``canon`` (rows, models)

@@ -44,6 +44,7 @@ from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedRequest, council_answer
 from router_pipeline.serve.batcher import RouteBatcher
+from router_pipeline.serve.cascade import Bill, Call, Unaffordable, run as run_cascade
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.experiments import Arm, record_served, record_shadow
@@ -104,6 +105,8 @@ class Decided:
     cost_usd: float = 0.0  # what its answer cost (set when settled)
     escalated: bool = False
     shadow: asyncio.Future | None = None  # shadow mode: the router's decision and mapping, made beside the request
+    cascade: object = None  # the profile's cascade, when the router's choice is to be escalated on answers
+    bill: Bill | None = None  # a cascade's money: a reservation and a charge per call (serve/cascade.py)
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
@@ -142,6 +145,7 @@ class Gateway:
     pool: Pool | None = None  # a pool router's models (names, backends, prices); None: two tiers
     default_models: dict = field(default_factory=dict)  # alias -> model id, for mappers that name none
     live: LiveConfig | None = None  # the profiles file and the admin API's changes over it (serve/live.py)
+    released_cascade: object = None  # the pool router's released cascade: pool profiles' default
     # The state database's threads ("request": requests' own calls; "recording": what may be left behind).
     _pools: dict = field(default_factory=dict, init=False, repr=False)
     _background: set = field(default_factory=set, init=False, repr=False)  # deferred recordings, replays
@@ -256,8 +260,14 @@ class Gateway:
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
                     lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm, shadow=shadow)
         d.mapping = await self._mapped(mapper, d.map)
+        if profile.cascade is not None and d.decision.p_correct and self._pool_rule(mapper, d.mapping.rule):
+            d.cascade = profile.cascade  # the router's own choice: escalated on what the models answer
         d.router_ms = (time.perf_counter() - t0) * 1000
         return d
+
+    @staticmethod
+    def _pool_rule(mapper: PolicyMapper, label: str | None) -> bool:
+        return any(r.kind == "pool" and r.label == label for r in mapper.rules)
 
     async def _shadow(self, profile: Profile, mapper: PolicyMapper, text: str, scan: str) -> Mapping | None:
         """Shadow mode: what the router would have chosen for a request its profile's
@@ -483,6 +493,10 @@ class Gateway:
     async def route(self, d: Decided) -> dict:
         """The decision only (the caller calls the model): remembered for feedback, counted."""
         routing = self.routing(d, "route")
+        if d.cascade is not None:  # the caller runs it: the plan, and what to call first
+            plan = d.cascade.plan
+            routing["cascade"] = {"plan": plan.describe(), "comparator": d.cascade.comparator,
+                                  "first": [plan.models[m] for m in plan.steps[0]]}
         await self._remember(d, routing["request_id"], d.mapping.target)
         await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy,
                                 model=self._counted(d.mapping.target, d.mapping.model),
@@ -507,7 +521,13 @@ class Gateway:
         return servable(d.profile, d.mapper, [d.mapping.target, *(a for a in fallbacks if a not in d.capped)])
 
     async def answer(self, d: Decided) -> Answered:
-        """The whole answer: an abstention, the council's, or the first target's that answers."""
+        """The whole answer: an abstention, the council's, a cascade's, or the first target's
+        that answers."""
+        if d.cascade is not None:
+            if (answered := await self._cascade(d)) is not None:
+                return answered
+            d.cascade, d.reserved = None, False  # the budget cannot cover its first step: mapped as over budget
+            d.mapping = await self._mapped(d.mapper, d.map, over_budget=True)
         reservation = await self.reserve(d)
         routing = self.routing(d, "chatcmpl")
         usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
@@ -571,6 +591,72 @@ class Gateway:
 
         return routing, items()
 
+    async def _cascade(self, d: Decided) -> Answered | None:
+        """The cascade: each step's models called together, each call reserved and charged
+        (``d.bill``), the policy asked after each step; the answer it stops with. None when
+        the budget cannot cover the first call (nothing was called)."""
+        bill = d.bill = Bill(d.mapper)
+
+        async def call(model: str, step: int) -> Call:
+            targets = [t for t in servable(d.profile, d.mapper, [model]) if t[0] not in d.capped]
+            if not targets:
+                return Call(model, step, error="not allowed for this profile")
+            spec = self.backends.spec_for(*targets[0])
+            estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
+            try:
+                hold = await (self._in_db(bill.admit, model, estimate) if d.mapper.ledger is not None
+                              else asyncio.to_thread(bill.admit, model, estimate))
+            except LedgerError as exc:
+                if not bill.holds:  # nothing paid yet: refused as any budgeted request is
+                    raise
+                raise Unaffordable(f"the budget could not be read ({'database' if exc.database else 'ledger'})")
+            try:
+                served = await self.backends.answer(targets, d.prompt, d.system, d.asked, d.profile.name)
+            except RejectedRequest:
+                await self._in_db(bill.failed, hold)
+                raise
+            except Exception as exc:  # the cascade goes on without this model's answer
+                with contextlib.suppress(LedgerError):
+                    await self._in_db(bill.failed, hold)
+                return Call(model, step, error=_failure(exc))
+            hold.cost = served.cost_usd
+            return Call(model, step, served.result.text, served)
+
+        lam = self.router.lam if d.lam is None else d.lam
+        try:
+            run = await run_cascade(d.cascade, d.decision.p_correct, lam, call)
+        except Exception as exc:  # a call refused as invalid, or the budget unreadable before any call
+            for hold in [h for h in bill.holds if h.cost is None]:  # in flight beside it: nothing to pay for
+                with contextlib.suppress(LedgerError):
+                    await self._in_db(bill.failed, hold)
+            await self._charge_failed(d, {})  # what was paid before it is charged, never lost
+            if isinstance(exc, LedgerError):
+                raise
+            raise await self._upstream_failed(d, exc) from None
+        if run.final is None and not run.calls:
+            d.bill = None
+            return None
+        routing = self.routing(d, "chatcmpl")
+        routing["cascade"] = {"plan": d.cascade.plan.describe(), "stopped": run.stopped,
+                              "escalated": any(c.step > 1 for c in run.calls),
+                              "steps": [{"step": c.step, "model": c.model, "cost_usd": round(c.cost, 8),
+                                         "kept": c is run.final, **({"failed": c.error} if c.error else {})}
+                                        for c in run.calls]}
+        # The reply's usage is the answer's own (as from one model); the charge and routing.cascade
+        # count every call.
+        routing["cascade"]["usage"] = {k: sum(getattr(c.served.result, t) for c in run.calls if c.served) for k, t in
+                                       (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))}
+        if run.final is None:  # no model it called answered: what any of them cost is charged, then 503
+            await self._charge_failed(d, routing)
+            raise Unavailable(f"no model of the cascade {d.cascade.plan.describe()} could answer: "
+                              f"{'; '.join(f'{c.model}: {c.error}' for c in run.calls)}", "all_models_failed",
+                              retry_after_s=5)
+        final = run.final
+        usage = {"prompt_tokens": final.served.result.input_tokens, "completion_tokens": final.served.result.output_tokens}
+        routing.update(model=final.served.model, served_by=final.model, fallback=False, fallback_from=[])
+        usage = await self._settle(d, routing, final.served.model, final.model, usage, bill.cost, None, final.text)
+        return Answered(final.text, final.served.model, usage, routing)
+
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
             await self._in_db(self.stats.record_error, d.profile.name, d.mapping.privacy_rule)
@@ -598,7 +684,8 @@ class Gateway:
         as over budget (the mapping may change: read it after this). Once per request.
         The reservation's id (None: no budget, or nothing to reserve)."""
         if not d.reserved:
-            d.reserved, d.reservation = True, await self._reserve(d)
+            # A cascade reserves each call as it makes it (serve/cascade.py Bill).
+            d.reserved, d.reservation = True, None if d.cascade is not None else await self._reserve(d)
         return d.reservation
 
     def _estimate(self, d: Decided) -> float:
@@ -649,6 +736,47 @@ class Gateway:
             with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
                 await self._in_db(ledger.release, rid)
 
+    async def _charge(self, d: Decided, routing: dict, tier: str | None, cost: float,
+                      reservation: str | None) -> dict:
+        """Every charge of the request in place of its reservations: the profile's budget and
+        the served model's own (a cascade: each call it paid, ``d.bill``). What the state
+        database cannot take is returned as journal parts ({"spends": [...]})."""
+        journal: dict = {}
+        charges = []  # (ledger, reservation, USD): the profile's budget, the served models' own
+        if (ledger := d.mapper.ledger) is not None and d.bill is not None:  # a cascade: every call it paid
+            charges = d.bill.settlements()
+        elif ledger is not None:
+            charges.append((ledger, reservation, cost))
+            held = d.model_reservation
+            if held is not None and held[0] != tier:  # a fallback served: the mapped model spent nothing
+                with contextlib.suppress(LedgerError):
+                    await self._in_db(ledger.part(held[0]).release, held[1])
+            if tier in d.mapper.model_budgets:  # the served model's own budget
+                charges.append((ledger.part(tier), held[1] if held and held[0] == tier else None, cost))
+        for charged, rid, usd in charges:
+            try:
+                await self._in_db(charged.settle, rid, usd)
+            except LedgerError as exc:
+                log.error("budget ledger: %s", exc)
+                if exc.database:  # the database failed: the spend waits in the journal
+                    journal.setdefault("spends", []).append(charged.settlement(rid, usd))
+                else:  # the next request meets the unreadable ledger (503)
+                    routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
+                                               "from the next request")
+        return journal
+
+    async def _charge_failed(self, d: Decided, routing: dict) -> None:
+        """A cascade that ends without an answer: the calls it paid are charged (journaled
+        when the database fails), nothing else is recorded."""
+        if d.bill is None or not d.bill.holds:
+            return
+        journal = await self._charge(d, routing, None, d.bill.cost, None)
+        if journal and self.journal is not None:
+            try:
+                await self._in_db(self.journal.append, journal)
+            except JournalError as exc:
+                log.error("%s; not recorded: %s", exc, journal)
+
     async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
                       reservation: str | None, content: str | None) -> dict:
         """What every answered request does once its cost is known: charge the ledger,
@@ -661,26 +789,7 @@ class Gateway:
         if d.shadow is not None:  # written when the router has decided, never waited for here
             self._spawn(self._record_shadow(d, routing["request_id"], usage, tier, cost))
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        journal: dict = {}
-        charges = []  # (journal part, ledger, reservation)
-        if (ledger := d.mapper.ledger) is not None:
-            charges.append(("spend", ledger, reservation))
-            held = d.model_reservation
-            if held is not None and held[0] != tier:  # a fallback served: the mapped model spent nothing
-                with contextlib.suppress(LedgerError):
-                    await self._in_db(ledger.part(held[0]).release, held[1])
-            if tier in d.mapper.model_budgets:  # the served model's own budget
-                charges.append(("model_spend", ledger.part(tier), held[1] if held and held[0] == tier else None))
-        for part, charged, rid in charges:
-            try:
-                await self._in_db(charged.settle, rid, cost)
-            except LedgerError as exc:
-                log.error("budget ledger: %s", exc)
-                if exc.database:  # the database failed: the spend waits in the journal
-                    journal[part] = charged.settlement(rid, cost)
-                else:  # the next request meets the unreadable ledger (503)
-                    routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
-                                               "from the next request")
+        journal = await self._charge(d, routing, tier, cost, reservation)
         large_price = self.backends.reference_price(d.mapper)
         total_ms = (time.perf_counter() - d.t0) * 1000
         count = functools.partial(
@@ -689,8 +798,10 @@ class Gateway:
             router_failed=d.router_failed is not None,
             total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
             escalated=bool(routing.get("escalated")),
-            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price))
-        if ledger is None and d.claim is None:  # nothing it records is money or an answer: it never waits long
+            large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price),
+            **({"called": tuple(self._counted(c["model"], c["model"]) for c in cascade["steps"]),
+                "cascade_escalated": cascade["escalated"]} if (cascade := routing.get("cascade")) else {}))
+        if d.mapper.ledger is None and d.claim is None:  # nothing it records is money or an answer: it never waits long
             await self._record_bounded(d, routing, tier, count)
         else:
             routing.update(await self._record(d, routing["request_id"], tier, count))
@@ -707,7 +818,8 @@ class Gateway:
                 if self.journal is None:
                     raise JournalError("this gateway has no spend journal")
                 await self._in_db(self.journal.append, journal)
-                routing.update({f"{part}_journaled": True for part in journal})  # spend_journaled, answer_journaled
+                routing.update({{"spends": "spend_journaled", "answer": "answer_journaled"}[part]: True
+                                for part in journal})
             except JournalError as exc:  # the local disk fails too: said, and logged for an operator
                 log.error("%s; not recorded: %s", exc, journal)
                 routing["budget_error"] = "the spend of this request could not be recorded"
@@ -807,7 +919,7 @@ class Gateway:
         profiles = profiles_from_spec(spec, self.live.path if self.live else Path("profiles.yaml"),
                                       calibration=self.calibration, default_models=self.default_models,
                                       pool=[m.name for m in self.pool.by_price()] if self.pool else None,
-                                      private=self.backends.private)
+                                      private=self.backends.private, cascade=self.released_cascade)
         self.check_names(profiles)
         return profiles
 
@@ -914,11 +1026,19 @@ def _asked(profile: Profile, body: Conversation, key: str, headers) -> tuple[str
     return asked, arm
 
 
+def _failure(exc: Exception) -> str:
+    """Why a model gave no answer, as a caller may read it (never hosts or reprs)."""
+    if isinstance(exc, AllTargetsFailed):
+        return "; ".join(a.get("error", "failed") for a in exc.attempts) or "cooling down"
+    return f"failed ({type(exc).__name__})"
+
+
 def _apply_journaled(db, entry: dict) -> None:
     """A journal entry written into the state database (inside the replay's transaction)."""
-    for part in ("spend", "model_spend"):  # the profile's budget, the served model's own
-        if spend := entry.get(part):
-            apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
+    # Every charge of the request (the profile's budget, the models' own); "spend" and
+    # "model_spend": one each, as journals written before cascades hold them.
+    for spend in [*entry.get("spends", []), *(entry[k] for k in ("spend", "model_spend") if entry.get(k))]:
+        apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
     if answer := entry.get("answer"):
         IdempotencyStore.write(db, answer)
     if release := entry.get("release"):
@@ -977,8 +1097,9 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         models, names = {m.name: m.model for m in pool.models}, [m.name for m in pool.by_price()]
     batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
     backends = Backends(roles, config, local_waits_for=batcher.idle, pool=pool)
+    released = router.cascade() if pool is not None and hasattr(router, "cascade") else None
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models,
-                                         pool=names, private=backends.private)
+                                         pool=names, private=backends.private, cascade=released)
     feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s,
                              tiers=tuple(names) if names else TIERS)
     identity = None
@@ -995,7 +1116,7 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         feedback=feedback, stats=Stats(feedback.db), calibration=router.calibration,
         config=config, decision_log_path=Path(decision_log_path) if decision_log_path else None,
         journal=SpendJournal(feedback_dir), idempotency=IdempotencyStore(feedback.db, config.idempotency_window_s),
-        identity=identity, pool=pool, default_models=models)
+        identity=identity, pool=pool, default_models=models, released_cascade=released)
     gateway.check_names(profiles)
     callers = {d: p.name for p in profiles.profiles.values() for d in p.key_digests}
     if shared := [callers[d] for d in admin_keys() if d in callers]:

@@ -15,6 +15,9 @@ text of its queries may be stored with feedback.
         store_queries: true                    # feedback rows keep the query text (training data)
         router_failure: default_model          # the router failed or timed out: the mapper's fallback
                                                # answers (default), or refuse (503 router_unavailable)
+        cascade: {plan: [[flash-lite, flash], pro]}  # a pool router's: ask the first step, accept when two
+                                               # agree, else the next (default: the release's cascade;
+                                               # off: none)
         knob: router-budget-0.30               # what 'router' stands for: any model name a caller may ask
                                                # for (router-0.35, router-quality-0.95, a model by name)
         pins: {user-42: pro}                   # the request's OpenAI 'user' -> the model name it is served as
@@ -51,8 +54,8 @@ from router_pipeline.serve.experiments import Experiment, ExperimentError, exper
 OPEN = "default"  # the profile of a server started without a profiles file
 MIN_KEY_CHARS = 16  # a shorter API key is guessable
 # What the admin API may change while the server runs (keys never: they stay in the file).
-LIVE_FIELDS = ("mapper", "knob", "pins", "allowed", "fallbacks", "shadow", "experiment", "router_failure",
-               "store_queries")
+LIVE_FIELDS = ("mapper", "knob", "pins", "cascade", "allowed", "fallbacks", "shadow", "experiment",
+               "router_failure", "store_queries")
 FIELDS = ("keys_env", "keys_file", *LIVE_FIELDS)
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class Profile:
     shadow: bool = False  # its default model answers; the router decides beside it, off the request path
     knob: str | None = None  # the model name a request for 'router' is served as (None: the mapper's own)
     pins: dict[str, str] = field(default_factory=dict)  # the request's OpenAI 'user' -> the model name it gets
+    cascade: object = None  # a pool profile's cascade (routers/cascade.py FixedCascade): the router's choices escalate
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
     # router-<threshold> mappers made from this profile's mapper, least recently used first: they go with it
     # when the profile is changed, so no request meets a mapper of the configuration it replaced.
@@ -164,30 +168,31 @@ def _defaults(calibration: dict, pool: list[str] | None) -> tuple[dict, tuple, t
 
 
 def load_profiles(path: str | Path | None, *, calibration: dict, default_models: dict[str, str],
-                  pool: list[str] | None = None, private=None) -> Profiles:
+                  pool: list[str] | None = None, private=None, cascade=None) -> Profiles:
     """Profiles from a YAML/JSON file; ``None``: one open profile (local use) routing at
     the calibrated threshold. ``calibration`` is the released router's. ``pool``: a pool
     router's models, cheapest first: a profile without a mapper serves its choice, may use
     every model of the pool, and falls back down the pool (the gateway's order).
-    ``private(alias, model id)``: whether a model keeps queries private (privacy rules' default)."""
+    ``private(alias, model id)``: whether a model keeps queries private (privacy rules' default).
+    ``cascade``: the pool router's released cascade (a profile's default)."""
     default_spec, allowed, fallbacks = _defaults(calibration, pool)
     if path is None:
         if not calibration:
             _uncalibrated([OPEN])
         mapper = PolicyMapper.from_dict(default_spec, default_models=default_models, private=private)
         return Profiles({OPEN: Profile(OPEN, mapper, allowed=_targets(OPEN, {}, "allowed", allowed, mapper),
-                                       fallbacks=fallbacks)}, open=True)
+                                       fallbacks=fallbacks, cascade=cascade)}, open=True)
     path = Path(path)
     try:
         spec = load_spec(path)
     except MapperConfigError as exc:
         raise ProfileError(str(exc)) from None
     return profiles_from_spec(spec, path, calibration=calibration, default_models=default_models, pool=pool,
-                              private=private)
+                              private=private, cascade=cascade)
 
 
 def profiles_from_spec(spec: dict, path: Path, *, calibration: dict, default_models: dict[str, str],
-                       pool: list[str] | None = None, private=None) -> Profiles:
+                       pool: list[str] | None = None, private=None, cascade=None) -> Profiles:
     """Profiles from the contents of the profiles file at ``path`` (relative paths and
     errors are the file's); ``load_profiles`` for the rest."""
     default_spec, allowed, fallbacks = _defaults(calibration, pool)
@@ -225,7 +230,7 @@ def profiles_from_spec(spec: dict, path: Path, *, calibration: dict, default_mod
             store_queries=_flag(name, raw, "store_queries"), key_digests=digests, shadow=_flag(name, raw, "shadow"),
             router_failure=_choice(name, raw, "router_failure", ROUTER_FAILURE),
             experiment=_experiment(name, raw, path), knob=_name(name, raw.get("knob"), "knob"),
-            pins=_pins(name, raw.get("pins", {})))
+            pins=_pins(name, raw.get("pins", {})), cascade=_cascade(name, raw, pool, cascade))
     if not calibration and (defaulted := [str(n) for n, raw in raw_profiles.items() if not raw.get("mapper")]):
         _uncalibrated(defaulted)
     return Profiles(profiles, spec=spec, path=path)
@@ -237,6 +242,26 @@ def _name(profile: str, value, what: str) -> str | None:
         raise ProfileError(f"profile {profile!r}: {what} must be a model name (e.g. router-budget-0.30, "
                            f"router-0.35 or a model of the profile), got {value!r}")
     return value
+
+
+def _cascade(profile: str, raw: dict, pool: list[str] | None, released):
+    """The profile's cascade: the release's unless it says ``cascade: off`` or gives a plan."""
+    from router_pipeline.routers.cascade import PlanError, fixed_from_dict
+
+    value = raw.get("cascade", "released")
+    if value in ("off", False):
+        return None
+    if value == "released":
+        if released is None and "cascade" in raw:
+            raise ProfileError(f"profile {profile!r}: cascade: released, but the router was released without one")
+        return released
+    if pool is None:
+        raise ProfileError(f"profile {profile!r}: a cascade escalates among a pool router's models; this router "
+                           "has two tiers")
+    try:
+        return fixed_from_dict(value, pool, [0.0] * len(pool), f"profile {profile!r}: cascade")
+    except PlanError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def _pins(profile: str, value) -> dict[str, str]:

@@ -243,7 +243,7 @@ async def chat_completions(request: Request):
             if await request.is_disconnected():  # it left while routed or reserved (a queue, a slow database)
                 await gateway.abandon(d)
                 raise APIError(499, "the client closed the request before it was answered", "client_closed_request")
-            if body.stream and not (d.mapping.abstain or d.mapping.escalate):
+            if body.stream and not (d.mapping.abstain or d.mapping.escalate or d.cascade is not None):
                 routing, texts = await gateway.stream(d)
                 return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
                                          media_type="text/event-stream", headers=_headers(routing))
@@ -251,7 +251,7 @@ async def chat_completions(request: Request):
         except Exception:
             await gateway.unclaim(claim)  # refused before anything was paid: a retry with the key may try again
             raise
-    if body.stream:  # an abstention, the council's answer or a recorded one: whole already
+    if body.stream:  # an abstention, the council's or a cascade's answer, or a recorded one: whole already
         return StreamingResponse(_sse(a.routing, a.model, _whole(a.content, a.usage), include_usage),
                                  media_type="text/event-stream", headers=_headers(a.routing))
     return JSONResponse({

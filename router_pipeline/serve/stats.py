@@ -29,6 +29,9 @@ class _ProfileStats:
     privacy: Counter = field(default_factory=Counter)  # privacy rule -> requests it kept private
     policies: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)  # every model called, a cascade's steps included
+    cascades: int = 0  # requests a cascade answered
+    cascade_escalations: int = 0  # ... that called more than its first step
     spend_usd: float = 0.0
     large_equivalent_usd: float = 0.0  # what the same tokens would have cost on the large model
     router_ms: list = field(default_factory=list)
@@ -46,7 +49,8 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS stats (profile TEXT NOT NULL, metric TEXT
            "value DOUBLE PRECISION NOT NULL, PRIMARY KEY (profile, metric, key))")
 _ADD = ("INSERT INTO stats (profile, metric, key, value) VALUES (?, ?, ?, ?) ON CONFLICT (profile, metric, key) "
         "DO UPDATE SET value = stats.value + excluded.value")
-COUNTERS = ("requests", "errors", "fallbacks", "escalations", "router_failures", "spend_usd", "large_equivalent_usd")
+COUNTERS = ("requests", "errors", "fallbacks", "escalations", "router_failures", "spend_usd", "large_equivalent_usd",
+            "cascades", "cascade_escalations")
 
 
 class Stats:
@@ -66,7 +70,10 @@ class Stats:
 
     def record(self, profile: str, *, policy: str, model: str | None, router_ms: float, total_ms: float,
                cost_usd: float = 0.0, large_equivalent_usd: float = 0.0, fell_back: bool = False,
-               escalated: bool = False, privacy_rule: str | None = None, router_failed: bool = False) -> None:
+               escalated: bool = False, privacy_rule: str | None = None, router_failed: bool = False,
+               called: tuple[str, ...] | None = None, cascade_escalated: bool | None = None) -> None:
+        """``called``: every model the request called (default: the one that answered);
+        ``cascade_escalated``: for a cascade's request, whether it went past its first step."""
         with self._lock:
             router, total = self._latency.setdefault(profile, (deque(maxlen=WINDOW), deque(maxlen=WINDOW)))
             router.append(router_ms)
@@ -74,7 +81,10 @@ class Stats:
         self._persist(profile, [("requests", "", 1), ("policies", policy, 1), ("models", model or "none", 1),
                                 ("spend_usd", "", cost_usd), ("large_equivalent_usd", "", large_equivalent_usd),
                                 ("fallbacks", "", int(fell_back)), ("escalations", "", int(escalated)),
-                                ("router_failures", "", int(router_failed)), ("privacy", privacy_rule or "", 1 if privacy_rule else 0)])
+                                ("router_failures", "", int(router_failed)), ("privacy", privacy_rule or "", 1 if privacy_rule else 0),
+                                *(("calls", m, 1) for m in (called if called is not None else [model] if model else [])),
+                                ("cascades", "", int(cascade_escalated is not None)),
+                                ("cascade_escalations", "", int(bool(cascade_escalated)))])
 
     def record_error(self, profile: str, privacy_rule: str | None = None) -> None:
         self._persist(profile, [("errors", "", 1), ("privacy", privacy_rule or "", 1 if privacy_rule else 0)])
@@ -85,7 +95,7 @@ class Stats:
         out: dict[str, _ProfileStats] = {}
         for profile, metric, key, value in self.db.execute("SELECT profile, metric, key, value FROM stats"):
             p = out.setdefault(profile, _ProfileStats())
-            if metric in ("policies", "models", "privacy"):
+            if metric in ("policies", "models", "privacy", "calls"):
                 getattr(p, metric)[key] = int(value)
             elif metric in COUNTERS:
                 setattr(p, metric, value if metric.endswith("usd") else int(value))
@@ -104,6 +114,9 @@ class Stats:
                 "requests": p.requests, "errors": p.errors, "fallbacks": p.fallbacks,
                 "escalations": p.escalations, "router_failures": p.router_failures,
                 "privacy_rules": dict(p.privacy), "policies": dict(p.policies), "models": dict(p.models),
+                "calls": dict(p.calls),
+                "cascade": {"requests": p.cascades, "escalated": p.cascade_escalations,
+                            "escalated_share": round(p.cascade_escalations / p.cascades, 4) if p.cascades else None},
                 "spend_usd": round(p.spend_usd, 8),
                 "always_large_usd": round(p.large_equivalent_usd, 8),
                 "savings_usd": round(saved, 8),
@@ -130,6 +143,10 @@ class Stats:
                [({"profile": n, "policy": pol}, c) for n, s in snap.items() for pol, c in s["policies"].items()])
         metric("router_model_requests_total", "counter", "Requests by the model that answered.",
                [({"profile": n, "model": m}, c) for n, s in snap.items() for m, c in s["models"].items()])
+        metric("router_model_calls_total", "counter", "Models called, every step of a cascade included.",
+               [({"profile": n, "model": m}, c) for n, s in snap.items() for m, c in s["calls"].items()])
+        metric("router_cascade_escalations_total", "counter", "Cascaded requests that went past their first step.",
+               [({"profile": n}, s["cascade"]["escalated"]) for n, s in snap.items()])
         metric("router_errors_total", "counter", "Requests that failed.",
                [({"profile": n}, s["errors"]) for n, s in snap.items()])
         metric("router_fallbacks_total", "counter", "Requests served by a fallback target.",

@@ -1,0 +1,153 @@
+"""Cascades served on 127.0.0.1, the models on Gemini's protocol (a local stand-in): the
+cheap step is asked first and the dear model only when its answers disagree; the routing
+info lists every call; the charge is the sum of the calls; only the final answer reaches
+the caller, streamed or not; a model failing mid-cascade is skipped; a step the budget
+cannot cover is not called; a retry after the state database failed between two steps
+pays neither again."""
+
+import contextlib
+import re
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+
+from router_pipeline.routers.cascade import PlanError, fixed_from_dict
+from router_pipeline.serve.config import DEFAULTS
+from router_pipeline.serve.gateway import build_gateway
+from router_pipeline.serve.profiles import ProfileError
+from router_pipeline.training.stand_in import stand_in_pool_router
+from router_pipeline_tests.support import ADMIN_KEY, serving
+from router_pipeline_tests.test_server import _spend, _write_locked
+
+KEY = "sk-team-test-key-0001"
+PLAN = "{plan: [[flash-lite, flash], pro], comparator: letter}"
+BUDGET = ("    mapper: {{budget: {{ledger: {ledger}, period: month}},\n"
+          "             rules: [{{kind: budget, limit_usd: {limit}, target: flash-lite}}]}}")
+
+
+def letters(model: str, prompt: str) -> str:
+    """Row i: the cheap two agree on B when i is even; else flash-lite says A, flash C; Pro says D."""
+    i = int(m.group(1)) if (m := re.search(r"row (\d+)", prompt)) else 0
+    if "pro" in model:
+        return "D"
+    return "B" if i % 2 == 0 else ("A" if "lite" in model else "C")
+
+
+@pytest.fixture
+def cascade_server(tmp_path, monkeypatch, gemini_cloud):
+    monkeypatch.setenv("TEST_KEYS_TEAM", KEY)
+    gemini_cloud.responder = letters
+    router, _, _ = stand_in_pool_router(tmp_path)
+    profiles = tmp_path / "profiles.yaml"
+
+    def start(extra: str = "", **config):
+        profiles.write_text(f"""
+profiles:
+  team:
+    keys_env: TEST_KEYS_TEAM
+    cascade: {PLAN}
+{extra}""")
+        return build_gateway(None, router=router, profiles_path=profiles, feedback_dir=tmp_path / "state",
+                             config=replace(DEFAULTS, cooldown_s=0.0, **config))
+
+    return start, gemini_cloud, tmp_path / "state"
+
+
+def _ask(url, i, **kw):
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    return c.chat.completions.create(model="router", messages=[{"role": "user", "content": f"row {i}"}], **kw)
+
+
+def test_the_cheap_step_first_the_dear_model_on_disagreement_and_the_charge_is_every_call(cascade_server):
+    start, cloud, _ = cascade_server
+    with serving(start(BUDGET.format(ledger="team", limit=100))) as url:
+        replies = [_ask(url, i) for i in range(8)]
+        calls = len(cloud.calls)
+        stats = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["profiles"]["team"]
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+        chunks = list(_ask(url, 1, stream=True))
+        route = httpx.post(url + "/v1/route", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"query": "row 1"}).json()
+    for i, reply in enumerate(replies):
+        c = reply.model_extra["routing"]["cascade"]
+        called = [(s["step"], s["model"]) for s in c["steps"]]
+        if i % 2 == 0:  # agreement: accepted, Pro never called
+            assert sorted(called) == [(1, "flash"), (1, "flash-lite")] and c["stopped"] == "agreement"
+            assert reply.choices[0].message.content == "B" and not c["escalated"]
+        else:
+            assert sorted(called) == [(1, "flash"), (1, "flash-lite"), (2, "pro")] and c["escalated"]
+            assert reply.choices[0].message.content == "D" and reply.model_extra["routing"]["served_by"] == "pro"
+        assert [s["kept"] for s in c["steps"]].count(True) == 1
+        # The charge is the sum of every call's cost, each priced as the model's own.
+        assert reply.model_extra["routing"]["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in c["steps"]),
+                                                                          abs=1e-8)
+    assert calls == 4 * 2 + 4 * 3
+    assert stats["calls"] == {"flash-lite": 8, "flash": 8, "pro": 4}
+    assert stats["cascade"] == {"requests": 8, "escalated": 4, "escalated_share": 0.5}
+    assert stats["spend_usd"] == pytest.approx(sum(r.model_extra["routing"]["cost_usd"] for r in replies), abs=1e-7)
+    assert stats["budget"]["spent_usd"] == pytest.approx(stats["spend_usd"], abs=1e-7)
+    assert 'router_model_calls_total{profile="team",model="pro"} 4' in metrics
+    # Streamed: only the final answer reaches the caller (the cheap models' A and C never do).
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "D"
+    assert route["cascade"] == {"plan": "flash-lite+flash -> pro", "comparator": "letter",
+                                "first": ["flash-lite", "flash"]}
+
+
+def test_a_model_failing_mid_cascade_is_skipped_and_a_step_the_budget_cannot_cover_is_not_called(cascade_server):
+    from router_pipeline.llm.fake_gemini import Fault
+
+    start, cloud, folder = cascade_server
+    with serving(start()) as url:
+        flash = next(m for m in {c.model for c in cloud.calls} | {"gemini-2.5-flash"} if m.endswith("flash"))
+        cloud.add_model_faults(flash, Fault(status=500))
+        c = _ask(url, 2).model_extra["routing"]["cascade"]  # would agree, but flash fails: Pro decides
+    failed = [s for s in c["steps"] if "failed" in s]
+    assert [(s["model"], s["cost_usd"]) for s in failed] == [("flash", 0.0)] and "500" in failed[0]["failed"]
+    assert [s["model"] for s in c["steps"] if s["kept"]] == ["pro"]
+    # A budget that covers one call: the rest of the step is not called, the answer so far is returned.
+    with serving(start(BUDGET.format(ledger="tiny", limit="0.0000001"))) as url:
+        reply = _ask(url, 1)
+    c = reply.model_extra["routing"]["cascade"]
+    assert len(c["steps"]) == 1 and "not called" in c["stopped"] and "used up" in c["stopped"]
+    spent, reservations = _spend(folder, "tiny")
+    assert spent == pytest.approx(c["steps"][0]["cost_usd"]) and reservations == 0
+
+
+def test_a_retry_after_the_state_database_fails_between_two_steps_pays_neither_again(cascade_server):
+    start, cloud, folder = cascade_server
+    lock = contextlib.ExitStack()
+    with serving(start(BUDGET.format(ledger="team", limit=100),
+                       database_timeout_s=0.3)) as url:
+        # The database fails once the first step has answered: the second step cannot be reserved.
+        cloud.on_request = lambda model, prompt: "lite" in model and lock.enter_context(_write_locked(folder))
+        first = _ask(url, 3, extra_headers={"Idempotency-Key": "order-1"})
+        cloud.on_request = None
+        calls = len(cloud.calls)
+        routing = first.model_extra["routing"]
+        assert len(routing["cascade"]["steps"]) == 2 and "budget could not be read" in routing["cascade"]["stopped"]
+        assert routing["spend_journaled"] and routing["answer_journaled"]
+        again = _ask(url, 3, extra_headers={"Idempotency-Key": "order-1"})  # the journal answers
+        lock.close()
+        after = _ask(url, 3, extra_headers={"Idempotency-Key": "order-1"})  # the database, once replayed
+    assert again.choices[0].message.content == after.choices[0].message.content == first.choices[0].message.content
+    assert len(cloud.calls) == calls  # neither step called again
+    spent, reservations = _spend(folder, "team")
+    assert spent == pytest.approx(routing["cost_usd"]) and reservations == 0
+
+
+def test_plans_and_cascade_settings_are_checked(cascade_server, monkeypatch):
+    models = ["flash-lite", "flash", "pro"]
+    for raw, message in (({"plan": [["flash-lite", "gpt-9"]]}, "unknown model 'gpt-9'"),
+                         ({"plan": [[], "pro"]}, "step 1 is empty"),
+                         ({"plan": ["flash", ["pro", "flash"]]}, "already called at step 1"),
+                         ({"plan": []}, "at least one step"),
+                         ({"plan": ["pro"], "comparator": "judge"}, "comparator must be one of"),
+                         ({"plan": ["pro"], "kind": "learned"}, "cannot be served")):
+        with pytest.raises(PlanError, match=message):
+            fixed_from_dict(raw, models, [0.0] * 3)
+    start, _, _ = cascade_server
+    monkeypatch.setenv("TEST_KEYS_TEAM2", "sk-other-test-key-0001")
+    with pytest.raises(ProfileError, match="profile 'other': cascade: step 2: unknown model 'o3'"):
+        start("  other: {keys_env: TEST_KEYS_TEAM2, cascade: {plan: [flash, o3]}}")
