@@ -101,6 +101,14 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     assert Path(meta["frontier_png"].value).stat().st_size > 0
     assert check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert (artifacts / "pool_cascade" / "report.json").exists()
+    # The cascade to serve: a fixed plan, released on the validation rows' evidence, its test figures beside.
+    evidence, served = meta["served_cascade_evidence"].value, meta["served_cascade"].value
+    assert evidence["validation"]["rows"] == 150 and evidence["test"]["rows"] == 150
+    t = evidence["test"]
+    assert t["accuracy_difference_lo"] <= t["accuracy_difference"] <= t["accuracy_difference_hi"]
+    assert t["accuracy_difference"] == pytest.approx(t["cascade_accuracy"] - t["query_only_accuracy"], abs=1e-9)
+    assert (served != "none") == (artifacts / "pool_cascade" / "cascade.json").is_file()
+    assert (served != "none") == (evidence["validation"]["cascade_accuracy"] >= evidence["validation"]["query_only_accuracy"])
 
 
 def test_without_answer_columns_the_cascade_is_skipped_saying_why(defs, resources, outcomes_slice, monkeypatch):

@@ -41,6 +41,7 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     An llm-council session holds flash's and pro's answers to an 11th query (a training
     row): recorded, judged against the council's final answer; flash-lite answers it.
     pool_job runs with the definitions' own resources (the offline profile)."""
+    from router_pipeline.evaluation.cascade import RELEASE_RULE
     from router_pipeline.evaluation.pool import MIN_ROWS_TO_BLOCK, POOL_RULES
     from router_pipeline.routers.pool import PoolRouter
     from router_pipeline.routers.registry import load_router
@@ -149,12 +150,21 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
         assert (artifacts / "pool" / f"{name}.training_p.npz").is_file()
     assert "training rows: the learned cascade needs at least" in meta["pool_cascade"]["skipped"].value
     assert checks[("pool_cascade", "cascade_not_below_query_only")].passed
+    # ... but a fixed cascade needs no fitting: chosen on the training rows, released on the validation rows'
+    # evidence (the stand-ins are graded wrong there: as accurate as the query-only router). Its last step is the
+    # most accurate model on the training rows: flash, right on the council's row.
+    served = meta["pool_cascade"]["served_cascade"].value
+    assert served.endswith(" -> flash") and "flash" not in served.split(" -> ")[0].split("+")
+    assert checks[("pool_cascade", RELEASE_RULE)].passed
+    evidence = meta["pool_cascade"]["served_cascade_evidence"].value
+    assert evidence["validation"]["rows"] == 2 and evidence["test"]["rows"] == 2
 
     # released_pool_router: <artifacts>/pool_router with a manifest of its files, the chosen candidate's.
     release = artifacts / "pool_router"
     assert meta["released_pool_router"]["router_dir"].value == str(release)
     manifest = json.loads((release / "manifest.json").read_text())["files"]
-    assert {"router.json", "pool_head.npz", "router_calibration.json", "evaluation.json"} <= set(manifest)
+    assert {"router.json", "pool_head.npz", "router_calibration.json", "evaluation.json", "cascade.json"} <= set(manifest)
+    assert meta["released_pool_router"]["cascade"].value == served
     assert json.loads((release / "router.json").read_text())["candidate"] == chosen
     assert json.loads((release / "evaluation.json").read_text())["chosen"] is True
 
@@ -169,12 +179,20 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     routed = json.loads(capsys.readouterr().out)
     assert routed["target"] == decision.model and routed["model"] == "gemma3-270m"
     assert routed["p_correct"] == decision.p_correct
-    # `answer --pool`: the chosen pool model answers (the offline Gemma), charged at that model's pool price.
+    plan = router.cascade().plan  # the released cascade: `route` says what to call first
+    assert routed["cascade"] == {"plan": served, "first": [plan.models[m] for m in plan.steps[0]]}
+    # `answer --pool`: the released cascade runs (the offline Gemma behind every pool model); the answer is the
+    # model it stopped with, priced at that model's pool price, and the charge is every call's.
     assert cli.main(["answer", "--pool", "--json", "Who wrote the opera Tosca?"]) == 0
     answered = json.loads(capsys.readouterr().out)
-    assert answered["answer_status"] == "ok" and answered["answer"] and answered["target"] == decision.model
-    assert answered["cost_usd"] == pytest.approx(resources["pool"].pool()[answered["target"]].cost(
-        answered["input_tokens"], answered["output_tokens"]), abs=1e-9)
+    steps = answered["cascade"]["steps"]
+    assert answered["answer_status"] == "ok" and answered["answer"] and answered["cascade"]["plan"] == served
+    assert {s["model"] for s in steps if s["step"] == 1} == set(routed["cascade"]["first"])
+    assert [s["model"] for s in steps if s["kept"]] == [answered["target"]]
+    assert answered["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in steps), abs=1e-8)
+    kept = next(s for s in steps if s["kept"])
+    assert kept["cost_usd"] == pytest.approx(resources["pool"].pool()[answered["target"]].cost(
+        answered["input_tokens"], answered["output_tokens"]), abs=1e-8)
 
 
 def _small_run(resources, questions, *, ungraded=None):

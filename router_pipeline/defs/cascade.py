@@ -1,7 +1,8 @@
 """Cascades in the pool_routing group: where the pool outcomes record what the models
 answered, a cascade (ask cheaper models first, escalate on what they answered) is fitted
 on the training rows, chosen and its knob set on the validation rows, and scored on the
-test rows against the chosen query-only pool router. A thin wrapper around
+test rows against the chosen query-only pool router; and the fixed cascade to serve is
+chosen (``cascade.json``, shipped by ``released_pool_router``). A thin wrapper around
 evaluation/cascade.py; without answers of two models it records why it skipped.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from router_pipeline.artifacts import CASCADE_FILE
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.plots import cost_accuracy_frontiers, markdown_image
 from router_pipeline.defs.pool import POOL_GROUP, _outcomes, _plain, _training_p_path
@@ -51,7 +53,9 @@ def _training_p(router_path, train: pd.DataFrame, in_sample: np.ndarray) -> tupl
 
 @dg.asset(group_name=POOL_GROUP, kinds={"scikitlearn"},
           check_specs=[dg.AssetCheckSpec(cascade_eval.CASCADE_RULE, asset="pool_cascade", blocking=False,
-                                         description=cascade_eval.CASCADE_RULE_DESCRIPTION)])
+                                         description=cascade_eval.CASCADE_RULE_DESCRIPTION),
+                       dg.AssetCheckSpec(cascade_eval.RELEASE_RULE, asset="pool_cascade", blocking=False,
+                                         description=cascade_eval.RELEASE_RULE_DESCRIPTION)])
 def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, artifacts: ArtifactStore,
                  pool: ModelPool, pool_outcomes: pd.DataFrame, pool_routers: pd.DataFrame,
                  pool_evaluation: pd.DataFrame):
@@ -60,15 +64,21 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     agreement, abstention and length) and two fixed ones (accept on agreement), a query's
     cost the sum over every model it called. Test AIQ, accuracy at the best single model's
     cost, paired intervals and both frontiers side by side. Skipped, saying why, when the
-    outcomes hold no ``<model>_answer`` of two models or too few rows."""
+    outcomes hold no ``<model>_answer`` of two models or too few rows. The fixed cascade
+    to serve is chosen on the training rows and released on the validation rows' evidence
+    (``release_fixed``), also where too few training rows leave the learned one unfitted."""
     models = pool.pool().names
     splits = {s: _outcomes(pool_outcomes, s, models, f"{s} rows") for s in (TRAIN, VALIDATION, TEST)}
-    reason = cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models)
-    if reason:
+    layout = artifacts.layout()
+    out = layout.root / "pool_cascade"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CASCADE_FILE).unlink(missing_ok=True)  # never a cascade of an earlier run
+    if reason := cascade_eval.release_skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models):
         context.log.info(f"cascade skipped: {reason}")
         yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={"skipped": reason})
-        yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=True,
-                                  severity=dg.AssetCheckSeverity.WARN, description=f"no cascade: {reason}")
+        for rule in (cascade_eval.CASCADE_RULE, cascade_eval.RELEASE_RULE):
+            yield dg.AssetCheckResult(check_name=rule, passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                      description=f"no cascade: {reason}")
         return
     chosen = set(pool_evaluation["candidate"])
     if len(chosen) != 1:
@@ -83,20 +93,45 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     comparator = cascade_eval.comparator_of([splits[s].frame for s in splits], models)
     rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, p_split)]
     knob = Knob(calibration.get("knob", "quality"), float(calibration.get("knob_value", 0.95)))
+    lam = calibration.get("lambda")
+    release = cascade_eval.release_fixed(*rows, models, costs, np.inf if lam is None else float(lam),
+                                         comparator=comparator, resamples=config.bootstrap_resamples)
+    worse = release["released"] and release["test"]["accuracy_difference_hi"] < 0  # the guard: never shipped
+    if release["released"] and not worse:
+        (out / CASCADE_FILE).write_text(json.dumps(
+            {"kind": "fixed", "plan": release["plan"], "comparator": comparator,
+             "about": {"query_only_router": candidate, "why": release["why"], "validation": release["validation"],
+                       "test": release["test"]}}, indent=1))
+    release_meta = {"served_cascade": release["describe"] if release["released"] and not worse else "none",
+                    "served_cascade_why": release["why"] if not worse else
+                    "released on the validation rows, withheld: less accurate than the query-only router on the "
+                    "test rows beyond the interval",
+                    "served_cascade_evidence": dg.MetadataValue.json({k: release[k] for k in ("validation", "test")})}
+    release_check = dg.AssetCheckResult(
+        check_name=cascade_eval.RELEASE_RULE, passed=not worse, severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{release['describe']}: test accuracy minus the query-only router's "
+                     f"{release['test']['accuracy_difference']:+.4f} [{release['test']['accuracy_difference_lo']:+.4f}, "
+                     f"{release['test']['accuracy_difference_hi']:+.4f}]; {release_meta['served_cascade_why']}"))
+    if reason := cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models):
+        context.log.info(f"learned cascade skipped: {reason}")
+        yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={
+            "skipped": f"learned cascade: {reason}", "query_only_router": candidate, "comparator": comparator,
+            **release_meta})
+        yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=True,
+                                  severity=dg.AssetCheckSeverity.WARN, description=f"no learned cascade: {reason}")
+        yield release_check
+        return
     report = cascade_eval.evaluate_cascade(*rows, models, costs, knob, comparator=comparator, alphas=config.alphas,
                                            folds=config.folds, resamples=config.bootstrap_resamples,
                                            log=context.log.info)
-    layout = artifacts.layout()
     keep = ("cascade", cascade_eval.QUERY_ONLY, "random mix", "oracle")
     plot = cost_accuracy_frontiers(
         {n: (c.frontier().cost * 1000, c.frontier().accuracy) for n, c in report.curves.items() if n in keep},
         {m: (float(rows[2].cost[:, i].mean() * 1000), float(rows[2].correct[:, i].mean()))
          for i, m in enumerate(models)},
         layout.plots / "pool_cascade_frontier.png", title="Cascade and query-only router on the test split")
-    out = layout.root / "pool_cascade"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(
-        {"query_only_router": candidate, "comparator": comparator, "chosen": report.chosen,
+        {"query_only_router": candidate, "comparator": comparator, "chosen": report.chosen, "served": release,
          "figures": {k: _plain(v) for k, v in report.figures.items()},
          "validation_aiq": {k: _plain(v) for k, v in report.validation_aiq.items()}}, indent=1))
     answered = cascade_eval.answer_columns(pd.concat([splits[s].frame for s in splits]), models)
@@ -111,10 +146,11 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
         "frontier_table": table(report.table.round(4)), "intervals": table(report.intervals.round(4)),
         "validation_aiq": dg.MetadataValue.json({k: _plain(v) for k, v in report.validation_aiq.items()}),
         "frontier": dg.MetadataValue.md(markdown_image(plot, "cascade and query-only frontiers")),
-        "frontier_png": dg.MetadataValue.path(str(plot))})
+        "frontier_png": dg.MetadataValue.path(str(plot)), **release_meta})
     passed, note = report.verdict
     yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=passed,
                               severity=dg.AssetCheckSeverity.WARN, description=note or None,
                               metadata={k: _plain(report.figures[k]) for k in (
                                   "cascade_minus_query_only_aiq", "cascade_minus_query_only_aiq_lo",
                                   "cascade_minus_query_only_aiq_hi")})
+    yield release_check

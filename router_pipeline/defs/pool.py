@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from router_pipeline.artifacts import EVALUATION_FILE
+from router_pipeline.artifacts import CASCADE_FILE, EVALUATION_FILE
 from router_pipeline.defs.config import derived, plain
 from router_pipeline.defs.council import CouncilConfig
 from router_pipeline.defs.data import JudgeConfig, answered
@@ -244,22 +244,27 @@ def _plain(v):
     return None if isinstance(v, float) and not np.isfinite(v) else v
 
 
-@dg.asset(group_name=POOL_GROUP)
+@dg.asset(group_name=POOL_GROUP, deps=["pool_cascade"])
 def released_pool_router(artifacts: ArtifactStore, pool_evaluation: pd.DataFrame) -> dg.MaterializeResult:
     """The chosen pool router with its calibration and test figures, at <artifacts>/pool_router/
-    (what ``route``, ``answer`` and ``serve`` run with ``--pool``). Runs only when
-    pool_evaluation's blocking checks pass."""
+    (what ``route``, ``answer`` and ``serve`` run with ``--pool``), and the cascade
+    ``pool_cascade`` released to serve with it, if any. Runs only when pool_evaluation's
+    blocking checks pass."""
     layout = artifacts.layout()
     chosen = set(pool_evaluation["candidate"])
     if len(chosen) != 1 or (name := chosen.pop()) not in {**POOL_CANDIDATES, **POOL_ENSEMBLES}:
         raise dg.Failure(f"pool_evaluation names {sorted(set(pool_evaluation['candidate']))}; expected one candidate")
+    cascade = layout.root / "pool_cascade" / CASCADE_FILE
     try:
-        released = install_release(layout.pool_candidate(name), [layout.pool_evaluation(name) / EVALUATION_FILE],
+        released = install_release(layout.pool_candidate(name), [layout.pool_evaluation(name) / EVALUATION_FILE,
+                                                                 *([cascade] if cascade.is_file() else [])],
                                    layout.pool_release, layout.root / "pool-release-staging")
     except (OSError, ReleaseError) as exc:
         raise dg.Failure(f"cannot release pool router {name}: {exc}") from None
     figures = released.pop("figures")
+    served = json.loads(cascade.read_text())["plan"] if cascade.is_file() else None
     return dg.MaterializeResult(metadata={
+        "cascade": " -> ".join("+".join(step) for step in served) if served else "none (pool_cascade released none)",
         **{k: v for k, v in released.items() if k != "router_dir"},
         "router_dir": dg.MetadataValue.path(str(released["router_dir"])),
         **{k: v for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}})

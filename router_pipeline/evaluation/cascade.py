@@ -45,6 +45,10 @@ CASCADE_RULE = "cascade_not_below_query_only"
 CASCADE_RULE_DESCRIPTION = ("The cascade's test AIQ is not below the query-only pool router's beyond noise: the "
                             "upper end of the paired interval of cascade minus query-only AIQ is not below 0.")
 QUERY_ONLY = "query-only router"
+RELEASE_RULE = "served_cascade_not_below_query_only"
+RELEASE_RULE_DESCRIPTION = ("The cascade released to serve (the fixed plan best on the training rows, released when "
+                            "on the validation rows it is at least as accurate as the query-only router at its "
+                            "released lambda) is not less accurate than that router on the test rows beyond noise.")
 
 
 def answer_columns(frame: pd.DataFrame, models: list[str]) -> list[str]:
@@ -52,18 +56,25 @@ def answer_columns(frame: pd.DataFrame, models: list[str]) -> list[str]:
     return [m for m in models if m + "_answer" in frame and frame[m + "_answer"].notna().any()]
 
 
-def skip_reason(train, validation, test, models: list[str]) -> str | None:
-    """Why no cascade can be fitted and scored on these splits (``Outcomes``), or None."""
+def release_skip_reason(train, validation, test, models: list[str]) -> str | None:
+    """Why no fixed cascade can be chosen and checked on these splits (``Outcomes``), or None."""
     frame = pd.concat([train.frame, validation.frame, test.frame], ignore_index=True)
     answered = answer_columns(frame, models)
     if len(answered) < 2:
         return (f"answers recorded for {answered or 'no model'}: a cascade compares the answers of at least two "
                 "models (<model>_answer columns)")
-    if len(train.frame) < MIN_TRAINING_ROWS:
-        return f"{len(train.frame)} training rows: the learned cascade needs at least {MIN_TRAINING_ROWS}"
-    for name, split in (("validation", validation), ("test", test)):
+    for name, split in (("training", train), ("validation", validation), ("test", test)):
         if len(split.frame) < MIN_HELD_ROWS:
             return f"{len(split.frame)} {name} rows: at least {MIN_HELD_ROWS} are needed"
+    return None
+
+
+def skip_reason(train, validation, test, models: list[str]) -> str | None:
+    """Why no learned cascade can be fitted and scored on these splits, or None."""
+    if reason := release_skip_reason(train, validation, test, models):
+        return reason
+    if len(train.frame) < MIN_TRAINING_ROWS:
+        return f"{len(train.frame)} training rows: the learned cascade needs at least {MIN_TRAINING_ROWS}"
     return None
 
 
@@ -131,6 +142,48 @@ def _aiq(trace: Trace, rows: Rows) -> float:
     return fr.aiq(with_cheapest(trace.right, trace.cost, rows.correct, rows.cost), rows.cost)
 
 
+def best_fixed(plans, train: Rows, costs: np.ndarray, comparator: str):
+    """The plan whose fixed cascade has the best AIQ on the training rows (a fixed cascade
+    fits nothing, so they are fair to choose on)."""
+    return max(plans, key=lambda pl: _aiq(replay(FixedCascade(pl, costs, comparator), logit(train.p), train.answers,
+                                                 train.correct, train.cost, np.zeros(1)), train))
+
+
+def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, lam: float, *,
+                  comparator: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """The cascade to serve and the evidence for it. The plan: the best of ``fixed_plans``
+    (and the next-two plan) on the training rows; released when, on the validation rows,
+    it is at least as accurate as the query-only router at ``lam`` (the released knob's
+    lambda), never judged on the test rows. The test rows then report both routers'
+    accuracy and cost and the paired interval of the accuracy difference (``RELEASE_RULE``)."""
+    plan = best_fixed([next_two_plan(models, train.correct), *fixed_plans(models, train.correct)], train, costs,
+                      comparator)
+    policy = FixedCascade(plan, costs, comparator)
+
+    def point(rows: Rows) -> tuple[Trace, Trace]:
+        return (replay(policy, logit(rows.p), rows.answers, rows.correct, rows.cost, np.zeros(1)),
+                _query_only(rows, costs, np.array([lam])))
+
+    (cv, qv), (ct, qt) = point(validation), point(test)
+    released = bool(cv.right.mean() >= qv.right.mean())
+    weights = fr.resample_weights(len(test.correct), resamples, seed)
+    d = ct.right[:, 0].astype(float) - qt.right[:, 0]
+    diff = fr.interval(lambda w: float(d.mean() if w is None else w @ d / w.sum()), weights)
+    return {"plan": [[models[m] for m in step] for step in plan.steps], "describe": plan.describe(),
+            "comparator": comparator, "released": released, "lambda": float(lam),
+            "validation": {"cascade_accuracy": float(cv.right.mean()), "cascade_usd_per_1000": float(cv.cost.mean() * 1000),
+                           "query_only_accuracy": float(qv.right.mean()),
+                           "query_only_usd_per_1000": float(qv.cost.mean() * 1000), "rows": len(cv.right)},
+            "test": {"cascade_accuracy": float(ct.right.mean()), "cascade_usd_per_1000": float(ct.cost.mean() * 1000),
+                     "query_only_accuracy": float(qt.right.mean()),
+                     "query_only_usd_per_1000": float(qt.cost.mean() * 1000), "rows": len(ct.right),
+                     "accuracy_difference": float(diff["diff"]), "accuracy_difference_lo": float(diff["lo"]),
+                     "accuracy_difference_hi": float(diff["hi"])},
+            "why": ("on the validation rows it is at least as accurate as the query-only router at its lambda"
+                    if released else "on the validation rows it is less accurate than the query-only router at its "
+                    "lambda: the query-only router serves")}
+
+
 def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, knob: Knob, *,
                      comparator: str = "letter", alphas=(10.0, 100.0, 1000.0), folds: int = 5,
                      resamples: int = 1000, seed: int = 0, log=print) -> CascadeReport:
@@ -157,8 +210,7 @@ def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str
                         ("fixed: best on training rows", fixed_plans(models, train.correct))):
         if not plans:  # two models: no plan asks two together before the most accurate
             continue
-        best = max(plans, key=lambda pl: _aiq(replay(FixedCascade(pl, costs, comparator), q["train"], train.answers,
-                                                     train.correct, train.cost, sweep[:1]), train))
+        best = best_fixed(plans, train, costs, comparator)
         traces[name] = replay(FixedCascade(best, costs, comparator), q["test"], test.answers, test.correct, test.cost,
                               sweep[:1])
         chosen[name] = best.describe()

@@ -18,6 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from router_pipeline.online_quality import DATABASE_VAR
 from router_pipeline.routers.features import PRECISIONS
 from router_pipeline.policies import POLICIES
 from router_pipeline.serve.config import DEFAULTS
@@ -43,7 +44,6 @@ NO_ROUTER = ("error: no trained router found; materialise released_router (or sf
 POOL_HELP = "the released pool router (artifacts/pool_router): route among every model of its pool"
 
 
-DATABASE_VAR = "ROUTER_DATABASE_URL"  # a PostgreSQL URL may hold a password: an environment variable, not a flag
 PRECISION_HELP = ("head routers on Gemma: fast (bf16 weights where the CPU has bf16 units; the release's "
                   "exported encoder) or fp32, the reference")
 
@@ -121,19 +121,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _state(args) -> tuple[Path, str | None]:
     """(feedback folder, PostgreSQL URL or None): the state database these flags name."""
-    from router_pipeline import settings
-    from router_pipeline.artifacts import Artifacts
+    from router_pipeline.online_quality import state_location
 
-    return (Path(getattr(args, "feedback_dir", None) or Artifacts.from_settings().feedback),
-            getattr(args, "database", None) or settings.secret(DATABASE_VAR))
+    return state_location(getattr(args, "feedback_dir", None), getattr(args, "database", None))
 
 
 def experiment_report(args) -> int:
-    from router_pipeline.serve.experiments import report
-    from router_pipeline.serve.feedback import FeedbackStore
+    """The report of the state database, opened read-only: nothing is created or written."""
+    from router_pipeline.online_quality import StateUnreadable, read_state, render
 
     folder, url = _state(args)
-    print(report(FeedbackStore(folder, database=url).db, args.profile))
+    try:
+        reading = read_state(folder, url, DEFAULTS.database_timeout_s)
+    except StateUnreadable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if reading.figures is None:
+        print(f"no experiment has served a request: {reading.missing}")
+        return 0
+    print(render(reading.figures, args.profile))
     return 0
 
 
@@ -205,7 +211,8 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
 
     pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router: served by its pool's models
     profile = Profile(OPEN, mapper) if pool is None else \
-        Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=())  # as load_profiles' open pool profile
+        Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=(),  # as load_profiles' open pool profile
+                cascade=router.cascade())
     gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
                             config=replace(DEFAULTS, database=url, local_process=False),  # nothing to isolate
                             decision_log_path=log_path)
@@ -264,16 +271,21 @@ def run(args) -> int:
                 r = answered.routing
                 out.update(model=answered.model, answer=answered.content, answer_status="ok",
                            input_tokens=answered.usage["prompt_tokens"], output_tokens=answered.usage["completion_tokens"],
-                           cost_usd=r.get("cost_usd", 0.0), fallback_from=r.get("fallback_from", []))
+                           cost_usd=r.get("cost_usd", 0.0), fallback_from=r.get("fallback_from", []),
+                           target=r.get("served_by", out["target"]), **({"cascade": r["cascade"]} if "cascade" in r else {}))
             print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
         return status
     if mapper.ledger is not None:  # a budget rule reads the spend the server and `answer` record
         from router_pipeline.serve.database import state_database
 
         mapper.ledger.bind(state_database(folder, url))
+    cascade = router.cascade() if hasattr(router, "cascade") else None
     for d in router.route_batch(queries, with_reasoning=args.reasoning):
         mapping = mapper.map(d)
         out = _decision(d, mapping)
+        if cascade is not None and any(r.kind == "pool" and r.label == mapping.rule for r in mapper.rules):
+            plan = cascade.plan  # what `answer` and the server run: this step first, the next on disagreement
+            out["cascade"] = {"plan": plan.describe(), "first": [plan.models[m] for m in plan.steps[0]]}
         if args.log:
             decision_log.append(args.log, decision_log.decision_record(d, mapping, latency_ms=d.latency_ms, cost_usd=0.0))
         print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))
@@ -299,6 +311,12 @@ def _human(out: dict) -> str:
     if "answer" in out:
         lines.append(f"answer:    {out['answer']}" + (f"  ({out.get('answer_error')})" if out.get("answer_error") else ""))
         lines.append(f"cost:      ${out['cost_usd']:.6f}")
+    if c := out.get("cascade"):
+        lines.append(f"cascade:   {c['plan']}" + (f"  (stopped: {c['stopped']})" if "stopped" in c else
+                                                   f"  (first: {'+'.join(c['first'])})"))
+        for step in c.get("steps", []):
+            lines.append(f"  step {step['step']}: {step['model']} ${step['cost_usd']:.6f}"
+                         + ("  [kept]" if step["kept"] else "") + (f"  ({step['failed']})" if "failed" in step else ""))
     return "\n".join(lines) + "\n"
 
 
