@@ -11,10 +11,10 @@ figures checked against the offline ones.
    0.95 by default, the pipeline's) set on the validation slice, and saved under
    artifacts/benchmarks/ab_replay/router. The features are pool_quality.py's cache when it
    holds this file's queries (else encoded once, about 12 minutes on 2 cores, and kept).
-3. An OpenAI-protocol stand-in (llm/fake_openai.py's FakeOpenAI) plays the six models: it
-   finds the question in the prompt and answers with that model's recorded letter, its
-   usage the recorded tokens, so the server's charge (tokens x the pool's prices, which are
-   solved from the file's tokens and costs) is the recorded cost.
+3. An OpenAI-protocol stand-in (llm/fake_openai.py's FakeOpenAI, with a responder) plays
+   the six models: it finds the question in the prompt and answers with that model's
+   recorded letter, its usage the recorded tokens, so the server's charge (tokens x the
+   pool's prices, which are solved from the file's tokens and costs) is the recorded cost.
 4. ``router-pipeline serve --adapter <router> --profiles <profiles>`` runs on 127.0.0.1 with
    one profile whose experiment splits requests for ``router`` 50/50 between the router and
    Pro by a hash of the question's id (the experiment's key header). The held-out test rows
@@ -42,7 +42,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,50 +60,24 @@ Z95 = 1.959964
 
 
 # -- the upstream stand-in -------------------------------------------------------------------
-class _Calls(list):
-    """FakeOpenAI's call list, which also hands each call to the thread answering it."""
+def recorded_responder(answers: dict[str, dict[str, tuple[str, int, int]]], misses: list[str]):
+    """FakeOpenAI's responder: per call, the recorded answer and tokens of the model called
+    (its model id: the file's model name) for the question in the prompt. ``answers``:
+    query -> model -> (answer, input tokens, output tokens); a call it cannot answer is
+    added to ``misses``."""
 
-    def __init__(self, local: threading.local):
-        super().__init__()
-        self.local = local
+    def respond(model: str, body: dict) -> tuple[str, dict]:
+        prompt = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+        row = answers.get(prompt.strip())
+        if row is None:  # not the question alone: the question it holds
+            row = next((v for q, v in answers.items() if q in prompt), None)
+        if row is None or model not in row:
+            misses.append(f"{model}: {prompt[:60]!r}")
+            return "unknown question", {"prompt_tokens": 0, "completion_tokens": 0}
+        text, tokens_in, tokens_out = row[model]
+        return text, {"prompt_tokens": tokens_in, "completion_tokens": tokens_out}
 
-    def append(self, call) -> None:
-        self.local.call = call
-        super().append(call)
-
-
-def recorded_upstream(answers: dict[str, dict[str, tuple[str, int, int]]]):
-    """A FakeOpenAI whose reply and usage are, per call, the recorded answer and tokens of
-    the model called (its model id: the file's model name) for the question in the prompt.
-    ``answers``: query -> model -> (answer, input tokens, output tokens). FakeOpenAI reads
-    ``reply`` and ``usage`` in the thread that answers the call, after recording the call."""
-    from router_pipeline.llm.fake_openai import FakeOpenAI
-
-    class RecordedOpenAI(FakeOpenAI):
-        def __init__(self):
-            self._local = threading.local()
-            self.misses: list[str] = []
-            super().__init__()
-            self.calls = _Calls(self._local)
-
-        def _answer(self) -> tuple[str, tuple[int, int]]:
-            call = getattr(self._local, "call", None)
-            if call is None:
-                return " ", (0, 0)
-            prompt = next((m["content"] for m in call.get("messages", []) if m.get("role") == "user"), "")
-            row = answers.get(prompt.strip())
-            if row is None:  # not the question alone: the question it holds
-                row = next((v for q, v in answers.items() if q in prompt), None)
-            if row is None or call.get("model") not in row:
-                self.misses.append(f"{call.get('model')}: {prompt[:60]!r}")
-                return "unknown question", (0, 0)
-            text, tokens_in, tokens_out = row[call["model"]]
-            return text, (tokens_in, tokens_out)
-
-        reply = property(lambda self: self._answer()[0], lambda self, value: None)
-        usage = property(lambda self: self._answer()[1], lambda self, value: None)
-
-    return RecordedOpenAI()
+    return respond
 
 
 def solved_prices(frame: pd.DataFrame, models: list[str]) -> dict[str, tuple[float, float]]:
@@ -347,6 +320,7 @@ def main(argv=None) -> int:
 
     from router_pipeline.labels.outcomes import read_outcomes
     from router_pipeline.labels.split import TEST, assign_split, validation_mask
+    from router_pipeline.llm.fake_openai import FakeOpenAI
     from router_pipeline.llm.pool import pool_from_dict
     from router_pipeline.policies import CORRECT
     from router_pipeline.routers.pool import decide
@@ -397,7 +371,8 @@ def main(argv=None) -> int:
     grades = {str(r["qid"]): {m: r[f"{m}_grade"] for m in models} for _, r in frame.iloc[replayed].iterrows()}
     recorded_cost = {str(r["qid"]): {m: float(r[f"{m}_cost_usd"]) for m in models}
                      for _, r in frame.iloc[replayed].iterrows()}
-    fake = recorded_upstream(answers)
+    misses: list[str] = []
+    fake = FakeOpenAI(responder=recorded_responder(answers, misses))
     proc = None
     with fake:
         pool = pool_from_dict([{"name": m, "backend": "openai", "model": m, "base_url": fake.base_url,
@@ -440,10 +415,10 @@ def main(argv=None) -> int:
           f"({len(rows) / replay_s:.1f} req/s, median {np.median([r['ms'] for r in ok]) if ok else 0:.0f} ms); "
           f"errors {len(errors)}; fallbacks {sum(r['fallback'] for r in ok)}; router failed "
           f"{sum(bool(r['router_failed']) for r in ok)}; feedback retried after a 404 (request memory deferred) "
-          f"{sum(r['feedback_retries'] > 0 for r in ok)}; stand-in misses {len(fake.misses)}", flush=True)
+          f"{sum(r['feedback_retries'] > 0 for r in ok)}; stand-in misses {len(misses)}", flush=True)
     for r in errors[:5]:
         print(f"    {r['qid']}: {r['error']}")
-    for miss in fake.misses[:5]:
+    for miss in misses[:5]:
         print(f"    stand-in did not know: {miss}")
     arms = quality["experiments"][EXPERIMENT]["arms"]
     wrong_answer = [r for r in ok if r["content"] != answers[query_of[r["qid"]]][r["served_by"]][0]]

@@ -25,6 +25,7 @@ from router_pipeline import settings
 from router_pipeline.artifacts import STATE_FILE, Artifacts
 
 Z95 = 1.959964
+DATABASE_VAR = "ROUTER_DATABASE_URL"  # a PostgreSQL URL may hold a password: an environment variable, not a flag
 TABLES = ("served", "shadow", "feedback")  # what quality reads (the server creates them when it starts)
 
 
@@ -176,12 +177,12 @@ def state_location(folder: str | Path | None = None, url: str | None = None,
                    root: str | Path | None = None) -> tuple[Path, str | None]:
     """(feedback folder, PostgreSQL URL or None): the serving state database named by
     ``folder`` (default: the feedback folder under the artifacts ``root``, itself by default
-    the settings') and ``url`` (default: $ROUTER_DATABASE_URL). The defaults of
-    ``router-pipeline experiment report`` and of the ``experiment_report`` asset."""
+    the settings') and ``url`` (default: $ROUTER_DATABASE_URL, ``DATABASE_VAR``). The
+    defaults of the routing server, ``router-pipeline`` (serve/cli.py) and the
+    ``experiment_report`` asset."""
     if not folder:
         folder = (Artifacts(Path(root)) if root else Artifacts.from_settings()).feedback
-    # The variable is the server's (serve/cli.py's DATABASE_VAR): a URL may hold a password.
-    return Path(folder), url or settings.secret("ROUTER_DATABASE_URL")
+    return Path(folder), url or settings.secret(DATABASE_VAR)
 
 
 class StateUnreadable(RuntimeError):

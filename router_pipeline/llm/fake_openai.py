@@ -2,9 +2,14 @@
 ``stream: true``): the test double for the pool's ``openai`` backend (vLLM, Ollama, a
 provider, a private endpoint on the operator's machines) and a dry-run target.
 
+Every call gets ``reply`` with ``usage``, unless a ``responder`` decides per call, as
+FakeGemini's does: ``responder(model, body)`` (the request's model and its whole JSON
+body) returns the reply's text, or (text, usage) with usage an OpenAI usage dict
+(``prompt_tokens``, ``completion_tokens``; ``total_tokens`` is their sum when left out).
+
 It records every call (path, bearer header, body) and injects faults per model, in order,
 with fake_gemini's ``Fault``: an HTTP status (with Retry-After), latency (a client
-timeout below it sees a timeout) and an empty reply.
+timeout below it sees a timeout) and an empty reply (the responder is not asked).
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from typing import Callable
 
 from router_pipeline.llm.fake_gemini import Fault, _Server
 
-__all__ = ["Fault", "FakeOpenAI"]
+__all__ = ["Fault", "FakeOpenAI", "Responder"]
+
+# (model, request body) -> the reply's text, or (text, OpenAI usage dict)
+Responder = Callable[[str, dict], str | tuple[str, dict]]
 
 
 @dataclass
@@ -29,6 +38,7 @@ class FakeOpenAI:
     calls: list[dict] = field(default_factory=list)  # {"path", "auth", **body}
     faults: dict[str, deque] = field(default_factory=dict)  # model ("" for any) -> faults, used in order
     always: dict[str, Fault] = field(default_factory=dict)  # model ("" for any) -> a fault on every call
+    responder: Responder | None = None  # decides each reply (and usage); None: ``reply`` and ``usage``
 
     def add_faults(self, *faults: Fault, model: str = "") -> None:
         self.faults.setdefault(model, deque()).extend(faults)
@@ -39,6 +49,17 @@ class FakeOpenAI:
                 if self.faults.get(key):
                     return self.faults[key].popleft()
             return self.always.get(model) or self.always.get("") or Fault()
+
+    def _answer(self, body: dict) -> tuple[str, dict]:
+        """(text, usage) of one call: the responder's, else ``reply`` and ``usage`` (no
+        completion tokens for an empty text)."""
+        out = self.reply if self.responder is None else self.responder(body.get("model", ""), body)
+        text, usage = out if isinstance(out, tuple) else (out, None)
+        if usage is None:
+            usage = {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1] * bool(text)}
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, **usage}
+        usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+        return text, usage
 
     def __enter__(self) -> "FakeOpenAI":
         import time
@@ -61,9 +82,11 @@ class FakeOpenAI:
                 if fault.status:
                     return self._send(fault.status, {"error": {"message": "injected", "type": "x", "code": None}},
                                       {"Retry-After": str(fault.retry_after)} if fault.retry_after else {})
-                text = "" if fault.empty else fake.reply
-                usage = {"prompt_tokens": fake.usage[0], "completion_tokens": fake.usage[1] * bool(text),
-                         "total_tokens": fake.usage[0] + fake.usage[1] * bool(text)}
+                if fault.empty:
+                    text, usage = "", {"prompt_tokens": fake.usage[0], "completion_tokens": 0,
+                                       "total_tokens": fake.usage[0]}
+                else:
+                    text, usage = fake._answer(body)
                 head = {"id": "c", "created": 0, "model": body["model"]}
                 if not body.get("stream"):
                     return self._send(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
