@@ -43,6 +43,7 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     pool_job runs with the definitions' own resources (the offline profile)."""
     from router_pipeline.evaluation.cascade import RELEASE_RULE
     from router_pipeline.evaluation.pool import MIN_ROWS_TO_BLOCK, POOL_RULES
+    from router_pipeline.routers.cascade import released_cascade
     from router_pipeline.routers.pool import PoolRouter
     from router_pipeline.routers.registry import load_router
     from router_pipeline.serve import cli
@@ -179,7 +180,7 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     routed = json.loads(capsys.readouterr().out)
     assert routed["target"] == decision.model and routed["model"] == "gemma3-270m"
     assert routed["p_correct"] == decision.p_correct
-    plan = router.cascade().plan  # the released cascade: `route` says what to call first
+    plan = released_cascade(router).plan  # the released cascade: `route` says what to call first
     assert routed["cascade"] == {"plan": served, "first": [plan.models[m] for m in plan.steps[0]]}
     # `answer --pool`: the released cascade runs (the offline Gemma behind every pool model); the answer is the
     # model it stopped with, priced at that model's pool price, and the charge is every call's.

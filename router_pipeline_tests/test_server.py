@@ -22,6 +22,7 @@ import pytest
 
 from router_pipeline.artifacts import CALIBRATION_FILE
 from router_pipeline.llm.fake_gemini import Fault, FakeGemini
+from router_pipeline.llm.models import cost_usd
 from router_pipeline.policies import POLICIES
 from router_pipeline.labels.questions import load_questions
 from router_pipeline.routers.lora import LoraRouter
@@ -56,7 +57,7 @@ class Council(ThreadingHTTPServer):
     """An llm-council endpoint: OpenAI chat format in and out."""
 
     def __init__(self):
-        self.received = []
+        self.received, self.failing = [], False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +66,11 @@ class Council(ThreadingHTTPServer):
 
             def do_POST(self):
                 outer.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                if outer.failing:
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = json.dumps({"id": "c1", "object": "chat.completion", "model": "llm-council",
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "The council says 42."},
                                                 "finish_reason": "stop"}],
@@ -381,11 +387,23 @@ def test_a_multi_turn_conversation_is_routed_as_a_whole(server, router, monkeypa
 
 
 def test_low_confidence_escalates_to_the_council(server):
-    url, _, council = server
+    """The council answers, charged (at the large model's price per token: no price is
+    configured); a council that fails hands the query to the large model, charged as itself."""
+    url, state, council = server
     reply = ask(url, "What is the meaning of it all?", profile="council")
     assert reply.choices[0].message.content == "The council says 42." and reply.model == "llm-council"
     assert reply.model_extra["routing"]["escalated"] and reply.model_extra["routing"]["target"] == "escalate"
     assert council.received[0]["messages"][0]["content"] == "What is the meaning of it all?"
+    large = state.backends.spec_for("large", PRO).price
+    assert reply.model_extra["routing"]["cost_usd"] == pytest.approx(cost_usd(30, 5, large), abs=1e-9)
+    assert cost_usd(30, 5, large) > 0
+    council.failing = True
+    failed = ask(url, "And if the council is out?", profile="council")
+    routing = failed.model_extra["routing"]
+    assert failed.model == PRO and routing["served_by"] == "large" and "council" in routing["escalation_failed"]
+    assert not routing.get("escalated") and routing["cost_usd"] > 0
+    assert routing["cost_usd"] == pytest.approx(cost_usd(failed.usage.prompt_tokens, failed.usage.completion_tokens,
+                                                         large), abs=1e-9)
 
 
 def _state(folder: Path) -> Database:

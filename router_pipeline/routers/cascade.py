@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -139,6 +140,22 @@ def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade
     except PlanError as exc:
         raise PlanError(f"{where}: {exc}") from None
     return FixedCascade(plan, np.asarray(costs, float), comparator)
+
+
+def released_cascade(router) -> "FixedCascade | None":
+    """The cascade released with a pool router (its folder's cascade.json: a fixed plan),
+    None without one; ValueError naming the file when it cannot be served."""
+    from router_pipeline.artifacts import CASCADE_FILE
+    from router_pipeline.routers.contract import read_json_object
+
+    path = Path(router.path) / CASCADE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return fixed_from_dict(read_json_object(path, "a cascade's 'plan'", "release the pool router again"),
+                               router.models, router.costs, where=str(path))
+    except PlanError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def fixed_to_dict(policy: "FixedCascade") -> dict:

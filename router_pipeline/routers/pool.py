@@ -238,22 +238,6 @@ class PoolRouter:
             raise ValueError(f"{self.path}: router.json records no 'pool': retrain the pool router")
         return pool_from_dict(self.meta["pool"])
 
-    def cascade(self):
-        """The cascade released with the router (a fixed plan, routers/cascade.py), None
-        without one."""
-        from router_pipeline.artifacts import CASCADE_FILE
-        from router_pipeline.routers.cascade import PlanError, fixed_from_dict
-        from router_pipeline.routers.contract import read_json_object
-
-        path = self.path / CASCADE_FILE
-        if not path.is_file():
-            return None
-        try:
-            return fixed_from_dict(read_json_object(path, "a cascade's 'plan'", "release the pool router again"),
-                                   self.models, self.costs, where=str(path))
-        except PlanError as exc:
-            raise ValueError(str(exc)) from None
-
     def choose(self, queries: list[str], lam: float | None = None) -> tuple[np.ndarray, list[str]]:
         p = self.proba(queries)
         pick_ = decide(p, self.costs, self.lam if lam is None else lam)

@@ -206,13 +206,14 @@ async def _answers(router, mapper, queries: list[str], log_path: str | None, fol
     One (decision, answer or the error a caller would get) per query."""
     from router_pipeline.serve.errors import Refused
     from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline.routers.cascade import released_cascade
     from router_pipeline.serve.profiles import OPEN, Profile, Profiles
     from router_pipeline.serve.schemas import ChatRequest
 
     pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router: served by its pool's models
     profile = Profile(OPEN, mapper) if pool is None else \
         Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=(),  # as load_profiles' open pool profile
-                cascade=router.cascade())
+                cascade=released_cascade(router))
     gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
                             config=replace(DEFAULTS, database=url, local_process=False),  # nothing to isolate
                             decision_log_path=log_path)
@@ -235,6 +236,7 @@ def run(args) -> int:
     from router_pipeline import settings
     from router_pipeline.serve import decision_log
     from router_pipeline.llm.roles import roles_for
+    from router_pipeline.routers.cascade import released_cascade
     from router_pipeline.routers.lora import LoraRouter
     from router_pipeline.routers.contract import RouterConfig
     from router_pipeline.routers.registry import load_router
@@ -279,7 +281,7 @@ def run(args) -> int:
         from router_pipeline.serve.database import state_database
 
         mapper.ledger.bind(state_database(folder, url))
-    cascade = router.cascade() if hasattr(router, "cascade") else None
+    cascade = released_cascade(router) if hasattr(router, "lambda_for") else None
     for d in router.route_batch(queries, with_reasoning=args.reasoning):
         mapping = mapper.map(d)
         out = _decision(d, mapping)

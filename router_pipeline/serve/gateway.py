@@ -39,6 +39,7 @@ from router_pipeline import settings
 from router_pipeline.llm.models import cost_usd
 from router_pipeline.llm.pool import Pool
 from router_pipeline.llm.types import ERROR, LLMResult
+from router_pipeline.routers.cascade import released_cascade
 from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, Router, RouterConfig
 from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
@@ -535,10 +536,20 @@ class Gateway:
             if d.mapping.abstain:
                 content, model = ABSTAIN_ANSWER, "abstain"
             elif d.mapping.escalate:
-                content, model, usage = await asyncio.to_thread(council_answer, d.mapper.escalation_url,
-                                                                d.body.plain_messages(),
-                                                                self.config.escalation_timeout_s)
-                routing["escalated"] = True
+                try:
+                    content, model, usage = await asyncio.to_thread(council_answer, d.mapper.escalation_url,
+                                                                    d.body.plain_messages(),
+                                                                    self.config.escalation_timeout_s)
+                    cost = cost_usd(usage["prompt_tokens"], usage["completion_tokens"], self._council_price(d))
+                    routing["escalated"] = True
+                except RuntimeError as exc:  # the council failed: the strongest model answers, charged as itself
+                    routing["escalation_failed"] = str(exc)
+                    served = await self.backends.answer(self._strongest(d), d.prompt, d.system, d.asked,
+                                                        d.profile.name)
+                    content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
+                    usage = {"prompt_tokens": served.result.input_tokens,
+                             "completion_tokens": served.result.output_tokens}
+                    fallback_from = served.attempts
             else:
                 served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked, d.profile.name)
                 content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
@@ -688,9 +699,24 @@ class Gateway:
             d.reserved, d.reservation = True, None if d.cascade is not None else await self._reserve(d)
         return d.reservation
 
+    def _council_price(self, d: Decided) -> tuple[float, float]:
+        """The council's price per million tokens: its configured one, else the dearest
+        model's (the council calls at least one model like it: a lower bound)."""
+        return d.mapper.escalation_price or self.backends.reference_price(d.mapper)
+
+    def _strongest(self, d: Decided) -> list[tuple[str, str]]:
+        """Who answers when the council fails: the dearest model the profile may use, then
+        its fallbacks."""
+        dearest = self.pool.by_price()[-1].name if self.pool is not None else "large"
+        return servable(d.profile, d.mapper, [dearest, *d.profile.fallbacks])
+
     def _estimate(self, d: Decided) -> float:
         """Prompt tokens at 2 characters each and the whole output budget: above what the
-        mapped model can cost."""
+        mapped model (or the council, or the model answering for it) can cost."""
+        if d.mapping.escalate:
+            prices = [self._council_price(d), *(self.backends.spec_for(*t).price for t in self._strongest(d)[:1])]
+            price = (max(p[0] for p in prices), max(p[1] for p in prices))
+            return cost_usd(len(d.prompt) // 2 + 1, d.asked or self.config.max_output_tokens, price)
         spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
         return cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
 
@@ -698,7 +724,8 @@ class Gateway:
         limit = d.mapper.budget_limit()
         budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
         reservation, over = None, False
-        if limit is not None and d.mapping.model is not None and d.mapping.rule not in budget_rules:
+        if limit is not None and (d.mapping.model is not None or d.mapping.escalate) and \
+                d.mapping.rule not in budget_rules:  # a council is paid like a model
             # The state database's threads, not the default ones: a frozen ledger holds its own callers
             # only, never the router's, the models' or a bystander's mapping work (asyncio.to_thread).
             reservation = await self._in_db(d.mapper.ledger.admit, limit, self._estimate(d))
@@ -1059,7 +1086,7 @@ def _threshold_mapper(mapper: PolicyMapper, threshold: float) -> PolicyMapper:
         first_policy = next((i for i, r in enumerate(rules) if r.kind == "policy"), len(rules))
         rules.insert(first_policy, rule)
     return PolicyMapper(rules, mapper.models, mapper.fallback, mapper.ledger, mapper.escalation_url,
-                        mapper.model_budgets, mapper.private)
+                        mapper.model_budgets, mapper.private, mapper.escalation_price)
 
 
 def servable(profile: Profile, mapper: PolicyMapper, aliases: list[str]) -> list[tuple[str, str]]:
@@ -1097,7 +1124,7 @@ def build_gateway(adapter: str | Path | None, *, profiles_path: str | Path | Non
         models, names = {m.name: m.model for m in pool.models}, [m.name for m in pool.by_price()]
     batcher = RouteBatcher(router, window_ms=config.window_ms, max_batch=config.max_batch if config.batching else 1)
     backends = Backends(roles, config, local_waits_for=batcher.idle, pool=pool)
-    released = router.cascade() if pool is not None and hasattr(router, "cascade") else None
+    released = released_cascade(router) if pool is not None else None
     profiles = profiles or load_profiles(profiles_path, calibration=router.calibration, default_models=models,
                                          pool=names, private=backends.private, cascade=released)
     feedback = FeedbackStore(feedback_dir, database=config.database, timeout_s=config.database_timeout_s,

@@ -174,13 +174,16 @@ def pool_spec(models_by_price: list[str]) -> dict:
 class PolicyMapper:
     def __init__(self, rules: list[Rule], models: dict[str, str] | None = None, fallback: str = "large",
                  ledger: BudgetLedger | None = None, escalation_url: str | None = None,
-                 model_budgets: dict[str, float] | None = None, private: frozenset[str] = frozenset()):
+                 model_budgets: dict[str, float] | None = None, private: frozenset[str] = frozenset(),
+                 escalation_price: tuple[float, float] | None = None):
         """``model_budgets``: alias -> USD cap of the period on that model (``ledger.part``).
         ``private``: the aliases whose models keep a query on the operator's machines (a
-        privacy rule's default ``models``)."""
+        privacy rule's default ``models``). ``escalation_price``: the council's USD per
+        million input and output tokens (None: charged at the dearest model's)."""
         self.models = dict(models or _medium_large_models())
         self.rules, self.fallback, self.ledger = list(rules), fallback, ledger
         self.escalation_url, self.model_budgets = escalation_url, dict(model_budgets or {})
+        self.escalation_price = escalation_price
         self.private = frozenset(a for a in private if a in self.models)
         self._validate()
 
@@ -236,15 +239,24 @@ class PolicyMapper:
                     for v in model_budgets.values()):
                 raise MapperConfigError(f"'budget.models' must map model aliases to USD caps >= 0 (e.g. pro: 5.0), "
                                         f"got {model_budgets!r}")
-        escalation_url = None
+        escalation_url, escalation_price = None, None
         if spec.get("escalation") is not None:
             e = spec["escalation"]
-            if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not e["url"].startswith(("http://", "https://")):
-                raise MapperConfigError(f"'escalation' must be a mapping like {{url: http://council:8001/v1/chat/completions}}, got {e!r}")
+            if not isinstance(e, dict) or not isinstance(e.get("url"), str) or not e["url"].startswith(("http://", "https://")) \
+                    or set(e) - {"url", "price_per_1m"}:
+                raise MapperConfigError(f"'escalation' must be a mapping like {{url: http://council:8001/v1/chat/completions, "
+                                        f"price_per_1m: [3.0, 15.0]}} (price optional), got {e!r}")
             escalation_url = e["url"]
+            if "price_per_1m" in e:
+                price = e["price_per_1m"]
+                if not (isinstance(price, list) and len(price) == 2 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in price)):
+                    raise MapperConfigError(f"'escalation.price_per_1m' must be [USD per million input tokens, USD per "
+                                            f"million output tokens], got {price!r}")
+                escalation_price = (float(price[0]), float(price[1]))
         return cls(rules, models, spec.get("fallback", base.get("fallback", "large")), ledger, escalation_url,
                    model_budgets if ledger is not None else None,
-                   frozenset(a for a, m in models.items() if private is not None and private(a, m)))
+                   frozenset(a for a, m in models.items() if private is not None and private(a, m)), escalation_price)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PolicyMapper":
