@@ -6,6 +6,7 @@ cannot cover is not called; a retry after the state database failed between two 
 pays neither again."""
 
 import contextlib
+import json
 import re
 from dataclasses import replace
 
@@ -61,8 +62,8 @@ def _ask(url, i, **kw):
 
 
 def test_the_cheap_step_first_the_dear_model_on_disagreement_and_the_charge_is_every_call(cascade_server):
-    start, cloud, _ = cascade_server
-    with serving(start(BUDGET.format(ledger="team", limit=100))) as url:
+    start, cloud, folder = cascade_server
+    with serving(start(BUDGET.format(ledger="team", limit=100) + "\n    store_queries: true")) as url:
         replies = [_ask(url, i) for i in range(8)]
         calls = len(cloud.calls)
         stats = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["profiles"]["team"]
@@ -93,6 +94,20 @@ def test_the_cheap_step_first_the_dear_model_on_disagreement_and_the_charge_is_e
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "D"
     assert route["cascade"] == {"plan": "flash-lite+flash -> pro", "comparator": "letter",
                                 "first": ["flash-lite", "flash"]}
+
+    # The cascade labels its own traffic (the profile stores queries): every model's answer and what they agreed on,
+    # exported in the pool outcomes' columns beside the graded rows.
+    from router_pipeline.serve import cli
+
+    out = folder / "export" / "outcomes.jsonl"
+    assert cli.main(["export-outcomes", "--feedback-dir", str(folder), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".cascade.jsonl").read_text().splitlines()]
+    assert len(rows) == 9  # the 8 replies and the streamed one (/v1/route calls no model)
+    by_query = {r["query"]: r for r in rows}
+    assert by_query["row 0"]["agreed"] == "B" and {k for k in by_query["row 0"] if k.endswith("_answer")} == {
+        "flash-lite_answer", "flash_answer"}
+    assert by_query["row 1"]["agreed"] is None and by_query["row 1"]["pro_answer"] == "D"
+    assert by_query["row 1"]["pro_cost_usd"] > 0
 
 
 def test_a_model_failing_mid_cascade_is_skipped_and_a_step_the_budget_cannot_cover_is_not_called(cascade_server):

@@ -109,11 +109,27 @@ class Run:
     calls: list[Call]
     final: Call | None  # the call whose answer is returned (None: no model answered)
     stopped: str  # why the cascade stopped
+    comparator: str = "text"
+
+    @property
+    def agreed(self) -> str | None:
+        """The answer two or more of the models gave (as the first of them wrote it), else None."""
+        answered = [c for c in self.calls if c.text is not None and canonical(c.text, self.comparator)]
+        votes = Counter(canonical(c.text, self.comparator) for c in answered)
+        top = votes.most_common(1)
+        return next(c.text for c in answered if canonical(c.text, self.comparator) == top[0][0]) \
+            if top and top[0][1] >= 2 else None
 
 
 async def run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
     """``call(model, step) -> Call`` (async; it pays, and raises Unaffordable when the
     budget cannot cover it)."""
+    done = await _run(policy, p_correct, lam, call)
+    done.comparator = policy.comparator
+    return done
+
+
+async def _run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
     plan, calls, answers = policy.plan, [], {}
     while True:
         action = next_action(policy, p_correct, answers, lam)

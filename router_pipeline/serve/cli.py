@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--open-to-remote", action="store_true",
                    help="without --profiles, answer callers that are not on loopback too (anyone reaching the "
                         "port spends on the models)")
-    s = sub.add_parser("export-outcomes", help="write the outcomes rows of the server's feedback as JSONL")
+    s = sub.add_parser("export-outcomes", help="write the outcomes rows of the server's feedback as JSONL, and "
+                                               "what cascades answered beside it (<out>.cascade.jsonl)")
     s.add_argument("--out", required=True, help="the JSONL file to write (replaced whole)")
     s.add_argument("--feedback-dir", help="the SQLite state database's folder (default: <artifacts>/feedback)")
     s.add_argument("--database", help=f"a postgresql:// state database (default: ${DATABASE_VAR})")
@@ -144,12 +145,15 @@ def experiment_report(args) -> int:
 
 
 def export(args) -> int:
-    from router_pipeline.serve.feedback import FeedbackStore, export_outcomes
+    from router_pipeline.serve.feedback import FeedbackStore, cascade_rows, export_outcomes
 
     folder, url = _state(args)
     store = FeedbackStore(folder, database=url)
     n = export_outcomes(store.db, args.out)
     print(f"{n} outcomes rows from {store.db.name} -> {args.out}")
+    cascades = Path(args.out).with_suffix(".cascade.jsonl")  # what cascades answered: the pool's columns, no grades
+    n = export_outcomes(store.db, cascades, cascade_rows(store.db))
+    print(f"{n} cascade rows (every model's answer, their agreement) -> {cascades}")
     return 0
 
 

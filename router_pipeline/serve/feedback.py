@@ -49,6 +49,11 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS outcomes (
     query TEXT NOT NULL, medium_grade TEXT NOT NULL, large_grade TEXT NOT NULL, request_id TEXT PRIMARY KEY,
     profile TEXT NOT NULL, timestamp TEXT NOT NULL)""",
+    # What a cascade's models answered for a request (its profile storing queries): pool outcomes rows
+    # without grades, whose agreement is a label no judge was paid for.
+    """CREATE TABLE IF NOT EXISTS cascade_outcomes (
+    request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, query TEXT NOT NULL, answers TEXT NOT NULL,
+    costs TEXT NOT NULL, agreed TEXT, timestamp TEXT NOT NULL)""",
 )
 
 
@@ -156,17 +161,38 @@ class FeedbackStore:
                 "query_stored": bool(store_query)}
 
 
+def record_cascade(db: Database, request_id: str, profile: str, query: str, answers: dict[str, str | None],
+                   costs: dict[str, float], agreed: str | None) -> None:
+    """A cascaded request's answers (model -> answer, None when it gave none), what each
+    call cost and the answer two or more of them agreed on (None: none did)."""
+    db.execute("INSERT INTO cascade_outcomes (request_id, profile, query, answers, costs, agreed, timestamp) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+               (request_id, profile, query, json.dumps(answers, ensure_ascii=False), json.dumps(costs), agreed,
+                dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")))
+
+
+def cascade_rows(db: Database) -> list[dict]:
+    """The cascades' rows, oldest first, in the pool outcomes' columns: query,
+    ``<model>_answer`` and ``<model>_cost_usd`` for every model called, ``agreed``."""
+    rows = db.execute("SELECT request_id, profile, query, answers, costs, agreed, timestamp FROM cascade_outcomes "
+                      "ORDER BY timestamp, request_id")
+    return [{"query": query, **{f"{m}_answer": a for m, a in json.loads(answers).items()},
+             **{f"{m}_cost_usd": c for m, c in json.loads(costs).items()}, "agreed": agreed,
+             "request_id": rid, "profile": profile, "timestamp": ts}
+            for rid, profile, query, answers, costs, agreed, ts in rows]
+
+
 def outcome_rows(db: Database) -> list[dict]:
     """Every outcomes row, oldest first."""
     rows = db.execute(OUTCOMES_QUERY)
     return [dict(zip(OUTCOME_FIELDS, row)) for row in rows]
 
 
-def export_outcomes(db: Database, path: str | Path) -> int:
-    """The outcomes rows as JSONL (what the ``outcomes`` source reads), written whole or not
-    at all; the number of rows."""
+def export_outcomes(db: Database, path: str | Path, rows: list[dict] | None = None) -> int:
+    """The outcomes rows (default: the graded two-tier rows, what the ``outcomes`` source
+    reads) as JSONL, written whole or not at all; the number of rows."""
     path = Path(path)
-    rows = outcome_rows(db)
+    rows = outcome_rows(db) if rows is None else rows
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -45,14 +45,15 @@ from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
 from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedRequest, council_answer
 from router_pipeline.serve.batcher import RouteBatcher
-from router_pipeline.serve.cascade import Bill, Call, Unaffordable, run as run_cascade
+from router_pipeline.serve.cascade import Bill, Call, Run as CascadeRun, Unaffordable, run as run_cascade
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.experiments import Arm, record_served, record_shadow
 from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
                                          UpstreamFailed)
 from router_pipeline.policies import TIERS
-from router_pipeline.serve.feedback import FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest
+from router_pipeline.serve.feedback import (FeedbackConflict, FeedbackError, FeedbackStore, ServedRequest, UnknownRequest,
+                                            record_cascade)
 from router_pipeline.serve.identity import StateIdentity
 from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyReused, check_key, fingerprint
 from router_pipeline.serve.journal import JournalError, SpendJournal
@@ -108,6 +109,7 @@ class Decided:
     shadow: asyncio.Future | None = None  # shadow mode: the router's decision and mapping, made beside the request
     cascade: object = None  # the profile's cascade, when the router's choice is to be escalated on answers
     bill: Bill | None = None  # a cascade's money: a reservation and a charge per call (serve/cascade.py)
+    run: CascadeRun | None = None  # what the cascade called and answered
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
@@ -635,7 +637,7 @@ class Gateway:
 
         lam = self.router.lam if d.lam is None else d.lam
         try:
-            run = await run_cascade(d.cascade, d.decision.p_correct, lam, call)
+            run = d.run = await run_cascade(d.cascade, d.decision.p_correct, lam, call)
         except Exception as exc:  # a call refused as invalid, or the budget unreadable before any call
             for hold in [h for h in bill.holds if h.cost is None]:  # in flight beside it: nothing to pay for
                 with contextlib.suppress(LedgerError):
@@ -920,6 +922,10 @@ class Gateway:
             record_served(self.feedback.db, request_id, d.profile.name,
                           d.profile.experiment.name if d.arm else None, d.arm.name if d.arm else None,
                           d.decision.policy, tier, d.cost_usd, d.escalated)
+            if d.run is not None and d.profile.store_queries:  # labels for retraining that no judge was paid for
+                record_cascade(self.feedback.db, request_id, d.profile.name, d.text,
+                               {c.model: c.text for c in d.run.calls}, {c.model: c.cost for c in d.run.calls},
+                               d.run.agreed)
         await self._in_db(remember, pool=pool)
 
     async def budget(self, profile: Profile) -> dict | None:
