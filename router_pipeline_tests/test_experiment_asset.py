@@ -85,24 +85,25 @@ def test_an_arm_clearly_below_another_warns_with_the_figures_written(tmp_path):
     assert "arm router: 120 requests, $1.000 per 1000, 10 escalations, accuracy 0.900" in meta["report"].value
 
 
-def test_close_arms_pass_and_too_little_feedback_passes_saying_so(tmp_path):
-    close = tmp_path / "close"
-    store = FeedbackStore(close)
-    _serve(store, "router", "medium", requests=100, graded=100, correct=72, cost=0.001)
-    _serve(store, "pro", "large", requests=100, graded=100, correct=70, cost=0.01)
+def _two_arms(folder, requests: int, graded: int, router_correct: int, pro_correct: int) -> str:
+    """A state database where the router and Pro arms each served ``requests``."""
+    store = FeedbackStore(folder)
+    _serve(store, "router", "medium", requests=requests, graded=graded, correct=router_correct, cost=0.001)
+    _serve(store, "pro", "large", requests=requests, graded=graded, correct=pro_correct, cost=0.01)
     store.close()
-    _, check = _materialize(tmp_path / "art", feedback_dir=str(close))
+    return str(folder)
+
+
+def test_close_arms_pass_and_too_little_feedback_passes_saying_so(tmp_path):
+    close = _two_arms(tmp_path / "close", requests=100, graded=100, router_correct=72, pro_correct=70)
+    _, check = _materialize(tmp_path / "art", feedback_dir=close)
     assert check.passed and "no arm below another beyond the 95% interval (1 of 1 pairs judged)" in check.description
 
-    few = tmp_path / "few"
-    store = FeedbackStore(few)
-    _serve(store, "router", "medium", requests=20, graded=5, correct=5, cost=0.001)
-    _serve(store, "pro", "large", requests=20, graded=5, correct=0, cost=0.01)
-    store.close()
-    _, check = _materialize(tmp_path / "art", feedback_dir=str(few))
+    few = _two_arms(tmp_path / "few", requests=20, graded=5, router_correct=5, pro_correct=0)
+    _, check = _materialize(tmp_path / "art", feedback_dir=few)
     assert check.passed and check.description.startswith("too little graded feedback to judge")
     assert "5 and 5 graded, fewer than 30" in check.description
-    _, check = _materialize(tmp_path / "art", feedback_dir=str(few), min_graded=5)  # 5/5 against 0/5 is clear
+    _, check = _materialize(tmp_path / "art", feedback_dir=few, min_graded=5)  # 5/5 against 0/5 is clear
     assert not check.passed and "arm pro's accuracy 0.000" in check.description
 
 
