@@ -163,3 +163,37 @@ def test_a_file_without_answers_still_fits_a_cascade_reading_the_query_only(mmlu
     policy, trace = fit_cascade(plan, q, answers, correct, cost, sweep)
     assert not policy.readable.any() and state_features(q, answers, plan, 3, policy.readable).shape == (len(q), 3)
     assert trace.right.shape == (len(q), len(sweep)) and (policy.decide(0, q, answers, sweep) != GO_ON).any()
+
+
+def test_what_is_chosen_never_reads_the_test_rows(mmlu_pro_slice):
+    """The learned recipe, its lambda and the fixed cascade to serve are the same whatever
+    the test rows hold (their grades flipped, their answers shuffled); only the test
+    figures move."""
+    from router_pipeline.evaluation.cascade import Rows, evaluate_cascade, release_fixed
+
+    correct, cost, raw = mmlu_pro_slice
+    comparator = comparator_for(raw)
+    p, _ = _query_only(correct, cost, np.arange(len(correct)) < 800, len(correct))
+    rng = np.random.default_rng(0)
+
+    def rows(part, scrambled=False):
+        grades, answers = correct[part], raw[part]
+        if scrambled:
+            grades, answers = ~grades, answers[rng.permutation(len(answers))]
+        return Rows(grades, cost[part], p[part], read_answers(answers, comparator))
+
+    train, val, test = slice(0, 800), slice(800, 1100), slice(1100, None)
+    costs = cost[train].mean(axis=0)
+    runs = []
+    for scrambled in (False, True):
+        splits = (rows(train), rows(val), rows(test, scrambled))
+        runs.append((release_fixed(*splits, list(POOL), costs, 0.0, comparator=comparator, resamples=50),
+                     evaluate_cascade(*splits, list(POOL), costs, Knob("quality", 0.95), comparator=comparator,
+                                      alphas=(100.0,), folds=3, resamples=50, log=lambda *_: None)))
+    (served, report), (served_again, report_again) = runs
+    for key in ("plan", "released", "validation"):
+        assert served[key] == served_again[key], key
+    assert served["test"] != served_again["test"]
+    assert report.chosen == report_again.chosen and report.validation_aiq == report_again.validation_aiq
+    assert report.figures["learned_lambda"] == report_again.figures["learned_lambda"]
+    assert report.figures["cascade_aiq"] != report_again.figures["cascade_aiq"]
