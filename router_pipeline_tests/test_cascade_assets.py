@@ -4,6 +4,7 @@ domain's training accuracy): the cascade is fitted, chosen on the validation row
 scored on the test rows beside the query-only router, with its frontier plot and its
 warning check; and without answer columns it records why it skipped."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -107,8 +108,9 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     t = evidence["test"]
     assert t["accuracy_difference_lo"] <= t["accuracy_difference"] <= t["accuracy_difference_hi"]
     assert t["accuracy_difference"] == pytest.approx(t["cascade_accuracy"] - t["query_only_accuracy"], abs=1e-9)
-    assert (served != "none") == (artifacts / "pool_cascade" / "cascade.json").is_file()
-    assert (served != "none") == (evidence["validation"]["cascade_accuracy"] >= evidence["validation"]["query_only_accuracy"])
+    released = json.loads((artifacts / "pool_cascade" / "cascade.json").read_text())
+    assert " -> ".join("+".join(step) for step in released["plan"]) == served
+    assert released["default"] == meta["served_by_default"].value and released["about"]["test"] == t
 
 
 def test_without_answer_columns_the_cascade_is_skipped_saying_why(defs, resources, outcomes_slice, monkeypatch):

@@ -151,11 +151,14 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
         assert (artifacts / "pool" / f"{name}.training_p.npz").is_file()
     assert "training rows: the learned cascade needs at least" in meta["pool_cascade"]["skipped"].value
     assert checks[("pool_cascade", "cascade_not_below_query_only")].passed
-    # ... but a fixed cascade needs no fitting: chosen on the training rows, released on the validation rows'
-    # evidence (the stand-ins are graded wrong there: as accurate as the query-only router). Its last step is the
-    # most accurate model on the training rows: flash, right on the council's row.
+    # ... but a fixed cascade needs no fitting: chosen on the training rows and released beside the router. Its
+    # last step is the most accurate model on the training rows: flash, right on the council's row. The knob
+    # (budget 2.0 per 1,000) picks the query-only router on the validation rows, where every stand-in is graded
+    # wrong and the cascade costs more: it is not served by default.
     served = meta["pool_cascade"]["served_cascade"].value
     assert served.endswith(" -> flash") and "flash" not in served.split(" -> ")[0].split("+")
+    assert meta["pool_cascade"]["served_by_default"].value is False
+    assert "picks the query-only router over it" in meta["pool_cascade"]["served_cascade_why"].value
     assert checks[("pool_cascade", RELEASE_RULE)].passed
     evidence = meta["pool_cascade"]["served_cascade_evidence"].value
     assert evidence["validation"]["rows"] == 2 and evidence["test"]["rows"] == 2
@@ -166,6 +169,7 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     manifest = json.loads((release / "manifest.json").read_text())["files"]
     assert {"router.json", "pool_head.npz", "router_calibration.json", "evaluation.json", "cascade.json"} <= set(manifest)
     assert meta["released_pool_router"]["cascade"].value == served
+    assert meta["released_pool_router"]["cascade_by_default"].value is False
     assert json.loads((release / "router.json").read_text())["candidate"] == chosen
     assert json.loads((release / "evaluation.json").read_text())["chosen"] is True
 
@@ -180,11 +184,15 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     routed = json.loads(capsys.readouterr().out)
     assert routed["target"] == decision.model and routed["model"] == "gemma3-270m"
     assert routed["p_correct"] == decision.p_correct
-    plan = released_cascade(router).plan  # the released cascade: `route` says what to call first
+    assert "cascade" not in routed  # not served by default ...
+    assert cli.main(["route", "--pool", "--cascade", "--json", "Who wrote the opera Tosca?"]) == 0
+    routed = json.loads(capsys.readouterr().out)  # ... but there for the asking: `route` says what to call first
+    plan = released_cascade(router).plan
+    assert not released_cascade(router).by_default
     assert routed["cascade"] == {"plan": served, "first": [plan.models[m] for m in plan.steps[0]]}
-    # `answer --pool`: the released cascade runs (the offline Gemma behind every pool model); the answer is the
-    # model it stopped with, priced at that model's pool price, and the charge is every call's.
-    assert cli.main(["answer", "--pool", "--json", "Who wrote the opera Tosca?"]) == 0
+    # `answer --pool --cascade`: the released cascade runs (the offline Gemma behind every pool model); the answer
+    # is the model it stopped with, priced at that model's pool price, and the charge is every call's.
+    assert cli.main(["answer", "--pool", "--cascade", "--json", "Who wrote the opera Tosca?"]) == 0
     answered = json.loads(capsys.readouterr().out)
     steps = answered["cascade"]["steps"]
     assert answered["answer_status"] == "ok" and answered["answer"] and answered["cascade"]["plan"] == served

@@ -94,24 +94,20 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, p_split)]
     knob = Knob(calibration.get("knob", "quality"), float(calibration.get("knob_value", 0.95)))
     lam = calibration.get("lambda")
-    release = cascade_eval.release_fixed(*rows, models, costs, np.inf if lam is None else float(lam),
+    release = cascade_eval.release_fixed(*rows, models, costs, knob, np.inf if lam is None else float(lam),
                                          comparator=comparator, resamples=config.bootstrap_resamples)
-    worse = release["released"] and release["test"]["accuracy_difference_hi"] < 0  # the guard: never shipped
-    if release["released"] and not worse:
-        (out / CASCADE_FILE).write_text(json.dumps(
-            {"kind": "fixed", "plan": release["plan"], "comparator": comparator,
-             "about": {"query_only_router": candidate, "why": release["why"], "validation": release["validation"],
-                       "test": release["test"]}}, indent=1))
-    release_meta = {"served_cascade": release["describe"] if release["released"] and not worse else "none",
-                    "served_cascade_why": release["why"] if not worse else
-                    "released on the validation rows, withheld: less accurate than the query-only router on the "
-                    "test rows beyond the interval",
+    (out / CASCADE_FILE).write_text(json.dumps(
+        {"kind": "fixed", "plan": release["plan"], "comparator": comparator, "default": release["default"],
+         "about": {"query_only_router": candidate, "why": release["why"], "validation": release["validation"],
+                   "test": release["test"]}}, indent=1))
+    release_meta = {"served_cascade": release["describe"], "served_by_default": release["default"],
+                    "served_cascade_why": release["why"],
                     "served_cascade_evidence": dg.MetadataValue.json({k: release[k] for k in ("validation", "test")})}
     release_check = dg.AssetCheckResult(
-        check_name=cascade_eval.RELEASE_RULE, passed=not worse, severity=dg.AssetCheckSeverity.WARN,
+        check_name=cascade_eval.RELEASE_RULE, passed=not release["worse_on_test"], severity=dg.AssetCheckSeverity.WARN,
         description=(f"{release['describe']}: test accuracy minus the query-only router's "
                      f"{release['test']['accuracy_difference']:+.4f} [{release['test']['accuracy_difference_lo']:+.4f}, "
-                     f"{release['test']['accuracy_difference_hi']:+.4f}]; {release_meta['served_cascade_why']}"))
+                     f"{release['test']['accuracy_difference_hi']:+.4f}]; {release['why']}"))
     if reason := cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models):
         context.log.info(f"learned cascade skipped: {reason}")
         yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={

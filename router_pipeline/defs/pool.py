@@ -262,9 +262,10 @@ def released_pool_router(artifacts: ArtifactStore, pool_evaluation: pd.DataFrame
     except (OSError, ReleaseError) as exc:
         raise dg.Failure(f"cannot release pool router {name}: {exc}") from None
     figures = released.pop("figures")
-    served = json.loads(cascade.read_text())["plan"] if cascade.is_file() else None
+    served = json.loads(cascade.read_text()) if cascade.is_file() else None
     return dg.MaterializeResult(metadata={
-        "cascade": " -> ".join("+".join(step) for step in served) if served else "none (pool_cascade released none)",
+        "cascade": " -> ".join("+".join(step) for step in served["plan"]) if served else "none (pool_cascade chose none)",
+        "cascade_by_default": bool(served and served.get("default")),
         **{k: v for k, v in released.items() if k != "router_dir"},
         "router_dir": dg.MetadataValue.path(str(released["router_dir"])),
         **{k: v for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}})

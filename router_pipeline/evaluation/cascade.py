@@ -28,7 +28,7 @@ from router_pipeline.routers.cascade import (
     logit,
     read_answers,
 )
-from router_pipeline.routers.pool import Knob, decide, lambdas
+from router_pipeline.routers.pool import Knob, decide, lambdas, pick
 from router_pipeline.training.cascade import (
     Trace,
     cascade_knob,
@@ -46,9 +46,10 @@ CASCADE_RULE_DESCRIPTION = ("The cascade's test AIQ is not below the query-only 
                             "upper end of the paired interval of cascade minus query-only AIQ is not below 0.")
 QUERY_ONLY = "query-only router"
 RELEASE_RULE = "served_cascade_not_below_query_only"
-RELEASE_RULE_DESCRIPTION = ("The cascade released to serve (the fixed plan best on the training rows, released when "
-                            "on the validation rows it is at least as accurate as the query-only router at its "
-                            "released lambda) is not less accurate than that router on the test rows beyond noise.")
+RELEASE_RULE_DESCRIPTION = ("The cascade served by default (the fixed plan best on the training rows, when the "
+                            "released knob picks it over the query-only router on the validation rows) is not less "
+                            "accurate than that router on the test rows beyond noise; when it is, it is not served "
+                            "by default.")
 
 
 def answer_columns(frame: pd.DataFrame, models: list[str]) -> list[str]:
@@ -149,13 +150,15 @@ def best_fixed(plans, train: Rows, costs: np.ndarray, comparator: str):
                                                  train.correct, train.cost, np.zeros(1)), train))
 
 
-def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, lam: float, *,
-                  comparator: str, resamples: int = 1000, seed: int = 0) -> dict:
-    """The cascade to serve and the evidence for it. The plan: the best of ``fixed_plans``
-    (and the next-two plan) on the training rows; released when, on the validation rows,
-    it is at least as accurate as the query-only router at ``lam`` (the released knob's
-    lambda), never judged on the test rows. The test rows then report both routers'
-    accuracy and cost and the paired interval of the accuracy difference (``RELEASE_RULE``)."""
+def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, knob: Knob,
+                  lam: float, *, comparator: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """The cascade released with the router and the evidence for it. The plan: the best of
+    ``fixed_plans`` (and the next-two plan) on the training rows. It is served by default
+    when the released ``knob`` picks it on the validation rows over every point of the
+    query-only router's sweep (``routers.pool.pick``: a budget, the most accurate within
+    it; a quality, the cheapest reaching it; a lambda knob never picks it), never judged on
+    the test rows, and withheld as a default when the test rows show it less accurate than
+    the query-only router at ``lam`` beyond the paired interval (``RELEASE_RULE``)."""
     plan = best_fixed([next_two_plan(models, train.correct), *fixed_plans(models, train.correct)], train, costs,
                       comparator)
     policy = FixedCascade(plan, costs, comparator)
@@ -165,12 +168,28 @@ def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], 
                 _query_only(rows, costs, np.array([lam])))
 
     (cv, qv), (ct, qt) = point(validation), point(test)
-    released = bool(cv.right.mean() >= qv.right.mean())
+    sweep = lambdas(costs)
+    qs = _query_only(validation, costs, sweep)
+    figures = [{"lambda": float(x), "accuracy": float(qs.right[:, i].mean()),
+                "usd_per_1000": float(qs.cost[:, i].mean() * 1000)} for i, x in enumerate(sweep)]
+    figures.append({"lambda": float("nan"), "accuracy": float(cv.right.mean()),
+                    "usd_per_1000": float(cv.cost.mean() * 1000), "cascade": True})
+    picked = bool(pick(figures, float(validation.correct.mean(axis=0).max()), knob).get("cascade"))
     weights = fr.resample_weights(len(test.correct), resamples, seed)
     d = ct.right[:, 0].astype(float) - qt.right[:, 0]
     diff = fr.interval(lambda w: float(d.mean() if w is None else w @ d / w.sum()), weights)
+    worse = bool(np.isfinite(diff["hi"]) and diff["hi"] < 0)
+    if not picked:
+        why = (f"the knob ({knob.kind} {knob.value:g}) picks the query-only router over it on the validation rows: "
+               "served when a profile asks for it (cascade: released)")
+    elif worse:
+        why = ("the knob picks it on the validation rows, but on the test rows it is less accurate than the query-only "
+               "router beyond the interval: served only when a profile asks for it (cascade: released)")
+    else:
+        why = f"the knob ({knob.kind} {knob.value:g}) picks it over the query-only router on the validation rows"
     return {"plan": [[models[m] for m in step] for step in plan.steps], "describe": plan.describe(),
-            "comparator": comparator, "released": released, "lambda": float(lam),
+            "comparator": comparator, "default": picked and not worse, "worse_on_test": worse, "why": why,
+            "lambda": float(lam),
             "validation": {"cascade_accuracy": float(cv.right.mean()), "cascade_usd_per_1000": float(cv.cost.mean() * 1000),
                            "query_only_accuracy": float(qv.right.mean()),
                            "query_only_usd_per_1000": float(qv.cost.mean() * 1000), "rows": len(cv.right)},
@@ -178,10 +197,7 @@ def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], 
                      "query_only_accuracy": float(qt.right.mean()),
                      "query_only_usd_per_1000": float(qt.cost.mean() * 1000), "rows": len(ct.right),
                      "accuracy_difference": float(diff["diff"]), "accuracy_difference_lo": float(diff["lo"]),
-                     "accuracy_difference_hi": float(diff["hi"])},
-            "why": ("on the validation rows it is at least as accurate as the query-only router at its lambda"
-                    if released else "on the validation rows it is less accurate than the query-only router at its "
-                    "lambda: the query-only router serves")}
+                     "accuracy_difference_hi": float(diff["hi"])}}
 
 
 def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, knob: Knob, *,

@@ -124,7 +124,7 @@ def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade
     """A fixed cascade from configuration: ``{plan: [[flash-lite, flash], pro], comparator:
     text}`` (a step: a model name or a list called together; ``comparator``: letter or
     text, default text). PlanError naming ``where`` for anything else."""
-    if not isinstance(raw, dict) or set(raw) - {"plan", "comparator", "kind", "about"}:
+    if not isinstance(raw, dict) or set(raw) - {"plan", "comparator", "kind", "about", "default"}:
         raise PlanError(f"{where}: expected a mapping with 'plan' (a list of steps) and optionally 'comparator'")
     if raw.get("kind", "fixed") != "fixed":
         raise PlanError(f"{where}: kind {raw.get('kind')!r} cannot be served; a served cascade is 'fixed' "
@@ -139,7 +139,7 @@ def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade
         plan = make_plan(steps, models)
     except PlanError as exc:
         raise PlanError(f"{where}: {exc}") from None
-    return FixedCascade(plan, np.asarray(costs, float), comparator)
+    return FixedCascade(plan, np.asarray(costs, float), comparator, by_default=raw.get("default", True) is True)
 
 
 def released_cascade(router) -> "FixedCascade | None":
@@ -268,6 +268,7 @@ class FixedCascade:
     costs: np.ndarray
     comparator: str = "letter"
     name: str = "fixed"
+    by_default: bool = True  # a released one: served unless a profile turns it off (else only when asked for)
 
     def decide(self, k: int, q_logit: np.ndarray, answers: Answers, lams: np.ndarray) -> np.ndarray:
         called = self.plan.called(k)

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("queries", nargs="+", help="queries, or - to read one per line from stdin")
         s.add_argument("--adapter", help="router dir: an adapter or a head router (default: artifacts/router, else artifacts/adapters/sft)")
         s.add_argument("--pool", action="store_true", help=POOL_HELP)
+        s.add_argument("--cascade", action="store_true",
+                       help="with --pool: run the cascade released with the router even where it is not served by "
+                            "default (its evidence did not pick it)")
         s.add_argument("--base-model", help="route with a bare base model (no adapter): latency checks only")
         s.add_argument("--mode", choices=MODES, help="default: the mode the adapter was trained in")
         s.add_argument("--reasoning", action="store_true", help="explained mode: also generate the reasoning")
@@ -204,20 +207,20 @@ def _mapper(args, roles, router):
     return PolicyMapper.from_dict(spec, default_models=models)
 
 
-async def _answers(router, mapper, queries: list[str], log_path: str | None, folder: Path, url: str | None) -> list:
+async def _answers(router, mapper, queries: list[str], log_path: str | None, folder: Path, url: str | None,
+                   cascade=None) -> list:
     """Each query through the gateway, as the server answers a chat request: the same
     routing, mapping, backends (fallbacks, cooldowns), budget reservation and charging.
     One (decision, answer or the error a caller would get) per query."""
     from router_pipeline.serve.errors import Refused
     from router_pipeline.serve.gateway import build_gateway
-    from router_pipeline.routers.cascade import released_cascade
     from router_pipeline.serve.profiles import OPEN, Profile, Profiles
     from router_pipeline.serve.schemas import ChatRequest
 
     pool = router.pool() if hasattr(router, "lambda_for") else None  # a pool router: served by its pool's models
     profile = Profile(OPEN, mapper) if pool is None else \
         Profile(OPEN, mapper, allowed=(*pool.names, "local"), fallbacks=(),  # as load_profiles' open pool profile
-                cascade=released_cascade(router))
+                cascade=cascade)
     gateway = build_gateway(None, router=router, profiles=Profiles({OPEN: profile}, open=True), feedback_dir=folder,
                             config=replace(DEFAULTS, database=url, local_process=False),  # nothing to isolate
                             decision_log_path=log_path)
@@ -266,9 +269,12 @@ def run(args) -> int:
     router = LoraRouter(None, base_model=args.base_model, config=config) if adapter is None else load_router(adapter, config)
     mapper = _mapper(args, roles, router)
     folder, url = _state(args)
+    cascade = released_cascade(router) if hasattr(router, "lambda_for") else None
+    if cascade is not None and not (cascade.by_default or args.cascade):
+        cascade = None  # released beside the router, not served by default: --cascade asks for it
     status = 1 if bad else 0
     if args.command == "answer":
-        for d, answered in asyncio.run(_answers(router, mapper, queries, args.log, folder, url)):
+        for d, answered in asyncio.run(_answers(router, mapper, queries, args.log, folder, url, cascade)):
             out = _decision(d.decision, d.mapping)
             if isinstance(answered, Exception):
                 out.update(answer=None, answer_status="error", answer_error=answered.message, cost_usd=0.0)
@@ -285,7 +291,6 @@ def run(args) -> int:
         from router_pipeline.serve.database import state_database
 
         mapper.ledger.bind(state_database(folder, url))
-    cascade = released_cascade(router) if hasattr(router, "lambda_for") else None
     for d in router.route_batch(queries, with_reasoning=args.reasoning):
         mapping = mapper.map(d)
         out = _decision(d, mapping)

@@ -181,7 +181,7 @@ def load_profiles(path: str | Path | None, *, calibration: dict, default_models:
             _uncalibrated([OPEN])
         mapper = PolicyMapper.from_dict(default_spec, default_models=default_models, private=private)
         return Profiles({OPEN: Profile(OPEN, mapper, allowed=_targets(OPEN, {}, "allowed", allowed, mapper),
-                                       fallbacks=fallbacks, cascade=cascade)}, open=True)
+                                       fallbacks=fallbacks, cascade=_cascade(OPEN, {}, pool, cascade))}, open=True)
     path = Path(path)
     try:
         spec = load_spec(path)
@@ -245,14 +245,17 @@ def _name(profile: str, value, what: str) -> str | None:
 
 
 def _cascade(profile: str, raw: dict, pool: list[str] | None, released):
-    """The profile's cascade: the release's unless it says ``cascade: off`` or gives a plan."""
+    """The profile's cascade: ``off``; ``released`` (the release's); a plan of its own;
+    unsaid, the release's when the release serves it by default."""
     from router_pipeline.routers.cascade import PlanError, fixed_from_dict
 
-    value = raw.get("cascade", "released")
+    value = raw.get("cascade")
     if value in ("off", False):
         return None
+    if value is None:
+        return released if released is not None and released.by_default else None
     if value == "released":
-        if released is None and "cascade" in raw:
+        if released is None:
             raise ProfileError(f"profile {profile!r}: cascade: released, but the router was released without one")
         return released
     if pool is None:
