@@ -24,6 +24,22 @@ measures the state path, not routing). Prints per backend, ending with:
     double payments N                            requests paid more than once (target 0)
     overspend beyond one request N               (target 0)
 
+Cascades (``--cascade-requests``, per backend, under the same database faults): a pool
+profile over a stand-in pool router (Flash-Lite, Flash, Pro on the Gemini stand-in) with
+``cascade: {plan: [[flash-lite, flash], pro], comparator: letter}`` and a budget of about
+70% of what its requests would cost, whose rule then abstains. The cheap two agree on
+about 60% of the requests (a hash of the prompt), the rest call Pro too; on one request in
+10 a model of the first step answers 500 once (skipped, the cascade goes on without it).
+Every call the stand-in answered is a paid call, priced as the pool prices it; the
+figures above then count cascaded requests too (a double payment: a model paid twice for
+one request), and the ledger's spend must equal the sum of the paid calls:
+
+    spend recorded minus paid, cascades $X       (target 0, within rounding)
+
+The overspend allowed a cascade is one call's reservation (serve/ledger.py admits a call
+while spend + reservations are below the limit; a call costs at most what it reserved:
+the prompt at 2 characters a token and max_tokens out, at the dearest model's price).
+
 Two more cases (``--promises``), on a pool of an on-premises endpoint marked private (a
 local server speaking OpenAI's protocol) and Flash and Pro (the Gemini stand-in, which
 records every call it gets), routed by a stand-in pool router:
@@ -36,7 +52,8 @@ records every call it gets), routed by a stand-in pool router:
     private queries answered by a model outside their rule N   (target 0)
     router failures answered 5xx N                             (target 0)
 
-    python benchmarks/serving_faults.py [--requests 500] [--backends sqlite,postgresql] [--promises privacy,router]
+    python benchmarks/serving_faults.py [--requests 500] [--cascade-requests 300] [--backends sqlite,postgresql]
+                                        [--promises privacy,router]
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -70,10 +88,14 @@ from router_pipeline.policies import COMPLEX, POLICIES
 from router_pipeline.routers.contract import RouteDecision
 
 KEYS = {"budgeted": "bench-budgeted-key-0001", "control": "bench-control-key-0001",
-        "bystander": "bench-bystander-key-0001", "team": "bench-team-key-0001"}
+        "bystander": "bench-bystander-key-0001", "team": "bench-team-key-0001", "cascaded": "bench-cascaded-key-0001"}
 PRO = "gemini-2.5-pro"
 CONCURRENCY = 8
 SHARE_OF_COST = 0.7  # the budget's limit, as a share of what every budgeted request would cost on Pro
+CASCADE = {"plan": [["flash-lite", "flash"], "pro"], "comparator": "letter"}
+AGREE_SHARE = 0.6  # cascaded requests whose first step agrees (a hash of the prompt); the rest call Pro too
+UPSTREAM_FAULT_EVERY = 10  # one cascaded request in 10: a model of its first step answers 500 once
+MAX_TOKENS = 16  # what every request asks for (the reservations' output tokens)
 
 
 class StubRouter:
@@ -166,7 +188,7 @@ class PostgresFaults:
 # -- the run ---------------------------------------------------------------------------------
 def _post(client: httpx.Client, url: str, profile: str, text: str, key: str | None = None):
     headers = {"Authorization": f"Bearer {KEYS[profile]}", **({"Idempotency-Key": key} if key else {})}
-    body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
+    body = {"model": "router", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS}
     return client.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
 
 
@@ -208,7 +230,7 @@ def run(backend: str, n: int, seed: int) -> dict:
                 # The database answers again: one more budgeted request replays the journal into it.
                 _until_answered(url, "budgeted", n)
                 spend = _spend(state.feedback.db)
-                recorded = _recorded(state.feedback.db)
+                recorded = _recorded(state.feedback.db, "budgeted")
         finally:
             faults.close()
     paid = Counter(c.prompt.split("budgeted request ")[1].split()[0] for c in fake.calls
@@ -231,10 +253,11 @@ def run(backend: str, n: int, seed: int) -> dict:
             "unanswered": dict(Counter(f"{s} {b.get('error', '')[:60]}".strip() for s, b in outcomes if s != 200))}
 
 
-def _load(url: str, profile: str, n: int, faults) -> tuple[list, list, Counter, float]:
+def _load(url: str, profile: str, n: int, faults, histories: dict | None = None) -> tuple[list, list, Counter, float]:
     """``n`` requests of ``profile``, 8 at a time, each retried until answered, while a
     bystander sends requests one after another and ``faults`` (unless None) strikes the
-    database: (the requests' outcomes, the bystander's (status, ms), the faults, seconds)."""
+    database: (the requests' outcomes, the bystander's (status, ms), the faults, seconds).
+    ``histories``: request -> what each of its tries was told, filled in when given."""
     stop, fault_log, bystander_log = threading.Event(), Counter(), []
 
     def inject():
@@ -255,7 +278,8 @@ def _load(url: str, profile: str, n: int, faults) -> tuple[list, list, Counter, 
         thread.start()
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-        outcomes = list(pool.map(lambda i: _until_answered(url, profile, i), range(n)))
+        outcomes = list(pool.map(lambda i: _until_answered(
+            url, profile, i, None if histories is None else histories.setdefault(i, [])), range(n)))
     wall = time.perf_counter() - t0
     stop.set()
     for thread in threads:
@@ -293,20 +317,24 @@ def _timed(client: httpx.Client, url: str, profile: str, text: str) -> tuple[str
     return status, (time.perf_counter() - t0) * 1000
 
 
-def _until_answered(url: str, profile: str, i: int) -> tuple[int, dict]:
-    """A budgeted request, retried under its Idempotency-Key until answered (or 60 tries)."""
+def _until_answered(url: str, profile: str, i: int, history: list | None = None) -> tuple[int, dict]:
+    """A budgeted request, retried under its Idempotency-Key until answered (or 60 tries);
+    ``history`` (when given) gets what each try was told."""
     key, text, attempts, last = f"{profile}-{i}", _text(profile, i), 0, ""
+    history = [] if history is None else history
     with httpx.Client() as client:
         for attempts in range(1, 61):
             try:
                 reply = _post(client, url, profile, text, key)
             except httpx.HTTPError as exc:  # the connection dropped: the same key again
                 last = type(exc).__name__
+                history.append(last)
                 time.sleep(0.2)
                 continue
             last = f"{reply.status_code} {reply.text[:200]}"
             with contextlib.suppress(Exception):
                 last = f"{reply.status_code} {reply.json()['error']['code']}"
+            history.append("200" if reply.status_code == 200 else last)
             if reply.status_code == 200:
                 return 200, {**reply.json(), "attempts": attempts}
             if reply.status_code not in (409, 503):
@@ -315,15 +343,125 @@ def _until_answered(url: str, profile: str, i: int) -> tuple[int, dict]:
     return 0, {"attempts": attempts, "error": f"last: {last}"}  # what the last try was told (a 409 in flight?)
 
 
-def _spend(db) -> float:
-    rows = db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ledger = 'bench'")
+def _spend(db, ledger: str = "bench") -> float:
+    rows = db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ledger = ?", (ledger,))
     return float(rows[0][0])
 
 
-def _recorded(db) -> set[str]:
+def _recorded(db, profile: str) -> set[str]:
     """The requests whose answer is recorded under their key (paid, and kept)."""
-    rows = db.execute("SELECT key FROM idempotency WHERE profile = 'budgeted' AND response IS NOT NULL")
-    return {k.removeprefix("budgeted-") for (k,) in rows}
+    rows = db.execute("SELECT key FROM idempotency WHERE profile = ? AND response IS NOT NULL", (profile,))
+    return {k.removeprefix(f"{profile}-") for (k,) in rows}
+
+
+# -- cascades under the same faults: every call paid once, charged once ---------------------
+def _agrees(prompt: str) -> bool:
+    return zlib.crc32(prompt.encode()) % 1000 < AGREE_SHARE * 1000
+
+
+def _letter(model: str, prompt: str) -> str:
+    """Pro and Flash give the prompt's letter; Flash-Lite too when the first step agrees,
+    else the next letter."""
+    h = zlib.crc32(prompt.encode()) // 1000
+    return "ABCD"[(h + int("lite" in model and not _agrees(prompt))) % 4]
+
+
+def cascade_run(backend: str, n: int, seed: int) -> dict:
+    """``n`` budgeted requests of a cascaded pool profile while the state database fails
+    (as ``run``), each retried under its Idempotency-Key until answered."""
+    from router_pipeline.llm.models import cost_usd
+    from router_pipeline.llm.pool import gemini_pool
+    from router_pipeline.serve.config import DEFAULTS
+    from router_pipeline.serve.gateway import build_gateway
+    from router_pipeline.serve.server import serving_in_thread
+    from router_pipeline.training.stand_in import stand_in_pool_router
+
+    random.seed(seed)
+    work = Path(tempfile.mkdtemp(prefix="serving-faults-cascade-"))
+    faults = SQLiteFaults(work / "state") if backend == "sqlite" else PostgresFaults(work)
+    pool = gemini_pool()
+    by_id = {m.model: m for m in pool.models}
+    paid_calls, lock = [], threading.Lock()  # (model id, prompt, answer) of every call the stand-in answered
+    histories = {}  # request -> what each of its tries was told
+
+    def respond(model: str, prompt: str) -> str:  # called for the calls answered 200 only: the paid ones
+        text = _letter(model, prompt)
+        with lock:
+            paid_calls.append((model, prompt, text))
+        return text
+
+    def call_cost(model: str, prompt: str, text: str) -> float:  # as the fake counts tokens (words)
+        return by_id[model].cost(len(prompt.split()), len(text.split()))
+
+    prompts = [_text("cascaded", i) for i in range(n + 1)]
+    expected = sum(call_cost(m.model, p, _letter(m.model, p)) for p in prompts[:n] for m in pool.models
+                   if m.name != "pro" or not _agrees(p))
+    limit = round(SHARE_OF_COST * expected, 8)
+    pro = pool["pro"]
+    slack = max(cost_usd(len(p) // 2 + 1, MAX_TOKENS, (pro.input_usd_per_mtok, pro.output_usd_per_mtok))
+                for p in prompts)  # one call's reservation, the dearest model's (Gateway._cascade's estimate)
+    with FakeGemini(latency_s=0.02, responder=respond) as fake:
+        for i in range(3, n, UPSTREAM_FAULT_EVERY):
+            fake.add_faults(f"cascaded request {i} :", Fault(status=500))
+        os.environ.update(ROUTER_PIPELINE_PROFILE="gemini", GEMINI_BASE_URL=fake.base_url,
+                          GEMINI_API_KEY="serving-faults-not-secret", **{f"ROUTER_BENCH_{p.upper()}": key
+                                                                         for p, key in KEYS.items()})
+        router = stand_in_pool_router(work / "router", pool)[0]
+        profiles = work / "profiles.json"
+        profiles.write_text(json.dumps({"profiles": {
+            "cascaded": {"keys_env": "ROUTER_BENCH_CASCADED", "cascade": CASCADE,
+                         "mapper": {"budget": {"ledger": "bench-cascade", "period": "total"},
+                                    "rules": [{"kind": "budget", "limit_usd": limit, "target": "abstain"}]}},
+            "bystander": {"keys_env": "ROUTER_BENCH_BYSTANDER", "cascade": "off"}}}))
+        config = replace(DEFAULTS, database=faults.url, database_timeout_s=1.0, window_ms=1.0, cooldown_s=0.0)
+        state = build_gateway(None, profiles_path=profiles, feedback_dir=work / "state", config=config, router=router)
+        try:
+            with serving_in_thread(state, log_level="critical") as url:
+                outcomes, during, fault_log, wall = _load(url, "cascaded", n, faults, histories)
+                time.sleep(0.5)
+                # The database answers again: one more request replays the journal into it.
+                outcomes.append(_until_answered(url, "cascaded", n))
+                spend = _spend(state.feedback.db, "bench-cascade")
+                recorded = _recorded(state.feedback.db, "cascaded")
+                held = state.feedback.db.execute("SELECT COUNT(*), COALESCE(SUM(usd), 0) FROM reservations "
+                                                 "WHERE ledger = 'bench-cascade'")[0]
+                upstream_failed = len(fake.calls) - len(paid_calls)
+        finally:
+            faults.close()
+    shutil.rmtree(work, ignore_errors=True)
+    ours = [(p.split("cascaded request ")[1].split()[0], m, call_cost(m, p, t)) for m, p, t in paid_calls
+            if "cascaded request " in p]
+    paid_usd = sum(c for *_, c in ours)
+    per_model = Counter((i, m) for i, m, _ in ours)
+    requests_paid = {i for i, _, _ in ours}
+    answered = {str(i): b for i, (s, b) in enumerate(outcomes) if s == 200}
+    returned = {i for i, b in answered.items() if "cascade" in b["routing"]}
+    lost = [i for i in requests_paid if i not in returned and i not in recorded]
+    cascades = [b["routing"]["cascade"] for i, b in answered.items() if i in returned]
+    beyond = spend - limit - slack
+    mean_call = paid_usd / len(ours) if ours else 0.0
+    doubles = sorted({i for (i, _), k in per_model.items() if k > 1}, key=int)
+    double_details = [{"request": i, "paid twice": sorted(m for (j, m), k in per_model.items() if j == i and k > 1),
+                       "tries": histories.get(int(i), []),
+                       "answer": answered[i]["routing"].get("cascade") if i in answered else None}
+                      for i in doubles]
+    return {"backend": backend, "requests": n, "wall_s": round(wall, 1), "faults": dict(fault_log),
+            "double_details": double_details,
+            "limit_usd": limit, "slack_usd": round(slack, 8), "spend_recorded_usd": round(spend, 8),
+            "spend_of_paid_usd": round(paid_usd, 8), "spend_difference_usd": round(spend - paid_usd, 10),
+            "answered": len(answered), "cascaded": len(returned),
+            "escalated": sum(c["escalated"] for c in cascades),
+            "stopped": dict(Counter(c["stopped"].split(":")[0] for c in cascades)),
+            "abstained": sum(b["model"] == "abstain" for b in answered.values()),
+            "attempts": sum(b.get("attempts", 1) for _, b in outcomes),
+            "paid": len(ours), "paid_by_model": dict(Counter(by_id[m].name for _, m, _ in ours)),
+            "upstream_failed": upstream_failed, "requests_paid": len(requests_paid), "lost": len(lost),
+            "double": len(doubles),
+            "overspend_usd": round(max(0.0, spend - limit), 10),
+            "reservations_left": int(held[0]), "reserved_left_usd": round(float(held[1]), 8),
+            "overspend_calls": max(0, int(np.ceil(round(beyond / mean_call, 6)))) if mean_call else 0,
+            "bystander_p99_ms": _p99(during), "bystander_failed": dict(Counter(s for s, _ in during if s != "200")),
+            "unanswered": dict(Counter(f"{s} {b.get('error', '')[:60]}".strip() for s, b in outcomes if s != 200))}
 
 
 # -- the failure promises: a private query stays private, a failing router still answers -
@@ -444,6 +582,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--cascade-requests", type=int, default=300,
+                   help="budgeted requests of a cascaded pool profile per backend, under the same faults (0: none)")
     p.add_argument("--seed", type=int, default=29)
     p.add_argument("--promises", default="privacy,router", help="the failure-promise cases to run ('' for none)")
     p.add_argument("--promise-requests", type=int, default=200, help="requests per failure-promise case and mode")
@@ -466,11 +606,42 @@ def main(argv=None) -> int:
             print(f"   budgeted requests not answered after 60 tries: {r['unanswered']}")
         totals.update(paid=r["paid"], lost=r["lost"], double=r["double"], over=r["overspend_requests"])
         print(f"   paid {r['paid']}, lost {r['lost']}, double {r['double']}, overspend {r['overspend_requests']}")
+        if args.cascade_requests > 0:
+            c = cascade_run(backend, args.cascade_requests, args.seed)
+            print(f"== {backend}, cascades: {c['requests']} budgeted requests of a profile with cascade "
+                  f"flash-lite+flash -> pro, 8 at a time, in {c['wall_s']} s; database faults {c['faults']}; "
+                  f"upstream 500s {c['upstream_failed']}")
+            print(f"   answered {c['answered']} ({c['cascaded']} by the cascade, {c['escalated']} of them escalated "
+                  f"to Pro, stopped: {c['stopped']}; {c['abstained']} abstained once over budget) after "
+                  f"{c['attempts']} attempts")
+            print(f"   paid calls {c['paid']} {c['paid_by_model']} for {c['requests_paid']} requests; spend recorded "
+                  f"${c['spend_recorded_usd']:.8f} of ${c['spend_of_paid_usd']:.8f} paid (recorded minus paid "
+                  f"${c['spend_difference_usd']:.10f}); limit ${c['limit_usd']:.8f}, over it by "
+                  f"${c['overspend_usd']:.8f}, one call's reservation ${c['slack_usd']:.8f}; reservations left once "
+                  f"every request ended {c['reservations_left']} (${c['reserved_left_usd']:.8f})")
+            print(f"   bystander (no budget, no cascade) p99 {c['bystander_p99_ms']} ms during the faults "
+                  f"(failed: {c['bystander_failed']})")
+            if c["unanswered"]:
+                print(f"   cascaded requests not answered after 60 tries: {c['unanswered']}")
+            for d in c["double_details"]:
+                print(f"   paid twice: request {d['request']}, {', '.join(d['paid twice'])}; its tries were told "
+                      f"{d['tries']}; the answer's calls "
+                      f"{[(s['step'], s['model'], s.get('failed')) for s in (d['answer'] or {}).get('steps', [])]}")
+            totals.update(paid=c["paid"], cascade_paid=c["paid"], lost=c["lost"], double=c["double"],
+                          over=c["overspend_calls"])
+            diff = totals.get("cascade_diff", 0.0) + abs(c["spend_difference_usd"])
+            totals["cascade_diff"] = diff
+            print(f"   paid calls {c['paid']}, lost {c['lost']}, double {c['double']}, overspend beyond one call's "
+                  f"reservation {c['overspend_calls']}")
     if args.backends:
-        print(f"paid upstream {totals['paid']}")
+        print(f"paid upstream {totals['paid']}" + (f" ({totals['cascade_paid']} of them calls of cascaded requests)"
+                                                   if args.cascade_requests > 0 else ""))
         print(f"paid but neither returned nor recorded {totals['lost']}")
         print(f"double payments {totals['double']}")
-        print(f"overspend beyond one request {totals['over']}")
+        print(f"overspend beyond one request {totals['over']}"
+              + (" (a cascade: beyond one call's reservation)" if args.cascade_requests > 0 else ""))
+        if args.cascade_requests > 0:
+            print(f"spend recorded minus paid, cascades ${totals['cascade_diff']:.8f}")
     promises = set(filter(None, args.promises.split(",")))
     if "privacy" in promises:
         r = privacy_case(args.promise_requests)

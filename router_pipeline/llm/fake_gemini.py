@@ -51,6 +51,11 @@ class RecordedCall:
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of new connections beyond it (a server
+    # calling two models for each of 32 callers at once) waits for the client's SYN retries,
+    # 1 s and then 3 s, latency no real endpoint adds (it showed as serving_load.py's cascade tail).
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
             return  # a client went away mid-request (timed out, or killed): not a server fault
