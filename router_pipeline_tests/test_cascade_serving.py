@@ -8,6 +8,7 @@ pays neither again."""
 import contextlib
 import json
 import re
+import time
 from dataclasses import replace
 
 import httpx
@@ -166,3 +167,31 @@ def test_plans_and_cascade_settings_are_checked(cascade_server, monkeypatch):
     monkeypatch.setenv("TEST_KEYS_TEAM2", "sk-other-test-key-0001")
     with pytest.raises(ProfileError, match="profile 'other': cascade: step 2: unknown model 'o3'"):
         start("  other: {keys_env: TEST_KEYS_TEAM2, cascade: {plan: [flash, o3]}}")
+
+
+def test_a_reservation_failing_beside_a_paid_call_never_makes_a_retry_pay_that_call_again(cascade_server, monkeypatch):
+    """The two models of a step reserve together; when one reservation fails (the database)
+    while the other's lands and its model answers, the request returns that answer, not a
+    503 inviting a retry that would pay it again."""
+    from router_pipeline.serve import cascade as served_cascade
+    from router_pipeline.serve.ledger import LedgerError
+
+    start, cloud, folder = cascade_server
+    admit = served_cascade.Bill.admit
+
+    def flaky(self, model, estimate):
+        if model == "flash":
+            raise LedgerError("budget ledger team: the state database failed", "team", database=True)
+        time.sleep(0.2)  # lands after the other has failed
+        return admit(self, model, estimate)
+
+    monkeypatch.setattr(served_cascade.Bill, "admit", flaky)
+    with serving(start(BUDGET.format(ledger="team", limit=100))) as url:
+        first = _ask(url, 1, extra_headers={"Idempotency-Key": "order-2"})
+        again = _ask(url, 1, extra_headers={"Idempotency-Key": "order-2"})
+    c = first.model_extra["routing"]["cascade"]
+    assert [s["model"] for s in c["steps"]] == ["flash-lite"] and "budget could not be read" in c["stopped"]
+    assert again.choices[0].message.content == first.choices[0].message.content == "A"
+    assert [call.model for call in cloud.calls] == ["gemini-2.5-flash-lite"]  # paid once
+    spent, reservations = _spend(folder, "team")
+    assert spent == pytest.approx(c["steps"][0]["cost_usd"]) and reservations == 0

@@ -99,3 +99,20 @@ def test_a_failing_database_stops_spending_naming_the_budget(tmp_path):
         assert err.value.file == "team"
     with pytest.raises(RuntimeError, match="not bound"):
         BudgetLedger("unbound").spent()
+
+
+def test_a_journaled_spend_whose_settle_had_landed_is_not_charged_again(tmp_path):
+    """On PostgreSQL a settle can commit while its acknowledgement is lost: the spend is
+    then journaled as unwritten too. The replay finds its reservation gone and skips it;
+    a spend that never landed (its reservation still there) is written."""
+    from router_pipeline.serve.gateway import _apply_journaled
+    from router_pipeline.serve.journal import SpendJournal
+
+    ledger = _ledger(tmp_path)
+    landed = ledger.admit(10.0, 0.5)
+    ledger.settle(landed, 0.2)
+    lost = ledger.admit(10.0, 0.5)
+    journal = SpendJournal(tmp_path / "journal")
+    journal.append({"spends": [ledger.settlement(landed, 0.2), ledger.settlement(lost, 0.3)]})
+    assert journal.replay(ledger.db, _apply_journaled) == 1
+    assert ledger.spent() == pytest.approx(0.5) and ledger.committed() == pytest.approx(0.5)

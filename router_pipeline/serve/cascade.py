@@ -149,14 +149,16 @@ async def _run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
             return Run(calls, jump, "escalated" if calls[:-1] else "the policy chose it")
         names = [plan.models[m] for m in plan.steps[action.step - 1]]
         step = await asyncio.gather(*(call(m, action.step) for m in names), return_exceptions=True)
-        unaffordable = [r for r in step if isinstance(r, Unaffordable)]
-        for r in step:
-            if isinstance(r, BaseException) and not isinstance(r, Unaffordable):
-                raise r
         made = [r for r in step if isinstance(r, Call)]
         calls += made
-        if unaffordable:
-            return Run(calls, _best(calls, policy.comparator), f"step {action.step} not called: {unaffordable[0]}")
+        errors = [r for r in step if isinstance(r, BaseException) and not isinstance(r, Unaffordable)]
+        if errors and not any(c.served is not None for c in calls):
+            raise errors[0]  # nothing paid: refused, and a retry may try again
+        if stopped := [r for r in step if isinstance(r, BaseException)]:
+            # Something was paid (perhaps by this step's other model): never refused, never paid again on a retry.
+            why = stopped[0] if isinstance(stopped[0], Unaffordable) else f"{type(stopped[0]).__name__} before the call"
+            return Run(calls, _best(calls, policy.comparator),
+                       f"step {action.step} not called in full: {why}")
         for c in made:
             answers[c.model] = c.text
 

@@ -58,7 +58,7 @@ from router_pipeline.serve.identity import StateIdentity
 from router_pipeline.serve.idempotency import IdempotencyStore, InProgress, KeyReused, check_key, fingerprint
 from router_pipeline.serve.journal import JournalError, SpendJournal
 from router_pipeline.serve.live import ADMIN_KEY_VAR, LiveConfig, active as active_changes, admin_keys
-from router_pipeline.serve.ledger import LedgerError, apply_spend
+from router_pipeline.serve.ledger import LedgerError, replay_spend
 from router_pipeline.serve.mapper import ABSTAIN_ANSWER, Mapping, PolicyMapper, Rule
 from router_pipeline.serve.profiles import Profile, ProfileError, Profiles
 from router_pipeline.serve.schemas import ChatRequest, Conversation
@@ -619,10 +619,9 @@ class Gateway:
             try:
                 hold = await (self._in_db(bill.admit, model, estimate) if d.mapper.ledger is not None
                               else asyncio.to_thread(bill.admit, model, estimate))
-            except LedgerError as exc:
-                if not bill.holds:  # nothing paid yet: refused as any budgeted request is
-                    raise
-                raise Unaffordable(f"the budget could not be read ({'database' if exc.database else 'ledger'})")
+            except LedgerError as exc:  # with nothing paid the request goes on as over budget, and meets it again
+                raise Unaffordable(f"the budget could not be read ({'database' if exc.database else 'ledger'})") \
+                    from None
             try:
                 served = await self.backends.answer(targets, d.prompt, d.system, d.asked, d.profile.name)
             except RejectedRequest:
@@ -1071,7 +1070,7 @@ def _apply_journaled(db, entry: dict) -> None:
     # Every charge of the request (the profile's budget, the models' own); "spend" and
     # "model_spend": one each, as journals written before cascades hold them.
     for spend in [*entry.get("spends", []), *(entry[k] for k in ("spend", "model_spend") if entry.get(k))]:
-        apply_spend(db, spend["ledger"], spend["period"], spend["usd"], spend["reservation"])
+        replay_spend(db, spend)
     if answer := entry.get("answer"):
         IdempotencyStore.write(db, answer)
     if release := entry.get("release"):

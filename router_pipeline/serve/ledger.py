@@ -213,6 +213,18 @@ def _locked_spend(db: Database, ledger: str, key: str) -> float:
     return float(rows[0][0])
 
 
+def replay_spend(db: Database, spend: dict) -> bool:
+    """A journaled spend (``BudgetLedger.settlement``) written inside the caller's
+    transaction, unless its reservation is gone: the settle that journaled it had landed
+    after all (its acknowledgement was lost), and adding it again would charge twice.
+    Whether it was written."""
+    rid = spend["reservation"]
+    if rid is not None and not db.execute("SELECT 1 FROM reservations WHERE id = ?", (rid,)):
+        return False
+    apply_spend(db, spend["ledger"], spend["period"], spend["usd"], rid)
+    return True
+
+
 def apply_spend(db: Database, ledger: str, key: str, usd: float, reservation: str | None) -> float:
     """Add ``usd`` to the period's spend in place of ``reservation``, inside the caller's
     transaction (a settle now, or a journal entry replayed later); the new total."""
