@@ -637,13 +637,10 @@ class Gateway:
         lam = self.router.lam if d.lam is None else d.lam
         try:
             run = d.run = await run_cascade(d.cascade, d.decision.p_correct, lam, call)
-        except Exception as exc:  # a call refused as invalid, or the budget unreadable before any call
+        except Exception as exc:  # a call refused as invalid before any call was paid (serve/cascade.py)
             for hold in [h for h in bill.holds if h.cost is None]:  # in flight beside it: nothing to pay for
                 with contextlib.suppress(LedgerError):
                     await self._in_db(bill.failed, hold)
-            await self._charge_failed(d, {})  # what was paid before it is charged, never lost
-            if isinstance(exc, LedgerError):
-                raise
             raise await self._upstream_failed(d, exc) from None
         if run.final is None and not run.calls:
             d.bill = None
