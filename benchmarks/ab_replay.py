@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     from router_pipeline.llm.pool import pool_from_dict
     from router_pipeline.policies import CORRECT
     from router_pipeline.routers.pool import decide
-    from router_pipeline.serve.experiments import difference
+    from router_pipeline.online_quality import difference
     from router_pipeline.training.examples import ExampleSpec
     from router_pipeline.training.pool import PoolSpec
 

@@ -2,11 +2,11 @@
 an experiment, with the accuracy its feedback grades give (95% Wilson intervals) and
 the differences between arms (Newcombe intervals). Read from the server's state database
 (tables ``served``, ``shadow``, ``feedback``) by the server (``/v1/stats``, ``/metrics``,
-``router-pipeline experiment report``, through serve/experiments.py) and by the pipeline
+``router-pipeline experiment report``) and by the pipeline
 (the ``experiment_report`` asset, defs/experiments.py): the shared vocabulary, since the
 pipeline never imports serve/.
 
-``quality`` and ``report`` take any object whose ``execute(sql)`` gives rows (the
+``quality`` takes any object whose ``execute(sql)`` gives rows (the
 server's ``Database``, or a read-only connection). ``read_state`` opens the state database
 for reading without creating it, and the rest turns ``quality``'s figures into rows per
 arm, per pair of arms, and the pairs whose difference excludes 0.
@@ -146,13 +146,9 @@ def quality(db) -> dict[str, dict]:
     return out
 
 
-def report(db, profile: str | None = None) -> str:
-    """``router-pipeline experiment report``: per experiment, its arms and their differences."""
-    return render(quality(db), profile)
-
-
 def render(figures: dict[str, dict], profile: str | None = None) -> str:
-    """The text of ``report`` from ``quality``'s figures (only ``profile``'s when given)."""
+    """What ``router-pipeline experiment report`` prints from ``quality``'s figures: per
+    experiment, its arms and their differences (only ``profile``'s when given)."""
     lines = []
     for name, p in figures.items():
         if profile is not None and name != profile:

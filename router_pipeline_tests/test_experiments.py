@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from router_pipeline.serve.config import DEFAULTS
-from router_pipeline.serve.experiments import ExperimentError, difference, experiment_from_dict, wilson
+from router_pipeline.online_quality import difference, wilson
+from router_pipeline.serve.experiments import ExperimentError, experiment_from_dict
 from router_pipeline.serve.gateway import build_gateway
 from router_pipeline.serve.profiles import ProfileError
 from router_pipeline.training.stand_in import stand_in_pool_router

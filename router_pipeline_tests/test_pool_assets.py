@@ -189,7 +189,7 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     routed = json.loads(capsys.readouterr().out)  # ... but there for the asking: `route` says what to call first
     plan = released_cascade(router).plan
     assert not released_cascade(router).by_default
-    assert routed["cascade"] == {"plan": served, "first": [plan.models[m] for m in plan.steps[0]]}
+    assert routed["cascade"] == {"plan": served, "first": plan.step_names(1)}
     # `answer --pool --cascade`: the released cascade runs (the offline Gemma behind every pool model); the answer
     # is the model it stopped with, priced at that model's pool price, and the charge is every call's.
     assert cli.main(["answer", "--pool", "--cascade", "--json", "Who wrote the opera Tosca?"]) == 0

@@ -62,6 +62,10 @@ class Plan:
         names = sorted(self.models[m] for m in answered)
         raise PlanError(f"answers from {names} are not the first steps of {self.describe()}")
 
+    def step_names(self, k: int) -> list[str]:
+        """The models step ``k`` (1-based) calls, by name."""
+        return [self.models[m] for m in self.steps[k - 1]]
+
     def describe(self) -> str:
         return " -> ".join("+".join(self.models[m] for m in step) for step in self.steps)
 

@@ -114,11 +114,8 @@ class Run:
     @property
     def agreed(self) -> str | None:
         """The answer two or more of the models gave (as the first of them wrote it), else None."""
-        answered = [c for c in self.calls if c.text is not None and canonical(c.text, self.comparator)]
-        votes = Counter(canonical(c.text, self.comparator) for c in answered)
-        top = votes.most_common(1)
-        return next(c.text for c in answered if canonical(c.text, self.comparator) == top[0][0]) \
-            if top and top[0][1] >= 2 else None
+        agreed = _agreed_call(self.calls, self.comparator)
+        return agreed.text if agreed else None
 
 
 async def run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
@@ -135,7 +132,7 @@ async def _run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
         action = next_action(policy, p_correct, answers, lam)
         if action.kind == "stop":
             if action.model in answers and answers[action.model] is not None:
-                why = "agreement" if _agreed(answers, policy.comparator) else "the policy accepted it"
+                why = "agreement" if _agreed_call(calls, policy.comparator) else "the policy accepted it"
                 return Run(calls, _last(calls, action.model), why)
             if action.model in answers:  # it failed: the best answer there is
                 return Run(calls, _best(calls, policy.comparator), f"{action.model} gave no answer")
@@ -147,8 +144,8 @@ async def _run(policy, p_correct: dict[str, float], lam: float, call) -> Run:
             if jump.text is None:
                 return Run(calls, _best(calls, policy.comparator), f"{action.model} failed")
             return Run(calls, jump, "escalated" if calls[:-1] else "the policy chose it")
-        names = [plan.models[m] for m in plan.steps[action.step - 1]]
-        step = await asyncio.gather(*(call(m, action.step) for m in names), return_exceptions=True)
+        step = await asyncio.gather(*(call(m, action.step) for m in plan.step_names(action.step)),
+                                    return_exceptions=True)
         made = [r for r in step if isinstance(r, Call)]
         calls += made
         errors = [r for r in step if isinstance(r, BaseException) and not isinstance(r, Unaffordable)]
@@ -167,21 +164,20 @@ def _last(calls: list[Call], model: str) -> Call:
     return next(c for c in reversed(calls) if c.model == model)
 
 
-def _agreed(answers: dict, comparator: str) -> bool:
-    votes = Counter(canonical(a, comparator) for a in answers.values() if a is not None)
-    votes.pop("", None)
-    return bool(votes) and max(votes.values()) >= 2
+def _agreed_call(calls: list[Call], comparator: str) -> Call | None:
+    """The first call whose answer two or more of the calls gave (an abstention agrees
+    with nothing), else None."""
+    answered = [c for c in calls if c.text is not None and canonical(c.text, comparator)]
+    top = Counter(canonical(c.text, comparator) for c in answered).most_common(1)
+    if not top or top[0][1] < 2:
+        return None
+    return next(c for c in answered if canonical(c.text, comparator) == top[0][0])
 
 
 def _best(calls: list[Call], comparator: str) -> Call | None:
     """The best answer so far: the one most models agree on, else the dearest step's."""
-    answered = [c for c in calls if c.text is not None and canonical(c.text, comparator)]
-    if not answered:
-        answered = [c for c in calls if c.text is not None]
-    if not answered:
-        return None
-    votes = Counter(canonical(c.text, comparator) for c in answered)
-    top, n = votes.most_common(1)[0]
-    if n >= 2:
-        return next(c for c in answered if canonical(c.text, comparator) == top)
-    return answered[-1]
+    if agreed := _agreed_call(calls, comparator):
+        return agreed
+    answered = [c for c in calls if c.text is not None and canonical(c.text, comparator)] or \
+        [c for c in calls if c.text is not None]
+    return answered[-1] if answered else None

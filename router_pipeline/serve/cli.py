@@ -294,9 +294,9 @@ def run(args) -> int:
     for d in router.route_batch(queries, with_reasoning=args.reasoning):
         mapping = mapper.map(d)
         out = _decision(d, mapping)
-        if cascade is not None and any(r.kind == "pool" and r.label == mapping.rule for r in mapper.rules):
-            plan = cascade.plan  # what `answer` and the server run: this step first, the next on disagreement
-            out["cascade"] = {"plan": plan.describe(), "first": [plan.models[m] for m in plan.steps[0]]}
+        if cascade is not None and mapper.is_pool_rule(mapping.rule):
+            # What `answer` and the server run: this step first, the next on disagreement.
+            out["cascade"] = {"plan": cascade.plan.describe(), "first": cascade.plan.step_names(1)}
         if args.log:
             decision_log.append(args.log, decision_log.decision_record(d, mapping, latency_ms=d.latency_ms, cost_usd=0.0))
         print(json.dumps(out, ensure_ascii=False) if args.json else _human(out))

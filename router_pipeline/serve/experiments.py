@@ -22,7 +22,7 @@ database beside its request memory (table ``served``), so the figures add up ove
 processes and survive restarts. Accuracy counts the grade of the model that answered.
 The figures themselves (``quality``, ``report``, the intervals) are computed in
 ``router_pipeline/online_quality.py``, shared with the pipeline's ``experiment_report``
-asset (the pipeline never imports serve/); they are re-exported here.
+asset (the pipeline never imports serve/).
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ import math
 import time
 from dataclasses import dataclass
 
-from router_pipeline.online_quality import Z95, difference, quality, report, wilson
-
-__all__ = ["Arm", "Experiment", "ExperimentError", "SCHEMA", "Z95", "difference", "experiment_from_dict", "quality",
-           "record_served", "record_shadow", "report", "wilson"]
 SCHEMA = ("CREATE TABLE IF NOT EXISTS served (request_id TEXT PRIMARY KEY, profile TEXT NOT NULL, "
           "experiment TEXT, arm TEXT, policy TEXT, model TEXT, cost_usd DOUBLE PRECISION NOT NULL, "
           "escalated INTEGER NOT NULL, served_at BIGINT NOT NULL)",

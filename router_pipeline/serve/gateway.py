@@ -263,14 +263,10 @@ class Gateway:
         d = Decided(t0, profile, body, mapper, threshold, text, prompt, system, decision, None, 0.0, claim=claim,
                     lam=lam, scan=scan, router_failed=failed, named=named, key=key, arm=arm, shadow=shadow)
         d.mapping = await self._mapped(mapper, d.map)
-        if profile.cascade is not None and d.decision.p_correct and self._pool_rule(mapper, d.mapping.rule):
+        if profile.cascade is not None and d.decision.p_correct and mapper.is_pool_rule(d.mapping.rule):
             d.cascade = profile.cascade  # the router's own choice: escalated on what the models answer
         d.router_ms = (time.perf_counter() - t0) * 1000
         return d
-
-    @staticmethod
-    def _pool_rule(mapper: PolicyMapper, label: str | None) -> bool:
-        return any(r.kind == "pool" and r.label == label for r in mapper.rules)
 
     async def _shadow(self, profile: Profile, mapper: PolicyMapper, text: str, scan: str) -> Mapping | None:
         """Shadow mode: what the router would have chosen for a request its profile's
@@ -497,9 +493,8 @@ class Gateway:
         """The decision only (the caller calls the model): remembered for feedback, counted."""
         routing = self.routing(d, "route")
         if d.cascade is not None:  # the caller runs it: the plan, and what to call first
-            plan = d.cascade.plan
-            routing["cascade"] = {"plan": plan.describe(), "comparator": d.cascade.comparator,
-                                  "first": [plan.models[m] for m in plan.steps[0]]}
+            routing["cascade"] = {"plan": d.cascade.plan.describe(), "comparator": d.cascade.comparator,
+                                  "first": d.cascade.plan.step_names(1)}
         await self._remember(d, routing["request_id"], d.mapping.target)
         await asyncio.to_thread(self.stats.record, d.profile.name, policy=d.decision.policy,
                                 model=self._counted(d.mapping.target, d.mapping.model),
@@ -615,10 +610,10 @@ class Gateway:
             if not targets:
                 return Call(model, step, error="not allowed for this profile")
             spec = self.backends.spec_for(*targets[0])
-            estimate = cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
-            try:
-                hold = await (self._in_db(bill.admit, model, estimate) if d.mapper.ledger is not None
-                              else asyncio.to_thread(bill.admit, model, estimate))
+            estimate = _upper_bound(d, spec.max_output_tokens, spec.price)
+            try:  # without a ledger nothing is reserved: no database, no thread
+                hold = await self._in_db(bill.admit, model, estimate) if d.mapper.ledger is not None \
+                    else bill.admit(model, estimate)
             except LedgerError as exc:  # with nothing paid the request goes on as over budget, and meets it again
                 raise Unaffordable(f"the budget could not be read ({'database' if exc.database else 'ledger'})") \
                     from None
@@ -713,10 +708,9 @@ class Gateway:
         mapped model (or the council, or the model answering for it) can cost."""
         if d.mapping.escalate:
             prices = [self._council_price(d), *(self.backends.spec_for(*t).price for t in self._strongest(d)[:1])]
-            price = (max(p[0] for p in prices), max(p[1] for p in prices))
-            return cost_usd(len(d.prompt) // 2 + 1, d.asked or self.config.max_output_tokens, price)
+            return _upper_bound(d, self.config.max_output_tokens, (max(p[0] for p in prices), max(p[1] for p in prices)))
         spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
-        return cost_usd(len(d.prompt) // 2 + 1, d.asked or spec.max_output_tokens, spec.price)
+        return _upper_bound(d, spec.max_output_tokens, spec.price)
 
     async def _reserve(self, d: Decided) -> str | None:
         limit = d.mapper.budget_limit()
@@ -824,7 +818,7 @@ class Gateway:
             total_ms=total_ms, cost_usd=cost, fell_back=bool(routing.get("fallback")),
             escalated=bool(routing.get("escalated")),
             large_equivalent_usd=cost_usd(usage["prompt_tokens"], usage["completion_tokens"], large_price),
-            **({"called": tuple(self._counted(c["model"], c["model"]) for c in cascade["steps"]),
+            **({"called": tuple(c["model"] for c in cascade["steps"]),  # pool names
                 "cascade_escalated": cascade["escalated"]} if (cascade := routing.get("cascade")) else {}))
         if d.mapper.ledger is None and d.claim is None:  # nothing it records is money or an answer: it never waits long
             await self._record_bounded(d, routing, tier, count)
@@ -1053,6 +1047,12 @@ def _asked(profile: Profile, body: Conversation, key: str, headers) -> tuple[str
     if asked in (None, ROUTER_MODEL) and profile.knob is not None:
         asked = profile.knob
     return asked, arm
+
+
+def _upper_bound(d: Decided, max_output_tokens: int, price: tuple[float, float]) -> float:
+    """Above what one call for ``d`` can cost: prompt tokens at 2 characters each and the
+    whole output budget (the caller's, else the model's)."""
+    return cost_usd(len(d.prompt) // 2 + 1, d.asked or max_output_tokens, price)
 
 
 def _failure(exc: Exception) -> str:

@@ -418,6 +418,11 @@ class PolicyMapper:
             return f"P(correct) - lambda * cost is highest for {model}" if model else None
         return f"policy {d.policy}" if d.policy in rule.map else None
 
+    def is_pool_rule(self, label: str | None) -> bool:
+        """Whether the rule named ``label`` is the pool router's own choice (what a cascade
+        escalates on)."""
+        return any(r.kind == "pool" and r.label == label for r in self.rules)
+
     def budget_limit(self) -> float | None:
         """The tightest budget rule's limit (None without a budget rule)."""
         limits = [r.limit_usd for r in self.rules if r.kind == "budget"]

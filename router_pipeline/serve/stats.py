@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router_pipeline.serve.experiments import quality
+from router_pipeline.online_quality import quality
 
 WINDOW = 10_000  # latency samples kept per profile (the most recent)
 
