@@ -11,17 +11,19 @@ runs query-only). The questions are cut into 5 outer folds, by question or by do
   block and LDA on MiniLM, training/pool.py), whose out-of-fold P on the training rows
   the cascades read;
 - a learned cascade for each candidate plan (the k most accurate models on the training
-  rows, cheapest first, k = 2 .. all: training/cascade.py), the plan chosen by the AIQ
-  of its out-of-fold trace on the training rows;
+  rows, cheapest first, k = 2 .. all, and the next two together before the most
+  accurate: training/cascade.py) and ridge strength; "learned cascade" is the recipe of
+  best AIQ on its out-of-fold trace on the training rows;
 - fixed cascades (accept on agreement): "next two agree, else best" (the second and third most
   accurate together, else the most accurate: Flash + Llama-70B, else Pro) and the best
   of every plan "some models together, perhaps one more, else the most accurate" by
   AIQ on the training rows.
 
-"cascade" is the learned cascade's knob settings with the two fixed cascades as further
-settings: each is one point of the frontier, as each value of lambda is (a fixed cascade
-is what the learned policy chooses where the query-only P it reads does not transfer,
-as on held-out categories).
+"cascade" is one policy with one knob: at each value of lambda, the candidate (the
+query-only router, every learned recipe, the fixed cascades) whose out-of-fold trace on
+the training rows has the best accuracy - lambda x cost (training/cascade.py select).
+By domain the training rows are cross-fitted by whole domains too, so the P the
+cascades read and the traces that choose say how they hold on categories never seen.
 
 Each routes the held-out fold at every value of its knob; a query's cost is the sum of
 every model it called. Table: AIQ, accuracy at half the best single model's cost and at
@@ -110,7 +112,11 @@ def main(argv=None) -> int:
         chosen = []
         for fold in np.unique(folds):
             held = folds == fold
-            fitted = _fold(feats, answers, correct, cost, ~held, held, sweep, config, models, comparator)
+            # By domain, the training rows are cross-fitted by whole domains too: the P the
+            # cascade reads and its out-of-fold traces then say how they hold on unseen ones.
+            inner = (outer_folds(questions[~held].reset_index(drop=True), args.folds, config.seed, by)
+                     if by == "domain" else None)
+            fitted = _fold(feats, answers, correct, cost, ~held, held, sweep, config, models, comparator, inner)
             for name, (r, c) in fitted["traces"].items():
                 right.setdefault(name, np.zeros((len(frame), r.shape[1])))[held] = r
                 spent.setdefault(name, np.zeros((len(frame), c.shape[1])))[held] = c
@@ -140,9 +146,10 @@ def _with_cheapest(right, spent, correct, cost):
     )
 
 
-def _fold(feats, answers, correct, cost, train, held, sweep, config, models, comparator) -> dict:
+def _fold(feats, answers, correct, cost, train, held, sweep, config, models, comparator, inner=None) -> dict:
     """Every router fitted on ``train`` and replayed on ``held``: name -> (right, cost) per
-    (held row, knob value), with the recipes chosen on the training rows."""
+    (held row, knob value), with the recipes chosen on the training rows. ``inner``: the
+    training rows' cross-fitting folds for what the cascades read (None: random ones)."""
     from router_pipeline.evaluation import frontier as fr
     from router_pipeline.routers.cascade import FixedCascade, logit
     from router_pipeline.routers.pool import decide, ensemble
@@ -153,8 +160,10 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         learned_plans,
         next_two_plan,
         replay,
+        select,
+        selected,
     )
-    from router_pipeline.training.pool import fit_pool, pool_grid
+    from router_pipeline.training.pool import fit_pool, oof_on, pool_grid
 
     grids = {
         "gemma": pool_grid("lda", layers=config.layers, shrinkages=config.shrinkages),
@@ -173,7 +182,8 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
             folds=config.folds,
             seed=config.seed,
         )
-        oof.append(f.oof)
+        oof.append(f.oof if inner is None else oof_on(f, x_of[enc](f.params)[train], correct[train], cost[train],
+                                                      models, "lda", inner, config.seed))
         p_held[enc] = f.head.proba(x_of[enc](f.params)[held])
         layer = f.params.get("layer", layer)
     q_train, q_held = logit(ensemble(oof)), logit(ensemble(list(p_held.values())))
@@ -197,7 +207,8 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
     recipes = [("query-only", Trace(c_train[rows, only], k_train[rows, only]), None)]
     for plan, alpha in itertools.product(learned_plans(models, c_train, costs), ALPHAS):
         policy, trace = fit_cascade(
-            plan, q_train, a_train, c_train, k_train, sweep, comparator=comparator, seed=config.seed, alpha=alpha
+            plan, q_train, a_train, c_train, k_train, sweep, comparator=comparator, seed=config.seed, alpha=alpha,
+            fold_of=inner,
         )
         recipes.append((f"{plan.describe()}, alpha {alpha:g}", trace, policy))
     recipe, _, policy = max(recipes, key=lambda r: train_aiq(r[1]))
@@ -206,6 +217,12 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
     else:
         t = replay(policy, q_held, a_held, c_held, k_held, sweep)
         traces["learned cascade"] = (t.right, t.cost)
+    # The cascade: per knob value, the candidate (the query-only router, every learned recipe,
+    # the fixed cascades) whose out-of-fold trace on the training rows has the best accuracy
+    # - lambda x cost (training/cascade.py select); no held-out row is read.
+    candidates = {"query-only": (recipes[0][1], Trace(*traces["query-only router"]))}
+    for name, trace, fitted in recipes[1:]:
+        candidates[f"learned: {name}"] = (trace, replay(fitted, q_held, a_held, c_held, k_held, sweep))
     fixed = {}
     for name, plans in (
         ("fixed: next two agree, else best", [next_two_plan(models, c_train)]),
@@ -218,12 +235,13 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         t = replay(FixedCascade(best, costs), q_held, a_held, c_held, k_held, sweep[:1])
         traces[name] = (t.right, t.cost)
         fixed[name] = best.describe()
-    # The cascade: the learned one's knob settings plus the fixed cascades as further settings
-    # (each a point on the frontier, as every lambda is).
-    traces["cascade"] = tuple(
-        np.concatenate([traces[n][i] for n in ("learned cascade", *fixed)], axis=1) for i in (0, 1)
-    )
-    return {"traces": traces, "chosen": {"gemma block": layer, "learned": recipe, **fixed}}
+        candidates[name] = (replay(FixedCascade(best, costs), q_train, a_train, c_train, k_train, sweep[:1]), t)
+    choice = select([train for train, _ in candidates.values()], sweep)
+    t = selected([test for _, test in candidates.values()], choice)
+    traces["cascade"] = (t.right, t.cost)
+    kinds = [n.split(":")[0] if n.startswith("learned") else n for n in candidates]
+    picked = {k: int(sum(kinds[i] == k for i in choice)) for k in dict.fromkeys(kinds)}
+    return {"traces": traces, "chosen": {"gemma block": layer, "learned": recipe, **fixed, "knob values": picked}}
 
 
 def _report(by, curves, correct, cost, folds, models, args, fr, chosen, t0) -> dict:

@@ -37,6 +37,7 @@ OOF_FILE = "oof_scores.csv"  # a head's out-of-fold P(Complex_Query) on its trai
 ROUTER_FILE = "router.json"  # what kind of router a folder holds (head routers; adapters have ADAPTER_CONFIG)
 MANIFEST_FILE = "manifest.json"  # a released router's files and their sha256, checked when it is loaded
 CASCADE_FILE = "cascade.json"  # a released pool router's cascade: the plan it escalates along (routers/cascade.py)
+CASCADE_HEADS_FILE = "cascade_heads.npz"  # a released learned cascade's heads (arrays; cascade.json names it)
 STATE_FILE = "requests.sqlite"  # the routing server's default state database, in its feedback folder
 STAGES = ("sft", "dpo")
 # Head routers: frozen Gemma states; MiniLM with shrinkage LDA, logistic regression, k-NN.

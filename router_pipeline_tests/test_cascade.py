@@ -166,10 +166,10 @@ def test_a_file_without_answers_still_fits_a_cascade_reading_the_query_only(mmlu
 
 
 def test_what_is_chosen_never_reads_the_test_rows(mmlu_pro_slice):
-    """The learned recipe, its lambda and the fixed cascade to serve are the same whatever
-    the test rows hold (their grades flipped, their answers shuffled); only the test
-    figures move."""
-    from router_pipeline.evaluation.cascade import Rows, evaluate_cascade, release_fixed
+    """The candidates, the one chosen at every knob value and the cascade to serve are the
+    same whatever the test rows hold (their grades flipped, their answers shuffled); only
+    the test figures move."""
+    from router_pipeline.evaluation.cascade import Rows, candidates, choose, evaluate_cascade, release
 
     correct, cost, raw = mmlu_pro_slice
     comparator = comparator_for(raw)
@@ -187,14 +187,43 @@ def test_what_is_chosen_never_reads_the_test_rows(mmlu_pro_slice):
     runs = []
     for scrambled in (False, True):
         splits = (rows(train), rows(val), rows(test, scrambled))
-        runs.append((release_fixed(*splits, list(POOL), costs, Knob("quality", 0.95), 0.0, comparator=comparator,
-                                   resamples=50),
-                     evaluate_cascade(*splits, list(POOL), costs, Knob("quality", 0.95), comparator=comparator,
-                                      alphas=(100.0,), folds=3, resamples=50, log=lambda *_: None)))
-    (served, report), (served_again, report_again) = runs
-    for key in ("plan", "validation"):
+        policies, validation_aiq = candidates(*splits[:2], list(POOL), costs, comparator=comparator,
+                                              alphas=(100.0,), folds=3, log=lambda *_: None)
+        choice = choose(policies, splits[1], costs)
+        served = release(policies, choice, splits[1], splits[2], list(POOL), costs, 0.0, resamples=50)
+        report = evaluate_cascade(policies, choice, splits[2], list(POOL), costs, resamples=50)
+        runs.append((validation_aiq, choice, served, report))
+    (aiq, choice, served, report), (aiq_again, choice_again, served_again, report_again) = runs
+    assert aiq == aiq_again and np.array_equal(choice, choice_again) and report.chosen == report_again.chosen
+    for key in ("candidate", "plan", "kind", "validation"):
         assert served[key] == served_again[key], key
     assert served["test"] != served_again["test"]
-    assert report.chosen == report_again.chosen and report.validation_aiq == report_again.validation_aiq
-    assert report.figures["learned_lambda"] == report_again.figures["learned_lambda"]
     assert report.figures["cascade_aiq"] != report_again.figures["cascade_aiq"]
+    # At lambda 0 (accuracy at any cost) the validation rows choose a cascade over the router.
+    assert served["candidate"] != "query-only router" and served["default"]
+
+
+def test_a_released_learned_cascade_is_saved_loaded_and_decides_as_fitted(mmlu_pro_slice, tmp_path):
+    from types import SimpleNamespace
+
+    from router_pipeline.routers.cascade import LearnedCascade, released_cascade, save_cascade
+
+    correct, cost, raw = mmlu_pro_slice
+    answers = read_answers(raw, comparator_for(raw))
+    sweep = lambdas(cost.mean(axis=0), points=20)
+    _, q = _query_only(correct, cost, slice(None), len(correct))
+    policy, _ = fit_cascade(make_plan([["gemini-1.5-flash", "llama-3.1-70b-instruct"], "gemini-1.5-pro"], list(POOL)),
+                            q, answers, correct, cost, sweep, folds=3)
+    files = save_cascade(policy, tmp_path, default=False)
+    assert [f.name for f in files] == ["cascade.json", "cascade_heads.npz"]
+    loaded = released_cascade(SimpleNamespace(path=tmp_path, models=list(POOL), costs=policy.costs))
+    assert isinstance(loaded, LearnedCascade) and not loaded.by_default and loaded.plan == policy.plan
+    for k in range(len(policy.plan.steps) + 1):
+        assert np.array_equal(loaded.decide(k, q, answers, sweep), policy.decide(k, q, answers, sweep))
+    # Heads of another pool are refused, naming the file.
+    with pytest.raises(ValueError, match="cascade_heads.npz: the learned cascade's heads cannot be read"):
+        released_cascade(SimpleNamespace(path=tmp_path, models=list(POOL) + ["gpt"], costs=[0.0] * 4))
+    # A profile cannot configure a learned cascade: it comes released with its heads.
+    from router_pipeline.routers.cascade import fixed_from_dict
+    with pytest.raises(PlanError, match="kind 'learned' cannot be served here"):
+        fixed_from_dict({"kind": "learned", "plan": list(POOL)}, list(POOL), [0.0] * 3)

@@ -152,13 +152,14 @@ def test_pool_job_answers_grades_trains_scores_and_releases_a_router_that_routes
     assert "training rows: the learned cascade needs at least" in meta["pool_cascade"]["skipped"].value
     assert checks[("pool_cascade", "cascade_not_below_query_only")].passed
     # ... but a fixed cascade needs no fitting: chosen on the training rows and released beside the router. Its
-    # last step is the most accurate model on the training rows: flash, right on the council's row. The knob
-    # (budget 2.0 per 1,000) picks the query-only router on the validation rows, where every stand-in is graded
-    # wrong and the cascade costs more: it is not served by default.
+    # last step is the most accurate model on the training rows: flash, right on the council's row. At the
+    # released knob's lambda the validation rows, where every stand-in is graded wrong, choose the query-only
+    # router over the cascades (as accurate, and cheaper): it is not served by default.
     served = meta["pool_cascade"]["served_cascade"].value
     assert served.endswith(" -> flash") and "flash" not in served.split(" -> ")[0].split("+")
     assert meta["pool_cascade"]["served_by_default"].value is False
-    assert "picks the query-only router over it" in meta["pool_cascade"]["served_cascade_why"].value
+    assert "the validation rows choose the query-only router" in meta["pool_cascade"]["served_cascade_why"].value
+    assert meta["pool_cascade"]["served_cascade_kind"].value == "fixed"
     assert checks[("pool_cascade", RELEASE_RULE)].passed
     evidence = meta["pool_cascade"]["served_cascade_evidence"].value
     assert evidence["validation"]["rows"] == 2 and evidence["test"]["rows"] == 2

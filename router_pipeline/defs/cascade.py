@@ -1,9 +1,10 @@
 """Cascades in the pool_routing group: where the pool outcomes record what the models
 answered, a cascade (ask cheaper models first, escalate on what they answered) is fitted
-on the training rows, chosen and its knob set on the validation rows, and scored on the
-test rows against the chosen query-only pool router; and the fixed cascade to serve is
-chosen (``cascade.json``, shipped by ``released_pool_router``). A thin wrapper around
-evaluation/cascade.py; without answers of two models it records why it skipped.
+on the training rows, chosen per knob value on the validation rows, and scored on the
+test rows against the chosen query-only pool router; the cascade to serve (fixed, or
+learned with its heads) is the one chosen at the released knob (``cascade.json``,
+shipped by ``released_pool_router``). A thin wrapper around evaluation/cascade.py;
+without answers of two models it records why it skipped.
 """
 
 import json
@@ -13,13 +14,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from router_pipeline.artifacts import CASCADE_FILE
+from router_pipeline.artifacts import CASCADE_FILE, CASCADE_HEADS_FILE
 from router_pipeline.defs.metadata import table
 from router_pipeline.defs.plots import cost_accuracy_frontiers, markdown_image
 from router_pipeline.defs.pool import POOL_GROUP, _outcomes, _plain, _training_p_path
 from router_pipeline.defs.resources import ArtifactStore, ModelPool
 from router_pipeline.evaluation import cascade as cascade_eval
 from router_pipeline.labels.split import TEST, TRAIN, VALIDATION
+from router_pipeline.routers.cascade import save_cascade
 from router_pipeline.routers.pool import Knob
 
 
@@ -61,18 +63,20 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
                  pool_evaluation: pd.DataFrame):
     """A cascade against the query-only pool router chosen by ``pool_evaluation``: the
     learned cascade (calibrated heads on the query-only log-odds and the answers'
-    agreement, abstention and length) and two fixed ones (accept on agreement), a query's
-    cost the sum over every model it called. Test AIQ, accuracy at the best single model's
-    cost, paired intervals and both frontiers side by side. Skipped, saying why, when the
-    outcomes hold no ``<model>_answer`` of two models or too few rows. The fixed cascade
-    to serve is chosen on the training rows and released on the validation rows' evidence
-    (``release_fixed``), also where too few training rows leave the learned one unfitted."""
+    agreement, abstention and length), two fixed ones (accept on agreement) and the
+    router itself as candidates, one chosen per knob value on the validation rows; a
+    query's cost the sum over every model it called. Test AIQ, accuracy at the best single
+    model's cost, paired intervals and both frontiers side by side. Skipped, saying why,
+    when the outcomes hold no ``<model>_answer`` of two models. The candidate chosen at the
+    released knob is released (``release``); with too few training rows for a learned
+    cascade, among the router and the fixed ones."""
     models = pool.pool().names
     splits = {s: _outcomes(pool_outcomes, s, models, f"{s} rows") for s in (TRAIN, VALIDATION, TEST)}
     layout = artifacts.layout()
     out = layout.root / "pool_cascade"
     out.mkdir(parents=True, exist_ok=True)
-    (out / CASCADE_FILE).unlink(missing_ok=True)  # never a cascade of an earlier run
+    for old in (CASCADE_FILE, CASCADE_HEADS_FILE):
+        (out / old).unlink(missing_ok=True)  # never a cascade of an earlier run
     if reason := cascade_eval.release_skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models):
         context.log.info(f"cascade skipped: {reason}")
         yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={"skipped": reason})
@@ -94,32 +98,35 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     rows = [cascade_eval.rows_of(splits[s], part, models, comparator) for s, part in zip(splits, p_split)]
     knob = Knob(calibration.get("knob", "quality"), float(calibration.get("knob_value", 0.95)))
     lam = calibration.get("lambda")
-    release = cascade_eval.release_fixed(*rows, models, costs, knob, np.inf if lam is None else float(lam),
-                                         comparator=comparator, resamples=config.bootstrap_resamples)
-    (out / CASCADE_FILE).write_text(json.dumps(
-        {"kind": "fixed", "plan": release["plan"], "comparator": comparator, "default": release["default"],
-         "about": {"query_only_router": candidate, "why": release["why"], "validation": release["validation"],
-                   "test": release["test"]}}, indent=1))
-    release_meta = {"served_cascade": release["describe"], "served_by_default": release["default"],
-                    "served_cascade_why": release["why"],
+    learned_skip = cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models)
+    policies, validation_aiq = cascade_eval.candidates(
+        rows[0], rows[1], models, costs, comparator=comparator, learned=learned_skip is None, alphas=config.alphas,
+        folds=config.folds, log=context.log.info)
+    choice = cascade_eval.choose(policies, rows[1], costs)
+    release = cascade_eval.release(policies, choice, rows[1], rows[2], models, costs,
+                                   np.inf if lam is None else float(lam), resamples=config.bootstrap_resamples)
+    save_cascade(release.pop("policy"), out, default=release["default"], about={
+        "query_only_router": candidate, "candidate": release["candidate"], "why": release["why"],
+        "lambda": release["lambda"], "validation": release["validation"], "test": release["test"]})
+    release_meta = {"served_cascade": release["describe"], "served_cascade_kind": release["kind"],
+                    "served_by_default": release["default"], "served_cascade_why": release["why"],
                     "served_cascade_evidence": dg.MetadataValue.json({k: release[k] for k in ("validation", "test")})}
     release_check = dg.AssetCheckResult(
         check_name=cascade_eval.RELEASE_RULE, passed=not release["worse_on_test"], severity=dg.AssetCheckSeverity.WARN,
         description=(f"{release['describe']}: test accuracy minus the query-only router's "
                      f"{release['test']['accuracy_difference']:+.4f} [{release['test']['accuracy_difference_lo']:+.4f}, "
                      f"{release['test']['accuracy_difference_hi']:+.4f}]; {release['why']}"))
-    if reason := cascade_eval.skip_reason(splits[TRAIN], splits[VALIDATION], splits[TEST], models):
-        context.log.info(f"learned cascade skipped: {reason}")
+    if learned_skip:
+        context.log.info(f"learned cascade skipped: {learned_skip}")
         yield dg.Output(pd.DataFrame(columns=["router", "aiq"]), metadata={
-            "skipped": f"learned cascade: {reason}", "query_only_router": candidate, "comparator": comparator,
+            "skipped": f"learned cascade: {learned_skip}", "query_only_router": candidate, "comparator": comparator,
             **release_meta})
         yield dg.AssetCheckResult(check_name=cascade_eval.CASCADE_RULE, passed=True,
-                                  severity=dg.AssetCheckSeverity.WARN, description=f"no learned cascade: {reason}")
+                                  severity=dg.AssetCheckSeverity.WARN, description=f"no learned cascade: {learned_skip}")
         yield release_check
         return
-    report = cascade_eval.evaluate_cascade(*rows, models, costs, knob, comparator=comparator, alphas=config.alphas,
-                                           folds=config.folds, resamples=config.bootstrap_resamples,
-                                           log=context.log.info)
+    report = cascade_eval.evaluate_cascade(policies, choice, rows[2], models, costs,
+                                           resamples=config.bootstrap_resamples)
     keep = ("cascade", cascade_eval.QUERY_ONLY, "random mix", "oracle")
     plot = cost_accuracy_frontiers(
         {n: (c.frontier().cost * 1000, c.frontier().accuracy) for n, c in report.curves.items() if n in keep},
@@ -129,7 +136,7 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     (out / "report.json").write_text(json.dumps(
         {"query_only_router": candidate, "comparator": comparator, "chosen": report.chosen, "served": release,
          "figures": {k: _plain(v) for k, v in report.figures.items()},
-         "validation_aiq": {k: _plain(v) for k, v in report.validation_aiq.items()}}, indent=1))
+         "validation_aiq": {k: _plain(v) for k, v in validation_aiq.items()}}, indent=1))
     answered = cascade_eval.answer_columns(pd.concat([splits[s].frame for s in splits]), models)
     yield dg.Output(report.table, metadata={
         "query_only_router": candidate, "query_only_p_on_training_rows": training_p, "comparator": comparator,
@@ -140,7 +147,7 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
         "test_rows": len(rows[2].correct), "chosen": dg.MetadataValue.json(report.chosen),
         **{k: _plain(v) for k, v in report.figures.items()},
         "frontier_table": table(report.table.round(4)), "intervals": table(report.intervals.round(4)),
-        "validation_aiq": dg.MetadataValue.json({k: _plain(v) for k, v in report.validation_aiq.items()}),
+        "validation_aiq": dg.MetadataValue.json({k: _plain(v) for k, v in validation_aiq.items()}),
         "frontier": dg.MetadataValue.md(markdown_image(plot, "cascade and query-only frontiers")),
         "frontier_png": dg.MetadataValue.path(str(plot)), **release_meta})
     passed, note = report.verdict

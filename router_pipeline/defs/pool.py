@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from router_pipeline.artifacts import CASCADE_FILE, EVALUATION_FILE
+from router_pipeline.artifacts import CASCADE_FILE, CASCADE_HEADS_FILE, EVALUATION_FILE
 from router_pipeline.defs.config import derived, plain
 from router_pipeline.defs.council import CouncilConfig
 from router_pipeline.defs.data import JudgeConfig, answered
@@ -255,9 +255,10 @@ def released_pool_router(artifacts: ArtifactStore, pool_evaluation: pd.DataFrame
     if len(chosen) != 1 or (name := chosen.pop()) not in {**POOL_CANDIDATES, **POOL_ENSEMBLES}:
         raise dg.Failure(f"pool_evaluation names {sorted(set(pool_evaluation['candidate']))}; expected one candidate")
     cascade = layout.root / "pool_cascade" / CASCADE_FILE
+    shipped = [f for f in (cascade, cascade.with_name(CASCADE_HEADS_FILE)) if f.is_file()]
     try:
         released = install_release(layout.pool_candidate(name), [layout.pool_evaluation(name) / EVALUATION_FILE,
-                                                                 *([cascade] if cascade.is_file() else [])],
+                                                                 *shipped],
                                    layout.pool_release, layout.root / "pool-release-staging")
     except (OSError, ReleaseError) as exc:
         raise dg.Failure(f"cannot release pool router {name}: {exc}") from None
@@ -266,6 +267,7 @@ def released_pool_router(artifacts: ArtifactStore, pool_evaluation: pd.DataFrame
     return dg.MaterializeResult(metadata={
         "cascade": " -> ".join("+".join(step) for step in served["plan"]) if served else "none (pool_cascade chose none)",
         "cascade_by_default": bool(served and served.get("default")),
+        "cascade_kind": served.get("kind", "fixed") if served else "none",
         **{k: v for k, v in released.items() if k != "router_dir"},
         "router_dir": dg.MetadataValue.path(str(released["router_dir"])),
         **{k: v for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}})

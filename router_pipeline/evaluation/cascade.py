@@ -1,16 +1,17 @@
-"""Cascades on the pool's splits: fitted on the training rows, chosen and their knob set on
-the validation rows, scored on the test rows against the query-only pool router by the
-cost-accuracy frontier (a query's cost: the sum over every model it called), with
-paired-bootstrap intervals. What the ``pool_cascade`` asset reports.
+"""Cascades on the pool's splits: fitted on the training rows, chosen on the validation
+rows, scored on the test rows against the query-only pool router by the cost-accuracy
+frontier (a query's cost: the sum over every model it called), with paired-bootstrap
+intervals. What the ``pool_cascade`` asset reports and releases.
 
-The candidates (training/cascade.py): a learned cascade per plan (the k most accurate
-models, cheapest first) and ridge strength, and the query-only router itself (every
-query jumps to one model at step 0), one of them chosen by the AIQ of its knob sweep on
-the validation rows; two fixed cascades (accept on agreement): the next two most
-accurate models together else the most accurate, and the best of ``fixed_plans`` by the
-training rows' AIQ (a fixed cascade fits nothing, so its training rows are fair). As
-in benchmarks/cascade_quality.py, "cascade" is the learned cascade's knob settings with
-the fixed cascades as further settings (each a point of the frontier).
+The candidates (``candidates``): the query-only router itself (every query jumps to one
+model at step 0); learned cascades (training/cascade.py), one per plan (the k most
+accurate models, cheapest first) and ridge strength; two fixed cascades (accept on agreement): the next two most accurate
+models together else the most accurate, and the best of ``fixed_plans`` by the training
+rows' AIQ (a fixed cascade fits nothing, so its training rows are fair). **The cascade**
+is one policy with one knob: at each value of lambda, the candidate (the router, every
+learned recipe, the fixed cascades) with the best accuracy - lambda x cost on the
+validation rows (``choose``). The released knob's lambda
+names the candidate that is served (``release``); the test rows only judge.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from router_pipeline.routers.cascade import (
     FixedCascade,
     comparator_for,
     logit,
+    nearest,
     read_answers,
 )
-from router_pipeline.routers.pool import Knob, decide, lambdas, pick
+from router_pipeline.routers.pool import decide, lambdas
 from router_pipeline.training.cascade import (
     Trace,
-    cascade_knob,
     fit_cascade,
     fixed_plans,
     learned_plans,
     next_two_plan,
     replay,
+    select,
+    selected,
 )
 
 MIN_TRAINING_ROWS = 50  # fewer: the learned cascade's cross-fitted heads have too little to read
@@ -45,11 +48,13 @@ CASCADE_RULE = "cascade_not_below_query_only"
 CASCADE_RULE_DESCRIPTION = ("The cascade's test AIQ is not below the query-only pool router's beyond noise: the "
                             "upper end of the paired interval of cascade minus query-only AIQ is not below 0.")
 QUERY_ONLY = "query-only router"
+LEARNED = "learned cascade"
+FIXED_NEXT_TWO = "fixed: next two agree, else best"
+FIXED_BEST = "fixed: best on training rows"
 RELEASE_RULE = "served_cascade_not_below_query_only"
-RELEASE_RULE_DESCRIPTION = ("The cascade served by default (the fixed plan best on the training rows, when the "
-                            "released knob picks it over the query-only router on the validation rows) is not less "
-                            "accurate than that router on the test rows beyond noise; when it is, it is not served "
-                            "by default.")
+RELEASE_RULE_DESCRIPTION = ("The cascade served by default (the candidate the validation rows choose at the released "
+                            "knob's lambda) is not less accurate than the query-only router at that lambda on the test "
+                            "rows beyond noise; when it is, it is not served by default.")
 
 
 def answer_columns(frame: pd.DataFrame, models: list[str]) -> list[str]:
@@ -91,9 +96,7 @@ class Rows:
 
 @dataclass
 class CascadeReport:
-    comparator: str
-    chosen: dict  # the learned recipe (or the query-only router) and the fixed plans
-    validation_aiq: dict  # learned recipe -> AIQ of its sweep on the validation rows
+    chosen: dict  # the candidates (learned recipe, fixed plans) and how many knob values each won
     table: pd.DataFrame  # a row per router on the test rows
     figures: dict  # the headline figures (plain floats and strings)
     intervals: pd.DataFrame  # cascade minus each other router (AIQ), paired bootstrap
@@ -150,103 +153,109 @@ def best_fixed(plans, train: Rows, costs: np.ndarray, comparator: str):
                                                  train.correct, train.cost, np.zeros(1)), train))
 
 
-def release_fixed(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, knob: Knob,
-                  lam: float, *, comparator: str, resamples: int = 1000, seed: int = 0) -> dict:
-    """The cascade released with the router and the evidence for it. The plan: the best of
-    ``fixed_plans`` (and the next-two plan) on the training rows. It is served by default
-    when the released ``knob`` picks it on the validation rows over every point of the
-    query-only router's sweep (``routers.pool.pick``: a budget, the most accurate within
-    it; a quality, the cheapest reaching it; a lambda knob never picks it), never judged on
-    the test rows, and withheld as a default when the test rows show it less accurate than
-    the query-only router at ``lam`` beyond the paired interval (``RELEASE_RULE``)."""
-    plan = best_fixed([next_two_plan(models, train.correct), *fixed_plans(models, train.correct)], train, costs,
-                      comparator)
-    policy = FixedCascade(plan, costs, comparator)
-
-    def point(rows: Rows) -> tuple[Trace, Trace]:
-        return (replay(policy, logit(rows.p), rows.answers, rows.correct, rows.cost, np.zeros(1)),
-                _query_only(rows, costs, np.array([lam])))
-
-    (cv, qv), (ct, qt) = point(validation), point(test)
+def candidates(train: Rows, validation: Rows, models: list[str], costs: np.ndarray, *, comparator: str,
+               learned: bool = True, alphas=(10.0, 100.0, 1000.0), folds: int = 5, seed: int = 0,
+               log=print) -> tuple[dict, dict]:
+    """name -> policy (None: the query-only router), and each learned recipe's validation
+    AIQ. The learned recipes (plan, ridge strength) are candidates each, the one of best
+    validation AIQ named ``LEARNED``, the others ``learned: <recipe>``. ``learned``:
+    whether learned cascades are fitted (too few training rows: not)."""
     sweep = lambdas(costs)
-    qs = _query_only(validation, costs, sweep)
-    figures = [{"lambda": float(x), "accuracy": float(qs.right[:, i].mean()),
-                "usd_per_1000": float(qs.cost[:, i].mean() * 1000)} for i, x in enumerate(sweep)]
-    figures.append({"lambda": float("nan"), "accuracy": float(cv.right.mean()),
-                    "usd_per_1000": float(cv.cost.mean() * 1000), "cascade": True})
-    picked = bool(pick(figures, float(validation.correct.mean(axis=0).max()), knob).get("cascade"))
+    recipes = {}
+    for plan in learned_plans(models, train.correct, costs) if learned else []:
+        for alpha in alphas:
+            policy, _ = fit_cascade(plan, logit(train.p), train.answers, train.correct, train.cost, sweep,
+                                    comparator=comparator, folds=folds, seed=seed, alpha=alpha)
+            aiq = _aiq(trace_of(policy, validation, costs), validation)
+            recipes[f"{plan.describe()}, alpha {alpha:g}"] = (policy, aiq)
+            log(f"learned cascade {plan.describe()}, alpha {alpha:g}: validation AIQ {aiq:.4f}")
+    best = max(recipes, key=lambda n: recipes[n][1], default=None)
+    policies: dict = {QUERY_ONLY: None}
+    policies.update({LEARNED if n == best else f"learned: {n}": policy for n, (policy, _) in recipes.items()})
+    policies[FIXED_NEXT_TWO] = FixedCascade(next_two_plan(models, train.correct), costs, comparator)
+    if plans := fixed_plans(models, train.correct):  # two models: no plan asks two before the most accurate
+        policies[FIXED_BEST] = FixedCascade(best_fixed(plans, train, costs, comparator), costs, comparator)
+    return policies, {QUERY_ONLY: _aiq(_query_only(validation, costs, sweep), validation),
+                      **{n: v for n, (_, v) in recipes.items()}}
+
+
+def trace_of(policy, rows: Rows, costs: np.ndarray, lams: np.ndarray | None = None) -> Trace:
+    """What a candidate does on ``rows`` at each lambda (a fixed cascade: one column)."""
+    lams = lambdas(costs) if lams is None else np.asarray(lams, float)
+    if policy is None:
+        return _query_only(rows, costs, lams)
+    return replay(policy, logit(rows.p), rows.answers, rows.correct, rows.cost,
+                  lams[:1] if isinstance(policy, FixedCascade) else lams)
+
+
+def choose(policies: dict, validation: Rows, costs: np.ndarray) -> np.ndarray:
+    """Per lambda of ``lambdas(costs)``, the index in ``policies`` of the candidate with the
+    best accuracy - lambda x cost on the validation rows."""
+    return select([trace_of(p, validation, costs) for p in policies.values()], lambdas(costs))
+
+
+def release(policies: dict, choice: np.ndarray, validation: Rows, test: Rows, models: list[str], costs: np.ndarray,
+            lam: float, *, resamples: int = 1000, seed: int = 0) -> dict:
+    """The cascade released with the router and the evidence for it. At the released
+    knob's ``lam`` the validation rows' choice (``choose``) names a candidate: a cascade
+    there is served by default, unless the test rows show it less accurate than the
+    query-only router at ``lam`` beyond the paired interval (``RELEASE_RULE``). Where the
+    query-only router is chosen, the best fixed cascade is released all the same, served
+    only where a profile asks for it. ``policy`` in the result: what to save."""
+    names = list(policies)
+    at = names[choice[nearest(lambdas(costs), np.array([lam]))[0]]]
+    name = at if at != QUERY_ONLY else (FIXED_BEST if FIXED_BEST in policies else FIXED_NEXT_TWO)
+    policy = policies[name]
+    point = {s: (trace_of(policy, rows, costs, np.array([lam])), _query_only(rows, costs, np.array([lam])))
+             for s, rows in (("validation", validation), ("test", test))}
+    (ct, qt) = point["test"]
     weights = fr.resample_weights(len(test.correct), resamples, seed)
     d = ct.right[:, 0].astype(float) - qt.right[:, 0]
     diff = fr.interval(lambda w: float(d.mean() if w is None else w @ d / w.sum()), weights)
-    worse = bool(np.isfinite(diff["hi"]) and diff["hi"] < 0)
-    if not picked:
-        why = (f"the knob ({knob.kind} {knob.value:g}) picks the query-only router over it on the validation rows: "
-               "served when a profile asks for it (cascade: released)")
+    worse = bool(at != QUERY_ONLY and np.isfinite(diff["hi"]) and diff["hi"] < 0)
+    if at == QUERY_ONLY:
+        why = (f"at the released lambda ({lam:.4g}) the validation rows choose the query-only router: served when a "
+               "profile asks for it (cascade: released)")
     elif worse:
-        why = ("the knob picks it on the validation rows, but on the test rows it is less accurate than the query-only "
-               "router beyond the interval: served only when a profile asks for it (cascade: released)")
+        why = (f"the validation rows choose it at the released lambda ({lam:.4g}), but on the test rows it is less "
+               "accurate than the query-only router beyond the interval: served only when a profile asks for it")
     else:
-        why = f"the knob ({knob.kind} {knob.value:g}) picks it over the query-only router on the validation rows"
-    return {"plan": [[models[m] for m in step] for step in plan.steps], "describe": plan.describe(),
-            "comparator": comparator, "default": picked and not worse, "worse_on_test": worse, "why": why,
-            "lambda": float(lam),
-            "validation": {"cascade_accuracy": float(cv.right.mean()), "cascade_usd_per_1000": float(cv.cost.mean() * 1000),
-                           "query_only_accuracy": float(qv.right.mean()),
-                           "query_only_usd_per_1000": float(qv.cost.mean() * 1000), "rows": len(cv.right)},
-            "test": {"cascade_accuracy": float(ct.right.mean()), "cascade_usd_per_1000": float(ct.cost.mean() * 1000),
-                     "query_only_accuracy": float(qt.right.mean()),
-                     "query_only_usd_per_1000": float(qt.cost.mean() * 1000), "rows": len(ct.right),
-                     "accuracy_difference": float(diff["diff"]), "accuracy_difference_lo": float(diff["lo"]),
-                     "accuracy_difference_hi": float(diff["hi"])}}
+        why = f"the validation rows choose it at the released lambda ({lam:.4g}) over the query-only router"
+
+    def figures(s: str) -> dict:
+        c, q = point[s]
+        return {"cascade_accuracy": float(c.right.mean()), "cascade_usd_per_1000": float(c.cost.mean() * 1000),
+                "query_only_accuracy": float(q.right.mean()), "query_only_usd_per_1000": float(q.cost.mean() * 1000),
+                "rows": len(c.right)}
+
+    return {"policy": policy, "candidate": name, "kind": "fixed" if isinstance(policy, FixedCascade) else "learned",
+            "plan": [[models[m] for m in step] for step in policy.plan.steps], "describe": policy.plan.describe(),
+            "comparator": policy.comparator, "default": at != QUERY_ONLY and not worse, "worse_on_test": worse,
+            "why": why, "lambda": float(lam), "validation": figures("validation"),
+            "test": {**figures("test"), "accuracy_difference": float(diff["diff"]),
+                     "accuracy_difference_lo": float(diff["lo"]), "accuracy_difference_hi": float(diff["hi"])}}
 
 
-def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, knob: Knob, *,
-                     comparator: str = "letter", alphas=(10.0, 100.0, 1000.0), folds: int = 5,
-                     resamples: int = 1000, seed: int = 0, log=print) -> CascadeReport:
-    """Fit on ``train``, choose on ``validation``, score on ``test``; ``costs``: the
-    query-only router's expected cost per model (its training rows')."""
+def evaluate_cascade(policies: dict, choice: np.ndarray, test: Rows, models: list[str], costs: np.ndarray, *,
+                     resamples: int = 1000, seed: int = 0) -> CascadeReport:
+    """Every candidate and the cascade (``choice`` per lambda) on the test rows, beside the
+    query-only router, each single model, the random mix and the oracle."""
     sweep = lambdas(costs)
-    q = {name: logit(r.p) for name, r in (("train", train), ("validation", validation), ("test", test))}
-    recipes = {QUERY_ONLY: (None, _aiq(_query_only(validation, costs, sweep), validation))}
-    for plan in learned_plans(models, train.correct, costs):
-        for alpha in alphas:
-            policy, _ = fit_cascade(plan, q["train"], train.answers, train.correct, train.cost, sweep,
-                                    comparator=comparator, folds=folds, seed=seed, alpha=alpha)
-            aiq = _aiq(replay(policy, q["validation"], validation.answers, validation.correct, validation.cost,
-                              sweep), validation)
-            recipes[f"{plan.describe()}, alpha {alpha:g}"] = (policy, aiq)
-            log(f"learned cascade {plan.describe()}, alpha {alpha:g}: validation AIQ {aiq:.4f}")
-    recipe = max(recipes, key=lambda n: recipes[n][1])  # ties: the query-only router (first)
-    policy = recipes[recipe][0]
-    learned = _query_only(test, costs, sweep) if policy is None else \
-        replay(policy, q["test"], test.answers, test.correct, test.cost, sweep)
-    traces = {"learned cascade": learned}
-    chosen = {"learned": recipe}
-    for name, plans in (("fixed: next two agree, else best", [next_two_plan(models, train.correct)]),
-                        ("fixed: best on training rows", fixed_plans(models, train.correct))):
-        if not plans:  # two models: no plan asks two together before the most accurate
-            continue
-        best = best_fixed(plans, train, costs, comparator)
-        traces[name] = replay(FixedCascade(best, costs, comparator), q["test"], test.answers, test.correct, test.cost,
-                              sweep[:1])
-        chosen[name] = best.describe()
-    cascade = with_cheapest(np.concatenate([t.right for t in traces.values()], axis=1),
-                            np.concatenate([t.cost for t in traces.values()], axis=1), test.correct, test.cost)
+    traces = {name: trace_of(p, test, costs) for name, p in policies.items()}
+    chosen_trace = selected(list(traces.values()), choice)
+    cascade = with_cheapest(chosen_trace.right, chosen_trace.cost, test.correct, test.cost)
     curves = {"cascade": cascade,
-              **{n: with_cheapest(t.right, t.cost, test.correct, test.cost) for n, t in traces.items()},
+              **{n: with_cheapest(t.right, t.cost, test.correct, test.cost) for n, t in traces.items()
+                 if n != QUERY_ONLY and not n.startswith("learned: ")},
               QUERY_ONLY: fr.curve(np.stack([decide(test.p, costs, lam) for lam in sweep], axis=1), test.correct,
                                    test.cost),
               "random mix": fr.random_mix(test.correct, test.cost),
               "oracle": fr.oracle(test.correct, test.cost, sweep)}
     curves.update(zip(models, fr.singles(test.correct, test.cost)))
-
-    if policy is None:
-        lam, point = float("nan"), {"accuracy": float("nan"), "usd_per_1000": float("nan")}
-    else:
-        lam = cascade_knob(policy, q["validation"], validation.answers, validation.correct, validation.cost,
-                           knob)["lambda"]
-        at = replay(policy, q["test"], test.answers, test.correct, test.cost, np.array([lam]))
-        point = {"accuracy": float(at.right.mean()), "usd_per_1000": float(at.cost.mean() * 1000)}
+    kinds = ["learned" if n == LEARNED or n.startswith("learned: ") else n for n in policies]
+    won = {k: int(sum(kinds[i] == k for i in choice)) for k in dict.fromkeys(kinds)}
+    chosen = {**{n: p.plan.describe() for n, p in policies.items() if n in (LEARNED, FIXED_NEXT_TWO, FIXED_BEST)},
+              "knob values won on the validation rows": won}
 
     acc, mean_cost = test.correct.mean(axis=0), test.cost.mean(axis=0)
     best = int(np.argmax(acc))
@@ -282,11 +291,8 @@ def evaluate_cascade(train: Rows, validation: Rows, test: Rows, models: list[str
         "cascade_minus_best_single_at_its_cost_hi": float(at_cost["hi"]),
         "cascade_cost_at_best_single_accuracy_ratio": f.cost_at(best_acc) / best_cost,
         "cascade_accuracy_at_half_best_single_cost": f.accuracy_at(best_cost / 2),
-        "learned_lambda": lam, "learned_test_accuracy_at_lambda": point["accuracy"],
-        "learned_test_usd_per_1000_at_lambda": point["usd_per_1000"],
     }
     below = bool(np.isfinite(vs["hi"]) and vs["hi"] < 0)
     note = (f"cascade minus query-only AIQ {vs['diff']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}]: below it beyond "
             "the interval" if below else "")
-    return CascadeReport(comparator, chosen, {n: v for n, (_, v) in recipes.items()}, pd.DataFrame(table), figures,
-                         intervals, curves, (not below, note))
+    return CascadeReport(chosen, pd.DataFrame(table), figures, intervals, curves, (not below, note))

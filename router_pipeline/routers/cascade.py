@@ -22,6 +22,7 @@ server runs them in a small loop (``next_action``: state in, action out).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -124,15 +125,17 @@ def comparator_for(raw) -> str:
     return "letter" if given and all(len(a) == 1 and a.isalpha() for a in given) else "text"
 
 
-def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade":
+def fixed_from_dict(raw, models, costs, where: str = "cascade", heads: Path | None = None):
     """A fixed cascade from configuration: ``{plan: [[flash-lite, flash], pro], comparator:
     text}`` (a step: a model name or a list called together; ``comparator``: letter or
-    text, default text). PlanError naming ``where`` for anything else."""
+    text, default text). A released cascade may be ``kind: learned`` too, its heads in
+    ``heads`` (the npz ``save_cascade`` wrote). PlanError naming ``where`` for anything else."""
     if not isinstance(raw, dict) or set(raw) - {"plan", "comparator", "kind", "about", "default"}:
         raise PlanError(f"{where}: expected a mapping with 'plan' (a list of steps) and optionally 'comparator'")
-    if raw.get("kind", "fixed") != "fixed":
-        raise PlanError(f"{where}: kind {raw.get('kind')!r} cannot be served; a served cascade is 'fixed' "
-                        "(accept on agreement)")
+    kind = raw.get("kind", "fixed")
+    if kind not in ("fixed", "learned") or (kind == "learned" and heads is None):
+        raise PlanError(f"{where}: kind {kind!r} cannot be served here; a configured cascade is 'fixed' (accept on "
+                        "agreement), a learned one comes released with the pool router")
     comparator = raw.get("comparator", "text")
     if comparator not in COMPARATORS:
         raise PlanError(f"{where}: comparator must be one of {', '.join(COMPARATORS)}, got {comparator!r}")
@@ -143,13 +146,21 @@ def fixed_from_dict(raw, models, costs, where: str = "cascade") -> "FixedCascade
         plan = make_plan(steps, models)
     except PlanError as exc:
         raise PlanError(f"{where}: {exc}") from None
-    return FixedCascade(plan, np.asarray(costs, float), comparator, by_default=raw.get("default", True) is True)
+    by_default = raw.get("default", True) is True
+    if kind == "learned":
+        try:
+            return _load_learned(heads, plan, comparator, by_default)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{heads}: the learned cascade's heads cannot be read ({exc}); release the pool router "
+                            "again") from None
+    return FixedCascade(plan, np.asarray(costs, float), comparator, by_default=by_default)
 
 
-def released_cascade(router) -> "FixedCascade | None":
-    """The cascade released with a pool router (its folder's cascade.json: a fixed plan),
-    None without one; ValueError naming the file when it cannot be served."""
-    from router_pipeline.artifacts import CASCADE_FILE
+def released_cascade(router) -> "FixedCascade | LearnedCascade | None":
+    """The cascade released with a pool router (its folder's cascade.json: a fixed plan,
+    or a learned one with its heads beside it), None without one; ValueError naming the
+    file when it cannot be served."""
+    from router_pipeline.artifacts import CASCADE_FILE, CASCADE_HEADS_FILE
     from router_pipeline.routers.contract import read_json_object
 
     path = Path(router.path) / CASCADE_FILE
@@ -157,14 +168,46 @@ def released_cascade(router) -> "FixedCascade | None":
         return None
     try:
         return fixed_from_dict(read_json_object(path, "a cascade's 'plan'", "release the pool router again"),
-                               router.models, router.costs, where=str(path))
+                               router.models, router.costs, where=str(path), heads=path.parent / CASCADE_HEADS_FILE)
     except PlanError as exc:
         raise ValueError(str(exc)) from None
 
 
-def fixed_to_dict(policy: "FixedCascade") -> dict:
-    return {"kind": "fixed", "comparator": policy.comparator,
-            "plan": [[policy.plan.models[m] for m in step] for step in policy.plan.steps]}
+def save_cascade(policy, folder: Path, **about) -> list[Path]:
+    """cascade.json (kind, plan, comparator, and ``about``: default, about) and, for a
+    learned cascade, its heads as arrays: the files ``released_cascade`` reads."""
+    from router_pipeline.artifacts import CASCADE_FILE, CASCADE_HEADS_FILE
+
+    learned = isinstance(policy, LearnedCascade)
+    spec = {"kind": "learned" if learned else "fixed", "comparator": policy.comparator,
+            "plan": [[policy.plan.models[m] for m in step] for step in policy.plan.steps], **about}
+    (folder / CASCADE_FILE).write_text(json.dumps(spec, indent=1))
+    (folder / CASCADE_HEADS_FILE).unlink(missing_ok=True)
+    if not learned:
+        return [folder / CASCADE_FILE]
+    arrays = {"costs": policy.costs, "lambdas": policy.lambdas, "readable": policy.readable}
+    for k, head in enumerate(policy.p_heads, 1):
+        arrays.update({f"p{k}.{name}": a for name, a in head.arrays.items()})
+    for k, lin in enumerate(policy.go_on):
+        arrays.update({f"go{k}.{name}": getattr(lin, name) for name in ("mean", "scale", "coef", "intercept")})
+    np.savez(folder / CASCADE_HEADS_FILE, **arrays)
+    return [folder / CASCADE_FILE, folder / CASCADE_HEADS_FILE]
+
+
+def _load_learned(path: Path, plan: Plan, comparator: str, by_default: bool) -> "LearnedCascade":
+    with np.load(path, allow_pickle=False) as z:
+        a = {name: z[name] for name in z.files}
+    models = list(plan.models)
+
+    def part(prefix: str) -> dict:
+        return {name.split(".", 1)[1]: v for name, v in a.items() if name.startswith(prefix + ".")}
+
+    p_heads = [PoolHead(models, "logistic", part(f"p{k}")) for k in range(1, len(plan.steps) + 1)]
+    go_on = [Linear(**part(f"go{k}")) for k in range(len(plan.steps))]
+    if len(a["costs"]) != len(models) or any(h.arrays["coef"].shape[0] != len(models) for h in p_heads):
+        raise ValueError(f"heads for another pool than {models}")
+    return LearnedCascade(plan, a["costs"], a["lambdas"], p_heads, go_on, a["readable"].astype(bool), comparator,
+                          by_default=by_default)
 
 
 @dataclass
@@ -301,6 +344,7 @@ class LearnedCascade:
     readable: np.ndarray
     comparator: str = "letter"
     name: str = "learned"
+    by_default: bool = True  # as FixedCascade's
 
     def p_correct(self, k: int, q_logit: np.ndarray, answers: Answers) -> np.ndarray:
         """P(correct) per (row, model) after ``k`` steps (the query-only router's at k = 0)."""

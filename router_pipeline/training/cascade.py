@@ -106,17 +106,20 @@ def fit_cascade(
     seed: int = 0,
     c: float = 1.0,
     alpha: float = 10.0,
+    fold_of: np.ndarray | None = None,
 ) -> tuple[LearnedCascade, Trace]:
     """A learned cascade over ``plan`` from training rows only, with its out-of-fold trace
     on those rows (to choose a plan or a knob without test rows). ``q_logit``: the
     query-only router's out-of-fold log-odds on these rows; ``correct``, ``cost``: (rows,
-    models) outcomes. The features read the answers of the models the rows record."""
+    models) outcomes. The features read the answers of the models the rows record.
+    ``fold_of``: the cross-fitting folds (default: ``folds`` random ones; whole domains
+    when the policy must hold on domains it never saw)."""
     models = list(plan.models)
     correct, cost = np.asarray(correct, bool), np.asarray(cost, float)
     costs = cost.mean(axis=0)
     readable = (answers.canon != "").any(axis=0)
     steps = len(plan.steps)
-    fold_of = inner_folds(len(correct), folds, seed)
+    fold_of = inner_folds(len(correct), folds, seed) if fold_of is None else np.asarray(fold_of)
     x = [state_features(q_logit, answers, plan, k, readable) for k in range(steps + 1)]
     p_heads, p_oof = [], [np.exp(-np.logaddexp(0.0, -q_logit))]
     for k in range(1, steps + 1):
@@ -142,6 +145,29 @@ def fit_cascade(
         codes[k] = choose(p_oof[k], plan.called(k), costs, lams, oof - priced(lams, costs[list(plan.steps[k])].sum()))
     policy = LearnedCascade(plan, costs, np.asarray(lams, float), p_heads, go_on, readable, comparator)
     return policy, _walk(plan, codes, correct, cost, 0)
+
+
+def select(traces: list[Trace], lams: np.ndarray) -> np.ndarray:
+    """Per lambda, the index of the trace (each a candidate's, on rows none of them was
+    fitted on) with the best mean of right - lambda x cost; at lambda infinity the
+    cheapest. Ties: the cheaper, then the earlier candidate. A trace of one column (a
+    fixed cascade: the same at every lambda) counts at every lambda."""
+    lams = np.asarray(lams, float)
+    acc = np.stack([np.broadcast_to(t.right.mean(axis=0), lams.shape) for t in traces])  # (candidates, lambdas)
+    spent = np.stack([np.broadcast_to(t.cost.mean(axis=0), lams.shape) for t in traces])
+    utility = np.where(np.isinf(lams), -spent, acc - np.where(np.isinf(lams), 0.0, lams) * spent)
+    return np.array([np.lexsort((spent[:, i], -utility[:, i]))[0] for i in range(len(lams))], dtype=int)
+
+
+def selected(traces: list[Trace], choice: np.ndarray) -> Trace:
+    """The trace of following candidate ``choice[i]`` at the i-th lambda (a one-column
+    trace is the same at every lambda)."""
+    def column(t: Trace, i: int, which: str) -> np.ndarray:
+        a = getattr(t, which)
+        return a[:, min(i, a.shape[1] - 1)]
+
+    return Trace(*(np.stack([column(traces[c], i, w) for i, c in enumerate(choice)], axis=1)
+                   for w in ("right", "cost")))
 
 
 def sweep_figures(trace: Trace, lams: np.ndarray) -> list[dict]:
@@ -171,12 +197,16 @@ def cascade_knob(
 
 
 def learned_plans(models, correct, costs) -> list[Plan]:
-    """The k most accurate models, cheapest first, for k = 2 .. all."""
+    """The k most accurate models, cheapest first, for k = 2 .. all; and the next two
+    together before the most accurate (the fixed rule's plan, where a learned policy may
+    also read how sure each answer is)."""
     by_acc = np.argsort(-np.asarray(correct).mean(axis=0), kind="stable")
-    return [
+    plans = [
         make_plan([models[m] for m in sorted(by_acc[:k], key=lambda m: costs[m])], models)
         for k in range(2, len(models) + 1)
     ]
+    together = next_two_plan(models, correct)
+    return plans + ([together] if len(models) > 2 and together not in plans else [])
 
 
 def next_two_plan(models, correct) -> Plan:

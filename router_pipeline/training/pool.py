@@ -145,6 +145,20 @@ def fit_pool(x_for, correct: np.ndarray, cost: np.ndarray, models: list[str], cl
     return FittedPool(head, params, scored[best]["cv_auc"], scored, head.calibrated(oofs[best]))
 
 
+def oof_on(fitted: FittedPool, x: np.ndarray, correct: np.ndarray, cost: np.ndarray, models: list[str],
+           classifier: str, fold_of: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``fitted``'s recipe cross-fitted again on other folds (whole domains, say) and read
+    through its own Platt map: what it would say of rows like those it never saw."""
+    correct, costs = np.asarray(correct, bool), np.asarray(cost, float).mean(axis=0)
+    hyper = {k: v for k, v in fitted.params.items() if k != "layer"}
+    scores = np.zeros(correct.shape)
+    for f in np.unique(fold_of):
+        held = fold_of == f
+        scores[held] = fit_pool_head(classifier, x[~held], correct[~held], costs, models, seed=seed,
+                                     **hyper).scores(x[held])
+    return fitted.head.calibrated(scores)
+
+
 def pool_grid(classifier: str, *, layers=None, shrinkages=(0.95, 0.85, 0.7, 0.5, 0.3),
               c_values=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3), knn_k=(5, 15, 45)) -> list[dict]:
     hyper = {"lda": [{"shrinkage": s} for s in shrinkages], "logistic": [{"c": c} for c in c_values],
