@@ -43,11 +43,15 @@ STAGES = ("sft", "dpo")
 # Head routers: frozen Gemma states; MiniLM with shrinkage LDA, logistic regression, k-NN.
 HEADS = ("gemma", "minilm_lda", "logistic", "knn")
 
-# What the pipeline reads from the state database (the ``outcomes`` and ``traffic`` sources).
+# What the pipeline reads from the state database (the ``outcomes``, ``traffic`` and ``cascade`` sources).
 OUTCOME_FIELDS = ("query", "medium_grade", "large_grade", "request_id", "profile", "timestamp")
 OUTCOMES_QUERY = f"SELECT {', '.join(OUTCOME_FIELDS)} FROM outcomes ORDER BY timestamp, request_id"  # oldest first
 # Stored queries with the grades feedback gave them, per model (a JSON object: model -> grade).
 TRAFFIC_QUERY = "SELECT query, grades FROM requests WHERE query IS NOT NULL ORDER BY rowid"
+# What cascades answered (the ``cascade`` source): per request, model -> answer and model -> cost (JSON objects)
+# and the answer two or more of them agreed on (NULL: none did), oldest first as ``export-outcomes`` writes them.
+CASCADE_QUERY = ("SELECT request_id, query, answers, costs, agreed FROM cascade_outcomes "
+                 "ORDER BY timestamp, request_id")
 
 
 def check_names(names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:

@@ -41,7 +41,7 @@ from router_pipeline.policies import TIERS
 
 
 PROFILES = ("offline", "gemini")
-SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes", "traffic")  # where questions come from (labels.questions)
+SOURCES = ("bundled", "hf", "url", "jsonl", "outcomes", "traffic", "cascade")  # where questions come from (labels.questions)
 Compute = Literal["local", "modal"]  # where training and evaluation run (the `compute` resource's choices)
 COMPUTES = get_args(Compute)
 ROLES = (*TIERS, "judge", "analyser")  # the LLM roles, each with its ROUTER_<ROLE>_MODEL variable

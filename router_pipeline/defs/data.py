@@ -66,11 +66,28 @@ def questions_(context: dg.AssetExecutionContext, config: QuestionsConfig) -> dg
                 conflicts=int(merged.per_source["conflicts"].sum()))
     if merged.skipped:
         meta["skipped_sources"] = ", ".join(merged.skipped)
+    if merged.cascade:  # the cascades' own traffic: graded by agreement, no judge call
+        meta.update(_cascade_metadata(merged.cascade))
     if rejected:
         meta["rejected"] = table(pd.DataFrame([{"row": r.row, "reason": r.reason} for r in rejected[:200]]))
     if frame["topic"].notna().any():
         meta["topics"] = table(frame["topic"].value_counts().rename_axis("topic").reset_index())
     return dg.Output(frame, metadata=meta)
+
+
+def _cascade_metadata(cascades: list[dict]) -> dict:
+    """Counts of the cascade sources' rows (read, graded by agreement, left ungraded,
+    rejected), per source and in all, and the grades agreement gave each model."""
+    counts = ["rows_read", "graded_by_agreement", "left_ungraded", "rejected"]
+    grades: dict[str, dict[str, int]] = {}
+    for c in cascades:
+        for model, by_grade in c["grades_by_model"].items():
+            for grade, n in by_grade.items():
+                grades.setdefault(model, {}).setdefault(grade, 0)
+                grades[model][grade] += n
+    return {**{f"cascade_{k}": sum(c[k] for c in cascades) for k in counts},
+            "cascade_sources": table(pd.DataFrame(cascades, columns=["source", *counts])),
+            "cascade_grades_by_model": dg.MetadataValue.json(grades)}
 
 
 SplitConfig = derived(split.SplitSpec, name="SplitConfig")

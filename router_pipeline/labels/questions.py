@@ -18,6 +18,13 @@ by one with the row and the reason; the rest are kept.
   ``store_queries``) become rows. ``outcomes`` reads its feedback's outcomes rows. What is logged is
   used (an answer in the log is never paid for again); what is missing is generated and
   judged, against the rubric when there is no reference answer.
+- ``cascade``: what the routing server's cascades answered (``<out>.cascade.jsonl``, which
+  ``router-pipeline export-outcomes`` writes, or the ``cascade_outcomes`` table of its state
+  database ``requests.sqlite``), graded by agreement with no judge call: where two or more
+  models agreed, a model whose answer is the agreed one is Correct, one that differs
+  Incorrect, an abstention IDK; a row with no agreement keeps its answers ungraded (a
+  configured judge grades them against the rubric, as it does traffic). A model the
+  cascade did not call, or whose call gave no answer, has no outcome in the row.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import ast
 import codecs
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -32,15 +40,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from router_pipeline.artifacts import OUTCOMES_QUERY, TRAFFIC_QUERY
+from router_pipeline.artifacts import CASCADE_QUERY, OUTCOMES_QUERY, TRAFFIC_QUERY
 from router_pipeline.policies import CORRECT, IDK, INCORRECT, TIERS
+from router_pipeline.routers.cascade import abstains, same_answer
 from router_pipeline.settings import SOURCES
 from router_pipeline.text import MAX_QUERY_CHARS, check_query, clean_query, normalise, query_hash, unit_interval
 
 # Package data, so an installed wheel has it too.
 BUNDLED_SIMPLEQA = Path(__file__).resolve().parents[1] / "data" / "simpleqa" / "simple_qa_test_set.csv.gz"
 
-RECORDED_SOURCES = ("outcomes", "traffic")  # sources whose rows carry per-tier answers, grades and costs
+RECORDED_SOURCES = ("outcomes", "traffic", "cascade")  # sources whose rows carry per-tier answers, grades and costs
+CASCADE = "cascade"  # the cascades' own traffic, graded by agreement (cascade_row)
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 OPENAI_SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 DEFAULT_HF_DATASET = "basicv8vc/SimpleQA"
 COLUMNS = ["qid", "query", "gold_answer", "topic", "answer_type", "source_row"]  # + provenance (the source's name)
@@ -112,6 +123,9 @@ class Merged:
     rejected: list[Rejected]
     per_source: pd.DataFrame  # source, rows read, kept, duplicates, conflicts, rejected
     skipped: list[str]  # optional sources whose file does not exist
+    # Per cascade source: rows read, graded by agreement, left ungraded, rejected, and the
+    # grades by model (before de-duplication against the other sources and sampling).
+    cascade: list[dict] = dataclasses.field(default_factory=list)
 
 
 LABEL_FIELDS = ("gold_answer",)  # with every model's grade: what two copies of a query may disagree on
@@ -128,7 +142,7 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
     sources are added."""
     if not specs:
         raise QuestionSourceError("no question source configured")
-    frames, rejected, stats, skipped = [], [], [], []
+    frames, rejected, stats, skipped, cascades = [], [], [], [], []
     for spec in specs:
         if spec.path and not spec.required and not Path(spec.path).exists():
             skipped.append(spec.name)
@@ -137,6 +151,8 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
                                     max_query_chars=max_query_chars)
         rejected += [Rejected(r.row, f"{spec.name}: {r.reason}") for r in bad]
         frames.append(frame)
+        if spec.source == CASCADE:
+            cascades.append({"source": spec.name, **cascade_counts(frame, len(bad))})
         stats.append({"source": spec.name, "rows": len(frame), "rejected": len(bad)})
     if not frames:
         raise QuestionSourceError(f"none of the optional sources exists: {', '.join(skipped)}")
@@ -158,7 +174,7 @@ def load_sources(specs: list[SourceSpec], *, sample_size: int = 0, sample_seed: 
     frame["conflicts"] = frame["qid"].map(copies[clash].groupby("qid").size()).fillna(0).astype(int)
     return Merged(stable_sample(frame, sample_size, sample_seed), rejected,
                   pd.DataFrame(stats, columns=["source", "rows", "kept", "duplicates", "conflicts", "rejected"]),
-                  skipped)
+                  skipped, cascades)
 
 
 def _comparable(value):
@@ -184,7 +200,9 @@ def read_source(source, *, path=None, url=OPENAI_SIMPLEQA_URL, hf_dataset=DEFAUL
         raise QuestionSourceError(f"{source} file not found: {file}")
     if file.is_dir():
         raise QuestionSourceError(f"{source} path {file} is a directory, not a file")
-    if file.suffix in (".jsonl", ".json", ".ndjson"):
+    if source == CASCADE:
+        return _read_cascade(file)
+    if file.suffix in JSONL_SUFFIXES:
         return _read_jsonl(file)
     if file.suffix == ".sqlite":
         return _read_state_database(file, source), []
@@ -222,6 +240,103 @@ def _read_state_database(file: Path, source: str) -> pd.DataFrame:
     return frame.join(grades.add_suffix("_grade"))
 
 
+def _read_cascade(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
+    """The cascades' rows (the export's JSONL, or the state database's cascade_outcomes
+    table) as recorded outcomes graded by agreement (``cascade_row``); a malformed row is
+    rejected with the file and its line (or table row), and the others are kept."""
+    if file.suffix == ".sqlite":
+        records, rejected, where = _cascade_table(file), [], f"{file.name} cascade_outcomes row"
+    elif file.suffix in JSONL_SUFFIXES:
+        (records, rejected), where = _jsonl_objects(file), f"{file.name} line"
+    else:
+        raise QuestionSourceError(f"{file}: the cascade source reads the JSONL `router-pipeline export-outcomes` "
+                                  f"writes (<out>.cascade.jsonl) or the routing server's state database (.sqlite)")
+    rows = []
+    for rec in records:
+        try:
+            rows.append({**cascade_row(rec), "__row": rec["__row"]})
+        except ValueError as exc:
+            rejected.append(Rejected(rec["__row"], f"{where} {rec['__row']}: {exc}"))
+    return pd.DataFrame(rows, columns=None if rows else ["query", "__row"]), rejected
+
+
+def _cascade_table(file: Path) -> list[dict]:
+    """The state database's cascade_outcomes rows in the export's columns (a cell that is
+    not a JSON object is left for ``cascade_row`` to reject, naming the row)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as db:
+            found = db.execute(CASCADE_QUERY).fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise QuestionSourceError(f"{file} is not a routing server's state database with cascade rows ({exc})") from None
+    records = []
+    for i, (request_id, query, answers, costs, agreed) in enumerate(found, 1):
+        rec = {"query": query, "agreed": agreed, "request_id": request_id, "__row": i}
+        for cell, suffix in ((answers, "answer"), (costs, "cost_usd")):
+            try:
+                value = json.loads(cell) if isinstance(cell, str) else None
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                rec["__broken"] = f"request {request_id}: its {suffix.split('_')[0]}s are not a JSON object"
+                break
+            rec.update({f"{m}_{suffix}": v for m, v in value.items()})
+        records.append(rec)
+    return records
+
+
+def cascade_row(rec: dict) -> dict:
+    """One cascaded request (query, ``<model>_answer`` and ``<model>_cost_usd`` per model
+    called, ``agreed``: the answer two or more of them gave, or None) as a recorded-outcomes
+    row: ``<model>_answer``, ``_cost_usd`` and ``_grade`` per model that answered. With an
+    agreed answer, a model whose answer is the agreed one (as choice letters, case and
+    spaces aside, or as normalised text: either comparator a cascade uses) is Correct, an
+    abstention IDK, any other answer Incorrect; without one, no model is graded. A model
+    whose call gave no answer (null) has no outcome. ValueError for a malformed row."""
+    if "__broken" in rec:
+        raise ValueError(rec["__broken"])
+    if "agreed" not in rec:
+        raise ValueError("no 'agreed' field: not a cascade row (router-pipeline export-outcomes writes those "
+                         "to <out>.cascade.jsonl)")
+    agreed = rec["agreed"]
+    if agreed is not None and (not isinstance(agreed, str) or abstains(agreed)):
+        raise ValueError(f"agreed is {agreed!r}: expected the answer the models agreed on, or null")
+    answers = {}
+    for key, answer in rec.items():
+        model = key[:-len("_answer")] if isinstance(key, str) and key.endswith("_answer") else ""
+        if not model or key in GOLD_ALIASES:
+            continue
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f"{key} is {type(answer).__name__}, not text")
+        if answer is not None:  # null: the call failed or gave nothing, no outcome of that model
+            answers[model] = answer
+    if not answers:
+        raise ValueError("no model's answer (<model>_answer)")
+    row, same = {"query": rec.get("query")}, set()
+    if agreed is not None:
+        same = {m for m, a in answers.items() if same_answer(a, agreed, "letter") or same_answer(a, agreed, "text")}
+        if len(same) < 2:
+            raise ValueError(f"agreed answer {agreed[:80]!r} is the answer of {len(same)} of its models "
+                             f"({', '.join(answers)}); an agreement is two or more")
+    for m, answer in answers.items():
+        grade = None if agreed is None else IDK if abstains(answer) else CORRECT if m in same else INCORRECT
+        row.update({f"{m}_answer": answer, f"{m}_grade": grade, f"{m}_cost_usd": rec.get(f"{m}_cost_usd")})
+    return row
+
+
+def cascade_counts(frame: pd.DataFrame, rejected: int) -> dict:
+    """What a cascade source's rows gave: rows read, graded by agreement (every row with a
+    grade: the source's grades are all agreement's), left ungraded, rejected, and the grades
+    by model."""
+    grades = frame[[c for c in frame.columns if c.endswith("_grade")]]
+    graded = int(grades.notna().any(axis=1).sum())
+    by_model = {c[:-len("_grade")]: {g: int(n) for g, n in grades[c].value_counts().items()}
+                for c in grades.columns if grades[c].notna().any()}
+    return {"rows_read": len(frame) + rejected, "graded_by_agreement": graded, "left_ungraded": len(frame) - graded,
+            "rejected": rejected, "grades_by_model": by_model}
+
+
 def _grades(cell) -> dict:
     try:
         grades = json.loads(cell) if isinstance(cell, str) else {}
@@ -257,6 +372,13 @@ def _not_utf8(file: Path, lineno: int) -> Rejected:
 
 
 def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
+    rows, rejected = _jsonl_objects(file)
+    return pd.DataFrame(rows), rejected
+
+
+def _jsonl_objects(file: Path) -> tuple[list[dict], list[Rejected]]:
+    """Every line of a JSONL file that is a JSON object (with its line number as ``__row``),
+    and a rejection for every other non-blank line."""
     rows, rejected = [], []
     for lineno, line in _physical_lines(file):
         if line is None:
@@ -279,7 +401,7 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[Rejected]]:
             rejected.append(Rejected(lineno, f"{file.name}: expected a JSON object, got {type(obj).__name__}"))
             continue
         rows.append({**obj, "__row": lineno})
-    return pd.DataFrame(rows), rejected
+    return rows, rejected
 
 
 def _no_constant(name: str):
