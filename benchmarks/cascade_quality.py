@@ -114,8 +114,9 @@ def main(argv=None) -> int:
             held = folds == fold
             # By domain, the training rows are cross-fitted by whole domains too: the P the
             # cascade reads and its out-of-fold traces then say how they hold on unseen ones.
-            inner = (outer_folds(questions[~held].reset_index(drop=True), args.folds, config.seed, by)
-                     if by == "domain" else None)
+            rest = questions[~held].reset_index(drop=True)
+            inner = (outer_folds(rest, args.folds, config.seed, by)
+                     if by == "domain" and rest["topic"].nunique() >= 2 else None)  # one domain left: random folds
             fitted = _fold(feats, answers, correct, cost, ~held, held, sweep, config, models, comparator, inner)
             for name, (r, c) in fitted["traces"].items():
                 right.setdefault(name, np.zeros((len(frame), r.shape[1])))[held] = r

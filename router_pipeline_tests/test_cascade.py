@@ -22,8 +22,8 @@ from router_pipeline.routers.cascade import (
     same_answer,
     state_features,
 )
-from router_pipeline.routers.pool import Knob, decide, lambdas
-from router_pipeline.training.cascade import Trace, cascade_knob, fit_cascade, replay
+from router_pipeline.routers.pool import decide, lambdas
+from router_pipeline.training.cascade import Trace, fit_cascade, replay
 
 MMLU_PRO = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing_outcomes" / "mmlu_pro_dev_outcomes.csv"
 POOL = ("gemini-1.5-flash", "llama-3.1-70b-instruct", "gemini-1.5-pro")
@@ -148,9 +148,6 @@ def test_the_learned_cascade_beats_the_query_only_choice_on_its_validation_rows(
         paid += 0.0 if act.model in answers_so_far else cost[r, models.index(act.model)]
         assert paid == pytest.approx(got.cost[r - 1000, lam_i])
         assert correct[r, models.index(act.model)] == got.right[r - 1000, lam_i]
-    # A budget set on validation rows is kept on them.
-    chosen = cascade_knob(policy, q[val], answers.rows(val), correct[val], cost[val], Knob("budget", 0.4))
-    assert chosen["usd_per_1000"] <= 0.4 and chosen["validation_rows"] == val.sum()
 
 
 def test_a_file_without_answers_still_fits_a_cascade_reading_the_query_only(mmlu_pro_slice):
@@ -190,7 +187,7 @@ def test_what_is_chosen_never_reads_the_test_rows(mmlu_pro_slice):
         policies, validation_aiq = candidates(*splits[:2], list(POOL), costs, comparator=comparator,
                                               alphas=(100.0,), folds=3, log=lambda *_: None)
         choice = choose(policies, splits[1], costs)
-        served = release(policies, choice, splits[1], splits[2], list(POOL), costs, 0.0, resamples=50)
+        served = release(policies, splits[1], splits[2], list(POOL), costs, 0.0, resamples=50)
         report = evaluate_cascade(policies, choice, splits[2], list(POOL), costs, resamples=50)
         runs.append((validation_aiq, choice, served, report))
     (aiq, choice, served, report), (aiq_again, choice_again, served_again, report_again) = runs
@@ -199,8 +196,15 @@ def test_what_is_chosen_never_reads_the_test_rows(mmlu_pro_slice):
         assert served[key] == served_again[key], key
     assert served["test"] != served_again["test"]
     assert report.figures["cascade_aiq"] != report_again.figures["cascade_aiq"]
-    # At lambda 0 (accuracy at any cost) the validation rows choose a cascade over the router.
+    # At lambda 0 (accuracy at any cost) the validation rows choose a cascade over the router ...
     assert served["candidate"] != "query-only router" and served["default"]
+    assert served["validation"]["cascade_usd_per_1000"] > 0.4
+    # ... and a budget (USD per 1,000 queries) is kept on those rows: what is served by default fits it; where no
+    # cascade does (0.40), none is served by default.
+    for budget, by_default in ((0.4, False), (served["validation"]["cascade_usd_per_1000"], True)):
+        budgeted = release(policies, rows(val), rows(test), list(POOL), costs, 0.0, budget, resamples=50)
+        assert budgeted["default"] is by_default
+        assert budgeted["validation"]["cascade_usd_per_1000"] <= budget or not by_default
 
 
 def test_a_released_learned_cascade_is_saved_loaded_and_decides_as_fitted(mmlu_pro_slice, tmp_path):

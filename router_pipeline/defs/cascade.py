@@ -103,8 +103,8 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
         rows[0], rows[1], models, costs, comparator=comparator, learned=learned_skip is None, alphas=config.alphas,
         folds=config.folds, log=context.log.info)
     choice = cascade_eval.choose(policies, rows[1], costs)
-    release = cascade_eval.release(policies, choice, rows[1], rows[2], models, costs,
-                                   np.inf if lam is None else float(lam), resamples=config.bootstrap_resamples)
+    release = cascade_eval.release(policies, rows[1], rows[2], models, costs, np.inf if lam is None else float(lam),
+                                   knob.value if knob.kind == "budget" else None, resamples=config.bootstrap_resamples)
     save_cascade(release.pop("policy"), out, default=release["default"], about={
         "query_only_router": candidate, "candidate": release["candidate"], "why": release["why"],
         "lambda": release["lambda"], "validation": release["validation"], "test": release["test"]})

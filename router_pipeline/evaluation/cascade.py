@@ -27,7 +27,6 @@ from router_pipeline.routers.cascade import (
     FixedCascade,
     comparator_for,
     logit,
-    nearest,
     read_answers,
 )
 from router_pipeline.routers.pool import decide, lambdas
@@ -194,16 +193,21 @@ def choose(policies: dict, validation: Rows, costs: np.ndarray) -> np.ndarray:
     return select([trace_of(p, validation, costs) for p in policies.values()], lambdas(costs))
 
 
-def release(policies: dict, choice: np.ndarray, validation: Rows, test: Rows, models: list[str], costs: np.ndarray,
-            lam: float, *, resamples: int = 1000, seed: int = 0) -> dict:
+def release(policies: dict, validation: Rows, test: Rows, models: list[str], costs: np.ndarray, lam: float,
+            budget: float | None = None, *, resamples: int = 1000, seed: int = 0) -> dict:
     """The cascade released with the router and the evidence for it. At the released
-    knob's ``lam`` the validation rows' choice (``choose``) names a candidate: a cascade
-    there is served by default, unless the test rows show it less accurate than the
-    query-only router at ``lam`` beyond the paired interval (``RELEASE_RULE``). Where the
-    query-only router is chosen, the best fixed cascade is released all the same, served
-    only where a profile asks for it. ``policy`` in the result: what to save."""
+    knob's ``lam`` the validation rows choose a candidate as ``choose`` does (with a
+    ``budget``, USD per 1,000 queries, among those within it on those rows: a budgeted
+    cascade is never served by default above its budget there): a cascade there is
+    served by default, unless the test rows show it less accurate than the query-only
+    router at ``lam`` beyond the paired interval (``RELEASE_RULE``). Where the query-only
+    router is chosen (or nothing fits the budget), the best fixed cascade is released all
+    the same, served only where a profile asks for it. ``policy`` in the result: what to
+    save."""
     names = list(policies)
-    at = names[choice[nearest(lambdas(costs), np.array([lam]))[0]]]
+    traces = [trace_of(p, validation, costs, np.array([lam])) for p in policies.values()]
+    within = [i for i, t in enumerate(traces) if budget is None or t.cost.mean() * 1000 <= budget] or [0]
+    at = names[within[int(select([traces[i] for i in within], np.array([lam]))[0])]]
     name = at if at != QUERY_ONLY else (FIXED_BEST if FIXED_BEST in policies else FIXED_NEXT_TWO)
     policy = policies[name]
     point = {s: (trace_of(policy, rows, costs, np.array([lam])), _query_only(rows, costs, np.array([lam])))

@@ -33,7 +33,6 @@ from router_pipeline.routers.cascade import (
     state_features,
     stop_utility,
 )
-from router_pipeline.routers.pool import Knob, pick
 from router_pipeline.training.pool import fit_platt, fit_pool_head, inner_folds
 
 
@@ -168,27 +167,6 @@ def selected(traces: list[Trace], choice: np.ndarray) -> Trace:
 
     return Trace(*(np.stack([column(traces[c], i, w) for i, c in enumerate(choice)], axis=1)
                    for w in ("right", "cost")))
-
-
-def sweep_figures(trace: Trace, lams: np.ndarray) -> list[dict]:
-    """Accuracy and USD per 1,000 queries at each lambda of a trace (what ``pick`` reads)."""
-    return [
-        {
-            "lambda": float(lam),
-            "accuracy": float(trace.right[:, i].mean()),
-            "usd_per_1000": float(trace.cost[:, i].mean() * 1000),
-        }
-        for i, lam in enumerate(lams)
-    ]
-
-
-def cascade_knob(
-    policy: LearnedCascade, q_logit: np.ndarray, answers: Answers, correct: np.ndarray, cost: np.ndarray, want: Knob
-) -> dict:
-    """lambda from validation rows only: the policy replayed on them at every lambda it
-    was fitted for, and the point ``want`` asks for (``routers.pool.pick``)."""
-    figures = sweep_figures(replay(policy, q_logit, answers, correct, cost, policy.lambdas), policy.lambdas)
-    return {**pick(figures, float(np.asarray(correct).mean(axis=0).max()), want), "validation_rows": len(correct)}
 
 
 # -- candidate plans -------------------------------------------------------------

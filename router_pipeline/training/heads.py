@@ -215,6 +215,7 @@ def encode_cached(queries: list[str], config: HeadConfig, folder: Path) -> tuple
             return {"gemma": {layer: z[f"gemma_{layer}"] for layer in config.layers}, "minilm": z["minilm"]}, \
                 {"cached": 0.0}
     feats, seconds = encode(queries, config, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no cache folder yet
     np.savez(path, minilm=feats["minilm"], **{f"gemma_{layer}": x for layer, x in feats["gemma"].items()})
     return feats, seconds
 
