@@ -25,6 +25,7 @@ from router_pipeline.evaluation import frontier as fr
 from router_pipeline.routers.cascade import (
     Answers,
     FixedCascade,
+    classes,
     comparator_for,
     logit,
     read_answers,
@@ -51,6 +52,7 @@ LEARNED = "learned cascade"
 FIXED_NEXT_TWO = "fixed: next two agree, else best"
 FIXED_BEST = "fixed: best on training rows"
 RELEASE_RULE = "served_cascade_not_below_query_only"
+COMPARATOR_CHOICES = ("auto", "text", "judge")  # PoolCascadeConfig.comparator
 RELEASE_RULE_DESCRIPTION = ("The cascade served by default (the candidate the validation rows choose at the released "
                             "knob's lambda) is not less accurate than the query-only router at that lambda on the test "
                             "rows beyond noise; when it is, it is not served by default.")
@@ -103,10 +105,19 @@ class CascadeReport:
     verdict: tuple = field(default=(True, ""))  # (passed, note) of CASCADE_RULE
 
 
-def rows_of(outcomes, p: np.ndarray, models: list[str], comparator: str) -> Rows:
-    raw = np.stack([outcomes.frame[m + "_answer"].to_numpy(object) if m + "_answer" in outcomes.frame
-                    else np.full(len(outcomes.frame), None, dtype=object) for m in models], axis=1)
-    return Rows(outcomes.correct, outcomes.cost, np.asarray(p, float), read_answers(raw, comparator))
+def raw_answers(outcomes, models: list[str]) -> np.ndarray:
+    """(rows, models) what each model answered (None where not recorded)."""
+    return np.stack([outcomes.frame[m + "_answer"].to_numpy(object) if m + "_answer" in outcomes.frame
+                     else np.full(len(outcomes.frame), None, dtype=object) for m in models], axis=1)
+
+
+def rows_of(outcomes, p: np.ndarray, models: list[str], comparator: str, judge=None) -> Rows:
+    """A split as the cascades read it; with ``judge`` (a ``SameAnswerJudge``) free-text
+    answers agree as the judge says (``judged_answers``), else as ``comparator`` says."""
+    raw = raw_answers(outcomes, models)
+    answers = (judged_answers(outcomes.frame["query"].tolist(), raw, judge) if judge is not None and
+               comparator == "text" else read_answers(raw, comparator))
+    return Rows(outcomes.correct, outcomes.cost, np.asarray(p, float), answers)
 
 
 def comparator_of(frames: list[pd.DataFrame], models: list[str]) -> str:
@@ -114,9 +125,68 @@ def comparator_of(frames: list[pd.DataFrame], models: list[str]) -> str:
     return comparator_for(np.concatenate(raw) if raw else np.array([], dtype=object))
 
 
-def agreement(rows: Rows, models: list[str]) -> pd.DataFrame:
+def check_comparator(configured: str) -> None:
+    """ValueError, saying what each is, for a name outside ``COMPARATOR_CHOICES``."""
+    if configured not in COMPARATOR_CHOICES:
+        raise ValueError(f"unknown comparator {configured!r}; expected one of {', '.join(COMPARATOR_CHOICES)} (auto "
+                         "or text: choice letters when every answer is one, else normalised text; judge: the LLM "
+                         "judge compares free-text answers, paid)")
+
+
+def choose_comparator(configured: str, frames: list[pd.DataFrame], models: list[str]) -> tuple[str, bool, str]:
+    """(comparator the answers are read with, whether the judge compares free text, why)
+    for ``PoolCascadeConfig.comparator``: where every recorded answer is one choice letter
+    the letters are compared exactly, whatever is configured (no judge is needed, and
+    normalised text would drop the choice "A" as an article); otherwise free text, by
+    normalised match ("auto", "text") or by the judge ("judge"). ValueError for a name
+    outside ``COMPARATOR_CHOICES``."""
+    check_comparator(configured)
+    if comparator_of(frames, models) == "letter":
+        why = "every recorded answer is a choice letter: compared exactly"
+        return "letter", False, why + (", no judge needed (cost 0)" if configured == "judge" else "")
+    if configured == "judge":
+        return "text", True, ("free text: answers normalised-equal agree without a call, any other pair as the judge "
+                              "says (a failed or unreadable verdict: they disagree)")
+    return "text", False, "free text: answers agree when normalised-equal (text.normalise)"
+
+
+class _Undecided(Exception):
+    """A pair the judge has not decided yet (its key in ``args[0]``)."""
+
+
+def judged_answers(questions: list[str], raw: np.ndarray, judge) -> Answers:
+    """``Answers`` whose ``canon`` are agreement classes (routers/cascade.py ``classes``)
+    with the judge deciding free-text pairs that do not match once normalised. The pairs
+    are asked in rounds, all rows' at once (one run of calls, concurrent and cached): each
+    round asks every row's first undecided pair, so no pair is asked that ``classes`` does
+    not need (at most one round per pair of models)."""
+    raw = np.asarray(raw, dtype=object)
+    canon = np.empty(raw.shape, dtype=object)
+    todo = list(range(len(raw)))
+    while todo:
+        wanted, later = {}, []
+        for r in todo:
+            def same(a, b, q=questions[r]):
+                key = judge.pair(q, a, b)
+                if key not in judge.verdicts:
+                    raise _Undecided(key)
+                return bool(judge.verdicts[key])
+
+            try:
+                canon[r] = classes(raw[r], same)
+            except _Undecided as undecided:
+                wanted[undecided.args[0]] = None
+                later.append(r)
+        judge.ask(list(wanted))
+        todo = later
+    return Answers(canon, read_answers(raw, "text").length)
+
+
+def agreement(rows: Rows, models: list[str], normalised: Answers | None = None) -> pd.DataFrame:
     """Per pair of models with answers: the share of rows where they agree, and how often
-    the agreed answer is right (each model graded alone: they gave the same answer)."""
+    the agreed answer is right (each model graded alone: they gave the same answer).
+    ``normalised``: the same rows' answers by normalised text, where a judge compared
+    them: the share that agree by normalised text alone beside (what the judge added)."""
     canon = rows.answers.canon
     readable = [i for i in range(len(models)) if (canon[:, i] != "").any()]
     out = []
@@ -125,7 +195,11 @@ def agreement(rows: Rows, models: list[str]) -> pd.DataFrame:
             agree = (canon[:, a] == canon[:, b]) & (canon[:, a] != "")
             out.append({"models": f"{models[a]} + {models[b]}", "agree": float(agree.mean()),
                         "right_when_agreeing": float(rows.correct[agree, a].mean()) if agree.any() else float("nan")})
-    return pd.DataFrame(out, columns=["models", "agree", "right_when_agreeing"])
+            if normalised is not None:
+                text = normalised.canon
+                out[-1]["agree_by_normalised_text"] = float(((text[:, a] == text[:, b]) & (text[:, a] != "")).mean())
+    columns = ["models", "agree", "right_when_agreeing"] + (["agree_by_normalised_text"] if normalised is not None else [])
+    return pd.DataFrame(out, columns=columns)
 
 
 def with_cheapest(right: np.ndarray, spent: np.ndarray, correct: np.ndarray, cost: np.ndarray) -> fr.Curve:

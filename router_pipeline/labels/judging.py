@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass, field, fields
 from difflib import SequenceMatcher
 
 import pandas as pd
@@ -58,7 +59,23 @@ Give the grade and a one-line reason.
 
 Question: {question}
 Answer to grade: {answer}"""
+SAME_ANSWER_PROMPT = """Two answers were given to one question. Decide whether they give the same answer.
+
+Verdicts:
+- SAME: both commit to the same thing: the same entity, date, number or choice.
+  Paraphrases, extra context, small spelling slips in names, and numbers that agree
+  to the precision either gives all count as the same answer.
+- DIFFERENT: they commit to different things, or either one commits to several
+  candidates at once or to nothing concrete.
+Do not decide which answer is right, only whether the two agree.
+Reply with exactly one word: SAME or DIFFERENT.
+
+Question: {question}
+First answer: {first}
+Second answer: {second}
+Verdict:"""
 VERDICTS = {"CORRECT": CORRECT, "INCORRECT": INCORRECT, "NOT_ATTEMPTED": IDK}
+SAME_VERDICTS = {"SAME": True, "DIFFERENT": False}
 # Structured output of the rubric judge (a JSON schema, as the request's text).
 RUBRIC_SCHEMA = json.dumps({"type": "OBJECT", "properties": {
     "grade": {"type": "STRING", "enum": list(VERDICTS)}, "reason": {"type": "STRING"}},
@@ -84,6 +101,16 @@ def judge_prompt(question: str, gold: str, answer: str) -> str:
 
 def rubric_prompt(question: str, answer: str) -> str:
     return RUBRIC_PROMPT.format(question=question, answer=answer)
+
+
+def same_answer_prompt(question: str, first: str, second: str) -> str:
+    return SAME_ANSWER_PROMPT.format(question=question, first=first, second=second)
+
+
+def parse_same_output(text: str | None) -> bool | None:
+    """True / False for a verdict that is exactly SAME or DIFFERENT (case and a final
+    period aside), else None: never a keyword found somewhere in the text."""
+    return SAME_VERDICTS.get((text or "").strip().rstrip(".").strip().upper())
 
 
 def parse_rubric_output(text: str | None) -> tuple[str, str] | None:
@@ -242,3 +269,55 @@ def judge_answers(
                 problem = res.error or res.status if res.status != OK else f"unreadable judge verdict {res.text!r:.60}"
                 row.update(label=None, reason=f"judge: {problem}")
     return pd.DataFrame(rows, columns=JUDGMENT_COLUMNS), stats
+
+
+@dataclass
+class SameAnswerJudge:
+    """Whether two free-text answers to a question are the same answer, by the judge role
+    (``SAME_ANSWER_PROMPT``): the cascade's paid comparator (``pool_cascade`` with
+    ``comparator: judge``). Blind as the grader is: a call sees the question and the two
+    answers, never a model's name, the two in a fixed order (sorted), so that a pair is
+    one prompt whichever model answered first. Every call goes through ``complete_all``
+    (the response cache, retries, prices): a pair already decided, in this run or any
+    earlier one through the same cache, is not paid again. ``verdicts``: (question, first,
+    second) -> True / False, or None where the call failed or its verdict cannot be read
+    (counted in ``unreadable``; a failed call is not cached, so a later run asks again);
+    ``stats``: every call of this judge, summed (``cost_usd``: paid here; hits are free)."""
+
+    judge: RoleSpec
+    client: object
+    cache: object = None
+    concurrency: int = 8
+    retry: RetryPolicy = RetryPolicy()
+    progress: bool = False
+    verdicts: dict = field(default_factory=dict)
+    stats: RunStats = field(default_factory=RunStats)
+    unreadable: int = 0
+
+    @staticmethod
+    def pair(question, a, b) -> tuple[str, str, str]:
+        """The key of a pair of answers to a question: the same for (a, b) and (b, a)."""
+        first, second = sorted((" ".join(str(a).split()), " ".join(str(b).split())))
+        return " ".join(str(question).split()), first, second
+
+    def ask(self, pairs) -> None:
+        """Decide every pair (``pair`` keys) not yet decided, in one run of calls."""
+        todo = list(dict.fromkeys(p for p in pairs if p not in self.verdicts))
+        if not todo:
+            return
+        requests = [self.judge.request(same_answer_prompt(*p), choices=tuple(SAME_VERDICTS)) for p in todo]
+        results, stats = complete_all(self.client, requests, self.cache, concurrency=self.concurrency,
+                                      retry=self.retry, desc=f"comparing answers ({self.judge.model})",
+                                      progress=self.progress)
+        for p, res in zip(todo, results):
+            self.verdicts[p] = parse_same_output(res.text) if res.status == OK else None
+            self.unreadable += self.verdicts[p] is None
+        for f in fields(RunStats):
+            setattr(self.stats, f.name, getattr(self.stats, f.name) + getattr(stats, f.name))
+
+    def same(self, question, a, b) -> bool:
+        """Whether ``a`` and ``b`` are the same answer to ``question`` (asking the judge
+        when the pair is not decided yet; a failed or unreadable verdict: not the same)."""
+        key = self.pair(question, a, b)
+        self.ask([key])
+        return bool(self.verdicts[key])

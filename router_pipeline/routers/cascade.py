@@ -119,6 +119,29 @@ def same_answer(a, b, comparator: str = "text") -> bool:
     return bool(ca) and ca == canonical(b, comparator)
 
 
+def classes(answers, same, comparator: str = "text") -> list[str]:
+    """Agreement classes of one row's answers: a label per answer, equal labels agreeing
+    ("" for an abstention, which agrees with nothing). Answers of equal canonical form
+    share a class without asking; any other free-text answer is put to ``same(first,
+    answer) -> bool`` against each class's first member (its raw answer), in order, and
+    opens a class of its own when none agrees (choice letters are exact: never asked). A
+    class's label is its first member's canonical form, so with a ``same`` that never
+    agrees the labels are ``canonical``'s: ``Answers.canon`` may hold them, and every
+    feature and policy reads them unchanged."""
+    labels: list[str] = []
+    label_of: dict[str, str] = {}  # canonical form -> its class's label (every member's)
+    firsts: list[tuple[str, object]] = []  # (label, raw answer) of each class's first member
+    for answer in answers:
+        form = canonical(answer, comparator)
+        if form and form not in label_of:
+            label_of[form] = next((label for label, first in firsts if comparator != "letter" and same(first, answer)),
+                                  form)
+            if label_of[form] == form:
+                firsts.append((form, answer))
+        labels.append(label_of.get(form, ""))
+    return labels
+
+
 def comparator_for(raw) -> str:
     """ "letter" when every recorded answer is one choice letter (A-Z), else "text"."""
     given = [str(a).strip() for a in np.ravel(np.asarray(raw, dtype=object)) if not abstains(a)]
