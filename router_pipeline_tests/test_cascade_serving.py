@@ -195,3 +195,69 @@ def test_a_reservation_failing_beside_a_paid_call_never_makes_a_retry_pay_that_c
     assert [call.model for call in cloud.calls] == ["gemini-2.5-flash-lite"]  # paid once
     spent, reservations = _spend(folder, "team")
     assert spent == pytest.approx(c["steps"][0]["cost_usd"]) and reservations == 0
+
+
+def test_a_jumps_answer_streams_as_it_comes_and_no_earlier_step_is_sent(cascade_server, monkeypatch):
+    """When the policy stops with a model not called yet (a jump, a learned cascade's move,
+    forced here), that model's answer streams from the upstream word by word; the first
+    step's answers are never sent; the charge is the sum of every call, the streamed one
+    included. A plan of one model streams the same way (its answer is returned whatever
+    it says)."""
+    from router_pipeline.llm.models import cost_usd
+    from router_pipeline.routers.cascade import Action
+    from router_pipeline.serve import cascade as served_cascade
+
+    start, cloud, folder = cascade_server
+    cloud.responder = lambda model, prompt: ("D, as the dearest model says" if "pro" in model else
+                                             "A from the lite one" if "lite" in model else "C from the flash one")
+    decide = served_cascade.next_action
+    monkeypatch.setattr(served_cascade, "next_action", lambda policy, p, answers, lam: (
+        Action("stop", model="pro") if answers else decide(policy, p, answers, lam)))
+    monkeypatch.setenv("TEST_KEYS_SOLO", "sk-solo-test-key-0001")
+    gateway = start(BUDGET.format(ledger="team", limit=100) +
+                    "\n  solo: {keys_env: TEST_KEYS_SOLO, cascade: {plan: [pro]}}")
+    with serving(gateway) as url:
+        chunks = list(_ask(url, 1, stream=True, stream_options={"include_usage": True}))
+        solo = openai.OpenAI(base_url=url + "/v1", api_key="sk-solo-test-key-0001", max_retries=0)
+        alone = list(solo.chat.completions.create(model="router", messages=[{"role": "user", "content": "row 2"}],
+                                                  stream=True))
+    texts = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(texts) == "D, as the dearest model says" and len(texts) == 6  # a chunk a word
+    assert not any(s in t for t in texts for s in ("lite", "flash", "A ", "C "))
+    routing = chunks[0].model_extra["routing"]  # sent first: the streamed call's cost is not known yet
+    c = routing["cascade"]
+    assert [(s["step"], s["model"], s["kept"]) for s in c["steps"]] == [
+        (1, "flash-lite", False), (1, "flash", False), (3, "pro", True)] and c["stopped"] == "escalated"
+    assert c["steps"][2]["cost_usd"] is None and routing["served_by"] == "pro"
+    charge = next(ch.model_extra["routing"]["cost_usd"] for ch in chunks if ch.choices and ch.choices[0].finish_reason)
+    usage = chunks[-1].usage  # the answer's own: pro's
+    pro = gateway.backends.spec_for("pro", gateway.pool["pro"].model).price
+    assert charge == pytest.approx(c["steps"][0]["cost_usd"] + c["steps"][1]["cost_usd"] +
+                                   cost_usd(usage.prompt_tokens, usage.completion_tokens, pro), abs=1e-8)
+    spent, reservations = _spend(folder, "team")
+    assert spent == pytest.approx(charge) and reservations == 0
+    solo_texts = [ch.choices[0].delta.content for ch in alone if ch.choices and ch.choices[0].delta.content]
+    assert "".join(solo_texts) == "D, as the dearest model says" and len(solo_texts) == 6
+    assert alone[0].model_extra["routing"]["cascade"]["stopped"] == "the policy accepted it"
+    assert [call.model for call in cloud.calls].count("gemini-2.5-pro") == 2
+
+
+def test_a_fallback_drops_the_failed_models_hold_and_pays_under_its_own(cascade_server):
+    """One model's answer goes through the same bill as a cascade's calls: when the model
+    asked for fails, its hold (in the budget and in its own cap) is dropped and the
+    fallback holds its own; the budget and the fallback's cap are charged what it cost,
+    the failed model's cap nothing, and no reservation is left."""
+    from router_pipeline.llm.fake_gemini import Fault
+
+    start, cloud, folder = cascade_server
+    capped = ("    mapper: {budget: {ledger: team, period: month, models: {pro: 1.0, flash: 1.0}},\n"
+              "             rules: [{kind: budget, limit_usd: 100, target: flash-lite}]}")
+    with serving(start(capped)) as url:
+        cloud.add_model_faults("gemini-2.5-pro", Fault(status=500))
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        reply = c.chat.completions.create(model="pro", messages=[{"role": "user", "content": "row 4"}])
+    routing = reply.model_extra["routing"]
+    assert (routing["served_by"], routing["fallback_from"][0]["target"]) == ("flash", "pro") and routing["cost_usd"] > 0
+    assert _spend(folder, "team") == (pytest.approx(routing["cost_usd"]), 0)
+    assert _spend(folder, "team/flash") == (pytest.approx(routing["cost_usd"]), 0)
+    assert _spend(folder, "team/pro") == (0, 0)

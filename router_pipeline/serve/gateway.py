@@ -6,10 +6,12 @@ same way.
 
 A request goes: ``decide`` (its profile's mapper, or a ``router-<threshold>`` one; the
 conversation routed through the batcher; the mapper's rules applied in a worker thread,
-since they may read the ledger) -> ``answer`` or ``stream`` (an upper bound of its cost
-reserved in the budget in the same locked step as the budget check; the backends with
-fallbacks and cooldowns; the council for escalations) -> ``settle`` (the cost charged in
-place of the reservation, stats, request memory for feedback, the decision log).
+since they may read the ledger) -> ``answer`` or ``stream`` (the backends with fallbacks
+and cooldowns, the council for escalations, or the profile's cascade; every model call
+held on the request's ``Bill``, serve/cascade.py: an upper bound of its cost reserved in
+the budget and the model's own cap in the same locked step as their checks) -> ``settle``
+(the bill paid in place of its holds, stats, request memory for feedback, the decision
+log).
 
 Settling never loses a paid answer: whatever the state database does, the answer goes
 back with what could not be recorded said in ``routing``, and the spend (and the answer
@@ -43,9 +45,10 @@ from router_pipeline.routers.cascade import released_cascade
 from router_pipeline.routers.contract import PROBE_QUERY, RouteDecision, Router, RouterConfig
 from router_pipeline.routers.prompt import conversation_text
 from router_pipeline.serve import decision_log
-from router_pipeline.serve.backends import AllTargetsFailed, Backends, RejectedRequest, council_answer
+from router_pipeline.serve.backends import (AllTargetsFailed, Backends, RejectedRequest, Served, Streamed,
+                                            council_answer)
 from router_pipeline.serve.batcher import RouteBatcher
-from router_pipeline.serve.cascade import Bill, Call, Run as CascadeRun, Unaffordable, run as run_cascade
+from router_pipeline.serve.cascade import Bill, Call, Hold, Run as CascadeRun, Unaffordable, run as run_cascade
 from router_pipeline.serve.config import DEFAULTS, ServingConfig
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.experiments import Arm, record_served, record_shadow
@@ -93,10 +96,6 @@ class Decided:
     decision: RouteDecision
     mapping: Mapping
     router_ms: float
-    reserved: bool = False  # the budget was checked and the cost reserved (reserve)
-    reservation: str | None = None
-    model_reservation: tuple[str, str] | None = None  # (model alias, reservation) in that model's own budget
-    capped: frozenset = frozenset()  # models whose own budget is used up: no fallback goes to them
     claim: dict | None = None  # profile, key, fingerprint of the Idempotency-Key this request claimed
     lam: float | None = None  # a pool router's lambda for this request (from the model name)
     scan: str = ""  # every message's text, system messages included: what privacy rules read
@@ -108,7 +107,7 @@ class Decided:
     escalated: bool = False
     shadow: asyncio.Future | None = None  # shadow mode: the router's decision and mapping, made beside the request
     cascade: object = None  # the profile's cascade, when the router's choice is to be escalated on answers
-    bill: Bill | None = None  # a cascade's money: a reservation and a charge per call (serve/cascade.py)
+    bill: Bill | None = None  # its money: a hold per model call, settled once (reserve; serve/cascade.py)
     run: CascadeRun | None = None  # what the cascade called and answered
 
     def map(self, **kwargs) -> Mapping:
@@ -516,19 +515,17 @@ class Gateway:
             fallbacks = d.profile.fallbacks
         if d.mapping.allowed is not None:  # then the rule's other models, never one outside it
             fallbacks = [a for a in [*fallbacks, *d.mapping.allowed] if a in d.mapping.allowed]
-        return servable(d.profile, d.mapper, [d.mapping.target, *(a for a in fallbacks if a not in d.capped)])
+        return servable(d.profile, d.mapper, [d.mapping.target, *fallbacks])
 
     async def answer(self, d: Decided) -> Answered:
         """The whole answer: an abstention, the council's, a cascade's, or the first target's
         that answers."""
-        if d.cascade is not None:
-            if (answered := await self._cascade(d)) is not None:
-                return answered
-            d.cascade, d.reserved = None, False  # the budget cannot cover its first step: mapped as over budget
-            d.mapping = await self._mapped(d.mapper, d.map, over_budget=True)
-        reservation = await self.reserve(d)
+        if d.cascade is not None and (answered := await self._cascade(d)) is not None:
+            return answered
+        await self.reserve(d)
+        held = d.bill.holds[0] if d.bill.holds else None  # the mapped model's (or the council's)
         routing = self.routing(d, "chatcmpl")
-        usage, cost, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, 0.0, None, []
+        usage, tier, fallback_from = {"prompt_tokens": 0, "completion_tokens": 0}, None, []
         try:
             if d.mapping.abstain:
                 content, model = ABSTAIN_ANSWER, "abstain"
@@ -537,45 +534,63 @@ class Gateway:
                     content, model, usage = await asyncio.to_thread(council_answer, d.mapper.escalation_url,
                                                                     d.body.plain_messages(),
                                                                     self.config.escalation_timeout_s)
-                    cost = cost_usd(usage["prompt_tokens"], usage["completion_tokens"], self._council_price(d))
+                    held.cost = cost_usd(usage["prompt_tokens"], usage["completion_tokens"], self._council_price(d))
                     routing["escalated"] = True
                 except RuntimeError as exc:  # the council failed: the strongest model answers, charged as itself
                     routing["escalation_failed"] = str(exc)
-                    served = await self.backends.answer(self._strongest(d), d.prompt, d.system, d.asked,
-                                                        d.profile.name)
-                    content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
+                    served, _ = await self._call(d, self._strongest(d), self.backends.answer, held)
+                    content, model, tier = served.result.text, served.model, served.target
                     usage = {"prompt_tokens": served.result.input_tokens,
                              "completion_tokens": served.result.output_tokens}
                     fallback_from = served.attempts
             else:
-                served = await self.backends.answer(self._targets(d), d.prompt, d.system, d.asked, d.profile.name)
-                content, model, cost, tier = served.result.text, served.model, served.cost_usd, served.target
+                served, _ = await self._call(d, self._targets(d), self.backends.answer, held)
+                content, model, tier = served.result.text, served.model, served.target
                 usage = {"prompt_tokens": served.result.input_tokens, "completion_tokens": served.result.output_tokens}
                 fallback_from = served.attempts
         except Exception as exc:
-            await self._release(d, reservation)
+            await self.abandon(d)
             raise await self._upstream_failed(d, exc) from None
         routing.update(model=model, served_by=tier or d.mapping.target, fallback=bool(fallback_from),
                        fallback_from=fallback_from)
-        usage = await self._settle(d, routing, model, tier, usage, cost, reservation, content)
+        usage = await self._settle(d, routing, model, tier, usage, content)
         return Answered(content, model, usage, routing)
 
     async def stream(self, d: Decided):
         """(routing, items): the answer as the model sends it. ``items`` yields text deltas,
         then the usage block once the cost is charged. A fallback before the first text is
         invisible; a caller that leaves mid-answer stops the model (a local one at the next
-        token) and is charged what was generated (4 characters a token). A caller that
-        branches on the mapping (abstain, escalate: answered whole) reserves first."""
-        reservation = await self.reserve(d)
+        token) and is charged what was generated (4 characters a token). An abstention and
+        the council's answer come whole, a cascade's as it streams when its model is the
+        last called (a jump; a last step of one model that nothing before can agree with),
+        else whole once known: the earlier steps' answers are never sent."""
+        if d.cascade is not None and (streamed := await self._cascade(d, stream=True)) is not None:
+            return streamed
+        await self.reserve(d)
+        if d.mapping.abstain or d.mapping.escalate:
+            answered = await self.answer(d)
+            return answered.routing, whole(answered)
         routing = self.routing(d, "chatcmpl")
         try:
-            streamed = await self.backends.stream(self._targets(d), d.prompt, d.system, d.asked, d.profile.name)
+            streamed, hold = await self._call(d, self._targets(d), self.backends.stream,
+                                              d.bill.holds[0] if d.bill.holds else None)
         except Exception as exc:
-            await self._release(d, reservation)
+            await self.abandon(d)
             raise await self._upstream_failed(d, exc) from None
         routing.update(model=streamed.model, served_by=streamed.target, fallback=bool(streamed.attempts),
                        fallback_from=streamed.attempts)
 
+        async def settle(text: str, result: LLMResult) -> dict:
+            usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
+            return await self._settle(d, routing, streamed.model, streamed.target, usage, text)
+
+        return routing, self._read(d, routing, streamed, hold, settle)
+
+    def _read(self, d: Decided, routing: dict, streamed: Streamed, hold: Hold, settle):
+        """``streamed``'s text deltas as they come, then the usage block: once read (or cut
+        short: the caller left, the stream broke; what was generated is charged), its cost
+        goes to ``hold`` and ``settle(text, result)`` settles the request, shielded from
+        the caller going away."""
         async def items():
             sent, result, chunks = [], None, streamed.items()
             try:
@@ -587,79 +602,113 @@ class Gateway:
                         result = item
             finally:
                 await chunks.aclose()
-                if result is None:  # cut short (the caller left, or the stream broke): charge what was made
+                if result is None:
                     result = LLMResult("".join(sent) or None, ERROR, len(d.prompt) // 4, len("".join(sent)) // 4)
                     routing["stream_interrupted"] = True
-                usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
-                usage = await asyncio.shield(self._settle(
-                    d, routing, streamed.model, streamed.target, usage,
-                    cost_usd(usage["prompt_tokens"], usage["completion_tokens"], streamed.price), reservation,
-                    "".join(sent)))
+                hold.cost = cost_usd(result.input_tokens, result.output_tokens, streamed.price)
+                usage = await asyncio.shield(settle("".join(sent), result))
             yield usage
 
-        return routing, items()
+        return items()
 
-    async def _cascade(self, d: Decided) -> Answered | None:
-        """The cascade: each step's models called together, each call reserved and charged
-        (``d.bill``), the policy asked after each step; the answer it stops with. None when
-        the budget cannot cover the first call (nothing was called)."""
-        bill = d.bill = Bill(d.mapper)
+    async def _call(self, d: Decided, targets: list[tuple[str, str]], send, hold: Hold | None):
+        """``send`` (the backends' ``answer`` or ``stream``) to the first of ``targets`` that
+        answers, each under a hold of its own upper-bound cost on ``d.bill`` (``hold``: the
+        first one's, made already): a failed target's hold is dropped before the next one's
+        is made, and a target the budget or its own cap cannot cover is not called (as a
+        capped fallback never is). (What ``send`` returned, its hold); AllTargetsFailed with
+        every attempt when none answers."""
+        attempts: list[dict] = []
+        for alias, model in targets:
+            if hold is not None and hold.model != alias:
+                await self._money(d, d.bill.failed, hold)
+                hold = None
+            if hold is None:
+                try:
+                    hold = await self._money(d, d.bill.admit, alias, self._bound(d, (alias, model)))
+                except Unaffordable:
+                    continue
+            try:
+                out = await send([(alias, model)], d.prompt, d.system, d.asked, d.profile.name)
+            except Exception as exc:
+                await self._money(d, d.bill.failed, hold)
+                if not isinstance(exc, AllTargetsFailed):
+                    raise
+                attempts += exc.attempts
+                hold = None
+                continue
+            out.attempts[:0] = attempts
+            if isinstance(out, Served):  # a stream's cost is known once read (``_read``)
+                hold.cost = out.cost_usd
+            return out, hold
+        if hold is not None:  # made for a target that is not among them
+            await self._money(d, d.bill.failed, hold)
+        raise AllTargetsFailed(attempts)
 
-        async def call(model: str, step: int) -> Call:
-            targets = [t for t in servable(d.profile, d.mapper, [model]) if t[0] not in d.capped]
+    async def _cascade(self, d: Decided, stream: bool = False):
+        """The cascade: each step's models called together, each call held and paid on
+        ``d.bill``, the policy asked after each step; the answer it stops with: Answered,
+        or for ``stream`` (routing, items), the final answer streamed when its model is the
+        last called. None when the budget cannot cover the first call (nothing was called):
+        the request is then mapped as over budget, as without a cascade."""
+        await self.reserve(d)
+        bill = d.bill
+
+        async def call(model: str, step: int, send=self.backends.answer) -> Call:
+            targets = servable(d.profile, d.mapper, [model])
             if not targets:
                 return Call(model, step, error="not allowed for this profile")
-            spec = self.backends.spec_for(*targets[0])
-            estimate = _upper_bound(d, spec.max_output_tokens, spec.price)
-            try:  # without a ledger nothing is reserved: no database, no thread
-                hold = await self._in_db(bill.admit, model, estimate) if d.mapper.ledger is not None \
-                    else bill.admit(model, estimate)
+            try:
+                hold = await self._money(d, bill.admit, model, self._bound(d, targets[0]))
             except LedgerError as exc:  # with nothing paid the request goes on as over budget, and meets it again
                 raise Unaffordable(f"the budget could not be read ({'database' if exc.database else 'ledger'})") \
                     from None
             try:
-                served = await self.backends.answer(targets, d.prompt, d.system, d.asked, d.profile.name)
+                out, hold = await self._call(d, targets, send, hold)
             except RejectedRequest:
-                await self._in_db(bill.failed, hold)
                 raise
             except Exception as exc:  # the cascade goes on without this model's answer
-                with contextlib.suppress(LedgerError):
-                    await self._in_db(bill.failed, hold)
                 return Call(model, step, error=_failure(exc))
-            hold.cost = served.cost_usd
-            return Call(model, step, served.result.text, served)
+            if isinstance(out, Streamed):  # its text and cost come as it is sent (``_read``)
+                return Call(model, step, "", streamed=out, hold=hold)
+            return Call(model, step, out.result.text, out, hold=hold)
 
         lam = self.router.lam if d.lam is None else d.lam
+        final = functools.partial(call, send=self.backends.stream) if stream else None
         try:
-            run = d.run = await run_cascade(d.cascade, d.decision.p_correct, lam, call)
+            run = d.run = await run_cascade(d.cascade, d.decision.p_correct, lam, call, final)
         except Exception as exc:  # a call refused as invalid before any call was paid (serve/cascade.py)
-            for hold in [h for h in bill.holds if h.cost is None]:  # in flight beside it: nothing to pay for
-                with contextlib.suppress(LedgerError):
-                    await self._in_db(bill.failed, hold)
+            await self.abandon(d)  # calls in flight beside it: nothing to pay for
             raise await self._upstream_failed(d, exc) from None
         if run.final is None and not run.calls:
-            d.bill = None
+            d.cascade, d.bill, d.run = None, None, None
+            d.mapping = await self._mapped(d.mapper, d.map, over_budget=True)
             return None
         routing = self.routing(d, "chatcmpl")
-        routing["cascade"] = {"plan": d.cascade.plan.describe(), "stopped": run.stopped,
-                              "escalated": any(c.step > 1 for c in run.calls),
-                              "steps": [{"step": c.step, "model": c.model, "cost_usd": round(c.cost, 8),
-                                         "kept": c is run.final, **({"failed": c.error} if c.error else {})}
-                                        for c in run.calls]}
-        # The reply's usage is the answer's own (as from one model); the charge and routing.cascade
-        # count every call.
-        routing["cascade"]["usage"] = {k: sum(getattr(c.served.result, t) for c in run.calls if c.served) for k, t in
-                                       (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))}
+        routing["cascade"] = _cascade_routing(d.cascade, run)
         if run.final is None:  # no model it called answered: what any of them cost is charged, then 503
-            await self._charge_failed(d, routing)
+            await self._journal(await self._pay(d, routing), routing)
             raise Unavailable(f"no model of the cascade {d.cascade.plan.describe()} could answer: "
                               f"{'; '.join(f'{c.model}: {c.error}' for c in run.calls)}", "all_models_failed",
                               retry_after_s=5)
         final = run.final
+        if final.streamed is not None:  # the routing goes first; the call's cost and usage once read
+            streamed, policy = final.streamed, d.cascade
+            routing.update(model=streamed.model, served_by=final.model, fallback=False, fallback_from=[])
+
+            async def settle(text: str, result: LLMResult) -> dict:
+                final.text = text
+                final.served = Served(result, streamed.target, streamed.model, final.hold.cost, streamed.attempts)
+                routing["cascade"] = _cascade_routing(policy, run)
+                usage = {"prompt_tokens": result.input_tokens, "completion_tokens": result.output_tokens}
+                return await self._settle(d, routing, streamed.model, final.model, usage, text)
+
+            return routing, self._read(d, routing, streamed, final.hold, settle)
         usage = {"prompt_tokens": final.served.result.input_tokens, "completion_tokens": final.served.result.output_tokens}
         routing.update(model=final.served.model, served_by=final.model, fallback=False, fallback_from=[])
-        usage = await self._settle(d, routing, final.served.model, final.model, usage, bill.cost, None, final.text)
-        return Answered(final.text, final.served.model, usage, routing)
+        usage = await self._settle(d, routing, final.served.model, final.model, usage, final.text)
+        answered = Answered(final.text, final.served.model, usage, routing)
+        return (routing, whole(answered)) if stream else answered
 
     async def _upstream_failed(self, d: Decided, exc: Exception) -> Refused:
         with contextlib.suppress(DatabaseError):  # the caller hears why the models failed, not the counter
@@ -681,16 +730,37 @@ class Gateway:
         log.error("upstream call failed for profile %s: %r", d.profile.name, exc)
         return UpstreamFailed(f"the upstream model call failed ({type(exc).__name__})", "upstream_error")
 
-    # -- charging ---------------------------------------------------------------
-    async def reserve(self, d: Decided) -> str | None:
-        """Reserve an upper bound of this request's cost in its profile's budget, in the same
-        locked step as the budget check; when the budget is used up meanwhile, map again
-        as over budget (the mapping may change: read it after this). Once per request.
-        The reservation's id (None: no budget, or nothing to reserve)."""
-        if not d.reserved:
-            # A cascade reserves each call as it makes it (serve/cascade.py Bill).
-            d.reserved, d.reservation = True, None if d.cascade is not None else await self._reserve(d)
-        return d.reservation
+    # -- charging (serve/cascade.py Bill) -----------------------------------------
+    async def reserve(self, d: Decided) -> None:
+        """Hold an upper bound of the cost of the mapped model's call (or the council's) in
+        the profile's budget and the model's own cap, each check and its reservation one
+        locked step; when the budget is used up meanwhile, map again as over budget, when
+        the model's cap is, without that model (the mapping may change: read it after
+        this). Once per request; a cascade holds each call as it makes it."""
+        if d.bill is not None:
+            return
+        budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
+        d.bill = Bill(d.mapper, in_budget=d.mapping.rule not in budget_rules)
+        if d.cascade is not None:
+            return
+        over, capped = False, frozenset()
+        while d.mapping.model is not None or d.mapping.escalate:  # a council is paid like a model
+            target = None if d.mapping.escalate else (d.mapping.target, d.mapping.model)
+            try:
+                await self._money(d, d.bill.admit, d.mapping.target, self._bound(d, target))
+                return
+            except Unaffordable as exc:
+                if exc.model is None:  # the budget: its rule answers, paid without a reservation
+                    over, d.bill.in_budget = True, False
+                else:
+                    capped |= {exc.model}
+                d.mapping = await self._mapped(d.mapper, d.map, over_budget=over, capped=capped)
+
+    async def _money(self, d: Decided, fn, *args):
+        """``fn(*args)``, a method of ``d.bill``: in the state database's threads when the
+        profile keeps a ledger (a frozen one holds its own callers only), else here (it
+        reads nothing)."""
+        return await self._in_db(fn, *args) if d.mapper.ledger is not None else fn(*args)
 
     def _council_price(self, d: Decided) -> tuple[float, float]:
         """The council's price per million tokens: its configured one, else the dearest
@@ -703,112 +773,60 @@ class Gateway:
         dearest = self.pool.by_price()[-1].name if self.pool is not None else "large"
         return servable(d.profile, d.mapper, [dearest, *d.profile.fallbacks])
 
-    def _estimate(self, d: Decided) -> float:
-        """Prompt tokens at 2 characters each and the whole output budget: above what the
-        mapped model (or the council, or the model answering for it) can cost."""
-        if d.mapping.escalate:
-            prices = [self._council_price(d), *(self.backends.spec_for(*t).price for t in self._strongest(d)[:1])]
-            return _upper_bound(d, self.config.max_output_tokens, (max(p[0] for p in prices), max(p[1] for p in prices)))
-        spec = self.backends.spec_for(d.mapping.target, d.mapping.model)
-        return _upper_bound(d, spec.max_output_tokens, spec.price)
-
-    async def _reserve(self, d: Decided) -> str | None:
-        limit = d.mapper.budget_limit()
-        budget_rules = {r.label for r in d.mapper.rules if r.kind == "budget"}
-        reservation, over = None, False
-        if limit is not None and (d.mapping.model is not None or d.mapping.escalate) and \
-                d.mapping.rule not in budget_rules:  # a council is paid like a model
-            # The state database's threads, not the default ones: a frozen ledger holds its own callers
-            # only, never the router's, the models' or a bystander's mapping work (asyncio.to_thread).
-            reservation = await self._in_db(d.mapper.ledger.admit, limit, self._estimate(d))
-            if reservation is None:
-                over = True
-                d.mapping = await self._in_db(d.map, over_budget=True)
-        if d.mapper.model_budgets:
-            d.model_reservation, d.capped = await self._in_db(self._reserve_model, d, over)
-        return reservation
-
-    def _reserve_model(self, d: Decided, over: bool) -> tuple[tuple[str, str] | None, frozenset]:
-        """Reserve in the mapped model's own budget (the same locked step as its check),
-        mapping again without it while its budget is used up; and which other models'
-        are (fallbacks skip them). Runs in the state database's threads."""
-        capped: set[str] = set()
-        mapper, reservation = d.mapper, None
-        while d.mapping.model is not None and d.mapping.target in mapper.model_budgets and reservation is None:
-            target = d.mapping.target
-            reservation = mapper.ledger.part(target).admit(mapper.model_budgets[target], self._estimate(d))
-            if reservation is None:
-                capped.add(target)
-                d.mapping = d.map(over_budget=over, capped=frozenset(capped))
-        capped |= {a for a in mapper.model_budgets if a != d.mapping.target and mapper.capped(a) is not None}
-        return (None if reservation is None else (d.mapping.target, reservation)), frozenset(capped)
+    def _bound(self, d: Decided, target: tuple[str, str] | None) -> float:
+        """Above what one call of ``target`` (alias, model id; None: the council) can cost for
+        ``d``: prompt tokens at 2 characters each and the whole output budget (the caller's,
+        else the model's; the server's for the council)."""
+        if target is None:
+            out_tokens, price = self.config.max_output_tokens, self._council_price(d)
+        else:
+            spec = self.backends.spec_for(*target)
+            out_tokens, price = spec.max_output_tokens, spec.price
+        return cost_usd(len(d.prompt) // 2 + 1, d.asked or out_tokens, price)
 
     async def abandon(self, d: Decided) -> None:
-        """The caller left before anything was called: nothing is paid for nobody."""
-        await self._release(d, d.reservation)
+        """The request ends before its calls were made (the caller left, the models
+        failed): nothing is paid for them."""
+        if d.bill is not None:
+            await self._money(d, d.bill.abandon)
 
-    async def _release(self, d: Decided, reservation: str | None) -> None:
-        held = [(d.mapper.ledger, reservation)] if reservation is not None else []
-        if d.model_reservation is not None:
-            held.append((d.mapper.ledger.part(d.model_reservation[0]), d.model_reservation[1]))
-        for ledger, rid in held:
-            with contextlib.suppress(LedgerError):  # an unreadable ledger already stops spending
-                await self._in_db(ledger.release, rid)
+    async def _pay(self, d: Decided, routing: dict) -> dict:
+        """``d.bill`` settled: every call charged in place of its reservations. What the
+        state database could not take, as journal parts ({"spends": [...]})."""
+        spends, error = await self._money(d, d.bill.settle)
+        if error is not None:
+            routing["budget_error"] = error
+        return {"spends": spends} if spends else {}
 
-    async def _charge(self, d: Decided, routing: dict, tier: str | None, cost: float,
-                      reservation: str | None) -> dict:
-        """Every charge of the request in place of its reservations: the profile's budget and
-        the served model's own (a cascade: each call it paid, ``d.bill``). What the state
-        database cannot take is returned as journal parts ({"spends": [...]})."""
-        journal: dict = {}
-        charges = []  # (ledger, reservation, USD): the profile's budget, the served models' own
-        if (ledger := d.mapper.ledger) is not None and d.bill is not None:  # a cascade: every call it paid
-            charges = d.bill.settlements()
-        elif ledger is not None:
-            charges.append((ledger, reservation, cost))
-            held = d.model_reservation
-            if held is not None and held[0] != tier:  # a fallback served: the mapped model spent nothing
-                with contextlib.suppress(LedgerError):
-                    await self._in_db(ledger.part(held[0]).release, held[1])
-            if tier in d.mapper.model_budgets:  # the served model's own budget
-                charges.append((ledger.part(tier), held[1] if held and held[0] == tier else None, cost))
-        for charged, rid, usd in charges:
-            try:
-                await self._in_db(charged.settle, rid, usd)
-            except LedgerError as exc:
-                log.error("budget ledger: %s", exc)
-                if exc.database:  # the database failed: the spend waits in the journal
-                    journal.setdefault("spends", []).append(charged.settlement(rid, usd))
-                else:  # the next request meets the unreadable ledger (503)
-                    routing["budget_error"] = (f"budget ledger {exc.file or ''} cannot be read: spending stops "
-                                               "from the next request")
-        return journal
-
-    async def _charge_failed(self, d: Decided, routing: dict) -> None:
-        """A cascade that ends without an answer: the calls it paid are charged (journaled
-        when the database fails), nothing else is recorded."""
-        if d.bill is None or not d.bill.holds:
+    async def _journal(self, journal: dict, routing: dict) -> None:
+        """What settling could not write to the state database, into the local journal
+        (replayed before the next budgeted request), said in ``routing``."""
+        if not journal:
             return
-        journal = await self._charge(d, routing, None, d.bill.cost, None)
-        if journal and self.journal is not None:
-            try:
-                await self._in_db(self.journal.append, journal)
-            except JournalError as exc:
-                log.error("%s; not recorded: %s", exc, journal)
+        try:
+            if self.journal is None:
+                raise JournalError("this gateway has no spend journal")
+            await self._in_db(self.journal.append, journal)
+            routing.update({{"spends": "spend_journaled", "answer": "answer_journaled"}[part]: True
+                            for part in journal})
+        except JournalError as exc:  # the local disk fails too: said, and logged for an operator
+            log.error("%s; not recorded: %s", exc, journal)
+            routing["budget_error"] = "the spend of this request could not be recorded"
 
-    async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict, cost: float,
-                      reservation: str | None, content: str | None) -> dict:
-        """What every answered request does once its cost is known: charge the ledger,
-        count it, remember it for feedback, record the answer of its Idempotency-Key, log
-        the decision. The answer is paid for: nothing here stops it from being returned;
-        what could not be written is said in ``routing`` and the spend and the recorded
-        answer go to the journal. Returns the usage block."""
+    async def _settle(self, d: Decided, routing: dict, model: str, tier: str | None, usage: dict,
+                      content: str | None) -> dict:
+        """What every answered request does once its cost is known: pay its bill, count it,
+        remember it for feedback, record the answer of its Idempotency-Key, log the
+        decision. The answer is paid for: nothing here stops it from being returned; what
+        could not be written is said in ``routing`` and the spend and the recorded answer
+        go to the journal. Returns the usage block."""
+        cost = d.bill.cost
         routing.update(cost_usd=round(cost, 8))
         d.cost_usd, d.escalated = cost, bool(routing.get("escalated"))
         if d.shadow is not None:  # written when the router has decided, never waited for here
             self._spawn(self._record_shadow(d, routing["request_id"], usage, tier, cost))
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        journal = await self._charge(d, routing, tier, cost, reservation)
+        journal = await self._pay(d, routing)
         large_price = self.backends.reference_price(d.mapper)
         total_ms = (time.perf_counter() - d.t0) * 1000
         count = functools.partial(
@@ -832,16 +850,7 @@ class Gateway:
             except DatabaseError as exc:
                 log.error("idempotency: %s", exc)
                 journal["answer"] = record
-        if journal:
-            try:
-                if self.journal is None:
-                    raise JournalError("this gateway has no spend journal")
-                await self._in_db(self.journal.append, journal)
-                routing.update({{"spends": "spend_journaled", "answer": "answer_journaled"}[part]: True
-                                for part in journal})
-            except JournalError as exc:  # the local disk fails too: said, and logged for an operator
-                log.error("%s; not recorded: %s", exc, journal)
-                routing["budget_error"] = "the spend of this request could not be recorded"
+        await self._journal(journal, routing)
         if self.decision_log_path is not None:
             try:
                 decision_log.append(self.decision_log_path, {
@@ -1049,10 +1058,22 @@ def _asked(profile: Profile, body: Conversation, key: str, headers) -> tuple[str
     return asked, arm
 
 
-def _upper_bound(d: Decided, max_output_tokens: int, price: tuple[float, float]) -> float:
-    """Above what one call for ``d`` can cost: prompt tokens at 2 characters each and the
-    whole output budget (the caller's, else the model's)."""
-    return cost_usd(len(d.prompt) // 2 + 1, d.asked or max_output_tokens, price)
+async def whole(answered: Answered):
+    """An answer known whole, as stream items: its text, then its usage block."""
+    yield answered.content
+    yield answered.usage
+
+
+def _cascade_routing(policy, run: CascadeRun) -> dict:
+    """``routing.cascade``: the plan, why it stopped, each call (a call still streamed: its
+    cost not known yet, None) and every call's usage."""
+    return {"plan": policy.plan.describe(), "stopped": run.stopped, "escalated": any(c.step > 1 for c in run.calls),
+            "steps": [{"step": c.step, "model": c.model,
+                       "cost_usd": None if c.served is None and c.streamed is not None else round(c.cost, 8),
+                       "kept": c is run.final, **({"failed": c.error} if c.error else {})} for c in run.calls],
+            # The reply's usage is the answer's own (as from one model); the charge counts every call.
+            "usage": {k: sum(getattr(c.served.result, t) for c in run.calls if c.served) for k, t in
+                      (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))}}
 
 
 def _failure(exc: Exception) -> str:

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from router_pipeline.serve.database import DatabaseError
 from router_pipeline.serve.errors import (Conflict, Forbidden, InvalidRequest, NotFound, Refused, Unavailable,
                                          UpstreamFailed)
-from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, servable, threshold_model
+from router_pipeline.serve.gateway import ROUTER_MODEL, Gateway, servable, threshold_model, whole
 from router_pipeline.serve.ledger import LedgerError
 from router_pipeline.serve.live import ADMIN_KEY_VAR, admin_keys, admin_name, history
 from router_pipeline.serve.profiles import Profile
@@ -175,11 +175,6 @@ async def _sse(routing: dict, model: str, texts, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def _whole(content: str, usage: dict):
-    yield content
-    yield usage
-
-
 def _error(status: int, message: str, code: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
@@ -243,7 +238,7 @@ async def chat_completions(request: Request):
             if await request.is_disconnected():  # it left while routed or reserved (a queue, a slow database)
                 await gateway.abandon(d)
                 raise APIError(499, "the client closed the request before it was answered", "client_closed_request")
-            if body.stream and not (d.mapping.abstain or d.mapping.escalate or d.cascade is not None):
+            if body.stream:  # as the model sends it (an abstention, the council's answer: whole)
                 routing, texts = await gateway.stream(d)
                 return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
                                          media_type="text/event-stream", headers=_headers(routing))
@@ -251,8 +246,8 @@ async def chat_completions(request: Request):
         except Exception:
             await gateway.unclaim(claim)  # refused before anything was paid: a retry with the key may try again
             raise
-    if body.stream:  # an abstention, the council's or a cascade's answer, or a recorded one: whole already
-        return StreamingResponse(_sse(a.routing, a.model, _whole(a.content, a.usage), include_usage),
+    if body.stream:  # a recorded answer: whole
+        return StreamingResponse(_sse(a.routing, a.model, whole(a), include_usage),
                                  media_type="text/event-stream", headers=_headers(a.routing))
     return JSONResponse({
         "id": a.routing["request_id"], "object": "chat.completion", "created": int(time.time()), "model": a.model,
