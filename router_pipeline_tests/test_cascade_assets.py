@@ -94,7 +94,11 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     assert 0 < meta["cascade_cost_at_best_single_accuracy_ratio"].value
     routers = {r.data["router"] for r in meta["frontier_table"].value.records}
     assert {"cascade", "query-only router", "learned cascade", "random mix", "oracle", *MODELS} <= routers
-    assert set(meta["chosen"].value) == {"learned", "fixed: next two agree, else best", "fixed: best on training rows"}
+    chosen = meta["chosen"].value
+    assert set(chosen) == {"learned cascade", "fixed: next two agree, else best", "fixed: best on training rows",
+                           "knob values won on the validation rows"}
+    won = chosen["knob values won on the validation rows"]  # one candidate per knob value of the sweep
+    assert set(won) <= {"query-only router", "learned", *chosen} and sum(won.values()) == 202  # 0, 200, inf
     pairs = {r.data["models"]: r.data for r in meta["agreement_on_training_rows"].value.records}
     assert set(pairs) == {"flash-lite + flash", "flash-lite + pro", "flash + pro"}
     assert all(0 < r["agree"] < 1 and 0.5 < r["right_when_agreeing"] <= 1 for r in pairs.values())
@@ -102,7 +106,7 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     assert Path(meta["frontier_png"].value).stat().st_size > 0
     assert check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert (artifacts / "pool_cascade" / "report.json").exists()
-    # The cascade to serve: a fixed plan, released on the validation rows' evidence, its test figures beside.
+    # The cascade to serve: the candidate the validation rows choose at the released lambda, its test figures beside.
     evidence, served = meta["served_cascade_evidence"].value, meta["served_cascade"].value
     assert evidence["validation"]["rows"] == 150 and evidence["test"]["rows"] == 150
     t = evidence["test"]
@@ -111,6 +115,8 @@ def test_the_cascade_is_scored_beside_the_query_only_router_with_its_plot_and_ch
     released = json.loads((artifacts / "pool_cascade" / "cascade.json").read_text())
     assert " -> ".join("+".join(step) for step in released["plan"]) == served
     assert released["default"] == meta["served_by_default"].value and released["about"]["test"] == t
+    assert released["kind"] == meta["served_cascade_kind"].value
+    assert (artifacts / "pool_cascade" / "cascade_heads.npz").is_file() == (released["kind"] == "learned")
 
 
 def test_without_answer_columns_the_cascade_is_skipped_saying_why(defs, resources, outcomes_slice, monkeypatch):
