@@ -212,7 +212,7 @@ def save_cascade(policy, folder: Path, **about) -> list[Path]:
     for k, head in enumerate(policy.p_heads, 1):
         arrays.update({f"p{k}.{name}": a for name, a in head.arrays.items()})
     for k, lin in enumerate(policy.go_on):
-        arrays.update({f"go{k}.{name}": getattr(lin, name) for name in ("mean", "scale", "coef", "intercept")})
+        arrays.update({f"go{k}.{name}": a for name, a in vars(lin).items()})
     np.savez(folder / CASCADE_HEADS_FILE, **arrays)
     return [folder / CASCADE_FILE, folder / CASCADE_HEADS_FILE]
 
