@@ -2,6 +2,7 @@
 agreement), the learned one on a slice of the recorded MMLU-Pro outcomes against the
 query-only choice, and the pure next-action API a server loop calls."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -224,9 +225,13 @@ def test_a_released_learned_cascade_is_saved_loaded_and_decides_as_fitted(mmlu_p
     assert isinstance(loaded, LearnedCascade) and not loaded.by_default and loaded.plan == policy.plan
     for k in range(len(policy.plan.steps) + 1):
         assert np.array_equal(loaded.decide(k, q, answers, sweep), policy.decide(k, q, answers, sweep))
-    # Heads of another pool are refused, naming the file.
+    # Heads of another pool, or of another plan, are refused when loaded, naming the file.
     with pytest.raises(ValueError, match="cascade_heads.npz: the learned cascade's heads cannot be read"):
         released_cascade(SimpleNamespace(path=tmp_path, models=list(POOL) + ["gpt"], costs=[0.0] * 4))
+    spec = json.loads((tmp_path / "cascade.json").read_text())
+    (tmp_path / "cascade.json").write_text(json.dumps({**spec, "plan": list(POOL)}))  # three steps, not two
+    with pytest.raises(ValueError, match="cascade_heads.npz: the learned cascade's heads cannot be read"):
+        released_cascade(SimpleNamespace(path=tmp_path, models=list(POOL), costs=policy.costs))
     # A profile cannot configure a learned cascade: it comes released with its heads.
     from router_pipeline.routers.cascade import fixed_from_dict
     with pytest.raises(PlanError, match="kind 'learned' cannot be served here"):

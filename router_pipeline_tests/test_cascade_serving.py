@@ -261,3 +261,32 @@ def test_a_fallback_drops_the_failed_models_hold_and_pays_under_its_own(cascade_
     assert _spend(folder, "team") == (pytest.approx(routing["cost_usd"]), 0)
     assert _spend(folder, "team/flash") == (pytest.approx(routing["cost_usd"]), 0)
     assert _spend(folder, "team/pro") == (0, 0)
+
+
+def test_a_stream_whose_caller_left_before_its_first_chunk_is_settled_all_the_same():
+    """A cascade's steps are paid before its final answer streams; a caller gone by then
+    never starts the response's body, whose own settlement would never run: the response
+    settles the request however it ends (``Gateway.finish``, a no-op once the body has)."""
+    import asyncio
+
+    from router_pipeline.serve.server import _Settled
+
+    started, settled = [], []
+
+    async def body():
+        started.append(True)
+        yield "data: {}\n\n"
+
+    async def finish():
+        settled.append(True)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the caller left")
+
+    response = _Settled(body(), finish, media_type="text/event-stream")
+    with pytest.raises(Exception):  # noqa: B017 - Starlette's own ClientDisconnect or the OSError, by version
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert started == [] and settled == [True]

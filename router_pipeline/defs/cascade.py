@@ -107,7 +107,8 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     router itself as candidates, one chosen per knob value on the validation rows; a
     query's cost the sum over every model it called. Test AIQ, accuracy at the best single
     model's cost, paired intervals and both frontiers side by side. Skipped, saying why,
-    when the outcomes hold no ``<model>_answer`` of two models. The candidate chosen at the
+    when the outcomes hold no ``<model>_answer`` of two models or a split has fewer than
+    two rows. The candidate chosen at the
     released knob is released (``release``); with too few training rows for a learned
     cascade, among the router and the fixed ones. Answers agree as ``config.comparator``
     says; with ``judge``, free-text pairs are put to the judge role on every row of every

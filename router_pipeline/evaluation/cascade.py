@@ -5,7 +5,8 @@ intervals. What the ``pool_cascade`` asset reports and releases.
 
 The candidates (``candidates``): the query-only router itself (every query jumps to one
 model at step 0); learned cascades (training/cascade.py), one per plan (the k most
-accurate models, cheapest first) and ridge strength; two fixed cascades (accept on agreement): the next two most accurate
+accurate models, cheapest first; the next two together before the most accurate) and
+ridge strength; two fixed cascades (accept on agreement): the next two most accurate
 models together else the most accurate, and the best of ``fixed_plans`` by the training
 rows' AIQ (a fixed cascade fits nothing, so its training rows are fair). **The cascade**
 is one policy with one knob: at each value of lambda, the candidate (the router, every
@@ -64,7 +65,7 @@ def answer_columns(frame: pd.DataFrame, models: list[str]) -> list[str]:
 
 
 def release_skip_reason(train, validation, test, models: list[str]) -> str | None:
-    """Why no fixed cascade can be chosen and checked on these splits (``Outcomes``), or None."""
+    """Why no cascade can be chosen and checked on these splits (``Outcomes``), or None."""
     frame = pd.concat([train.frame, validation.frame, test.frame], ignore_index=True)
     answered = answer_columns(frame, models)
     if len(answered) < 2:

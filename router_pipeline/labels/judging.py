@@ -315,9 +315,3 @@ class SameAnswerJudge:
         for f in fields(RunStats):
             setattr(self.stats, f.name, getattr(self.stats, f.name) + getattr(stats, f.name))
 
-    def same(self, question, a, b) -> bool:
-        """Whether ``a`` and ``b`` are the same answer to ``question`` (asking the judge
-        when the pair is not decided yet; a failed or unreadable verdict: not the same)."""
-        key = self.pair(question, a, b)
-        self.ask([key])
-        return bool(self.verdicts[key])

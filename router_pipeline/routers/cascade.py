@@ -173,7 +173,7 @@ def fixed_from_dict(raw, models, costs, where: str = "cascade", heads: Path | No
     if kind == "learned":
         try:
             return _load_learned(heads, plan, comparator, by_default)
-        except (OSError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise PlanError(f"{heads}: the learned cascade's heads cannot be read ({exc}); release the pool router "
                             "again") from None
     return FixedCascade(plan, np.asarray(costs, float), comparator, by_default=by_default)
@@ -208,7 +208,8 @@ def save_cascade(policy, folder: Path, **about) -> list[Path]:
     (folder / CASCADE_HEADS_FILE).unlink(missing_ok=True)
     if not learned:
         return [folder / CASCADE_FILE]
-    arrays = {"costs": policy.costs, "lambdas": policy.lambdas, "readable": policy.readable}
+    arrays = {"models": np.array(policy.plan.models), "costs": policy.costs, "lambdas": policy.lambdas,
+              "readable": policy.readable}
     for k, head in enumerate(policy.p_heads, 1):
         arrays.update({f"p{k}.{name}": a for name, a in head.arrays.items()})
     for k, lin in enumerate(policy.go_on):
@@ -225,12 +226,16 @@ def _load_learned(path: Path, plan: Plan, comparator: str, by_default: bool) -> 
     def part(prefix: str) -> dict:
         return {name.split(".", 1)[1]: v for name, v in a.items() if name.startswith(prefix + ".")}
 
+    if a["models"].tolist() != models:
+        raise ValueError(f"heads for the pool {a['models'].tolist()}, not {models}")
     p_heads = [PoolHead(models, "logistic", part(f"p{k}")) for k in range(1, len(plan.steps) + 1)]
     go_on = [Linear(**part(f"go{k}")) for k in range(len(plan.steps))]
-    if len(a["costs"]) != len(models) or any(h.arrays["coef"].shape[0] != len(models) for h in p_heads):
-        raise ValueError(f"heads for another pool than {models}")
-    return LearnedCascade(plan, a["costs"], a["lambdas"], p_heads, go_on, a["readable"].astype(bool), comparator,
-                          by_default=by_default)
+    policy = LearnedCascade(plan, a["costs"], a["lambdas"], p_heads, go_on, a["readable"].astype(bool), comparator,
+                            by_default=by_default)
+    row = read_answers(np.array([["x"] * len(models)], dtype=object), comparator)
+    for k in range(len(plan.steps) + 1):  # heads of another plan fail here, not in the middle of a request
+        policy.decide(k, np.zeros((1, len(models))), row, np.array([0.0]))
+    return policy
 
 
 @dataclass

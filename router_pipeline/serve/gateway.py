@@ -109,6 +109,7 @@ class Decided:
     cascade: object = None  # the profile's cascade, when the router's choice is to be escalated on answers
     bill: Bill | None = None  # its money: a hold per model call, settled once (reserve; serve/cascade.py)
     run: CascadeRun | None = None  # what the cascade called and answered
+    finish: object = None  # a streamed answer's settlement: run once, however the reading ends (``_read``)
 
     def map(self, **kwargs) -> Mapping:
         """The mapper's mapping of this request (privacy rules read the whole conversation)."""
@@ -590,9 +591,23 @@ class Gateway:
         """``streamed``'s text deltas as they come, then the usage block: once read (or cut
         short: the caller left, the stream broke; what was generated is charged), its cost
         goes to ``hold`` and ``settle(text, result)`` settles the request, shielded from
-        the caller going away."""
+        the caller going away. ``d.finish`` does the same once for a caller that left
+        before the first chunk was read (``finish``): the steps it paid for are charged."""
+        sent, chunks, done = [], streamed.items(), []
+
+        async def finish(result: LLMResult | None = None) -> dict | None:
+            if done:
+                return None
+            done.append(True)
+            await chunks.aclose()
+            if result is None:
+                result = LLMResult("".join(sent) or None, ERROR, len(d.prompt) // 4, len("".join(sent)) // 4)
+                routing["stream_interrupted"] = True
+            hold.cost = cost_usd(result.input_tokens, result.output_tokens, streamed.price)
+            return await asyncio.shield(settle("".join(sent), result))
+
         async def items():
-            sent, result, chunks = [], None, streamed.items()
+            result = None
             try:
                 async for item in chunks:
                     if isinstance(item, str):
@@ -601,15 +616,17 @@ class Gateway:
                     else:
                         result = item
             finally:
-                await chunks.aclose()
-                if result is None:
-                    result = LLMResult("".join(sent) or None, ERROR, len(d.prompt) // 4, len("".join(sent)) // 4)
-                    routing["stream_interrupted"] = True
-                hold.cost = cost_usd(result.input_tokens, result.output_tokens, streamed.price)
-                usage = await asyncio.shield(settle("".join(sent), result))
+                usage = await finish(result)
             yield usage
 
+        d.finish = finish
         return items()
+
+    async def finish(self, d: Decided) -> None:
+        """A streamed request's settlement, when its reading never began (the caller left
+        first): a no-op once ``items`` has settled it."""
+        if d.finish is not None:
+            await d.finish()
 
     async def _call(self, d: Decided, targets: list[tuple[str, str]], send, hold: Hold | None):
         """``send`` (the backends' ``answer`` or ``stream``) to the first of ``targets`` that
@@ -677,8 +694,10 @@ class Gateway:
         final = functools.partial(call, send=self.backends.stream) if stream else None
         try:
             run = d.run = await run_cascade(d.cascade, d.decision.p_correct, lam, call, final)
-        except Exception as exc:  # a call refused as invalid before any call was paid (serve/cascade.py)
+        except Exception as exc:  # a call refused as invalid, or the policy failing
             await self.abandon(d)  # calls in flight beside it: nothing to pay for
+            if any(h.cost is not None for h in bill.holds):  # paid steps before it: charged all the same
+                await self._journal(await self._pay(d, {}), {})
             raise await self._upstream_failed(d, exc) from None
         if run.final is None and not run.calls:
             d.cascade, d.bill, d.run = None, None, None

@@ -76,7 +76,8 @@ class Profile:
     shadow: bool = False  # its default model answers; the router decides beside it, off the request path
     knob: str | None = None  # the model name a request for 'router' is served as (None: the mapper's own)
     pins: dict[str, str] = field(default_factory=dict)  # the request's OpenAI 'user' -> the model name it gets
-    cascade: object = None  # a pool profile's cascade (routers/cascade.py FixedCascade): the router's choices escalate
+    # A pool profile's cascade (routers/cascade.py: fixed, or a released learned one): the router's choices escalate
+    cascade: object = None
     key_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
     # router-<threshold> mappers made from this profile's mapper, least recently used first: they go with it
     # when the profile is changed, so no request meets a mapper of the configuration it replaced.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -225,6 +226,22 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+class _Settled(StreamingResponse):
+    """A streamed answer whose request is settled however the response ends: a caller that
+    left before its first chunk was read never starts the body, whose own settlement
+    would then never run (the steps of a cascade were paid for already)."""
+
+    def __init__(self, content, finish, **kwargs):
+        super().__init__(content, **kwargs)
+        self.finish = finish
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.finish()
+
+
 async def chat_completions(request: Request):
     gateway = _gateway(request)
     profile = _profile(gateway, request)
@@ -240,8 +257,8 @@ async def chat_completions(request: Request):
                 raise APIError(499, "the client closed the request before it was answered", "client_closed_request")
             if body.stream:  # as the model sends it (an abstention, the council's answer: whole)
                 routing, texts = await gateway.stream(d)
-                return StreamingResponse(_sse(routing, routing["model"], texts, include_usage),
-                                         media_type="text/event-stream", headers=_headers(routing))
+                return _Settled(_sse(routing, routing["model"], texts, include_usage), functools.partial(
+                    gateway.finish, d), media_type="text/event-stream", headers=_headers(routing))
             a = await gateway.answer(d)
         except Exception:
             await gateway.unclaim(claim)  # refused before anything was paid: a retry with the key may try again
