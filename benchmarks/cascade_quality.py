@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from router_pipeline.evaluation import frontier as fr
+    from router_pipeline.evaluation.cascade import with_cheapest
     from router_pipeline.labels.outcomes import read_outcomes
     from router_pipeline.labels.split import outer_folds
     from router_pipeline.routers.cascade import comparator_for, read_answers
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
-        curves = {name: _with_cheapest(right[name], spent[name], correct, cost) for name in right}
+        curves = {name: with_cheapest(right[name], spent[name], correct, cost) for name in right}
         curves.update(zip([f"{m} alone" for m in models], fr.singles(correct, cost)))
         curves["random mix"] = fr.random_mix(correct, cost)
         curves["oracle"] = fr.oracle(correct, cost, sweep)
@@ -137,21 +138,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _with_cheapest(right, spent, correct, cost):
-    from router_pipeline.evaluation.frontier import Curve
-
-    cheapest = int(np.argmin(cost.mean(axis=0)))
-    return Curve(
-        np.concatenate([right, correct[:, [cheapest]]], axis=1).astype(float),
-        np.concatenate([spent, cost[:, [cheapest]]], axis=1),
-    )
-
-
 def _fold(feats, answers, correct, cost, train, held, sweep, config, models, comparator, inner=None) -> dict:
     """Every router fitted on ``train`` and replayed on ``held``: name -> (right, cost) per
     (held row, knob value), with the recipes chosen on the training rows. ``inner``: the
     training rows' cross-fitting folds for what the cascades read (None: random ones)."""
     from router_pipeline.evaluation import frontier as fr
+    from router_pipeline.evaluation.cascade import with_cheapest
     from router_pipeline.routers.cascade import FixedCascade, logit
     from router_pipeline.routers.pool import decide, ensemble
     from router_pipeline.training.cascade import (
@@ -198,7 +190,7 @@ def _fold(feats, answers, correct, cost, train, held, sweep, config, models, com
         return c_held[rows, pick_], k_held[rows, pick_]
 
     def train_aiq(trace) -> float:
-        return fr.aiq(_with_cheapest(trace.right, trace.cost, c_train, k_train), k_train)
+        return fr.aiq(with_cheapest(trace.right, trace.cost, c_train, k_train), k_train)
 
     traces = {"query-only router": choices(ensemble(list(p_held.values()))), "LDA on MiniLM": choices(p_held["minilm"])}
     # The learned cascade's recipe (plan, ridge strength) by the AIQ of its out-of-fold trace

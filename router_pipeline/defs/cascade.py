@@ -152,7 +152,6 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
     policies, validation_aiq = cascade_eval.candidates(
         rows[0], rows[1], models, costs, comparator=comparator, learned=learned_skip is None, alphas=config.alphas,
         folds=config.folds, log=context.log.info)
-    choice = cascade_eval.choose(policies, rows[1], costs)
     release = cascade_eval.release(policies, rows[1], rows[2], models, costs, np.inf if lam is None else float(lam),
                                    knob.value if knob.kind == "budget" else None, resamples=config.bootstrap_resamples)
     save_cascade(release.pop("policy"), out, default=release["default"], about={
@@ -176,6 +175,7 @@ def pool_cascade(context: dg.AssetExecutionContext, config: PoolCascadeConfig, a
                                   severity=dg.AssetCheckSeverity.WARN, description=f"no learned cascade: {learned_skip}")
         yield release_check
         return
+    choice = cascade_eval.choose(policies, rows[1], costs)
     report = cascade_eval.evaluate_cascade(policies, choice, rows[2], models, costs,
                                            resamples=config.bootstrap_resamples)
     keep = ("cascade", cascade_eval.QUERY_ONLY, "random mix", "oracle")
